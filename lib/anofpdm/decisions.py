@@ -1,0 +1,133 @@
+"""Per-slice decisions without pixel labels (SPEC.md section 4).
+
+From the forward-process statistics of a slice: the healthy/unhealthy verdict (cosine similarity of
+the MSE curves against the calibrated c*), the quantile threshold of Algorithm 1 (driven by the peak
+divergence against the calibrated Dmax), and the combined anomaly map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "Calibration",
+    "QuantileRule",
+    "cosine_scores",
+    "threshold_quantiles",
+    "slice_thresholds",
+    "row_quantiles",
+    "combine_maps",
+    "median_filter_2d",
+]
+
+
+@dataclass(frozen=True)
+class QuantileRule:
+    """Algorithm 1: quantile q = high - (high - low) * ratio, ratio = clip(max D / Dmax, 0, 1)."""
+
+    low: float = 0.90
+    high: float = 0.98
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.low <= self.high <= 1.0:
+            raise ValueError(f"need 0 <= low <= high <= 1, got low={self.low}, high={self.high}")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Constants calibrated once per trained model on validation slices (image-level labels only).
+
+    Args:
+        cosine_threshold: c*; a slice is unhealthy when its cosine score is <= c*.
+        max_divergence: Dmax per map modality (max over unhealthy validation slices of max_t D_t).
+        guidance: guidance weight w the values were calibrated at.
+        forward_steps: T_f they were calibrated at.
+        stride: stride they were calibrated at.
+        encoding: "ddim" or "ddpm".
+        early_stop: early-stop patience they were calibrated at (None: no early stop).
+        validation: what the calibration measured (accuracy, confusion counts, slices used).
+    """
+
+    cosine_threshold: float
+    max_divergence: tuple[float, ...]
+    guidance: float
+    forward_steps: int
+    stride: int
+    encoding: str
+    early_stop: int | None = None
+    validation: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_divergence", tuple(float(v) for v in self.max_divergence))
+        if not self.max_divergence or any(v <= 0 for v in self.max_divergence):
+            raise ValueError(f"max_divergence must be positive per modality, got {self.max_divergence}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["max_divergence"] = list(self.max_divergence)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Calibration:
+        return cls(**data)
+
+
+def cosine_scores(mse_guided: torch.Tensor, mse_reference: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of the MSE curves (MSEh_t) and (MSEr_t) per slice (B x K -> B)."""
+    return F.cosine_similarity(mse_guided.double(), mse_reference.double(), dim=1, eps=1e-12).float()
+
+
+def threshold_quantiles(max_divergence: torch.Tensor, d_max: torch.Tensor, rule: QuantileRule) -> torch.Tensor:
+    """Quantile q_m per slice and modality: a larger divergence means a lower quantile (B x M)."""
+    ratio = (max_divergence / d_max.to(max_divergence)).clamp(0.0, 1.0)
+    return rule.high - (rule.high - rule.low) * ratio
+
+
+def slice_thresholds(
+    anomaly_maps: torch.Tensor, max_divergence: torch.Tensor, d_max: torch.Tensor, rule: QuantileRule
+) -> torch.Tensor:
+    """tau per slice: the mean over modalities of the q_m-quantile of H_m over the whole slice.
+
+    Args:
+        anomaly_maps: B x M x H x W, the per-modality maps H_m.
+        max_divergence: B x M, max_t D_t[m].
+        d_max: M, the calibrated Dmax per modality.
+        rule: the quantile range of Algorithm 1.
+
+    Returns:
+        B thresholds.
+    """
+    q = threshold_quantiles(max_divergence, d_max, rule)
+    return row_quantiles(anomaly_maps.flatten(2).float(), q.float()).mean(dim=1)
+
+
+def row_quantiles(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Quantile ``q[..., i]`` of row ``values[..., i, :]``, linear interpolation as ``torch.quantile``."""
+    ordered = values.sort(dim=-1).values
+    position = q * (values.shape[-1] - 1)
+    lower = position.floor().long()
+    upper = position.ceil().long()
+    low_value = ordered.gather(-1, lower[..., None]).squeeze(-1)
+    high_value = ordered.gather(-1, upper[..., None]).squeeze(-1)
+    return low_value + (high_value - low_value) * (position - lower)
+
+
+def combine_maps(anomaly_maps: torch.Tensor) -> torch.Tensor:
+    """Unfiltered combined map (H_FLAIR + H_T2) / 2: the mean over modalities (B x M x H x W -> B x H x W)."""
+    return anomaly_maps.mean(dim=1)
+
+
+def median_filter_2d(maps: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """k x k median filter of B x H x W maps (reflect padding at the borders)."""
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"median kernel size must be odd and positive, got {kernel_size}")
+    if kernel_size == 1:
+        return maps
+    pad = kernel_size // 2
+    padded = F.pad(maps[:, None], (pad, pad, pad, pad), mode="reflect")
+    patches = F.unfold(padded, kernel_size)  # B x k*k x H*W
+    return patches.median(dim=1).values.reshape(maps.shape)

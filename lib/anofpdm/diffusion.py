@@ -1,0 +1,87 @@
+"""Noise schedule, forward noising, clean-image prediction and DDIM inversion (SPEC.md sections 2-3).
+
+Timesteps are 0-based: step ``t`` has cumulative signal fraction ``alpha_bar[t]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from monai.networks.schedulers import DDPMScheduler
+
+__all__ = ["ScheduleConfig", "NoiseSchedule"]
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Linear beta schedule (the paper's: 1e-4 to 0.02 over 1000 steps)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.num_train_timesteps < 2:
+            raise ValueError("num_train_timesteps must be at least 2")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ValueError("need 0 < beta_start < beta_end < 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class NoiseSchedule:
+    """The closed forms of a variance-preserving diffusion with a linear beta schedule.
+
+    Args:
+        config: the schedule; MONAI's ``DDPMScheduler`` computes its cumulative alphas.
+        device: where the schedule tensors live.
+    """
+
+    def __init__(self, config: ScheduleConfig | None = None, device: str | torch.device = "cpu") -> None:
+        self.config = config or ScheduleConfig()
+        scheduler = DDPMScheduler(
+            num_train_timesteps=self.config.num_train_timesteps,
+            schedule="linear_beta",
+            beta_start=self.config.beta_start,
+            beta_end=self.config.beta_end,
+        )
+        self.alpha_bar = scheduler.alphas_cumprod.to(device=device, dtype=torch.float64)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], device: str | torch.device = "cpu") -> NoiseSchedule:
+        return cls(ScheduleConfig(**data), device=device)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.config.num_train_timesteps
+
+    def _coefficients(self, t: torch.Tensor | int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t), shaped to broadcast against ``like``."""
+        t = torch.as_tensor(t, device=self.alpha_bar.device).long()
+        if ((t < 0) | (t >= self.num_timesteps)).any():
+            raise ValueError(f"timestep out of range [0, {self.num_timesteps})")
+        ab = self.alpha_bar[t].to(device=like.device, dtype=like.dtype)
+        ab = ab.reshape(-1, *([1] * (like.dim() - 1))) if ab.dim() else ab
+        return ab.sqrt(), (1 - ab).sqrt()
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """z_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
+        signal, sigma = self._coefficients(t, x0)
+        return signal * x0 + sigma * noise
+
+    def predict_x0(self, z: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """Clean-image estimate (z_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), unclipped."""
+        signal, sigma = self._coefficients(t, z)
+        return (z - sigma * eps) / signal
+
+    def ddim_step(self, z: torch.Tensor, eps: torch.Tensor, t: int, t_next: int) -> torch.Tensor:
+        """Deterministic DDIM move of ``z`` from noise level ``t`` to ``t_next`` (up = inversion).
+
+        ``eps`` is the network's noise prediction at (z, t); the predicted clean image is re-noised
+        with that same noise at level ``t_next``. Decoding is the same call with ``t_next < t``.
+        """
+        x0 = self.predict_x0(z, eps, t)
+        return self.add_noise(x0, eps, t_next)

@@ -1,0 +1,191 @@
+"""The forward process of AnoFPDM on a batch of slices, with streaming statistics (SPEC.md section 3).
+
+At each visited step t the noised input z_t is evaluated twice, in one batched network call: with
+the healthy label and with the null label. From these come the healthy-guided clean-image prediction
+xh_t (guidance weight w) and the unguided reference xr_t. Per slice the process keeps only running
+sums and maxima, so memory does not grow with the number of steps:
+
+- the MSE curves MSEh_t and MSEr_t (one float per step and slice),
+- the divergence curve D_t[m] per map modality,
+- the end step t_e[m] = argmax_t D_t[m] and the anomaly map H_m = mean of e_t[m] over visited t < t_e[m].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from anofpdm.diffusion import NoiseSchedule
+from anofpdm.model import HEALTHY, NULL_LABEL
+
+__all__ = ["ForwardProcessConfig", "ForwardProcessResult", "run_forward_process"]
+
+Encoding = Literal["ddim", "ddpm"]
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ForwardProcessConfig:
+    """Settings of one forward-process run.
+
+    Args:
+        guidance: guidance weight w of the healthy-guided prediction.
+        forward_steps: T_f; steps t = 0 .. T_f - 1 are candidates.
+        stride: visit every ``stride``-th step (1 = all: the full mode).
+        encoding: "ddim" (deterministic inversion, one noise draw) or "ddpm" (fresh noise per step).
+        early_stop: stop once every slice's divergence peak lies this many visited steps behind
+            (None = never: the full mode).
+        seed: seed of the noise draws.
+    """
+
+    guidance: float = 2.0
+    forward_steps: int = 600
+    stride: int = 1
+    encoding: Encoding = "ddim"
+    early_stop: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.guidance < 0:
+            raise ValueError(f"guidance weight must be >= 0, got {self.guidance}")
+        if self.forward_steps < 1:
+            raise ValueError(f"forward_steps must be >= 1, got {self.forward_steps}")
+        if self.stride < 1:
+            raise ValueError(f"stride must be >= 1, got {self.stride}")
+        if self.encoding not in ("ddim", "ddpm"):
+            raise ValueError(f"encoding must be 'ddim' or 'ddpm', got {self.encoding!r}")
+        if self.early_stop is not None and self.early_stop < 1:
+            raise ValueError(f"early_stop must be None or >= 1, got {self.early_stop}")
+
+    @property
+    def visited_steps(self) -> list[int]:
+        return list(range(0, self.forward_steps, self.stride))
+
+
+@dataclass
+class ForwardProcessResult:
+    """Per-slice outcome of the forward process (B slices, M map modalities, K visited steps).
+
+    Attributes:
+        anomaly_maps: B x M x H x W, H_m (mean squared error of the guided prediction before t_e).
+        end_steps: B x M, t_e as timesteps.
+        max_divergence: B x M, max_t D_t[m].
+        mse_guided: B x K, MSEh_t.
+        mse_reference: B x K, MSEr_t.
+        divergence: B x M x K, D_t[m].
+        visited_steps: the K timesteps actually visited (fewer than planned after an early stop).
+        network_evaluations: single-slice network evaluations spent (2 per slice and step).
+    """
+
+    anomaly_maps: torch.Tensor
+    end_steps: torch.Tensor
+    max_divergence: torch.Tensor
+    mse_guided: torch.Tensor
+    mse_reference: torch.Tensor
+    divergence: torch.Tensor
+    visited_steps: list[int]
+    network_evaluations: int
+
+
+class _StreamingStatistics:
+    """Running sums and maxima over steps; O(B x M x H x W) memory whatever the step count."""
+
+    def __init__(self, shape: torch.Size, device: torch.device) -> None:
+        batch, n_maps = shape[0], shape[1]
+        self.error_sum = torch.zeros(shape, device=device)
+        self.anomaly_maps = torch.zeros(shape, device=device)
+        self.best = torch.full((batch, n_maps), -1.0, device=device)
+        self.best_index = torch.zeros((batch, n_maps), dtype=torch.long, device=device)
+        self.mse_guided: list[torch.Tensor] = []
+        self.mse_reference: list[torch.Tensor] = []
+        self.divergence: list[torch.Tensor] = []
+
+    def update(self, index: int, x0: torch.Tensor, guided: torch.Tensor, reference: torch.Tensor) -> None:
+        error = (guided - x0) ** 2
+        self.mse_guided.append(error.mean(dim=(1, 2, 3)))
+        self.mse_reference.append(((reference - x0) ** 2).mean(dim=(1, 2, 3)))
+        divergence = ((guided - reference) ** 2).mean(dim=(2, 3))
+        self.divergence.append(divergence)
+        improved = divergence > self.best
+        # H_m is the mean error over the steps before t_e; at the first step it is that step's error
+        before = self.error_sum / index if index else error
+        self.anomaly_maps = torch.where(improved[..., None, None], before, self.anomaly_maps)
+        self.best = torch.where(improved, divergence, self.best)
+        self.best_index = torch.where(improved, torch.full_like(self.best_index, index), self.best_index)
+        self.error_sum += error
+
+    def peak_passed(self, index: int, patience: int) -> bool:
+        return bool(((index - self.best_index) >= patience).all())
+
+
+def run_forward_process(
+    network: torch.nn.Module,
+    x0: torch.Tensor,
+    schedule: NoiseSchedule,
+    config: ForwardProcessConfig,
+    map_channels: Sequence[int],
+    progress: ProgressCallback | None = None,
+) -> ForwardProcessResult:
+    """Run the forward process on a batch of clean slices.
+
+    Args:
+        network: eps-prediction network ``network(x, timesteps, class_labels=...)``.
+        x0: B x C x H x W slices in [-1, 1], on the network's device.
+        schedule: the diffusion schedule the network was trained with.
+        config: guidance weight, steps, stride, encoding, early stop and seed.
+        map_channels: indices of the channels that get anomaly maps (FLAIR and T2).
+        progress: called with (visited steps done, visited steps planned) after each step.
+
+    Returns:
+        The streaming statistics of every slice.
+    """
+    if x0.dim() != 4:
+        raise ValueError(f"x0 must be B x C x H x W, got shape {tuple(x0.shape)}")
+    if not map_channels or any(not 0 <= c < x0.shape[1] for c in map_channels):
+        raise ValueError(f"map_channels {list(map_channels)} must index the {x0.shape[1]} input channels")
+    steps = config.visited_steps
+    if steps[-1] >= schedule.num_timesteps:
+        raise ValueError(f"forward_steps {config.forward_steps} exceeds the schedule's {schedule.num_timesteps}")
+    batch = x0.shape[0]
+    channels = list(map_channels)
+    labels = torch.tensor([HEALTHY] * batch + [NULL_LABEL] * batch, device=x0.device)
+    generator = torch.Generator(device=x0.device).manual_seed(config.seed)
+    stats = _StreamingStatistics(x0[:, channels].shape, x0.device)
+    x0_maps = x0[:, channels]
+
+    def draw_noise() -> torch.Tensor:
+        return torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+
+    z = schedule.add_noise(x0, draw_noise(), steps[0])
+    visited: list[int] = []
+    with torch.no_grad():
+        for index, t in enumerate(steps):
+            if config.encoding == "ddpm" and index:
+                z = schedule.add_noise(x0, draw_noise(), t)
+            timesteps = torch.full((2 * batch,), t, device=x0.device, dtype=torch.long)
+            eps_healthy, eps_null = network(torch.cat([z, z]), timesteps, class_labels=labels).chunk(2)
+            eps_guided = (1 + config.guidance) * eps_healthy - config.guidance * eps_null
+            guided = schedule.predict_x0(z, eps_guided, t).clamp(-1, 1)
+            reference = schedule.predict_x0(z, eps_null, t).clamp(-1, 1)
+            stats.update(index, x0_maps, guided[:, channels], reference[:, channels])
+            visited.append(t)
+            if progress is not None:
+                progress(index + 1, len(steps))
+            if config.early_stop is not None and stats.peak_passed(index, config.early_stop):
+                break
+            if config.encoding == "ddim" and index + 1 < len(steps):
+                z = schedule.ddim_step(z, eps_null, t, steps[index + 1])
+    step_tensor = torch.tensor(visited, device=x0.device)
+    return ForwardProcessResult(
+        anomaly_maps=stats.anomaly_maps,
+        end_steps=step_tensor[stats.best_index],
+        max_divergence=stats.best,
+        mse_guided=torch.stack(stats.mse_guided, dim=1),
+        mse_reference=torch.stack(stats.mse_reference, dim=1),
+        divergence=torch.stack(stats.divergence, dim=2),
+        visited_steps=visited,
+        network_evaluations=2 * batch * len(visited),
+    )

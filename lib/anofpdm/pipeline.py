@@ -1,0 +1,275 @@
+"""One volume in, tumour mask + anomaly map + report out: the code path of the app, the CLI and evaluation.
+
+Steps: input checks and slicing (``volume``), the forward process on all brain slices in chunks
+(``forward_process``), the per-slice decisions (``decisions``), restacking with the 3-D median and
+connected-component filters (``postprocess``), and the inverse mapping onto the input grid.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from anofpdm.decisions import Calibration, QuantileRule, combine_maps, cosine_scores, slice_thresholds
+from anofpdm.diffusion import NoiseSchedule
+from anofpdm.forward_process import ForwardProcessConfig, run_forward_process
+from anofpdm.model import LoadedModel
+from anofpdm.postprocess import lesion_table, median_filter_3d, remove_small_components
+from anofpdm.volume import InputError, to_input_grid, to_model_slices
+
+__all__ = ["InferenceOptions", "InputError", "SegmentationResult", "MAP_SEQUENCES", "segment_volume", "resolve_options"]
+
+MAP_SEQUENCES = ("flair", "t2")
+PAPER_MEDIAN_KERNEL = 5  # 5 x 5 at 128 px (1.875 mm): the paper's
+PAPER_IMAGE_SIZE = 128
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """What a user may set for one segmentation; ``None`` means "the model's calibrated value".
+
+    Args:
+        mode: a calibrated mode of the model ("fast" or "full"); it supplies the forward-process
+            settings and the calibration constants.
+        guidance, forward_steps, stride, encoding, early_stop: overrides of the mode's settings.
+        seed: noise seed.
+        min_lesion_mm3: connected components of this volume or less are removed.
+        median_kernel: odd 3-D median kernel in voxels (None: the paper's 5 px at 128 px, scaled).
+        batch_size: slices per network batch (None: 32 on CPU, 64 on CUDA).
+    """
+
+    mode: str = "fast"
+    guidance: float | None = None
+    forward_steps: int | None = None
+    stride: int | None = None
+    encoding: str | None = None
+    early_stop: int | None = None
+    seed: int = 0
+    min_lesion_mm3: float = 500.0
+    median_kernel: int | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_lesion_mm3 < 0:
+            raise ValueError(f"min_lesion_mm3 must be >= 0, got {self.min_lesion_mm3}")
+        if self.median_kernel is not None and (self.median_kernel < 1 or self.median_kernel % 2 == 0):
+            raise ValueError(f"median_kernel must be odd and positive, got {self.median_kernel}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class SegmentationResult:
+    """Mask and anomaly map on the input grid, and the JSON-ready report."""
+
+    mask: nib.Nifti1Image
+    anomaly_map: nib.Nifti1Image
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_options(model: LoadedModel, options: InferenceOptions) -> tuple[ForwardProcessConfig, Calibration, list[str]]:
+    """The forward-process settings and calibration for ``options``, and warnings about overrides."""
+    modes = model.calibration or {}
+    if options.mode not in modes:
+        raise ValueError(
+            f"model {model.path} has no calibration for mode {options.mode!r} "
+            f"(calibrated modes: {sorted(modes) or 'none; run anofpdm calibrate'})"
+        )
+    calibration = Calibration.from_dict(modes[options.mode])
+    settings = {
+        "guidance": calibration.guidance,
+        "forward_steps": calibration.forward_steps,
+        "stride": calibration.stride,
+        "encoding": calibration.encoding,
+        "early_stop": calibration.early_stop,
+    }
+    warnings = []
+    for name in settings:
+        value = getattr(options, name)
+        if value is not None and value != settings[name]:
+            warnings.append(f"{name}={value} differs from the {settings[name]} the model was calibrated at: "
+                            "the verdict and threshold may be off")
+            settings[name] = value
+    return ForwardProcessConfig(seed=options.seed, **settings), calibration, warnings
+
+
+def default_median_kernel(image_size: int) -> int:
+    """The paper's 5 px kernel at 128 px, scaled to ``image_size`` (odd, at least 3)."""
+    scaled = int(round(PAPER_MEDIAN_KERNEL * image_size / PAPER_IMAGE_SIZE))
+    return max(3, scaled + (scaled + 1) % 2)
+
+
+def segment_volume(
+    model: LoadedModel,
+    images: Mapping[str, nib.spatialimages.SpatialImage],
+    options: InferenceOptions | None = None,
+    progress: ProgressCallback | None = None,
+) -> SegmentationResult:
+    """Segment the tumour in one co-registered, skull-stripped FLAIR + T2 (+ other) volume set.
+
+    Args:
+        model: a calibrated model (``anofpdm.model.load_model``).
+        images: sequence name -> image on one grid; must hold the model's sequences.
+        options: mode and overrides.
+        progress: called with (stage, done, total) as the forward process advances.
+
+    Returns:
+        mask (uint8, tumour = 1) and anomaly map (float32) on the FLAIR grid, and the report.
+
+    Raises:
+        InputError: the inputs cannot be segmented (missing sequence, grid mismatch, NaN, empty...).
+    """
+    options = options or InferenceOptions()
+    config = model.config
+    missing_maps = [name for name in MAP_SEQUENCES if name not in config.sequences]
+    if missing_maps:
+        raise ValueError(f"model sequences {config.sequences} lack {missing_maps} needed for the anomaly maps")
+    forward, calibration, warnings = resolve_options(model, options)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm)
+    timings["preprocess_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    stats = _run_chunks(model, slices, forward, options, progress)
+    timings["network_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    scores = stats["scores"]
+    unhealthy = scores <= calibration.cosine_threshold
+    d_max = torch.tensor(calibration.max_divergence)
+    thresholds = slice_thresholds(stats["anomaly_maps"], stats["max_divergence"], d_max, QuantileRule())
+    raw_map = combine_maps(stats["anomaly_maps"]).numpy().transpose(1, 2, 0)  # S x S x N
+    kernel = options.median_kernel or default_median_kernel(config.image_size)
+    filtered = median_filter_3d(raw_map, kernel)
+    mask = (filtered >= thresholds.numpy()[None, None, :]) & unhealthy.numpy()[None, None, :]
+    mask, removed = remove_small_components(mask, geometry.spacing_mm, options.min_lesion_mm3)
+    mask_input = to_input_grid(mask.astype(np.float32), geometry) >= 0.5
+    map_input = to_input_grid(filtered, geometry)
+    lesions = lesion_table(mask_input, map_input, geometry.affine)
+    timings["postprocess_s"] = time.perf_counter() - start
+
+    mask_image = _like(images[MAP_SEQUENCES[0]], mask_input, np.uint8)
+    map_image = _like(images[MAP_SEQUENCES[0]], map_input, np.float32)
+    report = _report(model, options, forward, calibration, geometry, scores, unhealthy, thresholds,
+                     stats, lesions, removed, kernel, warnings, timings)
+    return SegmentationResult(mask=mask_image, anomaly_map=map_image, report=report)
+
+
+def _like(reference: nib.spatialimages.SpatialImage, data: np.ndarray, dtype: type) -> nib.Nifti1Image:
+    """A NIfTI image of ``data`` on exactly the reference's grid (affine and qform/sform codes)."""
+    header = nib.Nifti1Header()
+    if isinstance(reference, nib.Nifti1Image):
+        header = reference.header.copy()
+    image = nib.Nifti1Image(data.astype(dtype), reference.affine, header)
+    image.set_data_dtype(dtype)
+    image.header["scl_slope"], image.header["scl_inter"] = 1.0, 0.0
+    return image
+
+
+def _default_batch_size(device: torch.device) -> int:
+    return 64 if device.type == "cuda" else 32
+
+
+def _run_chunks(
+    model: LoadedModel,
+    slices: np.ndarray,
+    forward: ForwardProcessConfig,
+    options: InferenceOptions,
+    progress: ProgressCallback | None,
+) -> dict[str, Any]:
+    """Run the forward process over all slices in batches; gather per-slice statistics on the CPU."""
+    device = model.device
+    schedule = NoiseSchedule.from_dict(model.schedule, device=device)
+    batch = options.batch_size or _default_batch_size(device)
+    map_channels = [model.config.sequences.index(s) for s in MAP_SEQUENCES]
+    starts = list(range(0, len(slices), batch))
+    planned = len(forward.visited_steps)
+    parts: list[Any] = []
+    for chunk, begin in enumerate(starts):
+        x0 = torch.from_numpy(slices[begin : begin + batch]).to(device)
+
+        def report_step(done: int, total: int, chunk: int = chunk) -> None:
+            if progress is not None:
+                progress("forward process", chunk * planned + done, len(starts) * planned)
+
+        chunk_config = replace(forward, seed=forward.seed + begin)
+        parts.append(run_forward_process(model.network, x0, schedule, chunk_config, map_channels, report_step))
+    gathered: dict[str, Any] = {
+        "anomaly_maps": torch.cat([p.anomaly_maps.cpu() for p in parts]),
+        "end_steps": torch.cat([p.end_steps.cpu() for p in parts]),
+        "max_divergence": torch.cat([p.max_divergence.cpu() for p in parts]),
+        "network_evaluations": sum(p.network_evaluations for p in parts),
+        "visited_steps": max(len(p.visited_steps) for p in parts),
+        # each slice's cosine score over the steps its own chunk visited (chunks may stop early apart)
+        "scores": torch.cat([cosine_scores(p.mse_guided, p.mse_reference).cpu() for p in parts]),
+    }
+    return gathered
+
+
+def _report(
+    model: LoadedModel,
+    options: InferenceOptions,
+    forward: ForwardProcessConfig,
+    calibration: Calibration,
+    geometry: Any,
+    scores: torch.Tensor,
+    unhealthy: torch.Tensor,
+    thresholds: torch.Tensor,
+    stats: dict[str, Any],
+    lesions: list[dict[str, Any]],
+    removed: int,
+    kernel: int,
+    warnings: list[str],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The JSON-ready description of one segmentation."""
+    total_ml = round(sum(row["volume_ml"] for row in lesions), 3)
+    margin = scores - calibration.cosine_threshold
+    return {
+        "verdict": "unhealthy" if lesions else "healthy",
+        # the most anomalous slice's cosine score; slices at or below the threshold are unhealthy
+        "score": float(scores.min()),
+        "cosine_threshold": calibration.cosine_threshold,
+        # slices whose score lies within 10 % of the score spread of c*: the verdict there is uncertain
+        "uncertain_slices": int((margin.abs() <= 0.1 * (scores.max() - scores.min()).clamp_min(1e-12)).sum()),
+        "slices": {
+            "segmented": len(geometry.slices),
+            "unhealthy": int(unhealthy.sum()),
+            "index": list(geometry.slices),
+            "score": [round(float(v), 6) for v in scores],
+            "unhealthy_flag": [bool(v) for v in unhealthy],
+            "threshold": [float(v) for v in thresholds],
+            "end_step": {name: [int(v) for v in stats["end_steps"][:, i]] for i, name in enumerate(MAP_SEQUENCES)},
+        },
+        "lesions": lesions,
+        "lesion_count": len(lesions),
+        "total_volume_ml": total_ml,
+        "components_removed": removed,
+        "network_evaluations": stats["network_evaluations"],
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "settings": {
+            **asdict(forward),
+            "mode": options.mode,
+            "visited_steps": stats["visited_steps"],
+            "min_lesion_mm3": options.min_lesion_mm3,
+            "median_kernel": kernel,
+            "model_grid_spacing_mm": [round(s, 4) for s in geometry.spacing_mm],
+            "device": str(model.device),
+        },
+        "model": {
+            "path": str(model.path) if model.path else None,
+            "sequences": list(model.config.sequences),
+            "image_size": model.config.image_size,
+            "training_data": model.training.get("data_description", model.training.get("data")),
+        },
+        "warnings": warnings,
+        "notice": "Research software, not for clinical use. Assumes skull-stripped, co-registered FLAIR and T2.",
+    }
