@@ -1,0 +1,1 @@
+"""Data: BraTS / MSD readers (``brats``), slice preparation (``slices``), synthetic cases (``synth``)."""

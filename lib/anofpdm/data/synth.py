@@ -1,0 +1,689 @@
+"""Synthetic BraTS-format cases on real anatomy (the MNI152 2009a template shipped with nilearn).
+
+Each case warps the template's tissue maps (grey matter, white matter, CSF = brain minus both) with a
+small random affine and a smooth deformation, optionally grows a tumour (necrotic core 1, oedema 2,
+enhancing rim 4) with mild mass effect, adds tumour-like but benign FLAIR findings (periventricular caps,
+small white-matter hyperintensities) and renders FLAIR, T1, T1ce and T2 with per-case contrast jitter,
+a bias field, slight blur and Rician noise. The output is on the BraTS grid (240 x 240 x 155, 1 mm,
+skull-stripped: exactly 0 outside the brain) in the BraTS21 layout, plus a MONAI Label studies folder.
+
+The images are synthetic: they exercise the pipeline end to end, they do not replace BraTS.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from anofpdm.data.brats import SEQUENCES
+
+__all__ = [
+    "BRATS_SHAPE",
+    "SyntheticCase",
+    "brats_affine",
+    "case_seed",
+    "is_healthy_index",
+    "synthesize_case",
+    "write_case",
+    "generate_cases",
+    "write_demo_studies",
+    "render_preview",
+]
+
+ProgressFn = Callable[[int, int], None]
+
+BRATS_SHAPE = (240, 240, 155)
+CASE_PREFIX = "SYN_"
+CASE_DIGITS = 5
+STUDIES_DIR = "studies"
+STUDIES_T2_DIR = "t2"
+MANIFEST_NAME = "manifest.json"
+LABEL_NECROTIC, LABEL_OEDEMA, LABEL_ENHANCING = 1, 2, 4
+INT16_MAX = 32767
+
+# --- template geometry -------------------------------------------------------------------------
+ATLAS_CHANNELS = ("gm", "wm", "brain", "periventricular", "t1")
+VENTRICLE_MIN_DEPTH_MM = 12.0  # CSF deeper than this inside the brain counts as ventricle
+PERIVENTRICULAR_SIGMA_MM = 2.5
+TUMOUR_SITE_MIN_DEPTH_MM = 18.0
+TUMOUR_SITE_MIN_WM = 0.6
+TUMOUR_SITE_MIN_Z_MM = -10.0  # MNI z: above the cerebellum and brainstem
+TUMOUR_SITES_KEPT = 4000
+
+# --- pose -----------------------------------------------------------------------------------------
+ROTATION_SD_DEG = 4.0
+ROTATION_MAX_DEG = 10.0
+ZOOM_RANGE = (0.88, 0.99)  # brain size relative to the template
+ANISOTROPY_RANGE = (0.96, 1.04)
+TRANSLATION_MM = 4.0
+DEFORMATION_SD_MM = 2.5
+DEFORMATION_CONTROL_MM = 40.0
+CROP_MARGIN_MM = 10.0
+
+# --- tumour ---------------------------------------------------------------------------------------
+TUMOUR_VOLUME_ML = (3.0, 160.0)  # nominal whole-tumour volume, drawn log-uniformly
+CORE_FRACTION = (0.35, 0.7)  # core radius / whole radius
+NECROSIS_FRACTION = (0.3, 0.75)  # necrosis radius / core radius
+NO_NECROSIS_PROBABILITY = 0.25
+NON_ENHANCING_PROBABILITY = 0.15
+AXIS_RATIO_RANGE = (0.75, 1.3)
+IRREGULARITY = (0.12, 0.3)  # smooth-noise amplitude added to the normalised radius
+IRREGULARITY_CONTROL_MM = 6.0
+OEDEMA_WM_GAIN = 0.9  # oedema reaches further along white matter
+OEDEMA_NOISE = 0.25
+EDGE_SOFTNESS = 0.06  # sigmoid width at label edges, in units of the normalised radius
+MASS_EFFECT_MAX = 0.45
+MASS_EFFECT_REFERENCE_MM = 30.0
+TUMOUR_BOX_RADII = 2.6  # the tumour fields are computed within this many nominal radii
+
+# --- benign FLAIR findings ------------------------------------------------------------------------
+PERIVENTRICULAR_PROBABILITY = 0.5
+PERIVENTRICULAR_GAIN = (0.25, 0.7)
+WMH_PROBABILITY = 0.5
+WMH_MEAN_COUNT = 4.0
+WMH_SIGMA_MM = (1.0, 2.2)
+WMH_GAIN = (0.5, 1.0)
+WMH_SITE_MIN_WM = 0.7
+CONTROL_SMOOTHING = 1.0  # Gaussian sigma (control-grid cells) applied to every random field
+
+# --- contrast -------------------------------------------------------------------------------------
+# Relative signal of each tissue per sequence (white matter of FLAIR around 0.75).
+TISSUES = ("csf", "gm", "wm", "oedema", "enhancing", "necrosis", "non_enhancing")
+CONTRAST = {
+    "flair": {"csf": 0.12, "gm": 0.95, "wm": 0.72, "oedema": 1.45, "enhancing": 1.25, "necrosis": 0.85, "non_enhancing": 1.5},
+    "t1": {"csf": 0.28, "gm": 0.62, "wm": 0.92, "oedema": 0.55, "enhancing": 0.62, "necrosis": 0.32, "non_enhancing": 0.5},
+    "t1ce": {"csf": 0.28, "gm": 0.62, "wm": 0.92, "oedema": 0.55, "enhancing": 1.55, "necrosis": 0.3, "non_enhancing": 0.52},
+    "t2": {"csf": 2.1, "gm": 1.05, "wm": 0.72, "oedema": 1.55, "enhancing": 1.25, "necrosis": 1.9, "non_enhancing": 1.6},
+}
+HYPERINTENSITY_GAIN = {"flair": 1.0, "t1": -0.15, "t1ce": -0.15, "t2": 0.6}  # benign findings
+TEMPLATE_T1_WEIGHT = 0.5  # T1 and T1ce blend the template's own T1 texture with the tissue model
+SCANNER_SCALE = {"flair": 450.0, "t1": 600.0, "t1ce": 700.0, "t2": 450.0}
+SCALE_JITTER = 0.2
+TISSUE_JITTER = 0.05
+LESION_HETEROGENEITY = 0.15
+BIAS_AMPLITUDE = (0.04, 0.15)
+BIAS_CONTROL_MM = 70.0
+BLUR_SIGMA_MM = (0.3, 0.7)
+BLUR_TRUNCATE = 2.5  # kernel half-width in sigmas
+NOISE_FRACTION = (0.015, 0.04)  # Rician sigma relative to the white-matter signal
+
+
+@dataclass(frozen=True)
+class _Atlas:
+    """The template channels (MNI voxel = 1 mm RAS), brain centre and box, and tumour sites."""
+
+    channels: torch.Tensor  # 1 x C x X x Y x Z, channels-last (faster trilinear sampling)
+    centre: np.ndarray
+    bbox: np.ndarray  # 2 x 3: first and last voxel of the brain
+    tumour_sites: np.ndarray  # N x 3 voxel indices
+
+
+@dataclass(frozen=True)
+class SyntheticCase:
+    """One generated case: int16 images (sequence -> array), uint8 seg, affine and description."""
+
+    images: dict[str, np.ndarray]
+    seg: np.ndarray
+    affine: np.ndarray
+    info: dict[str, Any]
+
+
+def brats_affine(shape: Sequence[int] = BRATS_SHAPE, voxel_mm: float = 1.0) -> np.ndarray:
+    """The LPS affine BraTS files carry: diag(-1, -1, 1) with the y origin on the last row."""
+    affine = np.diag([-voxel_mm, -voxel_mm, voxel_mm, 1.0])
+    affine[1, 3] = (shape[1] - 1) * voxel_mm
+    return affine
+
+
+def case_seed(seed: int, index: int) -> int:
+    """Seed of case ``index`` derived from the run seed (independent of the number of cases)."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be non-negative, got {seed} and {index}")
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def is_healthy_index(index: int, healthy_fraction: float) -> bool:
+    """Whether case ``index`` is healthy: evenly spread so that any prefix holds the right fraction."""
+    if not 0.0 <= healthy_fraction <= 1.0:
+        raise ValueError(f"healthy_fraction must be in [0, 1], got {healthy_fraction}")
+    return int((index + 1) * healthy_fraction) > int(index * healthy_fraction)
+
+
+# --- template ---------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _atlas() -> _Atlas:
+    """Load the MNI152 2009a maps that ship inside nilearn's wheel (no download) once per process."""
+    from nilearn import datasets
+
+    gm = datasets.load_mni152_gm_template(resolution=1).get_fdata(dtype=np.float32)
+    wm = datasets.load_mni152_wm_template(resolution=1).get_fdata(dtype=np.float32)
+    brain = datasets.load_mni152_brain_mask(resolution=1).get_fdata(dtype=np.float32)
+    template = datasets.load_mni152_template(resolution=1)
+    t1 = template.get_fdata(dtype=np.float32) * brain
+    csf = np.clip(brain - gm - wm, 0.0, 1.0)
+    depth = ndimage.distance_transform_edt(brain > 0.5)
+    ventricles = ((csf > 0.5) & (depth > VENTRICLE_MIN_DEPTH_MM)).astype(np.float32)
+    band = np.clip(2.0 * ndimage.gaussian_filter(ventricles, PERIVENTRICULAR_SIGMA_MM), 0.0, 1.0)
+    periventricular = band * (1.0 - ventricles) * wm
+    z_mm = template.affine[2, 3] + np.arange(brain.shape[2])
+    sites = np.argwhere((wm > TUMOUR_SITE_MIN_WM) & (depth > TUMOUR_SITE_MIN_DEPTH_MM) & (z_mm > TUMOUR_SITE_MIN_Z_MM)[None, None, :])
+    keep = np.linspace(0, len(sites) - 1, min(TUMOUR_SITES_KEPT, len(sites))).astype(int)
+    inside = np.argwhere(brain > 0.5)
+    bbox = np.stack([inside.min(0), inside.max(0)]).astype(np.float64)
+    stacked = np.ascontiguousarray(np.stack([gm, wm, brain, periventricular, t1]), dtype=np.float32)
+    channels = torch.from_numpy(stacked)[None].contiguous(memory_format=torch.channels_last_3d)
+    return _Atlas(channels, bbox.mean(0), bbox, sites[keep])
+
+
+# --- random fields ------------------------------------------------------------------------------------
+def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], control_vox: float, channels: int = 1) -> np.ndarray:
+    """Unit-variance smooth noise (channels x shape): smoothed control points, trilinear upsampling."""
+    control = tuple(max(2, int(np.ceil(n / control_vox)) + 1) for n in shape)
+    raw = rng.standard_normal((channels, *control)).astype(np.float32)
+    raw = ndimage.gaussian_filter(raw, (0, *(CONTROL_SMOOTHING,) * len(control)), mode="nearest")
+    raw /= max(float(raw.std()), np.finfo(np.float32).eps)
+    up = F.interpolate(torch.from_numpy(raw)[None], size=tuple(shape), mode="trilinear", align_corners=True)
+    return up[0].numpy()
+
+
+def _rotation(rng: np.random.Generator) -> np.ndarray:
+    """A small random 3-D rotation matrix."""
+    angles = np.deg2rad(np.clip(rng.normal(0.0, ROTATION_SD_DEG, 3), -ROTATION_MAX_DEG, ROTATION_MAX_DEG))
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
+    return float(rng.uniform(*bounds))
+
+
+# --- geometry -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Pose:
+    """Target RAS millimetres (from the grid centre) -> template voxel: ``centre + matrix @ d + shift``."""
+
+    matrix: np.ndarray
+    shift: np.ndarray
+
+    def to_target(self, atlas_points: np.ndarray, centre: np.ndarray) -> np.ndarray:
+        """Template voxels (N x 3) -> target millimetres, ignoring the smooth deformation."""
+        return np.linalg.solve(self.matrix, (atlas_points - centre - self.shift).T).T
+
+
+def _draw_pose(rng: np.random.Generator) -> _Pose:
+    zoom = _uniform(rng, ZOOM_RANGE) * rng.uniform(*ANISOTROPY_RANGE, 3)
+    matrix = _rotation(rng) @ np.diag(1.0 / zoom)
+    return _Pose(matrix, rng.uniform(-TRANSLATION_MM, TRANSLATION_MM, 3))
+
+
+def _grid_mm(shape: Sequence[int], voxel_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-axis RAS millimetre coordinates (from the grid centre) of an LPS grid's voxel indices."""
+    flips = np.array([-1.0, -1.0, 1.0])
+    axes = [flips[a] * (np.arange(n) - (n - 1) / 2.0) * voxel_mm for a, n in enumerate(shape)]
+    return axes, flips
+
+
+def _crop_box(atlas: _Atlas, pose: _Pose, shape: Sequence[int], voxel_mm: float) -> tuple[slice, slice, slice]:
+    """Target voxel box holding the warped brain (with a margin for deformation and mass effect)."""
+    corners = np.array([[atlas.bbox[i, 0], atlas.bbox[j, 1], atlas.bbox[k, 2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+    mm = pose.to_target(corners, atlas.centre)
+    flips = np.array([-1.0, -1.0, 1.0])
+    index = flips * mm / voxel_mm + (np.asarray(shape) - 1) / 2.0
+    margin = CROP_MARGIN_MM / voxel_mm
+    low = np.maximum(np.floor(index.min(0) - margin), 0).astype(int)
+    high = np.minimum(np.ceil(index.max(0) + margin) + 1, shape).astype(int)
+    return tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+
+
+@dataclass(frozen=True)
+class _TumourPlan:
+    """Where and how big the tumour is (target RAS millimetres) and its shape parameters."""
+
+    centre_mm: np.ndarray
+    radius_mm: float
+    core_fraction: float
+    necrosis_fraction: float  # 0: no necrotic core
+    enhancing: bool
+    shape_matrix: np.ndarray  # maps offsets (mm) to normalised anisotropic offsets
+    irregularity: float
+    mass_effect: float
+
+
+def _plan_tumour(rng: np.random.Generator, atlas: _Atlas, pose: _Pose) -> _TumourPlan:
+    site = atlas.tumour_sites[rng.integers(len(atlas.tumour_sites))].astype(np.float64)
+    centre = pose.to_target(site[None], atlas.centre)[0]
+    low, high = np.log(TUMOUR_VOLUME_ML)
+    volume_mm3 = float(np.exp(rng.uniform(low, high))) * 1000.0
+    radius = (3.0 * volume_mm3 / (4.0 * np.pi)) ** (1.0 / 3.0)
+    necrosis = 0.0 if rng.random() < NO_NECROSIS_PROBABILITY else _uniform(rng, NECROSIS_FRACTION)
+    axes = rng.uniform(*AXIS_RATIO_RANGE, 3)
+    shape_matrix = np.diag(1.0 / axes) @ _rotation(rng).T
+    mass = MASS_EFFECT_MAX * _uniform(rng, (0.3, 1.0)) * min(1.0, radius / MASS_EFFECT_REFERENCE_MM)
+    return _TumourPlan(
+        centre_mm=centre,
+        radius_mm=radius,
+        core_fraction=_uniform(rng, CORE_FRACTION),
+        necrosis_fraction=necrosis,
+        enhancing=bool(rng.random() >= NON_ENHANCING_PROBABILITY),
+        shape_matrix=shape_matrix,
+        irregularity=_uniform(rng, IRREGULARITY),
+        mass_effect=mass,
+    )
+
+
+def _sample_atlas(
+    rng: np.random.Generator, atlas: _Atlas, pose: _Pose, axes_mm: list[np.ndarray], tumour: _TumourPlan | None, voxel_mm: float
+) -> np.ndarray:
+    """Warp the template channels onto the target crop (C x crop shape)."""
+    crop_shape = tuple(len(a) for a in axes_mm)
+    d = np.stack(np.meshgrid(*[a.astype(np.float32) for a in axes_mm], indexing="ij"))
+    if tumour is not None and tumour.mass_effect > 0:
+        offset = d - tumour.centre_mm.astype(np.float32)[:, None, None, None]
+        sigma = tumour.radius_mm * tumour.core_fraction * 1.5
+        weight = tumour.mass_effect * np.exp(-np.sum(offset**2, axis=0) / (2.0 * sigma**2))
+        d = d - offset * weight[None]
+    source = np.tensordot(pose.matrix.astype(np.float32), d, axes=1)
+    shift = (atlas.centre + pose.shift).astype(np.float32)
+    source += shift[:, None, None, None]
+    control = DEFORMATION_CONTROL_MM / voxel_mm
+    source += DEFORMATION_SD_MM * _smooth_noise(rng, crop_shape, control, channels=3)
+    size = np.asarray(atlas.channels.shape[2:], dtype=np.float32)
+    normalised = 2.0 * source / (size - 1)[:, None, None, None] - 1.0
+    grid = torch.from_numpy(np.ascontiguousarray(normalised[::-1].transpose(1, 2, 3, 0)))[None]
+    warped = F.grid_sample(atlas.channels, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return np.ascontiguousarray(warped[0].numpy())
+
+
+# --- tumour and benign findings -------------------------------------------------------------------------
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _tumour_box(tumour: _TumourPlan, axes_mm: list[np.ndarray]) -> tuple[slice, ...]:
+    reach = TUMOUR_BOX_RADII * tumour.radius_mm
+    box = []
+    for a, axis in enumerate(axes_mm):
+        inside = np.nonzero(np.abs(axis - tumour.centre_mm[a]) <= reach)[0]
+        box.append(slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0))
+    return tuple(box)
+
+
+def _tumour_fields(
+    rng: np.random.Generator, tumour: _TumourPlan, axes_mm: list[np.ndarray], wm: np.ndarray, csf: np.ndarray, voxel_mm: float
+) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray, np.ndarray]:
+    """Soft whole-tumour, core and necrosis maps (each within the returned box), nested by construction."""
+    box = _tumour_box(tumour, axes_mm)
+    sub = [axis[b].astype(np.float32) for axis, b in zip(axes_mm, box)]
+    offset = np.stack(np.meshgrid(*sub, indexing="ij")) - tumour.centre_mm.astype(np.float32)[:, None, None, None]
+    radius = np.sqrt(np.sum(np.tensordot(tumour.shape_matrix.astype(np.float32), offset, axes=1) ** 2, axis=0)) / tumour.radius_mm
+    shape = radius.shape
+    noise = _smooth_noise(rng, shape, IRREGULARITY_CONTROL_MM / voxel_mm, channels=3)
+    level = radius + tumour.irregularity * noise[0]
+    core = _sigmoid((tumour.core_fraction - level) / EDGE_SOFTNESS)
+    necrosis_level = radius + tumour.irregularity * noise[1]
+    necrosis_edge = tumour.core_fraction * tumour.necrosis_fraction
+    necrosis = _sigmoid((necrosis_edge - necrosis_level) / EDGE_SOFTNESS) if necrosis_edge > 0 else np.zeros(shape, np.float32)
+    reach = (1.0 + OEDEMA_WM_GAIN * (wm[box] - 0.5) + OEDEMA_NOISE * noise[2]) * (1.0 - csf[box])
+    whole = _sigmoid((reach - level) / (2.0 * EDGE_SOFTNESS))
+    necrosis = np.minimum(necrosis, core)
+    whole = np.maximum(whole, core)
+    return box, whole.astype(np.float32), core.astype(np.float32), necrosis.astype(np.float32)
+
+
+def _white_matter_hyperintensities(rng: np.random.Generator, wm: np.ndarray, brain: np.ndarray, voxel_mm: float) -> tuple[np.ndarray, int]:
+    """Small Gaussian blobs in deep white matter (0 to 1), and how many."""
+    out = np.zeros(wm.shape, np.float32)
+    if rng.random() >= WMH_PROBABILITY:
+        return out, 0
+    sites = np.argwhere((wm > WMH_SITE_MIN_WM) & brain)
+    count = int(rng.poisson(WMH_MEAN_COUNT)) if len(sites) else 0
+    for _ in range(count):
+        centre = sites[rng.integers(len(sites))]
+        sigma = _uniform(rng, WMH_SIGMA_MM) / voxel_mm
+        half = int(np.ceil(3 * sigma))
+        box = tuple(slice(max(c - half, 0), min(c + half + 1, n)) for c, n in zip(centre, wm.shape))
+        grids = np.meshgrid(*[np.arange(b.start, b.stop) - c for b, c in zip(box, centre)], indexing="ij")
+        blob = _uniform(rng, WMH_GAIN) * np.exp(-sum(g.astype(np.float32) ** 2 for g in grids) / (2 * sigma**2))
+        out[box] = np.maximum(out[box], blob)
+    return out, count
+
+
+# --- rendering ------------------------------------------------------------------------------------------
+def _render(
+    rng: np.random.Generator,
+    sequence: str,
+    fractions: dict[str, np.ndarray],
+    template_t1: np.ndarray,
+    hyper: np.ndarray,
+    brain: np.ndarray,
+    voxel_mm: float,
+) -> np.ndarray:
+    """Signal of one sequence on the crop: tissue mix, benign findings, bias, blur, Rician noise."""
+    contrast = {t: v * (1.0 + TISSUE_JITTER * rng.standard_normal()) for t, v in CONTRAST[sequence].items()}
+    signal = sum(fractions[t] * contrast[t] for t in fractions)
+    if sequence in ("t1", "t1ce"):
+        healthy = fractions["csf"] + fractions["gm"] + fractions["wm"]
+        signal = signal + TEMPLATE_T1_WEIGHT * healthy * (template_t1 - signal)
+    signal = signal * (1.0 + HYPERINTENSITY_GAIN[sequence] * hyper)
+    control = BIAS_CONTROL_MM / voxel_mm
+    signal = signal * np.exp(_uniform(rng, BIAS_AMPLITUDE) * _smooth_noise(rng, signal.shape, control)[0])
+    signal = ndimage.gaussian_filter(signal * brain, _uniform(rng, BLUR_SIGMA_MM) / voxel_mm, truncate=BLUR_TRUNCATE)
+    scale = SCANNER_SCALE[sequence] * (1.0 + SCALE_JITTER * rng.uniform(-1.0, 1.0))
+    inside = signal[brain] * scale
+    sigma = _uniform(rng, NOISE_FRACTION) * contrast["wm"] * scale
+    real = inside + sigma * rng.standard_normal(inside.shape, dtype=np.float32)
+    imaginary = sigma * rng.standard_normal(inside.shape, dtype=np.float32)
+    out = np.zeros(signal.shape, np.int16)
+    out[brain] = np.clip(np.rint(np.sqrt(real**2 + imaginary**2)), 1, INT16_MAX).astype(np.int16)
+    return out
+
+
+def _lesion_fractions(
+    tissue: dict[str, np.ndarray], fields: tuple[tuple[slice, ...], np.ndarray, np.ndarray, np.ndarray] | None, enhancing: bool, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Partial-volume fractions of every tissue of TISSUES (they sum to 1 inside the brain)."""
+    zeros = np.zeros_like(tissue["wm"])
+    fractions = {t: tissue.get(t, zeros).copy() for t in TISSUES}
+    if fields is None:
+        return fractions
+    box, whole, core, necrosis = fields
+    for name in ("csf", "gm", "wm"):
+        fractions[name][box] *= 1.0 - whole
+    hetero = 1.0 + LESION_HETEROGENEITY * _smooth_noise(rng, whole.shape, 4.0, channels=1)[0]
+    fractions["oedema"][box] = (whole - core) * hetero
+    if enhancing:
+        fractions["enhancing"][box] = (core - necrosis) * hetero
+        fractions["necrosis"][box] = necrosis
+    else:
+        fractions["non_enhancing"][box] = core * hetero
+    return fractions
+
+
+def _labels(brain: np.ndarray, fields: tuple[tuple[slice, ...], np.ndarray, np.ndarray, np.ndarray] | None, enhancing: bool) -> np.ndarray:
+    seg = np.zeros(brain.shape, np.uint8)
+    if fields is None:
+        return seg
+    box, whole, core, necrosis = fields
+    sub = np.zeros(whole.shape, np.uint8)
+    sub[whole > 0.5] = LABEL_OEDEMA
+    sub[core > 0.5] = LABEL_ENHANCING if enhancing else LABEL_NECROTIC
+    sub[necrosis > 0.5] = LABEL_NECROTIC
+    seg[box] = np.where(brain[box], sub, 0)
+    return seg
+
+
+def _centroid(seg: np.ndarray) -> list[int] | None:
+    """Rounded voxel centroid of the whole tumour, or None when there is none."""
+    points = np.nonzero(seg)
+    return [int(round(float(p.mean()))) for p in points] if points[0].size else None
+
+
+def _label_volumes_ml(seg: np.ndarray, voxel_mm: float) -> dict[str, float]:
+    ml = voxel_mm**3 / 1000.0
+    return {str(label): round(float(np.count_nonzero(seg == label)) * ml, 3) for label in (LABEL_NECROTIC, LABEL_OEDEMA, LABEL_ENHANCING)}
+
+
+def synthesize_case(seed: int, healthy: bool, shape: Sequence[int] = BRATS_SHAPE, voxel_mm: float = 1.0) -> SyntheticCase:
+    """Generate one case in memory.
+
+    Args:
+        seed: the case seed (see ``case_seed``); the same seed gives the same case.
+        healthy: no tumour when true (benign FLAIR findings may still be present).
+        shape: output grid; the default is the BraTS grid. Smaller grids with a larger ``voxel_mm``
+            (e.g. 60 x 60 x 39 at 4 mm) cover the same field of view faster, for tests.
+        voxel_mm: isotropic voxel size of the output grid.
+
+    Returns:
+        The case: int16 images keyed by ``SEQUENCES``, uint8 seg (0, 1, 2, 4), LPS affine and a
+        description (tumour plan, label volumes in mL, benign findings).
+    """
+    if len(shape) != 3 or min(shape) < 8:
+        raise ValueError(f"shape must be three sizes of at least 8, got {tuple(shape)}")
+    if voxel_mm <= 0:
+        raise ValueError(f"voxel_mm must be positive, got {voxel_mm}")
+    rng = np.random.default_rng(seed)
+    atlas = _atlas()
+    pose = _draw_pose(rng)
+    tumour = None if healthy else _plan_tumour(rng, atlas, pose)
+    crop = _crop_box(atlas, pose, shape, voxel_mm)
+    full_axes, _ = _grid_mm(shape, voxel_mm)
+    axes_mm = [axis[c] for axis, c in zip(full_axes, crop)]
+    gm, wm, brain_p, periventricular, template_t1 = _sample_atlas(rng, atlas, pose, axes_mm, tumour, voxel_mm)
+    brain = brain_p > 0.5
+    csf = np.clip(brain_p - gm - wm, 0.0, 1.0)
+    total = np.maximum(gm + wm + csf, np.finfo(np.float32).eps)
+    tissue = {"csf": csf / total, "gm": gm / total, "wm": wm / total}
+    fields = None if tumour is None else _tumour_fields(rng, tumour, axes_mm, tissue["wm"], tissue["csf"], voxel_mm)
+    enhancing = tumour is None or tumour.enhancing
+    fractions = _lesion_fractions(tissue, fields, enhancing, rng)
+    pv_gain = _uniform(rng, PERIVENTRICULAR_GAIN) if rng.random() < PERIVENTRICULAR_PROBABILITY else 0.0
+    pv_pattern = np.clip(0.6 + 0.6 * _smooth_noise(rng, brain.shape, 30.0 / voxel_mm)[0], 0.0, 1.0)
+    wmh, wmh_count = _white_matter_hyperintensities(rng, tissue["wm"], brain, voxel_mm)
+    hyper = np.clip(pv_gain * periventricular * pv_pattern + wmh, 0.0, 1.0)
+    if fields is not None:
+        hyper[fields[0]] *= 1.0 - fields[1]
+    images = {}
+    for sequence in SEQUENCES:
+        full = np.zeros(tuple(shape), np.int16)
+        full[crop] = _render(rng, sequence, fractions, template_t1, hyper, brain, voxel_mm)
+        images[sequence] = full
+    seg = np.zeros(tuple(shape), np.uint8)
+    seg[crop] = _labels(brain, fields, enhancing)
+    label_volumes = _label_volumes_ml(seg, voxel_mm)
+    info = {
+        "seed": int(seed),
+        "healthy": bool(healthy),
+        "tumour_volume_ml": round(float(np.count_nonzero(seg)) * voxel_mm**3 / 1000.0, 3),
+        "label_volumes_ml": label_volumes,
+        "tumour_type": None if tumour is None else ("enhancing" if tumour.enhancing else "non_enhancing"),
+        "tumour_centre_voxel": _centroid(seg),
+        "periventricular_gain": round(pv_gain, 3),
+        "white_matter_hyperintensities": wmh_count,
+    }
+    return SyntheticCase(images, seg, brats_affine(shape, voxel_mm), info)
+
+
+# --- writing --------------------------------------------------------------------------------------------
+def _nifti(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    image = nib.Nifti1Image(array, affine)
+    image.header.set_xyzt_units("mm", "sec")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    return image
+
+
+def case_name(index: int) -> str:
+    """Case identifier of case ``index``, e.g. SYN_00007."""
+    return f"{CASE_PREFIX}{index:0{CASE_DIGITS}d}"
+
+
+def write_case(case: SyntheticCase, out_dir: Path, name: str) -> Path:
+    """Write one case in the BraTS21 layout ``out_dir/<name>/<name>_{flair,t1,t1ce,t2,seg}.nii.gz``."""
+    case_dir = Path(out_dir) / name
+    case_dir.mkdir(parents=True, exist_ok=True)
+    for sequence, array in case.images.items():
+        nib.save(_nifti(array, case.affine), case_dir / f"{name}_{sequence}.nii.gz")
+    nib.save(_nifti(case.seg, case.affine), case_dir / f"{name}_seg.nii.gz")
+    return case_dir
+
+
+def _write_studies(case_dir: Path, studies_dir: Path, name: str) -> None:
+    """MONAI Label studies layout: ``studies/<name>.nii.gz`` (FLAIR) and ``studies/t2/<name>.nii.gz``."""
+    (studies_dir / STUDIES_T2_DIR).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(case_dir / f"{name}_flair.nii.gz", studies_dir / f"{name}.nii.gz")
+    shutil.copyfile(case_dir / f"{name}_t2.nii.gz", studies_dir / STUDIES_T2_DIR / f"{name}.nii.gz")
+
+
+def _validate_generation(n_cases: int, seed: int, healthy_fraction: float) -> None:
+    if n_cases < 1:
+        raise ValueError(f"n_cases must be at least 1, got {n_cases}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    if not 0.0 <= healthy_fraction <= 1.0:
+        raise ValueError(f"healthy_fraction must be in [0, 1], got {healthy_fraction}")
+
+
+def generate_cases(
+    out_dir: Path, n_cases: int, seed: int, healthy_fraction: float = 0.2, progress: ProgressFn | None = None
+) -> dict[str, Any]:
+    """Generate synthetic BraTS-format cases and a MONAI Label studies folder.
+
+    Case i uses ``case_seed(seed, i)``, so it is the same whatever ``n_cases``; healthy cases are spread
+    evenly (``is_healthy_index``).
+
+    Args:
+        out_dir: output folder; gets ``<CASE>/<CASE>_{flair,t1,t1ce,t2,seg}.nii.gz``,
+            ``studies/<CASE>.nii.gz`` (FLAIR), ``studies/t2/<CASE>.nii.gz`` and ``manifest.json``.
+        n_cases: number of cases.
+        seed: run seed (non-negative).
+        healthy_fraction: fraction of cases without tumour.
+        progress: optional callable(done, total) called after each case.
+
+    Returns:
+        The manifest (also written to ``out_dir/manifest.json``).
+    """
+    _validate_generation(n_cases, seed, healthy_fraction)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for index in range(n_cases):
+        name = case_name(index)
+        case = synthesize_case(case_seed(seed, index), is_healthy_index(index, healthy_fraction))
+        case_dir = write_case(case, out_dir, name)
+        _write_studies(case_dir, out_dir / STUDIES_DIR, name)
+        cases.append({"case": name, **case.info})
+        if progress is not None:
+            progress(index + 1, n_cases)
+    manifest = {
+        "generator": "anofpdm.data.synth (MNI152 2009a anatomy from nilearn)",
+        "synthetic": True,
+        "seed": seed,
+        "n_cases": n_cases,
+        "healthy_fraction": healthy_fraction,
+        "shape": list(BRATS_SHAPE),
+        "voxel_mm": 1.0,
+        "affine": brats_affine().tolist(),
+        "labels": {"1": "necrotic / non-enhancing core", "2": "oedema", "4": "enhancing"},
+        "cases": cases,
+    }
+    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def write_demo_studies(demo_dir: Path, n_cases: int = 3, seed: int = 0, healthy_fraction: float = 1 / 3) -> dict[str, Any]:
+    """Write a small MONAI Label studies folder: FLAIR + T2 only, truth kept outside the studies.
+
+    Layout: ``demo_dir/studies/<CASE>.nii.gz`` (FLAIR), ``demo_dir/studies/t2/<CASE>.nii.gz`` and
+    ``demo_dir/truth/<CASE>_seg.nii.gz``, plus ``demo_dir/truth/manifest.json``.
+    """
+    _validate_generation(n_cases, seed, healthy_fraction)
+    demo_dir = Path(demo_dir)
+    studies, truth = demo_dir / STUDIES_DIR, demo_dir / "truth"
+    (studies / STUDIES_T2_DIR).mkdir(parents=True, exist_ok=True)
+    truth.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for index in range(n_cases):
+        name = case_name(index)
+        case = synthesize_case(case_seed(seed, index), is_healthy_index(index, healthy_fraction))
+        nib.save(_nifti(case.images["flair"], case.affine), studies / f"{name}.nii.gz")
+        nib.save(_nifti(case.images["t2"], case.affine), studies / STUDIES_T2_DIR / f"{name}.nii.gz")
+        nib.save(_nifti(case.seg, case.affine), truth / f"{name}_seg.nii.gz")
+        cases.append({"case": name, **case.info})
+    manifest = {"synthetic": True, "seed": seed, "n_cases": n_cases, "healthy_fraction": healthy_fraction, "cases": cases}
+    (truth / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+# --- preview ----------------------------------------------------------------------------------------------
+PREVIEW_COLUMNS = ("flair", "t2", "t1ce")
+PREVIEW_WINDOW_PERCENTILE = 99.5
+PREVIEW_TILE_INCHES = 3.0
+PREVIEW_DPI = 80
+PREVIEW_LABEL_COLOURS = {LABEL_NECROTIC: (1.0, 0.2, 0.2), LABEL_OEDEMA: (0.2, 0.9, 0.2), LABEL_ENHANCING: (1.0, 0.9, 0.1)}
+PREVIEW_OVERLAY_ALPHA = 0.45
+
+
+def _axial_for_display(volume: np.ndarray, z: int) -> np.ndarray:
+    """RAS axial plane in radiological display order (anterior up, patient right on the left)."""
+    return volume[::-1, :, z].T[::-1]
+
+
+def _preview_slice(mask: np.ndarray, brain: np.ndarray) -> int:
+    """Axial index through the tumour centre, or through the middle of the brain when healthy."""
+    source = mask if mask.any() else brain
+    z = np.nonzero(source.any(axis=(0, 1)))[0]
+    weights = source.sum(axis=(0, 1))[z] if mask.any() else np.ones(len(z))
+    return int(round(float(np.average(z, weights=weights))))
+
+
+def _overlay(flair: np.ndarray, seg: np.ndarray, vmax: float) -> np.ndarray:
+    grey = np.clip(flair / vmax, 0.0, 1.0)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    for label, colour in PREVIEW_LABEL_COLOURS.items():
+        hit = seg == label
+        rgb[hit] = (1 - PREVIEW_OVERLAY_ALPHA) * rgb[hit] + PREVIEW_OVERLAY_ALPHA * np.asarray(colour)
+    return rgb
+
+
+def render_preview(case_dirs: Sequence[Path], out_png: Path) -> Path:
+    """Draw one row per case: FLAIR, T2, T1ce and FLAIR with the seg overlaid, on one axial slice.
+
+    The slice goes through the tumour centre (mid-brain for a healthy case); images are shown in the
+    radiological convention (patient right on the left).
+
+    Args:
+        case_dirs: BraTS-layout case folders (e.g. ``out_dir/SYN_00000``).
+        out_png: the PNG to write.
+
+    Returns:
+        ``out_png``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from anofpdm.data.brats import find_case, load_case
+
+    if not case_dirs:
+        raise ValueError("case_dirs is empty: nothing to preview")
+    columns = (*PREVIEW_COLUMNS, "seg")
+    figure, axes = plt.subplots(len(case_dirs), len(columns), squeeze=False, figsize=(PREVIEW_TILE_INCHES * len(columns), PREVIEW_TILE_INCHES * len(case_dirs)))
+    for row, case_dir in zip(axes, case_dirs):
+        case = find_case(Path(case_dir))
+        if case is None:
+            raise ValueError(f"no BraTS case files in {case_dir}")
+        volume = load_case(case, PREVIEW_COLUMNS)
+        brain = volume.images["flair"] > 0
+        z = _preview_slice(volume.mask, brain)
+        windows = {s: float(np.percentile(a[brain], PREVIEW_WINDOW_PERCENTILE)) for s, a in volume.images.items()}
+        for ax, name in zip(row, columns):
+            if name == "seg":
+                seg = nib.as_closest_canonical(nib.load(str(case.seg))).get_fdata().astype(np.uint8)
+                picture = _overlay(_axial_for_display(volume.images["flair"], z), _axial_for_display(seg, z), windows["flair"])
+                ax.imshow(picture)
+            else:
+                ax.imshow(_axial_for_display(volume.images[name], z), cmap="gray", vmin=0.0, vmax=windows[name])
+            ax.set_title(f"{case.case_id} {name} z={z}", fontsize=8)
+            ax.axis("off")
+    figure.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_png, dpi=PREVIEW_DPI)
+    plt.close(figure)
+    return out_png
