@@ -1,0 +1,262 @@
+"""Training slices from BraTS-style volumes (SPEC.md section 1) and a Dataset over them.
+
+``prepare_dataset`` turns a folder of cases into compact per-split arrays:
+
+- ``{split}_images.npy``: N x C x S x S float16, per volume and sequence normalised to [-1, 1]
+  with ``anofpdm.intensity.percentile_normalise``;
+- ``{split}_labels.npy``: N uint8, 1 when any tumour pixel remains after resizing (unhealthy);
+- ``{split}_masks.npy``: N x S x S uint8 pixel truth (evaluation only, never for training);
+- ``{split}_index.json``: the case id and axial index (in the RAS volume) of every row;
+- ``manifest.json``: settings, split cases, slice counts, skipped cases with the reason.
+
+Volumes are reoriented to RAS and axial planes are taken as ``volume[:, :, k]`` (x, y), the same
+convention as ``anofpdm.volume`` at inference. The whole plane is the field of view (BraTS: 240 mm).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from anofpdm.data.brats import SEQUENCES, CaseFiles, find_cases, load_case
+from anofpdm.intensity import percentile_normalise
+
+__all__ = ["SPLITS", "MIN_BRAIN_PIXELS", "prepare_dataset", "SliceDataset"]
+
+ProgressFn = Callable[[int, int], None]
+
+SPLITS = ("train", "val", "test")
+DEFAULT_SPLIT = (0.75, 0.05, 0.20)
+MIN_BRAIN_PIXELS = 100  # an axial plane is "brain" with at least this many nonzero FLAIR pixels (100 mm^2 on BraTS)
+MIN_SIZE = 8
+IMAGE_DTYPE = np.float16
+MASK_THRESHOLD = 0.5
+BRAIN_SEQUENCE = "flair"
+MANIFEST_NAME = "manifest.json"
+SPLIT_TOLERANCE = 1e-6
+FORMAT = "anofpdm-slices-v1"
+CHUNK_ROWS = 4096
+# Failures that make one case unusable without stopping the whole run.
+CASE_ERRORS = (OSError, ValueError, EOFError, zlib.error, nib.filebasedimages.ImageFileError)
+
+
+def _validate(sequences: Sequence[str], size: int, seed: int, split: Sequence[float], min_brain_pixels: int) -> tuple[str, ...]:
+    sequences = tuple(sequences)
+    if not sequences or len(set(sequences)) != len(sequences) or any(s not in SEQUENCES for s in sequences):
+        raise ValueError(f"sequences must be distinct names from {SEQUENCES}, got {sequences}")
+    if size < MIN_SIZE:
+        raise ValueError(f"size must be at least {MIN_SIZE}, got {size}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    if len(split) != len(SPLITS) or any(f < 0 for f in split) or abs(sum(split) - 1.0) > SPLIT_TOLERANCE:
+        raise ValueError(f"split must be {len(SPLITS)} non-negative fractions ({'/'.join(SPLITS)}) summing to 1, got {tuple(split)}")
+    if min_brain_pixels < 1:
+        raise ValueError(f"min_brain_pixels must be at least 1, got {min_brain_pixels}")
+    return sequences
+
+
+def split_counts(n_cases: int, fractions: Sequence[float]) -> list[int]:
+    """Cases per split: largest remainder rounding, every split with a positive fraction gets a case while cases last."""
+    exact = np.asarray(fractions, dtype=np.float64) * n_cases
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: n_cases - counts.sum()]:
+        counts[i] += 1
+    for i in np.nonzero((np.asarray(fractions) > 0) & (counts == 0))[0]:
+        donor = int(np.argmax(counts))
+        if counts[donor] > 1:
+            counts[donor] -= 1
+            counts[i] += 1
+    return [int(c) for c in counts]
+
+
+def split_cases(case_ids: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, list[str]]:
+    """Seeded patient-level split: shuffle the sorted ids, cut by ``split_counts``; each list sorted."""
+    ids = sorted(case_ids)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    shuffled = [ids[i] for i in order]
+    out, start = {}, 0
+    for name, count in zip(SPLITS, split_counts(len(ids), fractions)):
+        out[name] = sorted(shuffled[start : start + count])
+        start += count
+    return out
+
+
+def resize_planes(planes: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of N x C x H x W planes to N x C x size x size over the whole plane.
+
+    Anti-aliased when shrinking, as ``anofpdm.volume`` does at inference (align_corners=False: the
+    plane's full extent maps to the output's full extent).
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))
+    shrinking = size < planes.shape[2] or size < planes.shape[3]
+    return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking).numpy()
+
+
+def case_slices(case: CaseFiles, sequences: Sequence[str], size: int, min_brain_pixels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Brain slices of one case: images N x C x S x S, labels N, masks N x S x S and axial indices N."""
+    needed = tuple(dict.fromkeys((*sequences, BRAIN_SEQUENCE)))
+    volume = load_case(case, needed)
+    brain_pixels = np.count_nonzero(volume.images[BRAIN_SEQUENCE] > 0, axis=(0, 1))
+    keep = np.nonzero(brain_pixels >= min_brain_pixels)[0]
+    if keep.size == 0:
+        raise ValueError(f"no axial slice has {min_brain_pixels} nonzero {BRAIN_SEQUENCE} pixels")
+    channels = [percentile_normalise(volume.images[s])[:, :, keep] for s in sequences]
+    stacked = np.stack(channels).transpose(3, 0, 1, 2)  # N x C x X x Y
+    images = resize_planes(stacked, size).astype(IMAGE_DTYPE)
+    mask_planes = volume.mask[:, :, keep].astype(np.float32).transpose(2, 0, 1)[:, None]
+    masks = (resize_planes(mask_planes, size)[:, 0] >= MASK_THRESHOLD).astype(np.uint8)
+    labels = masks.reshape(len(masks), -1).any(axis=1).astype(np.uint8)
+    return images, labels, masks, keep
+
+
+class _SplitWriter:
+    """Streams one split's rows to raw files, then turns them into ``.npy`` arrays of the final length."""
+
+    def __init__(self, out_dir: Path, split: str, channels: int, size: int) -> None:
+        self.out_dir, self.split, self.channels, self.size = out_dir, split, channels, size
+        self.rows: list[list[Any]] = []
+        self.labels: list[np.ndarray] = []
+        self.raw = {"images": out_dir / f".{split}_images.raw", "masks": out_dir / f".{split}_masks.raw"}
+        self.handles = {k: open(p, "wb") for k, p in self.raw.items()}
+
+    def add(self, case_id: str, images: np.ndarray, labels: np.ndarray, masks: np.ndarray, indices: np.ndarray) -> None:
+        self.handles["images"].write(np.ascontiguousarray(images, dtype=IMAGE_DTYPE).tobytes())
+        self.handles["masks"].write(np.ascontiguousarray(masks, dtype=np.uint8).tobytes())
+        self.labels.append(labels)
+        self.rows.extend([case_id, int(k)] for k in indices)
+
+    def _to_npy(self, key: str, dtype: type, row_shape: tuple[int, ...]) -> None:
+        n = len(self.rows)
+        target = np.lib.format.open_memmap(self.out_dir / f"{self.split}_{key}.npy", mode="w+", dtype=dtype, shape=(n, *row_shape))
+        if n:
+            source = np.memmap(self.raw[key], dtype=dtype, mode="r", shape=(n, *row_shape))
+            for start in range(0, n, CHUNK_ROWS):
+                target[start : start + CHUNK_ROWS] = source[start : start + CHUNK_ROWS]
+            del source
+        target.flush()
+        del target
+        self.raw[key].unlink()
+
+    def close(self) -> dict[str, int]:
+        for handle in self.handles.values():
+            handle.close()
+        self._to_npy("images", IMAGE_DTYPE, (self.channels, self.size, self.size))
+        self._to_npy("masks", np.uint8, (self.size, self.size))
+        labels = np.concatenate(self.labels) if self.labels else np.zeros(0, np.uint8)
+        np.save(self.out_dir / f"{self.split}_labels.npy", labels.astype(np.uint8))
+        index = {"columns": ["case", "slice"], "rows": self.rows}
+        (self.out_dir / f"{self.split}_index.json").write_text(json.dumps(index))
+        unhealthy = int(labels.sum())
+        return {"slices": len(labels), "healthy": len(labels) - unhealthy, "unhealthy": unhealthy}
+
+
+def prepare_dataset(
+    data_dir: Path,
+    out_dir: Path,
+    sequences: Sequence[str] = SEQUENCES,
+    size: int = 128,
+    seed: int = 0,
+    split: Sequence[float] = DEFAULT_SPLIT,
+    progress: ProgressFn | None = None,
+    min_brain_pixels: int = MIN_BRAIN_PIXELS,
+) -> dict[str, Any]:
+    """Prepare normalised, resized axial training slices with a seeded patient-level split.
+
+    Args:
+        data_dir: folder of BraTS21 / BraTS 2023 cases or an MSD Task01 folder.
+        out_dir: where the arrays and ``manifest.json`` go (created).
+        sequences: channels, in order (default FLAIR, T1, T1ce, T2).
+        size: output slice side.
+        seed: split seed.
+        split: train / val / test fractions of the cases.
+        progress: optional callable(done, total) after each case.
+        min_brain_pixels: an axial plane is kept when its FLAIR has at least this many nonzero pixels
+            (at the native resolution), which drops slivers at the top and bottom of the brain.
+
+    Returns:
+        The manifest (also written to ``out_dir/manifest.json``). A case that cannot be read is
+        listed under "skipped" with the reason and left out; it does not stop the run.
+    """
+    sequences = _validate(sequences, size, seed, split, min_brain_pixels)
+    cases = {c.case_id: c for c in find_cases(Path(data_dir))}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    assignment = split_cases(list(cases), split, seed)
+    skipped: list[dict[str, str]] = []
+    summary: dict[str, Any] = {}
+    done = 0
+    for split_name in SPLITS:
+        writer = _SplitWriter(out_dir, split_name, len(sequences), size)
+        used = []
+        for case_id in assignment[split_name]:
+            try:
+                writer.add(case_id, *case_slices(cases[case_id], sequences, size, min_brain_pixels))
+                used.append(case_id)
+            except CASE_ERRORS as error:
+                skipped.append({"case": case_id, "reason": f"{type(error).__name__}: {error}"})
+            done += 1
+            if progress is not None:
+                progress(done, len(cases))
+        summary[split_name] = {"cases": used, **writer.close()}
+    manifest = {
+        "format": FORMAT,
+        "data_dir": str(data_dir),
+        "sequences": list(sequences),
+        "size": size,
+        "seed": seed,
+        "split_fractions": list(split),
+        "min_brain_pixels": min_brain_pixels,
+        "image_dtype": np.dtype(IMAGE_DTYPE).name,
+        "orientation": "RAS; axial planes volume[:, :, k] as (x, y); the whole plane is the field of view",
+        "normalisation": "per volume and sequence: anofpdm.intensity.percentile_normalise (99th percentile of nonzero voxels -> [-1, 1])",
+        "splits": summary,
+        "skipped": skipped,
+    }
+    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+class SliceDataset(Dataset):
+    """Prepared slices of one split, memory-mapped: items are (image float32 C x S x S, label int).
+
+    Args:
+        root: the ``prepare_dataset`` output folder.
+        split: "train", "val" or "test".
+        sequences: subset of the prepared channels, by name and in the order wanted (None: all).
+    """
+
+    def __init__(self, root: Path, split: str, sequences: Sequence[str] | None = None) -> None:
+        root = Path(root)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        manifest_path = root / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"no {MANIFEST_NAME} in {root}: run prepare_dataset first")
+        self.manifest = json.loads(manifest_path.read_text())
+        prepared = list(self.manifest["sequences"])
+        wanted = prepared if sequences is None else list(sequences)
+        unknown = [s for s in wanted if s not in prepared]
+        if unknown or not wanted:
+            raise ValueError(f"sequences {unknown or wanted} not among the prepared channels {prepared}")
+        self.sequences = tuple(wanted)
+        self.channels = [prepared.index(s) for s in wanted]
+        self.images = np.load(root / f"{split}_images.npy", mmap_mode="r")
+        self.labels = np.load(root / f"{split}_labels.npy", mmap_mode="r")
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{root}: {split} images ({len(self.images)}) and labels ({len(self.labels)}) differ in length")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = np.asarray(self.images[index, self.channels], dtype=np.float32)
+        return torch.from_numpy(image), int(self.labels[index])
