@@ -56,7 +56,7 @@ class NetworkConfig:
     attention_levels: tuple[bool, ...] = (False, False, True)
     num_res_blocks: int = 1
     num_head_channels: int = 32
-    norm_num_groups: int = 16
+    norm_num_groups: int = 8
     field_of_view_mm: float = 240.0
 
     def __post_init__(self) -> None:

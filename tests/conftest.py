@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny network and small synthetic volumes, fast on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from anofpdm.decisions import Calibration
+from anofpdm.diffusion import ScheduleConfig
+from anofpdm.model import NetworkConfig, build_network, save_checkpoint
+
+TINY = NetworkConfig(
+    sequences=("flair", "t2"),
+    image_size=16,
+    channels=(16, 16),
+    attention_levels=(False, False),
+    num_res_blocks=1,
+    num_head_channels=16,
+    norm_num_groups=4,
+)
+
+
+def tiny_calibration(**overrides) -> dict:
+    settings = dict(cosine_threshold=0.999, max_divergence=(0.05, 0.05), guidance=2.0, forward_steps=40,
+                    stride=10, encoding="ddim", early_stop=None)
+    settings.update(overrides)
+    return Calibration(**settings).to_dict()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight tiny model with a calibration for modes "fast" and "full" (for mechanics only)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    calibration = {"fast": tiny_calibration(), "full": tiny_calibration(stride=1, forward_steps=12)}
+    save_checkpoint(path, TINY, build_network(TINY).state_dict(), ScheduleConfig().to_dict(),
+                    {"data_description": "random weights (test)"}, calibration)
+    return path
+
+
+def make_volume_pair(shape=(40, 44, 12), affine=None, seed=0, lesion=True) -> dict[str, nib.Nifti1Image]:
+    """A blocky 'brain' with an optional bright FLAIR/T2 lesion, on a BraTS-like LPS affine."""
+    rng = np.random.default_rng(seed)
+    if affine is None:
+        affine = np.diag([-4.0, -4.0, 5.0, 1.0])
+    brain = np.zeros(shape, dtype=np.float32)
+    brain[6:-6, 5:-5, 1:-1] = 1.0
+    flair = brain * (100 + 10 * rng.random(shape, dtype=np.float32))
+    t2 = brain * (80 + 10 * rng.random(shape, dtype=np.float32))
+    if lesion:
+        flair[15:25, 15:25, 4:8] *= 2.0
+        t2[15:25, 15:25, 4:8] *= 2.0
+    return {"flair": nib.Nifti1Image(flair, affine), "t2": nib.Nifti1Image(t2, affine)}

@@ -1,0 +1,68 @@
+"""Verdict, Algorithm 1 threshold and map filtering on hand-built inputs with known answers."""
+
+import numpy as np
+import pytest
+import torch
+
+from anofpdm.decisions import (
+    Calibration,
+    QuantileRule,
+    combine_maps,
+    cosine_scores,
+    median_filter_2d,
+    row_quantiles,
+    slice_thresholds,
+    threshold_quantiles,
+)
+
+
+def test_cosine_scores_of_known_curves():
+    guided = torch.tensor([[1.0, 2.0, 3.0], [1.0, 0.0, 0.0]])
+    reference = torch.tensor([[2.0, 4.0, 6.0], [0.0, 1.0, 0.0]])
+    torch.testing.assert_close(cosine_scores(guided, reference), torch.tensor([1.0, 0.0]))
+
+
+def test_quantile_rule_maps_divergence_ratio_to_quantile():
+    rule = QuantileRule(low=0.90, high=0.98)
+    q = threshold_quantiles(torch.tensor([[0.0, 0.05, 0.2]]), torch.tensor([0.1, 0.1, 0.1]), rule)
+    # ratio 0 -> 0.98, ratio 0.5 -> 0.94, ratio clipped at 1 -> 0.90: bigger divergence, lower quantile
+    torch.testing.assert_close(q, torch.tensor([[0.98, 0.94, 0.90]]))
+
+
+def test_slice_threshold_is_mean_of_per_modality_quantiles():
+    values = torch.arange(100.0)
+    maps = torch.stack([values, 2 * values]).reshape(1, 2, 10, 10)
+    tau = slice_thresholds(maps, torch.tensor([[0.0, 0.1]]), torch.tensor([0.1, 0.1]), QuantileRule())
+    expected = (np.quantile(np.arange(100.0), 0.98) + np.quantile(2 * np.arange(100.0), 0.90)) / 2
+    assert tau.item() == pytest.approx(expected)
+
+
+def test_row_quantiles_match_numpy():
+    values = torch.rand(4, 3, 50)
+    q = torch.rand(4, 3)
+    expected = np.array([[np.quantile(values[i, j].numpy(), q[i, j].item()) for j in range(3)] for i in range(4)])
+    np.testing.assert_allclose(row_quantiles(values, q).numpy(), expected, rtol=1e-5)
+
+
+def test_combined_map_is_modality_mean_and_median_removes_a_spike():
+    maps = torch.zeros(1, 2, 9, 9)
+    maps[0, 0, 4, 4] = 10.0
+    maps[0, 1, 4, 4] = 6.0
+    combined = combine_maps(maps)
+    assert combined[0, 4, 4].item() == 8.0
+    assert median_filter_2d(combined, 5).abs().max().item() == 0.0
+    block = torch.zeros(1, 9, 9)
+    block[0, 2:7, 2:7] = 1.0
+    filtered = median_filter_2d(block, 3)
+    assert filtered[0, 4, 4] == 1.0 and filtered[0, 2, 2] == 0.0  # corners of the block erode
+    with pytest.raises(ValueError, match="odd"):
+        median_filter_2d(block, 4)
+
+
+def test_calibration_round_trip_and_validation():
+    calibration = Calibration(0.99, [0.05, 0.04], 2.0, 600, 1, "ddim", validation={"accuracy": 0.9})
+    assert Calibration.from_dict(calibration.to_dict()) == calibration
+    with pytest.raises(ValueError, match="max_divergence"):
+        Calibration(0.99, [0.0, 0.04], 2.0, 600, 1, "ddim")
+    with pytest.raises(ValueError, match="low <= high"):
+        QuantileRule(low=0.99, high=0.9)

@@ -1,0 +1,85 @@
+"""One volume through the whole pipeline with a tiny random-weight model (mechanics, not quality)."""
+
+import numpy as np
+import pytest
+
+from anofpdm.model import load_model, save_checkpoint
+from anofpdm.pipeline import InferenceOptions, segment_volume
+from anofpdm.volume import InputError
+
+from conftest import make_volume_pair, tiny_calibration
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_path):
+    return load_model(tiny_model_path)
+
+
+def _with_calibration(model, tmp_path, **overrides):
+    from anofpdm.model import load_checkpoint
+
+    payload = load_checkpoint(model.path)
+    path = tmp_path / "recalibrated.pt"
+    save_checkpoint(path, model.config, payload["state_dict"], payload["schedule"], payload["training"],
+                    {"fast": tiny_calibration(**overrides)})
+    return load_model(path)
+
+
+def test_result_is_on_the_exact_input_grid_with_a_full_report(model):
+    images = make_volume_pair()
+    steps = []
+    result = segment_volume(model, images, InferenceOptions(), progress=lambda stage, done, total: steps.append((done, total)))
+    flair = images["flair"]
+    assert result.mask.shape == flair.shape and result.anomaly_map.shape == flair.shape
+    np.testing.assert_array_equal(result.mask.affine, flair.affine)
+    np.testing.assert_array_equal(result.anomaly_map.affine, flair.affine)
+    assert result.mask.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asanyarray(result.mask.dataobj))) <= {0, 1}
+    report = result.report
+    segmented = report["slices"]["segmented"]
+    assert segmented == 10  # the make_volume_pair brain spans z = 1..10
+    assert report["network_evaluations"] == 2 * segmented * 4  # 4 visited steps: 0, 10, 20, 30
+    assert steps[-1] == (4, 4)
+    assert set(report["slices"]["end_step"]) == {"flair", "t2"}
+    assert all(t in (0, 10, 20, 30) for t in report["slices"]["end_step"]["flair"])
+    for key in ("verdict", "score", "cosine_threshold", "lesions", "total_volume_ml", "timings_s", "settings"):
+        assert key in report
+    assert np.asanyarray(result.anomaly_map.dataobj)[0, 0, 0] == 0.0  # outside the brain slices
+
+
+def test_same_seed_same_result(model):
+    first = segment_volume(model, make_volume_pair(), InferenceOptions(seed=4))
+    second = segment_volume(model, make_volume_pair(), InferenceOptions(seed=4))
+    np.testing.assert_array_equal(np.asanyarray(first.anomaly_map.dataobj), np.asanyarray(second.anomaly_map.dataobj))
+
+
+def test_verdict_gates_the_mask_and_small_components_are_removed(model, tmp_path):
+    never = _with_calibration(model, tmp_path, cosine_threshold=-1.0)
+    result = segment_volume(never, make_volume_pair(), InferenceOptions())
+    assert result.report["verdict"] == "healthy"
+    assert np.asanyarray(result.mask.dataobj).sum() == 0
+    assert np.asanyarray(result.anomaly_map.dataobj).max() > 0  # the map is still returned
+
+    always = _with_calibration(model, tmp_path, cosine_threshold=1.0)
+    kept = segment_volume(always, make_volume_pair(), InferenceOptions(min_lesion_mm3=0, median_kernel=1))
+    assert kept.report["slices"]["unhealthy"] == kept.report["slices"]["segmented"]
+    assert np.asanyarray(kept.mask.dataobj).sum() > 0
+    total_ml = sum(row["volume_ml"] for row in kept.report["lesions"])
+    voxel_ml = abs(np.linalg.det(kept.mask.affine[:3, :3])) / 1000
+    assert total_ml == pytest.approx(np.asanyarray(kept.mask.dataobj).sum() * voxel_ml, rel=1e-3)
+    dropped = segment_volume(always, make_volume_pair(), InferenceOptions(min_lesion_mm3=1e9, median_kernel=1))
+    assert np.asanyarray(dropped.mask.dataobj).sum() == 0 and dropped.report["components_removed"] > 0
+
+
+def test_overrides_warn_and_unknown_mode_is_an_error(model):
+    result = segment_volume(model, make_volume_pair(), InferenceOptions(stride=20))
+    assert result.report["settings"]["stride"] == 20
+    assert any("stride=20" in w for w in result.report["warnings"])
+    with pytest.raises(ValueError, match="no calibration for mode 'turbo'"):
+        segment_volume(model, make_volume_pair(), InferenceOptions(mode="turbo"))
+
+
+def test_bad_input_is_an_input_error(model):
+    images = make_volume_pair()
+    with pytest.raises(InputError, match="missing input sequence"):
+        segment_volume(model, {"flair": images["flair"]})

@@ -1,0 +1,48 @@
+"""3-D median and connected-component filters, and the lesion table."""
+
+import numpy as np
+import pytest
+
+from anofpdm.postprocess import lesion_table, median_filter_3d, remove_small_components
+
+
+def test_median_filter_removes_isolated_voxel_keeps_block():
+    volume = np.zeros((12, 12, 12), dtype=np.float32)
+    volume[2, 2, 2] = 5.0
+    volume[5:10, 5:10, 5:10] = 1.0
+    filtered = median_filter_3d(volume, 3)
+    assert filtered[2, 2, 2] == 0.0
+    assert filtered[7, 7, 7] == 1.0
+    with pytest.raises(ValueError, match="3-D"):
+        median_filter_3d(volume[0], 3)
+
+
+def test_component_filter_uses_physical_volume():
+    mask = np.zeros((10, 10, 10), dtype=bool)
+    mask[0:2, 0:2, 0:2] = True  # 8 voxels
+    mask[5:9, 5:9, 5:9] = True  # 64 voxels
+    spacing = (1.0, 1.0, 2.0)  # 2 mm^3 voxels: 16 and 128 mm^3
+    kept, removed = remove_small_components(mask, spacing, min_size_mm3=16.0)
+    assert removed == 1 and kept.sum() == 64  # "at most min size" is removed
+    kept, removed = remove_small_components(mask, spacing, min_size_mm3=15.9)
+    assert removed == 0 and kept.sum() == 72
+    diagonal = np.zeros((3, 3, 3), dtype=bool)
+    diagonal[0, 0, 0] = diagonal[1, 1, 1] = True  # touch at a corner: one 26-connected component
+    assert remove_small_components(diagonal, (1, 1, 1), 1.5)[0].sum() == 2
+
+
+def test_lesion_table_volume_centroid_and_scores():
+    mask = np.zeros((10, 10, 10), dtype=bool)
+    mask[2:4, 2:4, 2:4] = True
+    mask[6:10, 6:10, 6:10] = True
+    scores = np.zeros(mask.shape, dtype=np.float32)
+    scores[6:10, 6:10, 6:10] = 0.5
+    scores[9, 9, 9] = 2.0
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-10, 0, 5]
+    rows = lesion_table(mask, scores, affine)
+    assert [r["volume_ml"] for r in rows] == [0.512, 0.064]  # 64 and 8 voxels of 8 mm^3
+    assert rows[0]["centroid_mm"] == [-10 + 2 * 7.5, 2 * 7.5, 5 + 2 * 7.5]
+    assert rows[0]["peak_anomaly"] == 2.0
+    assert rows[0]["mean_anomaly"] == pytest.approx((63 * 0.5 + 2.0) / 64)
+    assert lesion_table(np.zeros_like(mask), scores, affine) == []
