@@ -1,0 +1,226 @@
+"""Training: exact resume, export, learning, label dropout, config errors and two-rank DDP on CPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from anofpdm.model import HEALTHY, NULL_LABEL, UNHEALTHY, NetworkConfig, load_model
+from anofpdm.train import (
+    GlobalBatchSampler,
+    TrainConfig,
+    TrainingInterrupted,
+    draw_diffusion_inputs,
+    main,
+    train,
+)
+
+TINY = NetworkConfig(
+    sequences=("flair", "t2"),
+    image_size=16,
+    channels=(16, 16),
+    attention_levels=(False, False),
+    num_res_blocks=1,
+    num_head_channels=16,
+    norm_num_groups=16,
+)
+PREPARED_SEQUENCES = ("flair", "t1", "t2")  # one more than the network uses: exercises channel selection
+LIB = Path(__file__).resolve().parents[1] / "lib"
+
+
+def make_prepared(root: Path, count: int = 8, size: int = 16, constant: float | None = None) -> Path:
+    """A prepared slice folder like ``prepare_dataset``'s: random (or constant) images in [-1, 1], alternating labels."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    shape = (count, len(PREPARED_SEQUENCES), size, size)
+    images = np.full(shape, constant, np.float32) if constant is not None else rng.uniform(-1, 1, shape)
+    labels = np.array([HEALTHY, UNHEALTHY] * (count // 2), dtype=np.uint8)
+    np.save(root / "train_images.npy", images.astype(np.float16))
+    np.save(root / "train_labels.npy", labels)
+    train_split = {"cases": ["case-a", "case-b"], "slices": count, "healthy": count // 2, "unhealthy": count // 2}
+    manifest = {"sequences": list(PREPARED_SEQUENCES), "size": size, "splits": {"train": train_split}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def tiny_config(data: Path, **overrides) -> TrainConfig:
+    settings = dict(
+        data=data, iterations=6, network=TINY, batch_size=4, lr=1e-3, ema_decay=0.1, checkpoint_every=4, log_every=1
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def read_loss_csv(run_dir: Path) -> list[dict[str, float]]:
+    with (run_dir / "loss.csv").open(newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def load_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "state.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_prepared(tmp_path_factory.mktemp("prepared"))
+
+
+@pytest.fixture(scope="module")
+def straight_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six iterations in one go."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    train(tiny_config(data), run_dir, progress=False)
+    return run_dir
+
+
+def test_stop_and_resume_reaches_the_same_weights(data: Path, straight_run: Path, tmp_path: Path) -> None:
+    def terminate_after_two(iteration: int) -> None:
+        if iteration == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at the end of the next iteration
+
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(tiny_config(data), tmp_path, progress=False, on_iteration=terminate_after_two)
+    assert stopped.value.iteration == 3
+    assert load_state(tmp_path)["iteration"] == 3
+
+    train(tiny_config(data), tmp_path, resume=True, progress=False)
+    resumed, straight = load_state(tmp_path), load_state(straight_run)
+    assert resumed["iteration"] == straight["iteration"] == 6
+    for part in ("model", "ema"):
+        assert resumed[part].keys() == straight[part].keys()
+        for name, tensor in straight[part].items():
+            assert torch.equal(resumed[part][name], tensor), f"{part}.{name} differs after resume"
+    assert any(not torch.equal(t, straight["ema"][name]) for name, t in straight["model"].items())  # EMA lags
+    # the same losses at every iteration, each logged once
+    resumed_rows, straight_rows = read_loss_csv(tmp_path), read_loss_csv(straight_run)
+    assert [row["iteration"] for row in resumed_rows] == [1, 2, 3, 4, 5, 6]
+    for column in ("loss", "smoothed_loss"):
+        assert [row[column] for row in resumed_rows] == [row[column] for row in straight_rows]
+
+
+def test_crash_after_a_checkpoint_resumes_from_it(data: Path, straight_run: Path, tmp_path: Path) -> None:
+    """A run that dies without saving (like kill -9) resumes from its last checkpoint, logging nothing twice."""
+
+    def crash_at_five(iteration: int) -> None:
+        if iteration == 5:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_config(data), tmp_path, progress=False, on_iteration=crash_at_five)
+    assert load_state(tmp_path)["iteration"] == 4
+    assert len(read_loss_csv(tmp_path)) == 5
+
+    train(tiny_config(data), tmp_path, resume=True, progress=False)
+    resumed, straight = load_state(tmp_path), load_state(straight_run)
+    assert all(torch.equal(resumed["ema"][name], t) for name, t in straight["ema"].items())
+    resumed_rows, straight_rows = read_loss_csv(tmp_path), read_loss_csv(straight_run)
+    assert [row["iteration"] for row in resumed_rows] == [1, 2, 3, 4, 5, 6]
+    assert [row["smoothed_loss"] for row in resumed_rows] == [row["smoothed_loss"] for row in straight_rows]
+
+
+def test_exported_model_holds_the_ema_weights_and_a_record(straight_run: Path) -> None:
+    loaded = load_model(straight_run / "model.pt")
+    ema = load_state(straight_run)["ema"]
+    assert loaded.config == TINY
+    for name, tensor in loaded.network.state_dict().items():
+        assert torch.equal(tensor, ema[name]), name
+    record = loaded.training
+    assert record["iterations"] == 6 and record["batch_size"] == 4 and record["seed"] == 0
+    assert record["data"]["train_slices"] == 8 and record["data"]["train_unhealthy"] == 4
+    assert record["data"]["splits"]["train"] == {"cases": 2, "slices": 8, "healthy": 4, "unhealthy": 4}
+    assert record["device"] == "cpu" and record["torch_version"] == torch.__version__
+    assert record["wall_time_s"] > 0
+    assert (straight_run / "loss.png").stat().st_size > 0
+
+
+def test_loss_decreases_on_constant_images(tmp_path: Path) -> None:
+    constant = make_prepared(tmp_path / "data", constant=0.5)
+    config = tiny_config(constant, iterations=40, batch_size=8, lr=3e-3, checkpoint_every=40)
+    train(config, tmp_path / "run", progress=False)
+    losses = [row["loss"] for row in read_loss_csv(tmp_path / "run")]
+    assert len(losses) == 40
+    assert np.mean(losses[-8:]) < 0.5 * np.mean(losses[:8])
+
+
+def test_label_dropout_rate_and_timestep_range() -> None:
+    count, probability = 20000, 0.1
+    draw = draw_diffusion_inputs(torch.Generator().manual_seed(1), count, (1, 2, 2), 1000, probability)
+    labels = torch.randint(0, 2, (count,), generator=torch.Generator().manual_seed(2))
+    conditioned = draw.conditioning(labels)
+    dropped = conditioned == NULL_LABEL
+    tolerance = 4 * (probability * (1 - probability) / count) ** 0.5
+    assert abs(dropped.float().mean().item() - probability) < tolerance
+    assert torch.equal(conditioned[~dropped], labels[~dropped])
+    assert draw.timesteps.min() == 0 and draw.timesteps.max() == 999
+    assert draw.noise.shape == (count, 1, 2, 2)
+
+
+def test_global_batches_are_shuffled_epochs_split_across_ranks() -> None:
+    one = GlobalBatchSampler(num_samples=6, batch_size=4, seed=3, start=0, stop=6)
+    stream = np.concatenate([one.global_batch(i) for i in range(6)])
+    for epoch in range(4):
+        assert sorted(stream[epoch * 6 : (epoch + 1) * 6]) == list(range(6))
+    assert not np.array_equal(stream[:6], stream[6:12])
+    ranks = [list(GlobalBatchSampler(6, 4, 3, start=2, stop=6, rank=r, world_size=2)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*ranks)] == stream[8:].reshape(4, 4).tolist()
+
+
+def test_resume_refuses_a_changed_setup(data: Path, straight_run: Path) -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        train(tiny_config(data, batch_size=2, iterations=8), straight_run, resume=True, progress=False)
+    with pytest.raises(ValueError, match="channels"):
+        wider = replace(TINY, channels=(32, 32))
+        train(tiny_config(data, network=wider, iterations=8), straight_run, resume=True, progress=False)
+    with pytest.raises(FileExistsError, match="resume"):
+        train(tiny_config(data), straight_run, progress=False)
+
+
+def test_config_errors_are_clear(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="state.pt"):
+        train(tiny_config(data), tmp_path / "new", resume=True, progress=False)
+    with pytest.raises(ValueError, match="image_size 32 differs .* slice size 16"):
+        train(tiny_config(data, network=replace(TINY, image_size=32)), tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match=r"\['t1ce'\] are not in the prepared data"):
+        train(tiny_config(data, sequences=("flair", "t1ce")), tmp_path / "b", progress=False)
+    with pytest.raises(ValueError, match="bf16"):
+        train(tiny_config(data, bf16=True, device="cpu"), tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="unknown network preset"):
+        tiny_config(data, network="huge")
+    with pytest.raises(ValueError, match="ema_decay"):
+        tiny_config(data, ema_decay=1.0)
+    with pytest.warns(UserWarning, match="lower ema_decay"):
+        tiny_config(data, ema_decay=0.9999)
+
+
+def test_two_rank_ddp_on_cpu_matches_one_process(data: Path, tmp_path: Path) -> None:
+    args = ["--data", str(data), "--preset", "cpu", "--iterations", "2", "--batch-size", "4", "--ema-decay", "0.5",
+            "--checkpoint-every", "2", "--log-every", "1", "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(LIB), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+              "-m", "anofpdm.train", "--out", str(tmp_path / "ddp"), *args]
+    finished = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "2 ranks x batch 2" in finished.stderr
+
+    with pytest.warns(UserWarning, match="lower ema_decay"):  # 2 iterations are too few for any EMA
+        assert main(["--out", str(tmp_path / "single"), *args]) == 0
+    ddp, single = load_model(tmp_path / "ddp" / "model.pt"), load_model(tmp_path / "single" / "model.pt")
+    assert ddp.config == single.config and ddp.config.sequences == ("flair", "t2") and ddp.config.image_size == 16
+    assert ddp.training["world_size"] == 2 and ddp.training["iterations"] == 2
+    # same global batches, noise and labels: the first loss agrees up to float summation order
+    first_ddp, first_single = read_loss_csv(tmp_path / "ddp")[0], read_loss_csv(tmp_path / "single")[0]
+    assert first_ddp["loss"] == pytest.approx(first_single["loss"], rel=1e-5)
+    single_weights = single.network.state_dict()
+    for name, tensor in ddp.network.state_dict().items():
+        torch.testing.assert_close(tensor, single_weights[name], rtol=0, atol=1e-5, msg=name)
