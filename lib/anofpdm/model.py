@@ -19,6 +19,7 @@ __all__ = [
     "HEALTHY",
     "UNHEALTHY",
     "NULL_LABEL",
+    "MAP_SEQUENCES",
     "PRESETS",
     "NetworkConfig",
     "LoadedModel",
@@ -26,11 +27,13 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_model",
+    "update_calibration",
 ]
 
 HEALTHY = 0
 UNHEALTHY = 1
 NULL_LABEL = 2  # the classifier-free-guidance "no label" index
+MAP_SEQUENCES = ("flair", "t2")  # the sequences that get anomaly maps (the model may take more)
 NUM_CLASS_EMBEDS = 3
 CHECKPOINT_FORMAT = "anofpdm-checkpoint-v1"
 
@@ -197,4 +200,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         training=payload.get("training") or {},
         calibration=payload.get("calibration"),
         path=Path(path),
+    )
+
+
+def update_calibration(path: str | Path, calibration: dict[str, dict[str, Any]]) -> Path:
+    """Store per-mode calibrations in an existing checkpoint (merged, atomically rewritten)."""
+    payload = load_checkpoint(path)
+    merged = {**(payload.get("calibration") or {}), **calibration}
+    return save_checkpoint(
+        path,
+        NetworkConfig.from_dict(payload["network"]),
+        payload["state_dict"],
+        payload["schedule"],
+        payload.get("training"),
+        merged,
     )

@@ -19,13 +19,12 @@ import torch
 from anofpdm.decisions import Calibration, QuantileRule, combine_maps, cosine_scores, slice_thresholds
 from anofpdm.diffusion import NoiseSchedule
 from anofpdm.forward_process import ForwardProcessConfig, run_forward_process
-from anofpdm.model import LoadedModel
+from anofpdm.model import MAP_SEQUENCES, LoadedModel
 from anofpdm.postprocess import lesion_table, median_filter_3d, remove_small_components
 from anofpdm.volume import InputError, to_input_grid, to_model_slices
 
-__all__ = ["InferenceOptions", "InputError", "SegmentationResult", "MAP_SEQUENCES", "segment_volume", "resolve_options"]
+__all__ = ["InferenceOptions", "InputError", "SegmentationResult", "segment_volume", "resolve_options"]
 
-MAP_SEQUENCES = ("flair", "t2")
 PAPER_MEDIAN_KERNEL = 5  # 5 x 5 at 128 px (1.875 mm): the paper's
 PAPER_IMAGE_SIZE = 128
 ProgressCallback = Callable[[str, int, int], None]

@@ -1,0 +1,129 @@
+"""Label-free calibration of c* and Dmax on validation slices (SPEC.md section 4).
+
+Only image-level labels (healthy / unhealthy slice) are used: Dmax[m] is the largest peak divergence
+of modality m over unhealthy slices, and c* the cosine threshold with the fewest misclassified
+slices. Each serving mode ("fast", "full") is calibrated at its own forward-process settings, since
+the curves and so the scores depend on the visited steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from anofpdm.decisions import Calibration, cosine_scores
+from anofpdm.diffusion import NoiseSchedule
+from anofpdm.forward_process import ForwardProcessConfig, run_forward_process
+from anofpdm.model import MAP_SEQUENCES, LoadedModel
+
+__all__ = ["MODES", "choose_cosine_threshold", "slice_statistics", "calibrate_mode", "choose_guidance"]
+
+# The serving modes: "full" is the paper's setting; "fast" visits every 30th step and stops 4 visited
+# steps after the divergence peak, the CPU default (benchmarks/quality_vs_cost.py measures its cost).
+MODES: dict[str, ForwardProcessConfig] = {
+    "full": ForwardProcessConfig(guidance=2.0, forward_steps=600, stride=1, encoding="ddim"),
+    "fast": ForwardProcessConfig(guidance=2.0, forward_steps=600, stride=30, encoding="ddim", early_stop=4),
+}
+GUIDANCE_TOLERANCE = 0.99  # the paper keeps the largest w within 99 % of the best validation accuracy
+
+
+def choose_cosine_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+    """c* with the fewest misclassified slices, a slice being called unhealthy when score <= c*.
+
+    Candidates are the midpoints between consecutive distinct scores and the two extremes; ties in
+    the error count go to the smallest threshold.
+
+    Returns:
+        (c*, number of misclassified slices).
+    """
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    if scores.shape != labels.shape or scores.ndim != 1:
+        raise ValueError("scores and labels must be 1-D and of equal length")
+    if labels.all() or not labels.any():
+        raise ValueError("calibration needs both healthy and unhealthy slices (image-level labels)")
+    distinct = np.unique(scores)
+    candidates = np.concatenate([[distinct[0] - 1e-6], (distinct[:-1] + distinct[1:]) / 2, [distinct[-1]]])
+    errors = np.array([((scores <= c) != labels).sum() for c in candidates])
+    best = int(errors.argmin())
+    return float(candidates[best]), int(errors[best])
+
+
+def slice_statistics(
+    model: LoadedModel,
+    images: torch.Tensor,
+    config: ForwardProcessConfig,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine score and peak divergence per map modality of each slice (N, and N x M)."""
+    device = model.device
+    schedule = NoiseSchedule.from_dict(model.schedule, device=device)
+    channels = [model.config.sequences.index(s) for s in MAP_SEQUENCES]
+    scores, peaks = [], []
+    for begin in range(0, len(images), batch_size):
+        x0 = images[begin : begin + batch_size].to(device)
+        result = run_forward_process(model.network, x0, schedule, replace(config, seed=config.seed + begin), channels)
+        scores.append(cosine_scores(result.mse_guided, result.mse_reference).cpu())
+        peaks.append(result.max_divergence.cpu())
+        if progress is not None:
+            progress(min(begin + batch_size, len(images)), len(images))
+    return torch.cat(scores).numpy(), torch.cat(peaks).numpy()
+
+
+def calibrate_mode(
+    model: LoadedModel,
+    images: torch.Tensor,
+    labels: Sequence[int],
+    config: ForwardProcessConfig,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> Calibration:
+    """Calibrate c* and Dmax for one mode's forward-process settings.
+
+    Args:
+        model: the trained model.
+        images: N x C x S x S validation slices in the model's sequence order.
+        labels: N image-level labels (0 healthy, 1 unhealthy).
+        config: the mode's forward-process settings.
+        batch_size: slices per network batch.
+        progress: called with (slices done, slices total).
+    """
+    labels = np.asarray(labels).astype(int)
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} slices but {len(labels)} labels")
+    scores, peaks = slice_statistics(model, images, config, batch_size, progress)
+    threshold, errors = choose_cosine_threshold(scores, labels)
+    predicted = scores <= threshold
+    truth = labels.astype(bool)
+    return Calibration(
+        cosine_threshold=threshold,
+        max_divergence=tuple(float(v) for v in peaks[truth].max(axis=0)),
+        guidance=config.guidance,
+        forward_steps=config.forward_steps,
+        stride=config.stride,
+        encoding=config.encoding,
+        early_stop=config.early_stop,
+        validation={
+            "slices": int(len(labels)),
+            "healthy": int((~truth).sum()),
+            "unhealthy": int(truth.sum()),
+            "accuracy": round(1.0 - errors / len(labels), 4),
+            "true_positive": int((predicted & truth).sum()),
+            "false_positive": int((predicted & ~truth).sum()),
+            "true_negative": int((~predicted & ~truth).sum()),
+            "false_negative": int((~predicted & truth).sum()),
+            "seed": config.seed,
+        },
+    )
+
+
+def choose_guidance(calibrations: Sequence[Calibration]) -> Calibration:
+    """The paper's rule: the largest guidance weight whose accuracy is within 99 % of the best."""
+    if not calibrations:
+        raise ValueError("no calibrations to choose from")
+    best = max(c.validation["accuracy"] for c in calibrations)
+    eligible = [c for c in calibrations if c.validation["accuracy"] >= GUIDANCE_TOLERANCE * best]
+    return max(eligible, key=lambda c: c.guidance)
