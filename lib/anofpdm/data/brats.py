@@ -229,7 +229,8 @@ def load_case(case: CaseFiles, sequences: Sequence[str] = SEQUENCES, with_seg: b
     mask = None
     if with_seg:
         seg_image = _load_ras(case.seg)
-        seg = np.squeeze(np.asarray(seg_image.dataobj))
+        seg = np.asarray(seg_image.dataobj)
+        seg = seg[..., 0] if seg.ndim == 4 and seg.shape[3] == 1 else seg
         _check_grid(case.case_id, SEG, seg, seg_image.affine, reference)
         mask = (seg > 0).astype(np.uint8)
     return CaseVolume(case.case_id, images, mask, reference[1])

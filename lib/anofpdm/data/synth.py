@@ -13,6 +13,7 @@ The images are synthetic: they exercise the pipeline end to end, they do not rep
 from __future__ import annotations
 
 import functools
+import gzip
 import json
 import shutil
 from collections.abc import Callable, Sequence
@@ -49,8 +50,13 @@ CASE_DIGITS = 5
 STUDIES_DIR = "studies"
 STUDIES_T2_DIR = "t2"
 MANIFEST_NAME = "manifest.json"
+TRUTH_DIR = "truth"
+DATASET_COMPRESS_LEVEL = 1  # gzip level of generated data sets (fast)
+DEMO_COMPRESS_LEVEL = 9  # the committed demo is written once: smallest files
 LABEL_NECROTIC, LABEL_OEDEMA, LABEL_ENHANCING = 1, 2, 4
 INT16_MAX = 32767
+MIN_GRID = 8
+LPS_FLIPS = np.array([-1.0, -1.0, 1.0])  # RAS direction of each LPS voxel axis
 
 # --- template geometry -------------------------------------------------------------------------
 ATLAS_CHANNELS = ("gm", "wm", "brain", "periventricular", "t1")
@@ -70,21 +76,25 @@ TRANSLATION_MM = 4.0
 DEFORMATION_SD_MM = 2.5
 DEFORMATION_CONTROL_MM = 40.0
 CROP_MARGIN_MM = 10.0
+COORDINATE_STEP = 2  # the smooth voxel-to-template map is computed every this many voxels
 
 # --- tumour ---------------------------------------------------------------------------------------
-TUMOUR_VOLUME_ML = (3.0, 160.0)  # nominal whole-tumour volume, drawn log-uniformly
-CORE_FRACTION = (0.35, 0.7)  # core radius / whole radius
-NECROSIS_FRACTION = (0.3, 0.75)  # necrosis radius / core radius
+TUMOUR_VOLUME_ML = (8.0, 250.0)  # nominal whole-tumour volume, drawn log-uniformly
+CORE_FRACTION = (0.45, 0.8)  # core radius / whole radius
+NECROSIS_FRACTION = (0.45, 0.8)  # necrosis radius / core radius
 NO_NECROSIS_PROBABILITY = 0.25
 NON_ENHANCING_PROBABILITY = 0.15
 AXIS_RATIO_RANGE = (0.75, 1.3)
 IRREGULARITY = (0.12, 0.3)  # smooth-noise amplitude added to the normalised radius
 IRREGULARITY_CONTROL_MM = 6.0
-OEDEMA_WM_GAIN = 0.9  # oedema reaches further along white matter
+OEDEMA_WM_GAIN = 0.6  # oedema reach shrinks by this fraction outside white matter (it spares cortex)
 OEDEMA_NOISE = 0.25
 EDGE_SOFTNESS = 0.06  # sigmoid width at label edges, in units of the normalised radius
 MASS_EFFECT_MAX = 0.45
-MASS_EFFECT_REFERENCE_MM = 30.0
+MASS_EFFECT_REFERENCE_MM = 30.0  # tumours this large get the full mass effect
+MASS_EFFECT_WIDTH = 1.5  # Gaussian width of the displacement, in core radii
+OEDEMA_EDGE_FACTOR = 2.0  # oedema fades over this many times the core's edge width
+HETEROGENEITY_CONTROL_MM = 4.0
 TUMOUR_BOX_RADII = 2.6  # the tumour fields are computed within this many nominal radii
 
 # --- benign FLAIR findings ------------------------------------------------------------------------
@@ -95,11 +105,12 @@ WMH_MEAN_COUNT = 4.0
 WMH_SIGMA_MM = (1.0, 2.2)
 WMH_GAIN = (0.5, 1.0)
 WMH_SITE_MIN_WM = 0.7
+PERIVENTRICULAR_CONTROL_MM = 30.0  # scale of the pattern that picks caps out of the band
 CONTROL_SMOOTHING = 1.0  # Gaussian sigma (control-grid cells) applied to every random field
 
 # --- contrast -------------------------------------------------------------------------------------
 # Relative signal of each tissue per sequence (white matter of FLAIR around 0.75).
-TISSUES = ("csf", "gm", "wm", "oedema", "enhancing", "necrosis", "non_enhancing")
+HEALTHY_TISSUES = ("csf", "gm", "wm")
 CONTRAST = {
     "flair": {"csf": 0.12, "gm": 0.95, "wm": 0.72, "oedema": 1.45, "enhancing": 1.25, "necrosis": 0.85, "non_enhancing": 1.5},
     "t1": {"csf": 0.28, "gm": 0.62, "wm": 0.92, "oedema": 0.55, "enhancing": 0.62, "necrosis": 0.32, "non_enhancing": 0.5},
@@ -107,13 +118,13 @@ CONTRAST = {
     "t2": {"csf": 2.1, "gm": 1.05, "wm": 0.72, "oedema": 1.55, "enhancing": 1.25, "necrosis": 1.9, "non_enhancing": 1.6},
 }
 HYPERINTENSITY_GAIN = {"flair": 1.0, "t1": -0.15, "t1ce": -0.15, "t2": 0.6}  # benign findings
+TEMPLATE_TEXTURE_SEQUENCES = ("t1", "t1ce")
 TEMPLATE_T1_WEIGHT = 0.5  # T1 and T1ce blend the template's own T1 texture with the tissue model
-SCANNER_SCALE = {"flair": 450.0, "t1": 600.0, "t1ce": 700.0, "t2": 450.0}
+SCANNER_SCALE = {"flair": 120.0, "t1": 150.0, "t1ce": 160.0, "t2": 110.0}  # int16 units per relative signal
 SCALE_JITTER = 0.2
 TISSUE_JITTER = 0.05
 LESION_HETEROGENEITY = 0.15
 BIAS_AMPLITUDE = (0.04, 0.15)
-BIAS_CONTROL_MM = 70.0
 BLUR_SIGMA_MM = (0.3, 0.7)
 BLUR_TRUNCATE = 2.5  # kernel half-width in sigmas
 NOISE_FRACTION = (0.015, 0.04)  # Rician sigma relative to the white-matter signal
@@ -231,19 +242,16 @@ def _draw_pose(rng: np.random.Generator) -> _Pose:
     return _Pose(matrix, rng.uniform(-TRANSLATION_MM, TRANSLATION_MM, 3))
 
 
-def _grid_mm(shape: Sequence[int], voxel_mm: float) -> tuple[np.ndarray, np.ndarray]:
+def _grid_mm(shape: Sequence[int], voxel_mm: float) -> list[np.ndarray]:
     """Per-axis RAS millimetre coordinates (from the grid centre) of an LPS grid's voxel indices."""
-    flips = np.array([-1.0, -1.0, 1.0])
-    axes = [flips[a] * (np.arange(n) - (n - 1) / 2.0) * voxel_mm for a, n in enumerate(shape)]
-    return axes, flips
+    return [LPS_FLIPS[a] * (np.arange(n) - (n - 1) / 2.0) * voxel_mm for a, n in enumerate(shape)]
 
 
 def _crop_box(atlas: _Atlas, pose: _Pose, shape: Sequence[int], voxel_mm: float) -> tuple[slice, slice, slice]:
     """Target voxel box holding the warped brain (with a margin for deformation and mass effect)."""
     corners = np.array([[atlas.bbox[i, 0], atlas.bbox[j, 1], atlas.bbox[k, 2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
     mm = pose.to_target(corners, atlas.centre)
-    flips = np.array([-1.0, -1.0, 1.0])
-    index = flips * mm / voxel_mm + (np.asarray(shape) - 1) / 2.0
+    index = LPS_FLIPS * mm / voxel_mm + (np.asarray(shape) - 1) / 2.0
     margin = CROP_MARGIN_MM / voxel_mm
     low = np.maximum(np.floor(index.min(0) - margin), 0).astype(int)
     high = np.minimum(np.ceil(index.max(0) + margin) + 1, shape).astype(int)
@@ -286,30 +294,53 @@ def _plan_tumour(rng: np.random.Generator, atlas: _Atlas, pose: _Pose) -> _Tumou
     )
 
 
-def _sample_atlas(
+def _coarse_axes(axes_mm: list[np.ndarray]) -> list[np.ndarray]:
+    """Evenly spaced axes spanning ``axes_mm`` with about COORDINATE_STEP voxels between points."""
+    return [np.linspace(a[0], a[-1], max(2, int(np.ceil((len(a) - 1) / COORDINATE_STEP)) + 1)) for a in axes_mm]
+
+
+def _source_grid(
     rng: np.random.Generator, atlas: _Atlas, pose: _Pose, axes_mm: list[np.ndarray], tumour: _TumourPlan | None, voxel_mm: float
-) -> np.ndarray:
-    """Warp the template channels onto the target crop (C x crop shape)."""
-    crop_shape = tuple(len(a) for a in axes_mm)
-    d = np.stack(np.meshgrid(*[a.astype(np.float32) for a in axes_mm], indexing="ij"))
-    if tumour is not None and tumour.mass_effect > 0:
+) -> torch.Tensor:
+    """Sampling grid (1 x crop x 3, grid_sample order) of every crop voxel in the template.
+
+    The map (pose, smooth deformation, mass effect) is smooth, so it is computed on a coarse grid
+    and upsampled trilinearly.
+    """
+    coarse = _coarse_axes(axes_mm)
+    d = np.stack(np.meshgrid(*[a.astype(np.float32) for a in coarse], indexing="ij"))
+    if tumour is not None:
         offset = d - tumour.centre_mm.astype(np.float32)[:, None, None, None]
-        sigma = tumour.radius_mm * tumour.core_fraction * 1.5
+        sigma = tumour.radius_mm * tumour.core_fraction * MASS_EFFECT_WIDTH
         weight = tumour.mass_effect * np.exp(-np.sum(offset**2, axis=0) / (2.0 * sigma**2))
         d = d - offset * weight[None]
     source = np.tensordot(pose.matrix.astype(np.float32), d, axes=1)
-    shift = (atlas.centre + pose.shift).astype(np.float32)
-    source += shift[:, None, None, None]
-    control = DEFORMATION_CONTROL_MM / voxel_mm
-    source += DEFORMATION_SD_MM * _smooth_noise(rng, crop_shape, control, channels=3)
+    source += (atlas.centre + pose.shift).astype(np.float32)[:, None, None, None]
+    control = DEFORMATION_CONTROL_MM / (voxel_mm * COORDINATE_STEP)
+    source += DEFORMATION_SD_MM * _smooth_noise(rng, source.shape[1:], control, channels=3)
     size = np.asarray(atlas.channels.shape[2:], dtype=np.float32)
     normalised = 2.0 * source / (size - 1)[:, None, None, None] - 1.0
-    grid = torch.from_numpy(np.ascontiguousarray(normalised[::-1].transpose(1, 2, 3, 0)))[None]
+    fine = F.interpolate(torch.from_numpy(normalised[::-1].copy())[None], size=tuple(len(a) for a in axes_mm), mode="trilinear", align_corners=True)
+    return fine.permute(0, 2, 3, 4, 1).contiguous()
+
+
+def _sample_atlas(grid: torch.Tensor, atlas: _Atlas) -> np.ndarray:
+    """Warp the template channels onto the crop (C x crop shape)."""
     warped = F.grid_sample(atlas.channels, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return np.ascontiguousarray(warped[0].numpy())
 
 
 # --- tumour and benign findings -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _TumourFields:
+    """Soft (0 to 1) nested whole-tumour, core and necrosis maps within ``box`` of the crop."""
+
+    box: tuple[slice, ...]
+    whole: np.ndarray
+    core: np.ndarray
+    necrosis: np.ndarray
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
@@ -325,24 +356,32 @@ def _tumour_box(tumour: _TumourPlan, axes_mm: list[np.ndarray]) -> tuple[slice, 
 
 def _tumour_fields(
     rng: np.random.Generator, tumour: _TumourPlan, axes_mm: list[np.ndarray], wm: np.ndarray, csf: np.ndarray, voxel_mm: float
-) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray, np.ndarray]:
-    """Soft whole-tumour, core and necrosis maps (each within the returned box), nested by construction."""
+) -> _TumourFields:
+    """Irregular core and necrosis around the centre; oedema reaching further along white matter."""
     box = _tumour_box(tumour, axes_mm)
     sub = [axis[b].astype(np.float32) for axis, b in zip(axes_mm, box)]
     offset = np.stack(np.meshgrid(*sub, indexing="ij")) - tumour.centre_mm.astype(np.float32)[:, None, None, None]
     radius = np.sqrt(np.sum(np.tensordot(tumour.shape_matrix.astype(np.float32), offset, axes=1) ** 2, axis=0)) / tumour.radius_mm
-    shape = radius.shape
-    noise = _smooth_noise(rng, shape, IRREGULARITY_CONTROL_MM / voxel_mm, channels=3)
+    noise = _smooth_noise(rng, radius.shape, IRREGULARITY_CONTROL_MM / voxel_mm, channels=3)
     level = radius + tumour.irregularity * noise[0]
     core = _sigmoid((tumour.core_fraction - level) / EDGE_SOFTNESS)
-    necrosis_level = radius + tumour.irregularity * noise[1]
     necrosis_edge = tumour.core_fraction * tumour.necrosis_fraction
-    necrosis = _sigmoid((necrosis_edge - necrosis_level) / EDGE_SOFTNESS) if necrosis_edge > 0 else np.zeros(shape, np.float32)
-    reach = (1.0 + OEDEMA_WM_GAIN * (wm[box] - 0.5) + OEDEMA_NOISE * noise[2]) * (1.0 - csf[box])
-    whole = _sigmoid((reach - level) / (2.0 * EDGE_SOFTNESS))
-    necrosis = np.minimum(necrosis, core)
-    whole = np.maximum(whole, core)
-    return box, whole.astype(np.float32), core.astype(np.float32), necrosis.astype(np.float32)
+    necrosis = _sigmoid((necrosis_edge - radius - tumour.irregularity * noise[1]) / EDGE_SOFTNESS) if necrosis_edge > 0 else np.zeros_like(core)
+    reach = (1.0 + OEDEMA_WM_GAIN * (wm[box] - 1.0) + OEDEMA_NOISE * noise[2]) * (1.0 - csf[box])
+    whole = _sigmoid((reach - level) / (OEDEMA_EDGE_FACTOR * EDGE_SOFTNESS))
+    return _TumourFields(box, np.maximum(whole, core), core, np.minimum(necrosis, core))
+
+
+def _lesion_fractions(rng: np.random.Generator, fields: _TumourFields, enhancing: bool, voxel_mm: float) -> dict[str, np.ndarray]:
+    """Partial volume of each lesion tissue within the tumour box, with smooth heterogeneity."""
+    hetero = 1.0 + LESION_HETEROGENEITY * _smooth_noise(rng, fields.whole.shape, HETEROGENEITY_CONTROL_MM / voxel_mm)[0]
+    fractions = {"oedema": (fields.whole - fields.core) * hetero}
+    if enhancing:
+        fractions["enhancing"] = (fields.core - fields.necrosis) * hetero
+        fractions["necrosis"] = fields.necrosis
+    else:
+        fractions["non_enhancing"] = fields.core * hetero
+    return fractions
 
 
 def _white_matter_hyperintensities(rng: np.random.Generator, wm: np.ndarray, brain: np.ndarray, voxel_mm: float) -> tuple[np.ndarray, int]:
@@ -363,25 +402,50 @@ def _white_matter_hyperintensities(rng: np.random.Generator, wm: np.ndarray, bra
     return out, count
 
 
+def _hyperintensities(
+    rng: np.random.Generator, periventricular: np.ndarray, wm: np.ndarray, brain: np.ndarray, fields: _TumourFields | None, voxel_mm: float
+) -> tuple[np.ndarray, float, int]:
+    """Benign FLAIR findings (0 to 1): periventricular caps and small WMH, none inside the tumour."""
+    gain = _uniform(rng, PERIVENTRICULAR_GAIN) if rng.random() < PERIVENTRICULAR_PROBABILITY else 0.0
+    pattern = np.clip(0.6 + 0.6 * _smooth_noise(rng, brain.shape, PERIVENTRICULAR_CONTROL_MM / voxel_mm)[0], 0.0, 1.0)
+    wmh, count = _white_matter_hyperintensities(rng, wm, brain, voxel_mm)
+    hyper = np.clip(gain * periventricular * pattern + wmh, 0.0, 1.0)
+    if fields is not None:
+        hyper[fields.box] *= 1.0 - fields.whole
+    return hyper, gain, count
+
+
 # --- rendering ------------------------------------------------------------------------------------------
+def _bias_field(rng: np.random.Generator, axes_mm: list[np.ndarray]) -> np.ndarray:
+    """Smooth multiplicative bias: exp of a random quadratic polynomial over the crop."""
+    x, y, z = [(a / max(float(np.abs(a).max()), 1.0)).astype(np.float32) for a in axes_mm]
+    x, y, z = x[:, None, None], y[None, :, None], z[None, None, :]
+    c = rng.standard_normal(9).astype(np.float32) * (_uniform(rng, BIAS_AMPLITUDE) / 3.0)
+    field = (c[0] * x + c[1] * x * x + c[2] * x * y + c[3] * y + c[4] * y * y) + (c[5] * z + c[6] * z * z) + c[7] * x * z + c[8] * y * z
+    return np.exp(field)
+
+
 def _render(
     rng: np.random.Generator,
     sequence: str,
-    fractions: dict[str, np.ndarray],
-    template_t1: np.ndarray,
-    hyper: np.ndarray,
-    brain: np.ndarray,
+    tissue: dict[str, np.ndarray],
+    lesion: tuple[tuple[slice, ...], dict[str, np.ndarray]] | None,
+    anatomy: tuple[np.ndarray, np.ndarray, np.ndarray],
+    axes_mm: list[np.ndarray],
     voxel_mm: float,
 ) -> np.ndarray:
-    """Signal of one sequence on the crop: tissue mix, benign findings, bias, blur, Rician noise."""
+    """One sequence on the crop: tissue mix, lesion, benign findings, bias, blur, Rician noise (int16)."""
+    template_t1, hyper, brain = anatomy
     contrast = {t: v * (1.0 + TISSUE_JITTER * rng.standard_normal()) for t, v in CONTRAST[sequence].items()}
-    signal = sum(fractions[t] * contrast[t] for t in fractions)
-    if sequence in ("t1", "t1ce"):
-        healthy = fractions["csf"] + fractions["gm"] + fractions["wm"]
-        signal = signal + TEMPLATE_T1_WEIGHT * healthy * (template_t1 - signal)
-    signal = signal * (1.0 + HYPERINTENSITY_GAIN[sequence] * hyper)
-    control = BIAS_CONTROL_MM / voxel_mm
-    signal = signal * np.exp(_uniform(rng, BIAS_AMPLITUDE) * _smooth_noise(rng, signal.shape, control)[0])
+    signal = sum(tissue[t] * contrast[t] for t in HEALTHY_TISSUES)
+    if sequence in TEMPLATE_TEXTURE_SEQUENCES:
+        share = sum(tissue[t] for t in HEALTHY_TISSUES)
+        signal += TEMPLATE_T1_WEIGHT * (share * template_t1 - signal)
+    if lesion is not None:
+        box, fractions = lesion
+        signal[box] += sum(f * contrast[t] for t, f in fractions.items())
+    signal *= 1.0 + HYPERINTENSITY_GAIN[sequence] * hyper
+    signal *= _bias_field(rng, axes_mm)
     signal = ndimage.gaussian_filter(signal * brain, _uniform(rng, BLUR_SIGMA_MM) / voxel_mm, truncate=BLUR_TRUNCATE)
     scale = SCANNER_SCALE[sequence] * (1.0 + SCALE_JITTER * rng.uniform(-1.0, 1.0))
     inside = signal[brain] * scale
@@ -393,37 +457,16 @@ def _render(
     return out
 
 
-def _lesion_fractions(
-    tissue: dict[str, np.ndarray], fields: tuple[tuple[slice, ...], np.ndarray, np.ndarray, np.ndarray] | None, enhancing: bool, rng: np.random.Generator
-) -> dict[str, np.ndarray]:
-    """Partial-volume fractions of every tissue of TISSUES (they sum to 1 inside the brain)."""
-    zeros = np.zeros_like(tissue["wm"])
-    fractions = {t: tissue.get(t, zeros).copy() for t in TISSUES}
-    if fields is None:
-        return fractions
-    box, whole, core, necrosis = fields
-    for name in ("csf", "gm", "wm"):
-        fractions[name][box] *= 1.0 - whole
-    hetero = 1.0 + LESION_HETEROGENEITY * _smooth_noise(rng, whole.shape, 4.0, channels=1)[0]
-    fractions["oedema"][box] = (whole - core) * hetero
-    if enhancing:
-        fractions["enhancing"][box] = (core - necrosis) * hetero
-        fractions["necrosis"][box] = necrosis
-    else:
-        fractions["non_enhancing"][box] = core * hetero
-    return fractions
-
-
-def _labels(brain: np.ndarray, fields: tuple[tuple[slice, ...], np.ndarray, np.ndarray, np.ndarray] | None, enhancing: bool) -> np.ndarray:
+def _labels(brain: np.ndarray, fields: _TumourFields | None, enhancing: bool) -> np.ndarray:
+    """BraTS labels on the crop: oedema 2, core 4 (1 when non-enhancing), necrosis 1; brain only."""
     seg = np.zeros(brain.shape, np.uint8)
     if fields is None:
         return seg
-    box, whole, core, necrosis = fields
-    sub = np.zeros(whole.shape, np.uint8)
-    sub[whole > 0.5] = LABEL_OEDEMA
-    sub[core > 0.5] = LABEL_ENHANCING if enhancing else LABEL_NECROTIC
-    sub[necrosis > 0.5] = LABEL_NECROTIC
-    seg[box] = np.where(brain[box], sub, 0)
+    sub = np.zeros(fields.whole.shape, np.uint8)
+    sub[fields.whole > 0.5] = LABEL_OEDEMA
+    sub[fields.core > 0.5] = LABEL_ENHANCING if enhancing else LABEL_NECROTIC
+    sub[fields.necrosis > 0.5] = LABEL_NECROTIC
+    seg[fields.box] = np.where(brain[fields.box], sub, 0)
     return seg
 
 
@@ -436,6 +479,17 @@ def _centroid(seg: np.ndarray) -> list[int] | None:
 def _label_volumes_ml(seg: np.ndarray, voxel_mm: float) -> dict[str, float]:
     ml = voxel_mm**3 / 1000.0
     return {str(label): round(float(np.count_nonzero(seg == label)) * ml, 3) for label in (LABEL_NECROTIC, LABEL_OEDEMA, LABEL_ENHANCING)}
+
+
+def _tissue(gm: np.ndarray, wm: np.ndarray, brain_p: np.ndarray, fields: _TumourFields | None) -> dict[str, np.ndarray]:
+    """Healthy partial volumes (CSF = brain minus GM and WM), normalised, displaced by the tumour."""
+    csf = np.clip(brain_p - gm - wm, 0.0, 1.0)
+    total = np.maximum(gm + wm + csf, np.finfo(np.float32).eps)
+    tissue = {"csf": csf / total, "gm": gm / total, "wm": wm / total}
+    if fields is not None:
+        for name in HEALTHY_TISSUES:
+            tissue[name][fields.box] *= 1.0 - fields.whole
+    return tissue
 
 
 def synthesize_case(seed: int, healthy: bool, shape: Sequence[int] = BRATS_SHAPE, voxel_mm: float = 1.0) -> SyntheticCase:
@@ -452,8 +506,8 @@ def synthesize_case(seed: int, healthy: bool, shape: Sequence[int] = BRATS_SHAPE
         The case: int16 images keyed by ``SEQUENCES``, uint8 seg (0, 1, 2, 4), LPS affine and a
         description (tumour plan, label volumes in mL, benign findings).
     """
-    if len(shape) != 3 or min(shape) < 8:
-        raise ValueError(f"shape must be three sizes of at least 8, got {tuple(shape)}")
+    if len(shape) != 3 or min(shape) < MIN_GRID:
+        raise ValueError(f"shape must be three sizes of at least {MIN_GRID}, got {tuple(shape)}")
     if voxel_mm <= 0:
         raise ValueError(f"voxel_mm must be positive, got {voxel_mm}")
     rng = np.random.default_rng(seed)
@@ -461,35 +515,28 @@ def synthesize_case(seed: int, healthy: bool, shape: Sequence[int] = BRATS_SHAPE
     pose = _draw_pose(rng)
     tumour = None if healthy else _plan_tumour(rng, atlas, pose)
     crop = _crop_box(atlas, pose, shape, voxel_mm)
-    full_axes, _ = _grid_mm(shape, voxel_mm)
-    axes_mm = [axis[c] for axis, c in zip(full_axes, crop)]
-    gm, wm, brain_p, periventricular, template_t1 = _sample_atlas(rng, atlas, pose, axes_mm, tumour, voxel_mm)
+    axes_mm = [axis[c] for axis, c in zip(_grid_mm(shape, voxel_mm), crop)]
+    gm, wm, brain_p, periventricular, template_t1 = _sample_atlas(_source_grid(rng, atlas, pose, axes_mm, tumour, voxel_mm), atlas)
     brain = brain_p > 0.5
-    csf = np.clip(brain_p - gm - wm, 0.0, 1.0)
-    total = np.maximum(gm + wm + csf, np.finfo(np.float32).eps)
-    tissue = {"csf": csf / total, "gm": gm / total, "wm": wm / total}
-    fields = None if tumour is None else _tumour_fields(rng, tumour, axes_mm, tissue["wm"], tissue["csf"], voxel_mm)
+    fields = None
+    if tumour is not None:
+        csf = np.clip(brain_p - gm - wm, 0.0, 1.0)
+        fields = _tumour_fields(rng, tumour, axes_mm, wm, csf, voxel_mm)
+    tissue = _tissue(gm, wm, brain_p, fields)
     enhancing = tumour is None or tumour.enhancing
-    fractions = _lesion_fractions(tissue, fields, enhancing, rng)
-    pv_gain = _uniform(rng, PERIVENTRICULAR_GAIN) if rng.random() < PERIVENTRICULAR_PROBABILITY else 0.0
-    pv_pattern = np.clip(0.6 + 0.6 * _smooth_noise(rng, brain.shape, 30.0 / voxel_mm)[0], 0.0, 1.0)
-    wmh, wmh_count = _white_matter_hyperintensities(rng, tissue["wm"], brain, voxel_mm)
-    hyper = np.clip(pv_gain * periventricular * pv_pattern + wmh, 0.0, 1.0)
-    if fields is not None:
-        hyper[fields[0]] *= 1.0 - fields[1]
+    lesion = None if fields is None else (fields.box, _lesion_fractions(rng, fields, enhancing, voxel_mm))
+    hyper, pv_gain, wmh_count = _hyperintensities(rng, periventricular, tissue["wm"], brain, fields, voxel_mm)
     images = {}
     for sequence in SEQUENCES:
-        full = np.zeros(tuple(shape), np.int16)
-        full[crop] = _render(rng, sequence, fractions, template_t1, hyper, brain, voxel_mm)
-        images[sequence] = full
+        images[sequence] = np.zeros(tuple(shape), np.int16)
+        images[sequence][crop] = _render(rng, sequence, tissue, lesion, (template_t1, hyper, brain), axes_mm, voxel_mm)
     seg = np.zeros(tuple(shape), np.uint8)
     seg[crop] = _labels(brain, fields, enhancing)
-    label_volumes = _label_volumes_ml(seg, voxel_mm)
     info = {
         "seed": int(seed),
         "healthy": bool(healthy),
         "tumour_volume_ml": round(float(np.count_nonzero(seg)) * voxel_mm**3 / 1000.0, 3),
-        "label_volumes_ml": label_volumes,
+        "label_volumes_ml": _label_volumes_ml(seg, voxel_mm),
         "tumour_type": None if tumour is None else ("enhancing" if tumour.enhancing else "non_enhancing"),
         "tumour_centre_voxel": _centroid(seg),
         "periventricular_gain": round(pv_gain, 3),
@@ -499,12 +546,13 @@ def synthesize_case(seed: int, healthy: bool, shape: Sequence[int] = BRATS_SHAPE
 
 
 # --- writing --------------------------------------------------------------------------------------------
-def _nifti(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, compress_level: int = DATASET_COMPRESS_LEVEL) -> None:
+    """Write a gzipped NIfTI-1 with the qform and sform set to ``affine`` (scanner space, mm)."""
     image = nib.Nifti1Image(array, affine)
     image.header.set_xyzt_units("mm", "sec")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    return image
+    Path(path).write_bytes(gzip.compress(image.to_bytes(), compresslevel=compress_level, mtime=0))
 
 
 def case_name(index: int) -> str:
@@ -517,8 +565,8 @@ def write_case(case: SyntheticCase, out_dir: Path, name: str) -> Path:
     case_dir = Path(out_dir) / name
     case_dir.mkdir(parents=True, exist_ok=True)
     for sequence, array in case.images.items():
-        nib.save(_nifti(array, case.affine), case_dir / f"{name}_{sequence}.nii.gz")
-    nib.save(_nifti(case.seg, case.affine), case_dir / f"{name}_seg.nii.gz")
+        _save_nifti(array, case.affine, case_dir / f"{name}_{sequence}.nii.gz")
+    _save_nifti(case.seg, case.affine, case_dir / f"{name}_seg.nii.gz")
     return case_dir
 
 
@@ -593,16 +641,16 @@ def write_demo_studies(demo_dir: Path, n_cases: int = 3, seed: int = 0, healthy_
     """
     _validate_generation(n_cases, seed, healthy_fraction)
     demo_dir = Path(demo_dir)
-    studies, truth = demo_dir / STUDIES_DIR, demo_dir / "truth"
+    studies, truth = demo_dir / STUDIES_DIR, demo_dir / TRUTH_DIR
     (studies / STUDIES_T2_DIR).mkdir(parents=True, exist_ok=True)
     truth.mkdir(parents=True, exist_ok=True)
     cases = []
     for index in range(n_cases):
         name = case_name(index)
         case = synthesize_case(case_seed(seed, index), is_healthy_index(index, healthy_fraction))
-        nib.save(_nifti(case.images["flair"], case.affine), studies / f"{name}.nii.gz")
-        nib.save(_nifti(case.images["t2"], case.affine), studies / STUDIES_T2_DIR / f"{name}.nii.gz")
-        nib.save(_nifti(case.seg, case.affine), truth / f"{name}_seg.nii.gz")
+        _save_nifti(case.images["flair"], case.affine, studies / f"{name}.nii.gz", DEMO_COMPRESS_LEVEL)
+        _save_nifti(case.images["t2"], case.affine, studies / STUDIES_T2_DIR / f"{name}.nii.gz", DEMO_COMPRESS_LEVEL)
+        _save_nifti(case.seg, case.affine, truth / f"{name}_seg.nii.gz", DEMO_COMPRESS_LEVEL)
         cases.append({"case": name, **case.info})
     manifest = {"synthetic": True, "seed": seed, "n_cases": n_cases, "healthy_fraction": healthy_fraction, "cases": cases}
     (truth / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
