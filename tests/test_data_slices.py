@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import nibabel as nib
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from anofpdm.data.slices import SPLITS, SliceDataset, prepare_dataset, split_cases
+from anofpdm.data.slices import SPLITS, SliceDataset, prepare_dataset, split_cases, split_counts
 
 SHAPE = (32, 32, 12)  # LPS voxel order, like BraTS
 BRAIN_Z = range(2, 10)  # axial planes with brain
@@ -146,6 +147,24 @@ def test_slice_dataset_selects_channels(prepared: tuple[Path, dict]) -> None:
     assert label == 1 and isinstance(label, int)
     np.testing.assert_array_equal(image.numpy(), images[index, [3, 0]].astype(np.float32))
     assert SliceDataset(out, "val")[0][0].shape == (4, SIZE, SIZE)
+
+
+def test_slice_dataset_pickles_without_its_arrays(prepared: tuple[Path, dict]) -> None:
+    out, _ = prepared
+    dataset = SliceDataset(out, "test", sequences=("flair",))
+    first = dataset[0][0]
+    payload = pickle.dumps(dataset)
+    assert len(payload) < first.numel() * len(dataset)  # the images are re-mapped, not copied
+    clone = pickle.loads(payload)
+    np.testing.assert_array_equal(clone[0][0].numpy(), first.numpy())
+
+
+def test_split_counts_small_and_large() -> None:
+    assert split_counts(40, (0.75, 0.05, 0.2)) == [30, 2, 8]
+    assert split_counts(10, (0.75, 0.05, 0.2)) == [7, 1, 2]
+    assert split_counts(2, (0.75, 0.05, 0.2)) == [1, 0, 1]
+    assert split_counts(1, (0.75, 0.05, 0.2)) == [1, 0, 0]
+    assert split_counts(5, (1.0, 0.0, 0.0)) == [5, 0, 0]
 
 
 def test_slice_dataset_errors(prepared: tuple[Path, dict], tmp_path: Path) -> None:

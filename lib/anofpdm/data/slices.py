@@ -46,7 +46,7 @@ SPLIT_TOLERANCE = 1e-6
 FORMAT = "anofpdm-slices-v1"
 CHUNK_ROWS = 4096
 # Failures that make one case unusable without stopping the whole run.
-CASE_ERRORS = (OSError, ValueError, EOFError, zlib.error, nib.filebasedimages.ImageFileError)
+CASE_ERRORS = (OSError, ValueError, EOFError, zlib.error, nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError)
 
 
 def _validate(sequences: Sequence[str], size: int, seed: int, split: Sequence[float], min_brain_pixels: int) -> tuple[str, ...]:
@@ -70,7 +70,8 @@ def split_counts(n_cases: int, fractions: Sequence[float]) -> list[int]:
     counts = np.floor(exact).astype(int)
     for i in np.argsort(-(exact - counts), kind="stable")[: n_cases - counts.sum()]:
         counts[i] += 1
-    for i in np.nonzero((np.asarray(fractions) > 0) & (counts == 0))[0]:
+    empty = np.nonzero((np.asarray(fractions) > 0) & (counts == 0))[0]
+    for i in sorted(empty, key=lambda j: -fractions[j]):
         donor = int(np.argmax(counts))
         if counts[donor] > 1:
             counts[donor] -= 1
@@ -249,10 +250,21 @@ class SliceDataset(Dataset):
             raise ValueError(f"sequences {unknown or wanted} not among the prepared channels {prepared}")
         self.sequences = tuple(wanted)
         self.channels = [prepared.index(s) for s in wanted]
-        self.images = np.load(root / f"{split}_images.npy", mmap_mode="r")
-        self.labels = np.load(root / f"{split}_labels.npy", mmap_mode="r")
+        self.images_path = root / f"{split}_images.npy"
+        self.labels = np.load(root / f"{split}_labels.npy")
+        self._images: np.ndarray | None = None
         if len(self.images) != len(self.labels):
             raise ValueError(f"{root}: {split} images ({len(self.images)}) and labels ({len(self.labels)}) differ in length")
+
+    @property
+    def images(self) -> np.ndarray:
+        """The N x C x S x S array, memory-mapped on first use (so each DataLoader worker maps its own)."""
+        if self._images is None:
+            self._images = np.load(self.images_path, mmap_mode="r")
+        return self._images
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_images": None}
 
     def __len__(self) -> int:
         return len(self.labels)

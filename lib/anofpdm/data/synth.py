@@ -56,12 +56,14 @@ DEMO_COMPRESS_LEVEL = 9  # the committed demo is written once: smallest files
 LABEL_NECROTIC, LABEL_OEDEMA, LABEL_ENHANCING = 1, 2, 4
 INT16_MAX = 32767
 MIN_GRID = 8
+MEMBERSHIP_THRESHOLD = 0.5  # soft brain / lesion maps -> masks and labels
 LPS_FLIPS = np.array([-1.0, -1.0, 1.0])  # RAS direction of each LPS voxel axis
 
 # --- template geometry -------------------------------------------------------------------------
-ATLAS_CHANNELS = ("gm", "wm", "brain", "periventricular", "t1")
+ATLAS_CHANNELS = ("gm", "wm", "brain", "periventricular", "t1")  # channel order of the warped template
 VENTRICLE_MIN_DEPTH_MM = 12.0  # CSF deeper than this inside the brain counts as ventricle
 PERIVENTRICULAR_SIGMA_MM = 2.5
+PERIVENTRICULAR_BAND_GAIN = 2.0  # the blurred ventricle mask is scaled by this, then clipped to 1
 TUMOUR_SITE_MIN_DEPTH_MM = 18.0
 TUMOUR_SITE_MIN_WM = 0.6
 TUMOUR_SITE_MIN_Z_MM = -10.0  # MNI z: above the cerebellum and brainstem
@@ -90,7 +92,8 @@ IRREGULARITY_CONTROL_MM = 6.0
 OEDEMA_WM_GAIN = 0.6  # oedema reach shrinks by this fraction outside white matter (it spares cortex)
 OEDEMA_NOISE = 0.25
 EDGE_SOFTNESS = 0.06  # sigmoid width at label edges, in units of the normalised radius
-MASS_EFFECT_MAX = 0.45
+MASS_EFFECT_MAX = 0.45  # largest fractional inward pull of the template at the tumour centre
+MASS_EFFECT_RANDOM = (0.3, 1.0)  # per-case factor on MASS_EFFECT_MAX
 MASS_EFFECT_REFERENCE_MM = 30.0  # tumours this large get the full mass effect
 MASS_EFFECT_WIDTH = 1.5  # Gaussian width of the displacement, in core radii
 OEDEMA_EDGE_FACTOR = 2.0  # oedema fades over this many times the core's edge width
@@ -106,6 +109,7 @@ WMH_SIGMA_MM = (1.0, 2.2)
 WMH_GAIN = (0.5, 1.0)
 WMH_SITE_MIN_WM = 0.7
 PERIVENTRICULAR_CONTROL_MM = 30.0  # scale of the pattern that picks caps out of the band
+PERIVENTRICULAR_PATTERN = (0.6, 0.6)  # pattern = clip(offset + scale * unit smooth noise, 0, 1)
 CONTROL_SMOOTHING = 1.0  # Gaussian sigma (control-grid cells) applied to every random field
 
 # --- contrast -------------------------------------------------------------------------------------
@@ -183,16 +187,17 @@ def _atlas() -> _Atlas:
     template = datasets.load_mni152_template(resolution=1)
     t1 = template.get_fdata(dtype=np.float32) * brain
     csf = np.clip(brain - gm - wm, 0.0, 1.0)
-    depth = ndimage.distance_transform_edt(brain > 0.5)
-    ventricles = ((csf > 0.5) & (depth > VENTRICLE_MIN_DEPTH_MM)).astype(np.float32)
-    band = np.clip(2.0 * ndimage.gaussian_filter(ventricles, PERIVENTRICULAR_SIGMA_MM), 0.0, 1.0)
+    depth = ndimage.distance_transform_edt(brain > MEMBERSHIP_THRESHOLD)
+    ventricles = ((csf > MEMBERSHIP_THRESHOLD) & (depth > VENTRICLE_MIN_DEPTH_MM)).astype(np.float32)
+    band = np.clip(PERIVENTRICULAR_BAND_GAIN * ndimage.gaussian_filter(ventricles, PERIVENTRICULAR_SIGMA_MM), 0.0, 1.0)
     periventricular = band * (1.0 - ventricles) * wm
     z_mm = template.affine[2, 3] + np.arange(brain.shape[2])
     sites = np.argwhere((wm > TUMOUR_SITE_MIN_WM) & (depth > TUMOUR_SITE_MIN_DEPTH_MM) & (z_mm > TUMOUR_SITE_MIN_Z_MM)[None, None, :])
     keep = np.linspace(0, len(sites) - 1, min(TUMOUR_SITES_KEPT, len(sites))).astype(int)
-    inside = np.argwhere(brain > 0.5)
+    inside = np.argwhere(brain > MEMBERSHIP_THRESHOLD)
     bbox = np.stack([inside.min(0), inside.max(0)]).astype(np.float64)
-    stacked = np.ascontiguousarray(np.stack([gm, wm, brain, periventricular, t1]), dtype=np.float32)
+    maps = {"gm": gm, "wm": wm, "brain": brain, "periventricular": periventricular, "t1": t1}
+    stacked = np.ascontiguousarray(np.stack([maps[name] for name in ATLAS_CHANNELS]), dtype=np.float32)
     channels = torch.from_numpy(stacked)[None].contiguous(memory_format=torch.channels_last_3d)
     return _Atlas(channels, bbox.mean(0), bbox, sites[keep])
 
@@ -281,7 +286,7 @@ def _plan_tumour(rng: np.random.Generator, atlas: _Atlas, pose: _Pose) -> _Tumou
     necrosis = 0.0 if rng.random() < NO_NECROSIS_PROBABILITY else _uniform(rng, NECROSIS_FRACTION)
     axes = rng.uniform(*AXIS_RATIO_RANGE, 3)
     shape_matrix = np.diag(1.0 / axes) @ _rotation(rng).T
-    mass = MASS_EFFECT_MAX * _uniform(rng, (0.3, 1.0)) * min(1.0, radius / MASS_EFFECT_REFERENCE_MM)
+    mass = MASS_EFFECT_MAX * _uniform(rng, MASS_EFFECT_RANDOM) * min(1.0, radius / MASS_EFFECT_REFERENCE_MM)
     return _TumourPlan(
         centre_mm=centre,
         radius_mm=radius,
@@ -407,7 +412,8 @@ def _hyperintensities(
 ) -> tuple[np.ndarray, float, int]:
     """Benign FLAIR findings (0 to 1): periventricular caps and small WMH, none inside the tumour."""
     gain = _uniform(rng, PERIVENTRICULAR_GAIN) if rng.random() < PERIVENTRICULAR_PROBABILITY else 0.0
-    pattern = np.clip(0.6 + 0.6 * _smooth_noise(rng, brain.shape, PERIVENTRICULAR_CONTROL_MM / voxel_mm)[0], 0.0, 1.0)
+    offset, scale = PERIVENTRICULAR_PATTERN
+    pattern = np.clip(offset + scale * _smooth_noise(rng, brain.shape, PERIVENTRICULAR_CONTROL_MM / voxel_mm)[0], 0.0, 1.0)
     wmh, count = _white_matter_hyperintensities(rng, wm, brain, voxel_mm)
     hyper = np.clip(gain * periventricular * pattern + wmh, 0.0, 1.0)
     if fields is not None:
@@ -463,9 +469,9 @@ def _labels(brain: np.ndarray, fields: _TumourFields | None, enhancing: bool) ->
     if fields is None:
         return seg
     sub = np.zeros(fields.whole.shape, np.uint8)
-    sub[fields.whole > 0.5] = LABEL_OEDEMA
-    sub[fields.core > 0.5] = LABEL_ENHANCING if enhancing else LABEL_NECROTIC
-    sub[fields.necrosis > 0.5] = LABEL_NECROTIC
+    sub[fields.whole > MEMBERSHIP_THRESHOLD] = LABEL_OEDEMA
+    sub[fields.core > MEMBERSHIP_THRESHOLD] = LABEL_ENHANCING if enhancing else LABEL_NECROTIC
+    sub[fields.necrosis > MEMBERSHIP_THRESHOLD] = LABEL_NECROTIC
     seg[fields.box] = np.where(brain[fields.box], sub, 0)
     return seg
 
@@ -516,8 +522,9 @@ def synthesize_case(seed: int, healthy: bool, shape: Sequence[int] = BRATS_SHAPE
     tumour = None if healthy else _plan_tumour(rng, atlas, pose)
     crop = _crop_box(atlas, pose, shape, voxel_mm)
     axes_mm = [axis[c] for axis, c in zip(_grid_mm(shape, voxel_mm), crop)]
-    gm, wm, brain_p, periventricular, template_t1 = _sample_atlas(_source_grid(rng, atlas, pose, axes_mm, tumour, voxel_mm), atlas)
-    brain = brain_p > 0.5
+    grid = _source_grid(rng, atlas, pose, axes_mm, tumour, voxel_mm)
+    gm, wm, brain_p, periventricular, template_t1 = _sample_atlas(grid, atlas)  # ATLAS_CHANNELS order
+    brain = brain_p > MEMBERSHIP_THRESHOLD
     fields = None
     if tumour is not None:
         csf = np.clip(brain_p - gm - wm, 0.0, 1.0)
