@@ -75,13 +75,15 @@ def brute_force(network, x0, schedule, config):
     errors = (xh - x0) ** 2
     divergence = ((xh - xr) ** 2).mean(dim=(3, 4))  # K x B x C
     t_index = divergence.argmax(dim=0)  # B x C
-    maps = torch.zeros_like(x0)
+    maps, end_step_maps = torch.zeros_like(x0), torch.zeros_like(x0)
     for bi in range(b):
         for m in MAPS:
             k = int(t_index[bi, m])
             maps[bi, m] = errors[k, bi, m] if k == 0 else errors[:k, bi, m].mean(dim=0)
+            end_step_maps[bi, m] = errors[k, bi, m]
     return {
         "anomaly_maps": maps,
+        "end_step_maps": end_step_maps,
         "end_steps": torch.tensor(steps)[t_index],
         "max_divergence": divergence.max(dim=0).values,
         "mse_guided": errors.mean(dim=(2, 3, 4)).T,

@@ -71,6 +71,7 @@ class ForwardProcessResult:
 
     Attributes:
         anomaly_maps: B x M x H x W, H_m (mean squared error of the guided prediction before t_e).
+        end_step_maps: B x M x H x W, the squared error at t_e alone (the paper's S_te variant).
         end_steps: B x M, t_e as timesteps.
         max_divergence: B x M, max_t D_t[m].
         mse_guided: B x K, MSEh_t.
@@ -81,6 +82,7 @@ class ForwardProcessResult:
     """
 
     anomaly_maps: torch.Tensor
+    end_step_maps: torch.Tensor
     end_steps: torch.Tensor
     max_divergence: torch.Tensor
     mse_guided: torch.Tensor
@@ -97,6 +99,7 @@ class _StreamingStatistics:
         batch, n_maps = shape[0], shape[1]
         self.error_sum = torch.zeros(shape, device=device)
         self.anomaly_maps = torch.zeros(shape, device=device)
+        self.end_step_maps = torch.zeros(shape, device=device)
         self.best = torch.full((batch, n_maps), -1.0, device=device)
         self.best_index = torch.zeros((batch, n_maps), dtype=torch.long, device=device)
         self.mse_guided: list[torch.Tensor] = []
@@ -113,6 +116,7 @@ class _StreamingStatistics:
         # H_m is the mean error over the steps before t_e; at the first step it is that step's error
         before = self.error_sum / index if index else error
         self.anomaly_maps = torch.where(improved[..., None, None], before, self.anomaly_maps)
+        self.end_step_maps = torch.where(improved[..., None, None], error, self.end_step_maps)
         self.best = torch.where(improved, divergence, self.best)
         self.best_index = torch.where(improved, torch.full_like(self.best_index, index), self.best_index)
         self.error_sum += error
@@ -181,6 +185,7 @@ def run_forward_process(
     step_tensor = torch.tensor(visited, device=x0.device)
     return ForwardProcessResult(
         anomaly_maps=stats.anomaly_maps,
+        end_step_maps=stats.end_step_maps,
         end_steps=step_tensor[stats.best_index],
         max_divergence=stats.best,
         mse_guided=torch.stack(stats.mse_guided, dim=1),

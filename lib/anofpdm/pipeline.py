@@ -21,10 +21,11 @@ from anofpdm.diffusion import NoiseSchedule
 from anofpdm.forward_process import ForwardProcessConfig, run_forward_process
 from anofpdm.model import MAP_SEQUENCES, LoadedModel
 from anofpdm.postprocess import lesion_table, median_filter_3d, remove_small_components
-from anofpdm.volume import InputError, to_input_grid, to_model_slices
+from anofpdm.volume import InputError, VolumeGeometry, to_input_grid, to_model_slices
 
-__all__ = ["InferenceOptions", "InputError", "SegmentationResult", "segment_volume", "resolve_options"]
+__all__ = ["InferenceOptions", "InputError", "ModelGridOutputs", "SegmentationResult", "segment_volume", "resolve_options"]
 
+MAP_VARIANTS = ("mean", "end_step")
 PAPER_MEDIAN_KERNEL = 5  # 5 x 5 at 128 px (1.875 mm): the paper's
 PAPER_IMAGE_SIZE = 128
 ProgressCallback = Callable[[str, int, int], None]
@@ -42,6 +43,8 @@ class InferenceOptions:
         min_lesion_mm3: connected components of this volume or less are removed.
         median_kernel: odd 3-D median kernel in voxels (None: the paper's 5 px at 128 px, scaled).
         batch_size: slices per network batch (None: 32 on CPU, 64 on CUDA).
+        map_variant: "mean" (SPEC: mean error over the steps before t_e) or "end_step" (the paper's
+            S_te variant: the error at t_e alone).
     """
 
     mode: str = "fast"
@@ -54,8 +57,11 @@ class InferenceOptions:
     min_lesion_mm3: float = 500.0
     median_kernel: int | None = None
     batch_size: int | None = None
+    map_variant: str = "mean"
 
     def __post_init__(self) -> None:
+        if self.map_variant not in MAP_VARIANTS:
+            raise ValueError(f"map_variant must be one of {MAP_VARIANTS}, got {self.map_variant!r}")
         if self.min_lesion_mm3 < 0:
             raise ValueError(f"min_lesion_mm3 must be >= 0, got {self.min_lesion_mm3}")
         if self.median_kernel is not None and (self.median_kernel < 1 or self.median_kernel % 2 == 0):
@@ -65,12 +71,34 @@ class InferenceOptions:
 
 
 @dataclass
+class ModelGridOutputs:
+    """Per-slice results on the network grid (N brain slices of S x S), for slice-level evaluation.
+
+    Attributes:
+        slices: N x C x S x S network input.
+        raw_map: N x S x S combined anomaly map before any median filter.
+        scores: N cosine scores.
+        unhealthy: N slice verdicts.
+        thresholds: N thresholds tau.
+        geometry: the mapping between the input grid and these slices.
+    """
+
+    slices: np.ndarray
+    raw_map: np.ndarray
+    scores: np.ndarray
+    unhealthy: np.ndarray
+    thresholds: np.ndarray
+    geometry: VolumeGeometry
+
+
+@dataclass
 class SegmentationResult:
-    """Mask and anomaly map on the input grid, and the JSON-ready report."""
+    """Mask and anomaly map on the input grid, the JSON-ready report, and the model-grid outputs."""
 
     mask: nib.Nifti1Image
     anomaly_map: nib.Nifti1Image
     report: dict[str, Any] = field(default_factory=dict)
+    model_grid: ModelGridOutputs | None = None
 
 
 def resolve_options(model: LoadedModel, options: InferenceOptions) -> tuple[ForwardProcessConfig, Calibration, list[str]]:
@@ -144,8 +172,9 @@ def segment_volume(
     scores = stats["scores"]
     unhealthy = scores <= calibration.cosine_threshold
     d_max = torch.tensor(calibration.max_divergence)
-    thresholds = slice_thresholds(stats["anomaly_maps"], stats["max_divergence"], d_max, QuantileRule())
-    raw_map = combine_maps(stats["anomaly_maps"]).numpy().transpose(1, 2, 0)  # S x S x N
+    maps = stats["anomaly_maps" if options.map_variant == "mean" else "end_step_maps"]
+    thresholds = slice_thresholds(maps, stats["max_divergence"], d_max, QuantileRule())
+    raw_map = combine_maps(maps).numpy().transpose(1, 2, 0)  # S x S x N
     kernel = options.median_kernel or default_median_kernel(config.image_size)
     filtered = median_filter_3d(raw_map, kernel)
     mask = (filtered >= thresholds.numpy()[None, None, :]) & unhealthy.numpy()[None, None, :]
@@ -159,7 +188,9 @@ def segment_volume(
     map_image = _like(images[MAP_SEQUENCES[0]], map_input, np.float32)
     report = _report(model, options, forward, calibration, geometry, scores, unhealthy, thresholds,
                      stats, lesions, removed, kernel, warnings, timings)
-    return SegmentationResult(mask=mask_image, anomaly_map=map_image, report=report)
+    model_grid = ModelGridOutputs(slices, raw_map.transpose(2, 0, 1), scores.numpy(), unhealthy.numpy(),
+                                  thresholds.numpy(), geometry)
+    return SegmentationResult(mask=mask_image, anomaly_map=map_image, report=report, model_grid=model_grid)
 
 
 def _like(reference: nib.spatialimages.SpatialImage, data: np.ndarray, dtype: type) -> nib.Nifti1Image:
@@ -203,6 +234,7 @@ def _run_chunks(
         parts.append(run_forward_process(model.network, x0, schedule, chunk_config, map_channels, report_step))
     gathered: dict[str, Any] = {
         "anomaly_maps": torch.cat([p.anomaly_maps.cpu() for p in parts]),
+        "end_step_maps": torch.cat([p.end_step_maps.cpu() for p in parts]),
         "end_steps": torch.cat([p.end_steps.cpu() for p in parts]),
         "max_divergence": torch.cat([p.max_divergence.cpu() for p in parts]),
         "network_evaluations": sum(p.network_evaluations for p in parts),
@@ -257,6 +289,7 @@ def _report(
         "settings": {
             **asdict(forward),
             "mode": options.mode,
+            "map_variant": options.map_variant,
             "visited_steps": stats["visited_steps"],
             "min_lesion_mm3": options.min_lesion_mm3,
             "median_kernel": kernel,
