@@ -46,7 +46,10 @@ def _lps_to_ras(array: np.ndarray) -> np.ndarray:
     return array[::-1, ::-1, :]
 
 
-@pytest.mark.parametrize(("names", "separator", "layout"), [(BRATS21, "_", "brats21"), (BRATS2023, "-", "brats2023"), (BRATS2023, "_", "brats2023")])
+@pytest.mark.parametrize(
+    ("names", "separator", "layout"),
+    [(BRATS21, "_", "brats21"), (BRATS2023, "-", "brats2023"), (BRATS2023, "_", "brats2023")],
+)
 def test_brats_layouts_round_trip_to_ras(tmp_path: Path, names: dict[str, str], separator: str, layout: str) -> None:
     volumes = _write_named_case(tmp_path, "Case-01", names, separator)
     (cases,) = find_cases(tmp_path)

@@ -59,7 +59,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def prepared(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("prepared")
     calls = []
-    manifest = prepare_dataset(data_dir, out, size=SIZE, seed=3, progress=lambda done, total: calls.append((done, total)), min_brain_pixels=MIN_PIXELS)
+    manifest = prepare_dataset(
+        data_dir, out, size=SIZE, seed=3, progress=lambda *call: calls.append(call), min_brain_pixels=MIN_PIXELS
+    )
     assert calls[-1] == (10, 10) and len(calls) == 10
     return out, manifest
 

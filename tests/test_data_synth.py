@@ -54,7 +54,8 @@ def test_small_case_info_matches_seg(tumour_case) -> None:
     info = tumour_case.info
     assert info["tumour_volume_ml"] == pytest.approx(np.count_nonzero(tumour_case.seg) * voxel_ml)
     for label in ("1", "2", "4"):
-        assert info["label_volumes_ml"][label] == pytest.approx(np.count_nonzero(tumour_case.seg == int(label)) * voxel_ml)
+        voxels = np.count_nonzero(tumour_case.seg == int(label))
+        assert info["label_volumes_ml"][label] == pytest.approx(voxels * voxel_ml)
 
 
 def test_relative_contrasts(tumour_case) -> None:
@@ -107,8 +108,9 @@ def test_argument_validation(tmp_path: Path) -> None:
 
 def test_written_small_cases_feed_the_reader_preview_and_preparation(tmp_path: Path, tumour_case) -> None:
     healthy = synthesize_case(case_seed(7, 2), healthy=True, shape=SMALL, voxel_mm=SMALL_MM)
-    dirs = [write_case(tumour_case, tmp_path / "data", "SYN_00000"), write_case(healthy, tmp_path / "data", "SYN_00001")]
-    (case, _) = find_cases(tmp_path / "data")
+    data = tmp_path / "data"
+    dirs = [write_case(tumour_case, data, "SYN_00000"), write_case(healthy, data, "SYN_00001")]
+    (case, _) = find_cases(data)
     loaded = load_case(case)
     np.testing.assert_array_equal(loaded.mask, (tumour_case.seg > 0)[::-1, ::-1, :])
     png = render_preview(dirs, tmp_path / "preview.png")
@@ -116,7 +118,7 @@ def test_written_small_cases_feed_the_reader_preview_and_preparation(tmp_path: P
     assert picture.shape[1] == pytest.approx(2 * picture.shape[0], rel=0.05)  # 2 rows x 4 columns of tiles
     with pytest.raises(ValueError, match="empty"):
         render_preview([], tmp_path / "none.png")
-    manifest = prepare_dataset(tmp_path / "data", tmp_path / "slices", size=32, split=(0.5, 0.0, 0.5), min_brain_pixels=20)
+    manifest = prepare_dataset(data, tmp_path / "slices", size=32, split=(0.5, 0.0, 0.5), min_brain_pixels=20)
     assert manifest["skipped"] == []
     unhealthy = sum(manifest["splits"][s]["unhealthy"] for s in ("train", "test"))
     tumour_pixels = np.count_nonzero(tumour_case.seg, axis=(0, 1))
@@ -156,8 +158,9 @@ def test_full_size_case_on_the_brats_grid(full_size: tuple[Path, dict]) -> None:
 
 def test_full_size_studies_layout(full_size: tuple[Path, dict]) -> None:
     out, _ = full_size
-    assert (out / "studies" / "SYN_00000.nii.gz").read_bytes() == (out / "SYN_00000" / "SYN_00000_flair.nii.gz").read_bytes()
-    assert (out / "studies" / "t2" / "SYN_00000.nii.gz").read_bytes() == (out / "SYN_00000" / "SYN_00000_t2.nii.gz").read_bytes()
+    case = out / "SYN_00000"
+    assert (out / "studies" / "SYN_00000.nii.gz").read_bytes() == (case / "SYN_00000_flair.nii.gz").read_bytes()
+    assert (out / "studies" / "t2" / "SYN_00000.nii.gz").read_bytes() == (case / "SYN_00000_t2.nii.gz").read_bytes()
 
 
 def test_demo_studies_are_a_monai_label_folder() -> None:

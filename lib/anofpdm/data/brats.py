@@ -131,7 +131,8 @@ def find_case(case_dir: Path) -> CaseFiles | None:
         return None
     _, layout, found = best
     names = LAYOUTS[layout]
-    expected = {k: p if p is not None else case_dir / f"{case_id}_{names[k]}{NIFTI_EXTENSIONS[0]}" for k, p in found.items()}
+    default = {k: case_dir / f"{case_id}_{suffix}{NIFTI_EXTENSIONS[0]}" for k, suffix in names.items()}
+    expected = {k: p if p is not None else default[k] for k, p in found.items()}
     return CaseFiles(case_id, layout, {s: expected[s] for s in SEQUENCES}, expected[SEG])
 
 
@@ -186,18 +187,25 @@ def _as_float_3d(image: nib.spatialimages.SpatialImage, path: Path, channel: int
             raise ValueError(f"{path}: expected a 3-D image, got shape {image.shape}")
         return np.asarray(image.dataobj, dtype=np.float32)
     if len(image.shape) != 4 or image.shape[3] != len(MSD_CHANNELS):
-        raise ValueError(f"{path}: expected a 4-D image with {len(MSD_CHANNELS)} channels {MSD_CHANNELS}, got shape {image.shape}")
+        raise ValueError(
+            f"{path}: expected a 4-D image with {len(MSD_CHANNELS)} channels {MSD_CHANNELS}, got shape {image.shape}"
+        )
     return np.asarray(image.dataobj[..., channel], dtype=np.float32)
 
 
-def _check_grid(case_id: str, name: str, array: np.ndarray, affine: np.ndarray, reference: tuple[np.ndarray, np.ndarray] | None) -> None:
+def _check_grid(
+    case_id: str, name: str, array: np.ndarray, affine: np.ndarray, reference: tuple[tuple[int, ...], np.ndarray] | None
+) -> None:
+    """Finite values, and the shape and affine of the first loaded array (``reference``) when given."""
     if not np.isfinite(array).all():
         raise ValueError(f"case {case_id}: {name} holds NaN or Inf values")
     if reference is None:
         return
     shape, ref_affine = reference
     if array.shape != shape or not np.allclose(affine, ref_affine, atol=AFFINE_TOLERANCE_MM):
-        raise ValueError(f"case {case_id}: {name} is not on the grid of the first sequence (shape {array.shape} vs {shape})")
+        raise ValueError(
+            f"case {case_id}: {name} is not on the grid of the first sequence (shape {array.shape} vs {shape})"
+        )
 
 
 def load_case(case: CaseFiles, sequences: Sequence[str] = SEQUENCES, with_seg: bool = True) -> CaseVolume:

@@ -30,7 +30,17 @@ from torch.utils.data import Dataset
 from anofpdm.data.brats import SEQUENCES, CaseFiles, find_cases, load_case
 from anofpdm.intensity import percentile_normalise
 
-__all__ = ["SPLITS", "MIN_BRAIN_PIXELS", "prepare_dataset", "SliceDataset"]
+__all__ = [
+    "SPLITS",
+    "MIN_BRAIN_PIXELS",
+    "MANIFEST_NAME",
+    "split_counts",
+    "split_cases",
+    "resize_planes",
+    "case_slices",
+    "prepare_dataset",
+    "SliceDataset",
+]
 
 ProgressFn = Callable[[int, int], None]
 
@@ -46,10 +56,19 @@ SPLIT_TOLERANCE = 1e-6
 FORMAT = "anofpdm-slices-v1"
 CHUNK_ROWS = 4096
 # Failures that make one case unusable without stopping the whole run.
-CASE_ERRORS = (OSError, ValueError, EOFError, zlib.error, nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError)
+CASE_ERRORS = (
+    OSError,
+    ValueError,
+    EOFError,
+    zlib.error,
+    nib.filebasedimages.ImageFileError,
+    nib.spatialimages.HeaderDataError,
+)
 
 
-def _validate(sequences: Sequence[str], size: int, seed: int, split: Sequence[float], min_brain_pixels: int) -> tuple[str, ...]:
+def _validate(
+    sequences: Sequence[str], size: int, seed: int, split: Sequence[float], min_brain_pixels: int
+) -> tuple[str, ...]:
     sequences = tuple(sequences)
     if not sequences or len(set(sequences)) != len(sequences) or any(s not in SEQUENCES for s in sequences):
         raise ValueError(f"sequences must be distinct names from {SEQUENCES}, got {sequences}")
@@ -58,14 +77,19 @@ def _validate(sequences: Sequence[str], size: int, seed: int, split: Sequence[fl
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
     if len(split) != len(SPLITS) or any(f < 0 for f in split) or abs(sum(split) - 1.0) > SPLIT_TOLERANCE:
-        raise ValueError(f"split must be {len(SPLITS)} non-negative fractions ({'/'.join(SPLITS)}) summing to 1, got {tuple(split)}")
+        names = "/".join(SPLITS)
+        raise ValueError(f"split must be {len(SPLITS)} fractions ({names}), non-negative, summing to 1: {tuple(split)}")
     if min_brain_pixels < 1:
         raise ValueError(f"min_brain_pixels must be at least 1, got {min_brain_pixels}")
     return sequences
 
 
 def split_counts(n_cases: int, fractions: Sequence[float]) -> list[int]:
-    """Cases per split: largest remainder rounding, every split with a positive fraction gets a case while cases last."""
+    """Cases per split by largest-remainder rounding.
+
+    A split with a positive fraction that rounds to no case takes one from the largest split (if that
+    keeps at least one), the larger fractions first.
+    """
     exact = np.asarray(fractions, dtype=np.float64) * n_cases
     counts = np.floor(exact).astype(int)
     for i in np.argsort(-(exact - counts), kind="stable")[: n_cases - counts.sum()]:
@@ -102,7 +126,9 @@ def resize_planes(planes: np.ndarray, size: int) -> np.ndarray:
     return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking).numpy()
 
 
-def case_slices(case: CaseFiles, sequences: Sequence[str], size: int, min_brain_pixels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def case_slices(
+    case: CaseFiles, sequences: Sequence[str], size: int, min_brain_pixels: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Brain slices of one case: images N x C x S x S, labels N, masks N x S x S and axial indices N."""
     needed = tuple(dict.fromkeys((*sequences, BRAIN_SEQUENCE)))
     volume = load_case(case, needed)
@@ -137,7 +163,8 @@ class _SplitWriter:
 
     def _to_npy(self, key: str, dtype: type, row_shape: tuple[int, ...]) -> None:
         n = len(self.rows)
-        target = np.lib.format.open_memmap(self.out_dir / f"{self.split}_{key}.npy", mode="w+", dtype=dtype, shape=(n, *row_shape))
+        path = self.out_dir / f"{self.split}_{key}.npy"
+        target = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, *row_shape))
         if n:
             source = np.memmap(self.raw[key], dtype=dtype, mode="r", shape=(n, *row_shape))
             for start in range(0, n, CHUNK_ROWS):
@@ -218,7 +245,8 @@ def prepare_dataset(
         "min_brain_pixels": min_brain_pixels,
         "image_dtype": np.dtype(IMAGE_DTYPE).name,
         "orientation": "RAS; axial planes volume[:, :, k] as (x, y); the whole plane is the field of view",
-        "normalisation": "per volume and sequence: anofpdm.intensity.percentile_normalise (99th percentile of nonzero voxels -> [-1, 1])",
+        "normalisation": "per volume and sequence: anofpdm.intensity.percentile_normalise "
+        "(99th percentile of nonzero voxels -> [-1, 1])",
         "splits": summary,
         "skipped": skipped,
     }
@@ -254,7 +282,7 @@ class SliceDataset(Dataset):
         self.labels = np.load(root / f"{split}_labels.npy")
         self._images: np.ndarray | None = None
         if len(self.images) != len(self.labels):
-            raise ValueError(f"{root}: {split} images ({len(self.images)}) and labels ({len(self.labels)}) differ in length")
+            raise ValueError(f"{root}: {split} images ({len(self.images)}) and labels ({len(self.labels)}) differ")
 
     @property
     def images(self) -> np.ndarray:

@@ -35,6 +35,7 @@ __all__ = [
     "brats_affine",
     "case_seed",
     "is_healthy_index",
+    "case_name",
     "synthesize_case",
     "write_case",
     "generate_cases",
@@ -115,11 +116,15 @@ CONTROL_SMOOTHING = 1.0  # Gaussian sigma (control-grid cells) applied to every 
 # --- contrast -------------------------------------------------------------------------------------
 # Relative signal of each tissue per sequence (white matter of FLAIR around 0.75).
 HEALTHY_TISSUES = ("csf", "gm", "wm")
+CONTRAST_TISSUES = ("csf", "gm", "wm", "oedema", "enhancing", "necrosis", "non_enhancing")
 CONTRAST = {
-    "flair": {"csf": 0.12, "gm": 0.95, "wm": 0.72, "oedema": 1.45, "enhancing": 1.25, "necrosis": 0.85, "non_enhancing": 1.5},
-    "t1": {"csf": 0.28, "gm": 0.62, "wm": 0.92, "oedema": 0.55, "enhancing": 0.62, "necrosis": 0.32, "non_enhancing": 0.5},
-    "t1ce": {"csf": 0.28, "gm": 0.62, "wm": 0.92, "oedema": 0.55, "enhancing": 1.55, "necrosis": 0.3, "non_enhancing": 0.52},
-    "t2": {"csf": 2.1, "gm": 1.05, "wm": 0.72, "oedema": 1.55, "enhancing": 1.25, "necrosis": 1.9, "non_enhancing": 1.6},
+    sequence: dict(zip(CONTRAST_TISSUES, values))
+    for sequence, values in {
+        "flair": (0.12, 0.95, 0.72, 1.45, 1.25, 0.85, 1.5),
+        "t1": (0.28, 0.62, 0.92, 0.55, 0.62, 0.32, 0.5),
+        "t1ce": (0.28, 0.62, 0.92, 0.55, 1.55, 0.3, 0.52),
+        "t2": (2.1, 1.05, 0.72, 1.55, 1.25, 1.9, 1.6),
+    }.items()
 }
 HYPERINTENSITY_GAIN = {"flair": 1.0, "t1": -0.15, "t1ce": -0.15, "t2": 0.6}  # benign findings
 TEMPLATE_TEXTURE_SEQUENCES = ("t1", "t1ce")
@@ -192,7 +197,8 @@ def _atlas() -> _Atlas:
     band = np.clip(PERIVENTRICULAR_BAND_GAIN * ndimage.gaussian_filter(ventricles, PERIVENTRICULAR_SIGMA_MM), 0.0, 1.0)
     periventricular = band * (1.0 - ventricles) * wm
     z_mm = template.affine[2, 3] + np.arange(brain.shape[2])
-    sites = np.argwhere((wm > TUMOUR_SITE_MIN_WM) & (depth > TUMOUR_SITE_MIN_DEPTH_MM) & (z_mm > TUMOUR_SITE_MIN_Z_MM)[None, None, :])
+    above = (z_mm > TUMOUR_SITE_MIN_Z_MM)[None, None, :]
+    sites = np.argwhere((wm > TUMOUR_SITE_MIN_WM) & (depth > TUMOUR_SITE_MIN_DEPTH_MM) & above)
     keep = np.linspace(0, len(sites) - 1, min(TUMOUR_SITES_KEPT, len(sites))).astype(int)
     inside = np.argwhere(brain > MEMBERSHIP_THRESHOLD)
     bbox = np.stack([inside.min(0), inside.max(0)]).astype(np.float64)
@@ -254,7 +260,7 @@ def _grid_mm(shape: Sequence[int], voxel_mm: float) -> list[np.ndarray]:
 
 def _crop_box(atlas: _Atlas, pose: _Pose, shape: Sequence[int], voxel_mm: float) -> tuple[slice, slice, slice]:
     """Target voxel box holding the warped brain (with a margin for deformation and mass effect)."""
-    corners = np.array([[atlas.bbox[i, 0], atlas.bbox[j, 1], atlas.bbox[k, 2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+    corners = np.array(np.meshgrid(*atlas.bbox.T, indexing="ij")).reshape(3, -1).T
     mm = pose.to_target(corners, atlas.centre)
     index = LPS_FLIPS * mm / voxel_mm + (np.asarray(shape) - 1) / 2.0
     margin = CROP_MARGIN_MM / voxel_mm
@@ -305,7 +311,12 @@ def _coarse_axes(axes_mm: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def _source_grid(
-    rng: np.random.Generator, atlas: _Atlas, pose: _Pose, axes_mm: list[np.ndarray], tumour: _TumourPlan | None, voxel_mm: float
+    rng: np.random.Generator,
+    atlas: _Atlas,
+    pose: _Pose,
+    axes_mm: list[np.ndarray],
+    tumour: _TumourPlan | None,
+    voxel_mm: float,
 ) -> torch.Tensor:
     """Sampling grid (1 x crop x 3, grid_sample order) of every crop voxel in the template.
 
@@ -325,7 +336,9 @@ def _source_grid(
     source += DEFORMATION_SD_MM * _smooth_noise(rng, source.shape[1:], control, channels=3)
     size = np.asarray(atlas.channels.shape[2:], dtype=np.float32)
     normalised = 2.0 * source / (size - 1)[:, None, None, None] - 1.0
-    fine = F.interpolate(torch.from_numpy(normalised[::-1].copy())[None], size=tuple(len(a) for a in axes_mm), mode="trilinear", align_corners=True)
+    crop_shape = tuple(len(a) for a in axes_mm)
+    coarse_grid = torch.from_numpy(normalised[::-1].copy())[None]
+    fine = F.interpolate(coarse_grid, size=crop_shape, mode="trilinear", align_corners=True)
     return fine.permute(0, 2, 3, 4, 1).contiguous()
 
 
@@ -360,24 +373,34 @@ def _tumour_box(tumour: _TumourPlan, axes_mm: list[np.ndarray]) -> tuple[slice, 
 
 
 def _tumour_fields(
-    rng: np.random.Generator, tumour: _TumourPlan, axes_mm: list[np.ndarray], wm: np.ndarray, csf: np.ndarray, voxel_mm: float
+    rng: np.random.Generator,
+    tumour: _TumourPlan,
+    axes_mm: list[np.ndarray],
+    wm: np.ndarray,
+    csf: np.ndarray,
+    voxel_mm: float,
 ) -> _TumourFields:
     """Irregular core and necrosis around the centre; oedema reaching further along white matter."""
     box = _tumour_box(tumour, axes_mm)
     sub = [axis[b].astype(np.float32) for axis, b in zip(axes_mm, box)]
     offset = np.stack(np.meshgrid(*sub, indexing="ij")) - tumour.centre_mm.astype(np.float32)[:, None, None, None]
-    radius = np.sqrt(np.sum(np.tensordot(tumour.shape_matrix.astype(np.float32), offset, axes=1) ** 2, axis=0)) / tumour.radius_mm
+    shaped = np.tensordot(tumour.shape_matrix.astype(np.float32), offset, axes=1)
+    radius = np.sqrt(np.sum(shaped**2, axis=0)) / tumour.radius_mm
     noise = _smooth_noise(rng, radius.shape, IRREGULARITY_CONTROL_MM / voxel_mm, channels=3)
     level = radius + tumour.irregularity * noise[0]
     core = _sigmoid((tumour.core_fraction - level) / EDGE_SOFTNESS)
     necrosis_edge = tumour.core_fraction * tumour.necrosis_fraction
-    necrosis = _sigmoid((necrosis_edge - radius - tumour.irregularity * noise[1]) / EDGE_SOFTNESS) if necrosis_edge > 0 else np.zeros_like(core)
+    necrosis = np.zeros_like(core)
+    if necrosis_edge > 0:
+        necrosis = _sigmoid((necrosis_edge - radius - tumour.irregularity * noise[1]) / EDGE_SOFTNESS)
     reach = (1.0 + OEDEMA_WM_GAIN * (wm[box] - 1.0) + OEDEMA_NOISE * noise[2]) * (1.0 - csf[box])
     whole = _sigmoid((reach - level) / (OEDEMA_EDGE_FACTOR * EDGE_SOFTNESS))
     return _TumourFields(box, np.maximum(whole, core), core, np.minimum(necrosis, core))
 
 
-def _lesion_fractions(rng: np.random.Generator, fields: _TumourFields, enhancing: bool, voxel_mm: float) -> dict[str, np.ndarray]:
+def _lesion_fractions(
+    rng: np.random.Generator, fields: _TumourFields, enhancing: bool, voxel_mm: float
+) -> dict[str, np.ndarray]:
     """Partial volume of each lesion tissue within the tumour box, with smooth heterogeneity."""
     hetero = 1.0 + LESION_HETEROGENEITY * _smooth_noise(rng, fields.whole.shape, HETEROGENEITY_CONTROL_MM / voxel_mm)[0]
     fractions = {"oedema": (fields.whole - fields.core) * hetero}
@@ -389,7 +412,9 @@ def _lesion_fractions(rng: np.random.Generator, fields: _TumourFields, enhancing
     return fractions
 
 
-def _white_matter_hyperintensities(rng: np.random.Generator, wm: np.ndarray, brain: np.ndarray, voxel_mm: float) -> tuple[np.ndarray, int]:
+def _white_matter_hyperintensities(
+    rng: np.random.Generator, wm: np.ndarray, brain: np.ndarray, voxel_mm: float
+) -> tuple[np.ndarray, int]:
     """Small Gaussian blobs in deep white matter (0 to 1), and how many."""
     out = np.zeros(wm.shape, np.float32)
     if rng.random() >= WMH_PROBABILITY:
@@ -408,12 +433,18 @@ def _white_matter_hyperintensities(rng: np.random.Generator, wm: np.ndarray, bra
 
 
 def _hyperintensities(
-    rng: np.random.Generator, periventricular: np.ndarray, wm: np.ndarray, brain: np.ndarray, fields: _TumourFields | None, voxel_mm: float
+    rng: np.random.Generator,
+    periventricular: np.ndarray,
+    wm: np.ndarray,
+    brain: np.ndarray,
+    fields: _TumourFields | None,
+    voxel_mm: float,
 ) -> tuple[np.ndarray, float, int]:
     """Benign FLAIR findings (0 to 1): periventricular caps and small WMH, none inside the tumour."""
     gain = _uniform(rng, PERIVENTRICULAR_GAIN) if rng.random() < PERIVENTRICULAR_PROBABILITY else 0.0
     offset, scale = PERIVENTRICULAR_PATTERN
-    pattern = np.clip(offset + scale * _smooth_noise(rng, brain.shape, PERIVENTRICULAR_CONTROL_MM / voxel_mm)[0], 0.0, 1.0)
+    noise = _smooth_noise(rng, brain.shape, PERIVENTRICULAR_CONTROL_MM / voxel_mm)[0]
+    pattern = np.clip(offset + scale * noise, 0.0, 1.0)
     wmh, count = _white_matter_hyperintensities(rng, wm, brain, voxel_mm)
     hyper = np.clip(gain * periventricular * pattern + wmh, 0.0, 1.0)
     if fields is not None:
@@ -427,7 +458,8 @@ def _bias_field(rng: np.random.Generator, axes_mm: list[np.ndarray]) -> np.ndarr
     x, y, z = [(a / max(float(np.abs(a).max()), 1.0)).astype(np.float32) for a in axes_mm]
     x, y, z = x[:, None, None], y[None, :, None], z[None, None, :]
     c = rng.standard_normal(9).astype(np.float32) * (_uniform(rng, BIAS_AMPLITUDE) / 3.0)
-    field = (c[0] * x + c[1] * x * x + c[2] * x * y + c[3] * y + c[4] * y * y) + (c[5] * z + c[6] * z * z) + c[7] * x * z + c[8] * y * z
+    in_plane = c[0] * x + c[1] * x * x + c[2] * x * y + c[3] * y + c[4] * y * y  # X x Y x 1
+    field = in_plane + (c[5] * z + c[6] * z * z) + c[7] * x * z + c[8] * y * z
     return np.exp(field)
 
 
@@ -484,7 +516,8 @@ def _centroid(seg: np.ndarray) -> list[int] | None:
 
 def _label_volumes_ml(seg: np.ndarray, voxel_mm: float) -> dict[str, float]:
     ml = voxel_mm**3 / 1000.0
-    return {str(label): round(float(np.count_nonzero(seg == label)) * ml, 3) for label in (LABEL_NECROTIC, LABEL_OEDEMA, LABEL_ENHANCING)}
+    labels = (LABEL_NECROTIC, LABEL_OEDEMA, LABEL_ENHANCING)
+    return {str(label): round(float(np.count_nonzero(seg == label)) * ml, 3) for label in labels}
 
 
 def _tissue(gm: np.ndarray, wm: np.ndarray, brain_p: np.ndarray, fields: _TumourFields | None) -> dict[str, np.ndarray]:
@@ -498,7 +531,9 @@ def _tissue(gm: np.ndarray, wm: np.ndarray, brain_p: np.ndarray, fields: _Tumour
     return tissue
 
 
-def synthesize_case(seed: int, healthy: bool, shape: Sequence[int] = BRATS_SHAPE, voxel_mm: float = 1.0) -> SyntheticCase:
+def synthesize_case(
+    seed: int, healthy: bool, shape: Sequence[int] = BRATS_SHAPE, voxel_mm: float = 1.0
+) -> SyntheticCase:
     """Generate one case in memory.
 
     Args:
@@ -553,7 +588,9 @@ def synthesize_case(seed: int, healthy: bool, shape: Sequence[int] = BRATS_SHAPE
 
 
 # --- writing --------------------------------------------------------------------------------------------
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, compress_level: int = DATASET_COMPRESS_LEVEL) -> None:
+def _save_nifti(
+    array: np.ndarray, affine: np.ndarray, path: Path, compress_level: int = DATASET_COMPRESS_LEVEL
+) -> None:
     """Write a gzipped NIfTI-1 with the qform and sform set to ``affine`` (scanner space, mm)."""
     image = nib.Nifti1Image(array, affine)
     image.header.set_xyzt_units("mm", "sec")
@@ -640,7 +677,9 @@ def generate_cases(
     return manifest
 
 
-def write_demo_studies(demo_dir: Path, n_cases: int = 3, seed: int = 0, healthy_fraction: float = 1 / 3) -> dict[str, Any]:
+def write_demo_studies(
+    demo_dir: Path, n_cases: int = 3, seed: int = 0, healthy_fraction: float = 1 / 3
+) -> dict[str, Any]:
     """Write a small MONAI Label studies folder: FLAIR + T2 only, truth kept outside the studies.
 
     Layout: ``demo_dir/studies/<CASE>.nii.gz`` (FLAIR), ``demo_dir/studies/t2/<CASE>.nii.gz`` and
@@ -659,7 +698,13 @@ def write_demo_studies(demo_dir: Path, n_cases: int = 3, seed: int = 0, healthy_
         _save_nifti(case.images["t2"], case.affine, studies / STUDIES_T2_DIR / f"{name}.nii.gz", DEMO_COMPRESS_LEVEL)
         _save_nifti(case.seg, case.affine, truth / f"{name}_seg.nii.gz", DEMO_COMPRESS_LEVEL)
         cases.append({"case": name, **case.info})
-    manifest = {"synthetic": True, "seed": seed, "n_cases": n_cases, "healthy_fraction": healthy_fraction, "cases": cases}
+    manifest = {
+        "synthetic": True,
+        "seed": seed,
+        "n_cases": n_cases,
+        "healthy_fraction": healthy_fraction,
+        "cases": cases,
+    }
     (truth / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -669,7 +714,11 @@ PREVIEW_COLUMNS = ("flair", "t2", "t1ce")
 PREVIEW_WINDOW_PERCENTILE = 99.5
 PREVIEW_TILE_INCHES = 3.0
 PREVIEW_DPI = 80
-PREVIEW_LABEL_COLOURS = {LABEL_NECROTIC: (1.0, 0.2, 0.2), LABEL_OEDEMA: (0.2, 0.9, 0.2), LABEL_ENHANCING: (1.0, 0.9, 0.1)}
+PREVIEW_LABEL_COLOURS = {
+    LABEL_NECROTIC: (1.0, 0.2, 0.2),
+    LABEL_OEDEMA: (0.2, 0.9, 0.2),
+    LABEL_ENHANCING: (1.0, 0.9, 0.1),
+}
 PREVIEW_OVERLAY_ALPHA = 0.45
 
 
@@ -718,7 +767,8 @@ def render_preview(case_dirs: Sequence[Path], out_png: Path) -> Path:
     if not case_dirs:
         raise ValueError("case_dirs is empty: nothing to preview")
     columns = (*PREVIEW_COLUMNS, "seg")
-    figure, axes = plt.subplots(len(case_dirs), len(columns), squeeze=False, figsize=(PREVIEW_TILE_INCHES * len(columns), PREVIEW_TILE_INCHES * len(case_dirs)))
+    figsize = (PREVIEW_TILE_INCHES * len(columns), PREVIEW_TILE_INCHES * len(case_dirs))
+    figure, axes = plt.subplots(len(case_dirs), len(columns), squeeze=False, figsize=figsize)
     for row, case_dir in zip(axes, case_dirs):
         case = find_case(Path(case_dir))
         if case is None:
@@ -730,8 +780,8 @@ def render_preview(case_dirs: Sequence[Path], out_png: Path) -> Path:
         for ax, name in zip(row, columns):
             if name == "seg":
                 seg = nib.as_closest_canonical(nib.load(str(case.seg))).get_fdata().astype(np.uint8)
-                picture = _overlay(_axial_for_display(volume.images["flair"], z), _axial_for_display(seg, z), windows["flair"])
-                ax.imshow(picture)
+                flair = _axial_for_display(volume.images["flair"], z)
+                ax.imshow(_overlay(flair, _axial_for_display(seg, z), windows["flair"]))
             else:
                 ax.imshow(_axial_for_display(volume.images[name], z), cmap="gray", vmin=0.0, vmax=windows[name])
             ax.set_title(f"{case.case_id} {name} z={z}", fontsize=8)
