@@ -18,7 +18,7 @@ BRAIN_Z = range(2, 10)  # axial planes with brain
 SLIVER_Z = 10  # a plane with a few brain pixels only
 TUMOUR_Z = range(4, 7)
 SIZE = 16
-MIN_PIXELS = 10
+FOV_MM = 32.0  # the whole 32 x 32 mm plane, as BraTS's 240 mm
 LPS_AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 31.0], [0, 0, 1.0, 0], [0, 0, 0, 1]])
 TUMOUR_CASES = {"case00", "case02", "case04", "case06"}
 
@@ -27,7 +27,7 @@ def _case_arrays(case_id: str) -> dict[str, np.ndarray]:
     brain = np.zeros(SHAPE, bool)
     brain[4:28, 4:28, BRAIN_Z.start : BRAIN_Z.stop] = True
     sliver = np.zeros(SHAPE, bool)
-    sliver[14:16, 14:16, SLIVER_Z] = True  # 4 pixels < MIN_PIXELS
+    sliver[14:16, 14:16, SLIVER_Z] = True  # 4 mm^2: under anofpdm.volume.MIN_BRAIN_AREA_MM2
     flair = np.where(brain | sliver, 50.0, 0.0).astype(np.float32)
     t1 = np.where(brain, 100.0, 0.0).astype(np.float32)
     t1[4:16] *= 2.0  # two brain halves: 200 is the 99th percentile, 100 maps to 0
@@ -60,7 +60,7 @@ def prepared(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     out = tmp_path_factory.mktemp("prepared")
     calls = []
     manifest = prepare_dataset(
-        data_dir, out, size=SIZE, seed=3, progress=lambda *call: calls.append(call), min_brain_pixels=MIN_PIXELS
+        data_dir, out, size=SIZE, seed=3, progress=lambda *call: calls.append(call), field_of_view_mm=FOV_MM
     )
     assert calls[-1] == (10, 10) and len(calls) == 10
     return out, manifest
@@ -131,7 +131,7 @@ def test_orientation_is_ras_x_y(prepared: tuple[Path, dict]) -> None:
 
 def test_rerun_is_byte_identical(data_dir: Path, prepared: tuple[Path, dict], tmp_path: Path) -> None:
     out, _ = prepared
-    prepare_dataset(data_dir, tmp_path, size=SIZE, seed=3, min_brain_pixels=MIN_PIXELS)
+    prepare_dataset(data_dir, tmp_path, size=SIZE, seed=3, field_of_view_mm=FOV_MM)
     for split in SPLITS:
         for name in ("images.npy", "labels.npy", "masks.npy", "index.json"):
             assert (out / f"{split}_{name}").read_bytes() == (tmp_path / f"{split}_{name}").read_bytes()

@@ -118,7 +118,7 @@ def test_written_small_cases_feed_the_reader_preview_and_preparation(tmp_path: P
     assert picture.shape[1] == pytest.approx(2 * picture.shape[0], rel=0.05)  # 2 rows x 4 columns of tiles
     with pytest.raises(ValueError, match="empty"):
         render_preview([], tmp_path / "none.png")
-    manifest = prepare_dataset(data, tmp_path / "slices", size=32, split=(0.5, 0.0, 0.5), min_brain_pixels=20)
+    manifest = prepare_dataset(data, tmp_path / "slices", size=32, split=(0.5, 0.0, 0.5))
     assert manifest["skipped"] == []
     unhealthy = sum(manifest["splits"][s]["unhealthy"] for s in ("train", "test"))
     tumour_pixels = np.count_nonzero(tumour_case.seg, axis=(0, 1))

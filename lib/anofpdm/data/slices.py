@@ -9,8 +9,8 @@
 - ``{split}_index.json``: the case id and axial index (in the RAS volume) of every row;
 - ``manifest.json``: settings, split cases, slice counts, skipped cases with the reason.
 
-Volumes are reoriented to RAS and axial planes are taken as ``volume[:, :, k]`` (x, y), the same
-convention as ``anofpdm.volume`` at inference. The whole plane is the field of view (BraTS: 240 mm).
+Slices are made by ``anofpdm.volume.to_model_slices``, the same code inference uses: RAS axial planes
+``volume[:, :, k]`` (x, y), a square field of view centred on the brain (BraTS: 240 mm), resized.
 """
 
 from __future__ import annotations
@@ -24,19 +24,16 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from anofpdm.data.brats import SEQUENCES, CaseFiles, find_cases, load_case
-from anofpdm.intensity import percentile_normalise
+from anofpdm.volume import MIN_BRAIN_AREA_MM2, to_model_slices
 
 __all__ = [
     "SPLITS",
-    "MIN_BRAIN_PIXELS",
     "MANIFEST_NAME",
     "split_counts",
     "split_cases",
-    "resize_planes",
     "case_slices",
     "prepare_dataset",
     "SliceDataset",
@@ -46,11 +43,10 @@ ProgressFn = Callable[[int, int], None]
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT = (0.75, 0.05, 0.20)
-MIN_BRAIN_PIXELS = 100  # an axial plane is "brain" with at least this many nonzero FLAIR pixels (100 mm^2 on BraTS)
 MIN_SIZE = 8
 IMAGE_DTYPE = np.float16
 MASK_THRESHOLD = 0.5
-BRAIN_SEQUENCE = "flair"
+DEFAULT_FIELD_OF_VIEW_MM = 240.0  # BraTS: the whole 240 x 240 mm plane
 MANIFEST_NAME = "manifest.json"
 SPLIT_TOLERANCE = 1e-6
 FORMAT = "anofpdm-slices-v1"
@@ -67,7 +63,7 @@ CASE_ERRORS = (
 
 
 def _validate(
-    sequences: Sequence[str], size: int, seed: int, split: Sequence[float], min_brain_pixels: int
+    sequences: Sequence[str], size: int, seed: int, split: Sequence[float], field_of_view_mm: float
 ) -> tuple[str, ...]:
     sequences = tuple(sequences)
     if not sequences or len(set(sequences)) != len(sequences) or any(s not in SEQUENCES for s in sequences):
@@ -79,8 +75,8 @@ def _validate(
     if len(split) != len(SPLITS) or any(f < 0 for f in split) or abs(sum(split) - 1.0) > SPLIT_TOLERANCE:
         names = "/".join(SPLITS)
         raise ValueError(f"split must be {len(SPLITS)} fractions ({names}), non-negative, summing to 1: {tuple(split)}")
-    if min_brain_pixels < 1:
-        raise ValueError(f"min_brain_pixels must be at least 1, got {min_brain_pixels}")
+    if field_of_view_mm <= 0:
+        raise ValueError(f"field_of_view_mm must be positive, got {field_of_view_mm}")
     return sequences
 
 
@@ -115,34 +111,21 @@ def split_cases(case_ids: Sequence[str], fractions: Sequence[float], seed: int) 
     return out
 
 
-def resize_planes(planes: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize of N x C x H x W planes to N x C x size x size over the whole plane.
-
-    Anti-aliased when shrinking, as ``anofpdm.volume`` does at inference (align_corners=False: the
-    plane's full extent maps to the output's full extent).
-    """
-    tensor = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))
-    shrinking = size < planes.shape[2] or size < planes.shape[3]
-    return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking).numpy()
-
-
 def case_slices(
-    case: CaseFiles, sequences: Sequence[str], size: int, min_brain_pixels: int
+    case: CaseFiles, sequences: Sequence[str], size: int, field_of_view_mm: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Brain slices of one case: images N x C x S x S, labels N, masks N x S x S and axial indices N."""
-    needed = tuple(dict.fromkeys((*sequences, BRAIN_SEQUENCE)))
-    volume = load_case(case, needed)
-    brain_pixels = np.count_nonzero(volume.images[BRAIN_SEQUENCE] > 0, axis=(0, 1))
-    keep = np.nonzero(brain_pixels >= min_brain_pixels)[0]
-    if keep.size == 0:
-        raise ValueError(f"no axial slice has {min_brain_pixels} nonzero {BRAIN_SEQUENCE} pixels")
-    channels = [percentile_normalise(volume.images[s])[:, :, keep] for s in sequences]
-    stacked = np.stack(channels).transpose(3, 0, 1, 2)  # N x C x X x Y
-    images = resize_planes(stacked, size).astype(IMAGE_DTYPE)
-    mask_planes = volume.mask[:, :, keep].astype(np.float32).transpose(2, 0, 1)[:, None]
-    masks = (resize_planes(mask_planes, size)[:, 0] >= MASK_THRESHOLD).astype(np.uint8)
+    """Brain slices of one case: images N x C x S x S, labels N, masks N x S x S and axial indices N.
+
+    The slices come from ``anofpdm.volume.to_model_slices``, the function inference uses, so the
+    network is trained on exactly the slice geometry (orientation, brain-centred field of view,
+    resizing, brain-slice selection) it later sees.
+    """
+    volume = load_case(case, sequences)
+    images = {name: nib.Nifti1Image(volume.images[name], volume.affine) for name in sequences}
+    slices, geometry, extra = to_model_slices(images, sequences, size, field_of_view_mm, extra={"truth": volume.mask})
+    masks = (extra["truth"] >= MASK_THRESHOLD).astype(np.uint8)
     labels = masks.reshape(len(masks), -1).any(axis=1).astype(np.uint8)
-    return images, labels, masks, keep
+    return slices.astype(IMAGE_DTYPE), labels, masks, np.asarray(geometry.slices)
 
 
 class _SplitWriter:
@@ -195,7 +178,7 @@ def prepare_dataset(
     seed: int = 0,
     split: Sequence[float] = DEFAULT_SPLIT,
     progress: ProgressFn | None = None,
-    min_brain_pixels: int = MIN_BRAIN_PIXELS,
+    field_of_view_mm: float = DEFAULT_FIELD_OF_VIEW_MM,
 ) -> dict[str, Any]:
     """Prepare normalised, resized axial training slices with a seeded patient-level split.
 
@@ -207,14 +190,14 @@ def prepare_dataset(
         seed: split seed.
         split: train / val / test fractions of the cases.
         progress: optional callable(done, total) after each case.
-        min_brain_pixels: an axial plane is kept when its FLAIR has at least this many nonzero pixels
-            (at the native resolution), which drops slivers at the top and bottom of the brain.
+        field_of_view_mm: in-plane extent of a slice, centred on the brain (BraTS: 240 mm). Axial
+            planes with less than ``anofpdm.volume.MIN_BRAIN_AREA_MM2`` of brain are left out.
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``). A case that cannot be read is
         listed under "skipped" with the reason and left out; it does not stop the run.
     """
-    sequences = _validate(sequences, size, seed, split, min_brain_pixels)
+    sequences = _validate(sequences, size, seed, split, field_of_view_mm)
     cases = {c.case_id: c for c in find_cases(Path(data_dir))}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +210,7 @@ def prepare_dataset(
         used = []
         for case_id in assignment[split_name]:
             try:
-                writer.add(case_id, *case_slices(cases[case_id], sequences, size, min_brain_pixels))
+                writer.add(case_id, *case_slices(cases[case_id], sequences, size, field_of_view_mm))
                 used.append(case_id)
             except CASE_ERRORS as error:
                 skipped.append({"case": case_id, "reason": f"{type(error).__name__}: {error}"})
@@ -242,7 +225,8 @@ def prepare_dataset(
         "size": size,
         "seed": seed,
         "split_fractions": list(split),
-        "min_brain_pixels": min_brain_pixels,
+        "field_of_view_mm": field_of_view_mm,
+        "min_brain_area_mm2": MIN_BRAIN_AREA_MM2,
         "image_dtype": np.dtype(IMAGE_DTYPE).name,
         "orientation": "RAS; axial planes volume[:, :, k] as (x, y); the whole plane is the field of view",
         "normalisation": "per volume and sequence: anofpdm.intensity.percentile_normalise "
