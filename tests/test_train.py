@@ -39,7 +39,7 @@ LIB = Path(__file__).resolve().parents[1] / "lib"
 
 
 def make_prepared(root: Path, count: int = 8, size: int = 16, constant: float | None = None) -> Path:
-    """A prepared slice folder like ``prepare_dataset``'s: random (or constant) images in [-1, 1], alternating labels."""
+    """A prepared folder like ``prepare_dataset``'s: random (or constant) images in [-1, 1], alternating labels."""
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     shape = (count, len(PREPARED_SEQUENCES), size, size)
@@ -149,7 +149,7 @@ def test_loss_decreases_on_constant_images(tmp_path: Path) -> None:
     train(config, tmp_path / "run", progress=False)
     losses = [row["loss"] for row in read_loss_csv(tmp_path / "run")]
     assert len(losses) == 40
-    assert np.mean(losses[-8:]) < 0.5 * np.mean(losses[:8])
+    assert np.mean(losses[-8:]) < 0.25 * np.mean(losses[:8])
 
 
 def test_label_dropout_rate_and_timestep_range() -> None:
@@ -198,6 +198,8 @@ def test_config_errors_are_clear(data: Path, tmp_path: Path) -> None:
         tiny_config(data, network="huge")
     with pytest.raises(ValueError, match="ema_decay"):
         tiny_config(data, ema_decay=1.0)
+    with pytest.raises(ValueError, match="not a torch device"):
+        tiny_config(data, device="gpu")
     with pytest.warns(UserWarning, match="lower ema_decay"):
         tiny_config(data, ema_decay=0.9999)
 

@@ -51,7 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from anofpdm.data.slices import SliceDataset
+from anofpdm.data.slices import MANIFEST_NAME, SliceDataset
 from anofpdm.diffusion import NoiseSchedule, ScheduleConfig
 from anofpdm.model import NULL_LABEL, PRESETS, NetworkConfig, build_network, save_checkpoint
 
@@ -74,11 +74,10 @@ STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
 LOSS_CSV = "loss.csv"
 LOSS_PLOT = "loss.png"
-MANIFEST_FILE = "manifest.json"
 TRAIN_SPLIT = "train"
 STATE_FORMAT = "anofpdm-train-state-v1"
 CSV_FIELDS = ("iteration", "loss", "smoothed_loss", "iterations_per_s", "elapsed_s")
-LOSS_SMOOTHING = 0.1  # weight of the newest logged loss in the smoothed curve
+LOSS_SMOOTHING = 0.01  # per-iteration weight of new losses in the smoothed curve (a ~100-iteration horizon)
 EMA_HORIZONS = 5.0  # warn when a run is shorter than this many EMA time constants 1 / (1 - decay)
 EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C
 # independent random streams, each seeded by (seed, stream, counter)
@@ -161,7 +160,10 @@ class TrainConfig:
         if not 0 <= self.null_label_probability < 1:
             raise ValueError(f"null_label_probability must be in [0, 1), got {self.null_label_probability}")
         if self.device is not None:
-            torch.device(self.device)  # raises a clear RuntimeError for a malformed device string
+            try:
+                torch.device(self.device)
+            except RuntimeError as exc:
+                raise ValueError(f"device {self.device!r} is not a torch device: {exc}") from exc
         if self.iterations * (1 - self.ema_decay) < EMA_HORIZONS:
             warnings.warn(
                 f"{self.iterations} iterations at ema_decay {self.ema_decay}: the exported EMA weights still "
@@ -287,9 +289,9 @@ def draw_diffusion_inputs(
 
 def read_manifest(data: Path) -> dict[str, Any]:
     """The prepared data's manifest, checked for the keys training needs."""
-    path = data / MANIFEST_FILE
+    path = data / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no prepared data at {data}: {MANIFEST_FILE} is missing (run `anofpdm prepare`)")
+        raise FileNotFoundError(f"no prepared data at {data}: {MANIFEST_NAME} is missing (run `anofpdm prepare`)")
     manifest = json.loads(path.read_text())
     missing = [k for k in ("sequences", "size") if k not in manifest]
     if missing:
@@ -365,6 +367,8 @@ def _choose_device(requested: str | None, local_rank: int) -> torch.device:
     if requested is None:
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} requested but CUDA is not available")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
@@ -479,19 +483,18 @@ class LossLog:
         self._sum += loss.detach().float()
         self._count += 1
 
-    def flush(self, iteration: int, elapsed_s: float) -> dict[str, float] | None:
-        """Close the window: every rank must call this at the same iterations; the main rank writes a row."""
-        if not self._count:
-            return None
+    def flush(self, iteration: int, elapsed_s: float) -> dict[str, float]:
+        """Close the (non-empty) window: every rank calls this at the same iterations; the main rank writes a row."""
         total = self._sum.clone()
         if self.ctx.enabled:
             dist.all_reduce(total)
         loss = total.item() / (self._count * self.ctx.world_size)
         now = time.monotonic()
         rate = self._count / max(now - self._since, 1e-9)
+        weight = 1 - (1 - LOSS_SMOOTHING) ** self._count  # as if the window's mean arrived once per iteration
+        self.smoothed = loss if self.smoothed is None else (1 - weight) * self.smoothed + weight * loss
         self._sum.zero_()
         self._count, self._since = 0, now
-        self.smoothed = loss if self.smoothed is None else (1 - LOSS_SMOOTHING) * self.smoothed + LOSS_SMOOTHING * loss
         row = {
             "iteration": iteration,
             "loss": loss,
@@ -770,7 +773,8 @@ class _Run:
             if iteration == self.start:
                 self.save(iteration)
         if ctx.is_main:
-            logger.info("trained %d iterations in %.0f s; model: %s", iteration, self.elapsed(), self.run_dir / MODEL_FILE)
+            model = self.run_dir / MODEL_FILE
+            logger.info("trained %d iterations in %.0f s; model: %s", iteration, self.elapsed(), model)
 
 
 def train(
