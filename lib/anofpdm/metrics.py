@@ -1,0 +1,254 @@
+"""Segmentation metrics and the paper's slice-level evaluation protocol (SPEC.md section 6).
+
+Overlap metrics (Dice, IoU, precision, recall) count true positives TP, false positives FP and false
+negatives FN of a binary prediction against the truth: Dice = 2 TP / (2 TP + FP + FN),
+IoU = TP / (TP + FP + FN), precision = TP / (TP + FP), recall = TP / (TP + FN). Where a denominator is
+zero the value is 1 when prediction and truth are both empty, else 0 (an empty prediction on an empty
+truth is right; a missed or invented lesion is wrong).
+
+The slice protocol scores every model-grid slice of a volume on its own and averages over slices:
+"mixed" takes all slices with the masks gated by the slice verdict (healthy slices get an empty mask),
+"unhealthy" takes the tumour slices only, with the ungated mask (map >= tau). AUPRC is the average
+precision of the ungated map over brain pixels. The mixed Dice is inflated by healthy slices scoring 1,
+so per-volume 3-D metrics are reported beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import average_precision_score
+
+__all__ = [
+    "MM3_PER_ML",
+    "overlap_scores",
+    "dice",
+    "iou",
+    "precision",
+    "recall",
+    "average_precision",
+    "lesion_volume_error_ml",
+    "volume_metrics",
+    "slice_protocol",
+    "aggregate_cases",
+]
+
+MM3_PER_ML = 1000.0
+OVERLAP_NAMES = ("dice", "iou", "precision", "recall")
+# per-case slice-protocol means, the count of slices each is a mean over, and how the pooled value is named
+POOLED_SLICE_METRICS = {
+    "mixed_dice": "n_slices",
+    "mixed_iou": "n_slices",
+    "unhealthy_dice": "n_tumour_slices",
+    "unhealthy_iou": "n_tumour_slices",
+    "slice_accuracy": "n_slices",
+}
+CASE_MEAN_SLICE_METRICS = ("mixed_auprc", "unhealthy_auprc")
+
+
+def _check_pair(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    prediction, truth = np.asarray(prediction), np.asarray(truth)
+    if prediction.shape != truth.shape:
+        raise ValueError(f"prediction shape {prediction.shape} != truth shape {truth.shape}")
+    return prediction.astype(bool), truth.astype(bool)
+
+
+def overlap_scores(prediction: np.ndarray, truth: np.ndarray, batch_dims: int = 0) -> dict[str, np.ndarray]:
+    """Dice, IoU, precision and recall of binary masks, optionally per item of leading batch dimensions.
+
+    Args:
+        prediction: binary prediction.
+        truth: binary truth of the same shape.
+        batch_dims: number of leading dimensions that index separate items (e.g. 1 for N x H x W slices,
+            giving N values per metric); the other dimensions are pooled.
+
+    Returns:
+        metric name -> array of shape ``prediction.shape[:batch_dims]`` (0-d for ``batch_dims=0``).
+    """
+    prediction, truth = _check_pair(prediction, truth)
+    if not 0 <= batch_dims <= prediction.ndim:
+        raise ValueError(f"batch_dims must be in [0, {prediction.ndim}], got {batch_dims}")
+    axes = tuple(range(batch_dims, prediction.ndim))
+    tp = (prediction & truth).sum(axis=axes, dtype=np.float64)
+    fp = (prediction & ~truth).sum(axis=axes, dtype=np.float64)
+    fn = (~prediction & truth).sum(axis=axes, dtype=np.float64)
+    both_empty = (tp + fp + fn) == 0
+
+    def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+        safe = np.where(denominator > 0, denominator, 1.0)
+        return np.where(denominator > 0, numerator / safe, both_empty.astype(np.float64))
+
+    return {
+        "dice": ratio(2 * tp, 2 * tp + fp + fn),
+        "iou": ratio(tp, tp + fp + fn),
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
+    }
+
+
+def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """2 TP / (2 TP + FP + FN); 1 for an empty prediction on an empty truth."""
+    return float(overlap_scores(prediction, truth)["dice"])
+
+
+def iou(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """TP / (TP + FP + FN) (Jaccard); 1 for an empty prediction on an empty truth."""
+    return float(overlap_scores(prediction, truth)["iou"])
+
+
+def precision(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """TP / (TP + FP): the fraction of predicted voxels that are tumour."""
+    return float(overlap_scores(prediction, truth)["precision"])
+
+
+def recall(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """TP / (TP + FN): the fraction of tumour voxels that are predicted (sensitivity)."""
+    return float(overlap_scores(prediction, truth)["recall"])
+
+
+def average_precision(scores: np.ndarray, truth: np.ndarray, region: np.ndarray | None = None) -> float | None:
+    """Area under the precision-recall curve (scikit-learn's average precision) of a score map.
+
+    Args:
+        scores: anomaly scores, higher = more anomalous.
+        truth: binary truth of the same shape.
+        region: optional boolean mask of the pixels that count (e.g. the brain).
+
+    Returns:
+        The average precision, or None when no counted pixel is positive (undefined).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    truth = np.asarray(truth).astype(bool)
+    if scores.shape != truth.shape:
+        raise ValueError(f"scores shape {scores.shape} != truth shape {truth.shape}")
+    if region is not None:
+        region = np.asarray(region).astype(bool)
+        if region.shape != truth.shape:
+            raise ValueError(f"region shape {region.shape} != truth shape {truth.shape}")
+        scores, truth = scores[region], truth[region]
+    if not truth.any():
+        return None
+    return float(average_precision_score(truth.ravel(), scores.ravel()))
+
+
+def lesion_volume_error_ml(prediction: np.ndarray, truth: np.ndarray, voxel_volume_mm3: float) -> float:
+    """Predicted minus true lesion volume in mL (positive: over-segmentation)."""
+    prediction, truth = _check_pair(prediction, truth)
+    if voxel_volume_mm3 <= 0:
+        raise ValueError(f"voxel_volume_mm3 must be positive, got {voxel_volume_mm3}")
+    return float((int(prediction.sum()) - int(truth.sum())) * voxel_volume_mm3 / MM3_PER_ML)
+
+
+def volume_metrics(
+    mask: np.ndarray, anomaly_map: np.ndarray, truth: np.ndarray, brain: np.ndarray, voxel_volume_mm3: float
+) -> dict[str, Any]:
+    """Per-volume 3-D metrics of a final mask and its anomaly map.
+
+    Args:
+        mask: binary 3-D prediction.
+        anomaly_map: 3-D anomaly scores on the same grid.
+        truth: binary 3-D truth.
+        brain: boolean brain mask (the pixels AUPRC counts).
+        voxel_volume_mm3: volume of one voxel.
+
+    Returns:
+        dice, iou, precision, recall, auprc (None without tumour), predicted_ml, truth_ml,
+        volume_error_ml and verdict_correct (volume called unhealthy iff it holds tumour).
+    """
+    scores = {name: float(value) for name, value in overlap_scores(mask, truth).items()}
+    mask, truth = _check_pair(mask, truth)
+    return {
+        **scores,
+        "auprc": average_precision(anomaly_map, truth, brain),
+        "predicted_ml": float(mask.sum() * voxel_volume_mm3 / MM3_PER_ML),
+        "truth_ml": float(truth.sum() * voxel_volume_mm3 / MM3_PER_ML),
+        "volume_error_ml": lesion_volume_error_ml(mask, truth, voxel_volume_mm3),
+        "verdict_correct": bool(mask.any() == truth.any()),
+    }
+
+
+def slice_protocol(
+    ungated: np.ndarray, anomaly_map: np.ndarray, unhealthy: np.ndarray, truth: np.ndarray, brain: np.ndarray
+) -> dict[str, Any]:
+    """The paper's slice-level metrics of one volume's N model-grid slices.
+
+    Args:
+        ungated: N x H x W binary masks before the verdict gate (map >= tau, post-processed).
+        anomaly_map: N x H x W anomaly maps the masks were thresholded from (scored by AUPRC).
+        unhealthy: N slice verdicts; the mixed protocol empties the masks of slices called healthy.
+        truth: N x H x W binary truth.
+        brain: N x H x W brain pixels (AUPRC counts these only).
+
+    Returns:
+        n_slices, n_tumour_slices; mixed_dice / mixed_iou (means over all slices, gated); unhealthy_dice /
+        unhealthy_iou (means over tumour slices, ungated; None without any); mixed_auprc /
+        unhealthy_auprc (the map over brain pixels of all / tumour slices; None without tumour);
+        slice_accuracy (a slice's verdict is right when it says whether the slice holds tumour).
+    """
+    ungated, truth = _check_pair(ungated, truth)
+    anomaly_map = np.asarray(anomaly_map, dtype=np.float64)
+    brain = np.asarray(brain).astype(bool)
+    if truth.ndim != 3 or anomaly_map.shape != truth.shape or brain.shape != truth.shape:
+        raise ValueError(f"need N x H x W masks, map, truth and brain of one shape, got {ungated.shape}, "
+                         f"{anomaly_map.shape}, {truth.shape}, {brain.shape}")
+    unhealthy = np.asarray(unhealthy).astype(bool)
+    if unhealthy.shape != (truth.shape[0],):
+        raise ValueError(f"need {truth.shape[0]} slice verdicts, got shape {unhealthy.shape}")
+    gated = ungated & unhealthy[:, None, None]
+    tumour = truth.any(axis=(1, 2))
+    mixed = overlap_scores(gated, truth, batch_dims=1)
+    lesional = overlap_scores(ungated[tumour], truth[tumour], batch_dims=1)
+    has_tumour = bool(tumour.any())
+    return {
+        "n_slices": int(truth.shape[0]),
+        "n_tumour_slices": int(tumour.sum()),
+        "mixed_dice": float(mixed["dice"].mean()),
+        "mixed_iou": float(mixed["iou"].mean()),
+        "unhealthy_dice": float(lesional["dice"].mean()) if has_tumour else None,
+        "unhealthy_iou": float(lesional["iou"].mean()) if has_tumour else None,
+        "mixed_auprc": average_precision(anomaly_map, truth, brain),
+        "unhealthy_auprc": average_precision(anomaly_map[tumour], truth[tumour], brain[tumour]),
+        "slice_accuracy": float((unhealthy == tumour).mean()),
+    }
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, Any]:
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": float(array.mean()), "std": float(array.std()), "n": int(array.size)}
+
+
+def aggregate_cases(cases: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """Aggregate one method's per-case results (each ``{"slice": slice_protocol(...), "volume": volume_metrics(...)}``).
+
+    Slice protocol, as the paper: Dice, IoU and verdict accuracy are pooled over slices (the mean over all
+    slices of all volumes, i.e. per-case means weighted by their slice counts); AUPRC is the mean of the
+    per-case values over cases with tumour (the pooled-pixel AUPRC would need every pixel of the data set).
+    Per-volume: overlap metrics, AUPRC and volume errors are mean +- std (population) over the cases with
+    tumour; ``volume_accuracy`` is over all cases.
+
+    Returns:
+        {"cases", "tumour_cases", "slice_protocol": {name: pooled value, ...}, "volume": {name: {mean, std, n}}}
+    """
+    if not cases:
+        raise ValueError("no cases to aggregate")
+    slice_results = [case["slice"] for case in cases]
+    pooled: dict[str, Any] = {}
+    for name, count in POOLED_SLICE_METRICS.items():
+        weighted = [(r[name], r[count]) for r in slice_results if r[name] is not None and r[count] > 0]
+        total = sum(n for _, n in weighted)
+        pooled[name] = sum(v * n for v, n in weighted) / total if total else None
+    for name in CASE_MEAN_SLICE_METRICS:
+        pooled[name] = _mean_std([r[name] for r in slice_results if r[name] is not None])["mean"]
+    pooled["n_slices"] = sum(r["n_slices"] for r in slice_results)
+    pooled["n_tumour_slices"] = sum(r["n_tumour_slices"] for r in slice_results)
+    with_tumour = [case["volume"] for case in cases if case["volume"]["truth_ml"] > 0]
+    volume: dict[str, Any] = {}
+    for name in (*OVERLAP_NAMES, "auprc", "volume_error_ml"):
+        volume[name] = _mean_std([v[name] for v in with_tumour if v[name] is not None])
+    volume["abs_volume_error_ml"] = _mean_std([abs(v["volume_error_ml"]) for v in with_tumour])
+    volume["volume_accuracy"] = _mean_std([float(case["volume"]["verdict_correct"]) for case in cases])
+    return {"cases": len(cases), "tumour_cases": len(with_tumour), "slice_protocol": pooled, "volume": volume}
