@@ -1,0 +1,269 @@
+"""The MONAI Label infer task: find the request's sequences, call ``anofpdm.pipeline``, write the results.
+
+No method logic lives here: the segmentation is ``anofpdm.pipeline.segment_volume``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import SimpleITK as sitk
+import torch
+from anofpdm.model import LoadedModel, load_checkpoint, load_model
+from anofpdm.pipeline import InferenceOptions, SegmentationResult, resolve_options, segment_volume
+from anofpdm.volume import InputError
+from lib.inputs import ResolvedInputs, resolve_inputs
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.utils.others.generic import device_list, device_map
+from monailabel.utils.sessions import Sessions
+
+logger = logging.getLogger(__name__)
+
+CALIBRATED = "calibrated"  # shown in Slicer for options that default to the mode's calibrated value
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
+MAP_SUFFIX = "_anomaly_map.nii.gz"
+PROGRESS_STEP_PERCENT = 10
+# request option -> type; a value of "", "calibrated" or None means the model's calibrated value
+OPTION_TYPES: dict[str, type] = {
+    "mode": str,
+    "guidance": float,
+    "forward_steps": int,
+    "stride": int,
+    "encoding": str,
+    "early_stop": int,
+    "seed": int,
+    "min_lesion_mm3": float,
+    "median_kernel": int,
+    "batch_size": int,
+}
+
+
+class ModelUnavailableError(RuntimeError):
+    """The model file is missing, unreadable or uncalibrated: the task must not run."""
+
+
+class ProgressLog:
+    """A ``segment_volume`` progress callback that logs every ``step`` percent."""
+
+    def __init__(self, what: str, step: int = PROGRESS_STEP_PERCENT) -> None:
+        self._what = what
+        self._step = step
+        self._next = 0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        percent = 100 * done // max(total, 1)
+        if percent >= self._next:
+            logger.info(f"{self._what}: {stage} {percent}% ({done}/{total})")
+            self._next = (percent // self._step + 1) * self._step
+
+
+def _parse_option(name: str, value: Any) -> Any:
+    """A request value as the option's type; None for "use the calibrated value"."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", CALIBRATED)):
+        return None
+    kind = OPTION_TYPES[name]
+    try:
+        if kind is int:
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError("not an integer")
+            return int(number)
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"option {name}={value!r} is not a valid {kind.__name__}") from exc
+
+
+class AnoFPDM(InferTask):
+    """Whole-tumour segmentation of a FLAIR + T2 volume by AnoFPDM (``anofpdm.pipeline``).
+
+    Args:
+        path: the model checkpoint (weights + calibration); the task is offered only if it is valid.
+        labels: label name -> value of the output map.
+        device: default device ("cpu", "cuda", "cuda:1" or a MONAI Label device name); None: CUDA if present.
+        studies: the local datastore folder, whose ``<sequence>/`` sub-folders hold the T2 of its images.
+        sessions: returns MONAI Label's session store (or None when sessions are off).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        labels: dict[str, int],
+        device: str | None = None,
+        studies: str | None = None,
+        sessions: Callable[[], Sessions | None] | None = None,
+    ) -> None:
+        super().__init__(
+            type=InferType.SEGMENTATION,
+            labels=labels,
+            dimension=3,
+            description="AnoFPDM: weakly supervised brain-tumour (whole tumour) segmentation from FLAIR + T2 "
+            "with the forward process of a diffusion model. Research software, not for clinical use.",
+        )
+        self.path = Path(path)
+        self.studies = studies
+        self._sessions = sessions
+        self._default_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._lock = threading.Lock()
+        self._checked: tuple[float, str | None, list[str]] | None = None  # (mtime, why invalid, modes)
+        self._models: dict[str, tuple[float, LoadedModel]] = {}
+        reason = self.unavailable_reason()
+        if reason:
+            logger.warning(f"model 'anofpdm' is not offered: {reason}")
+
+    # ---- MONAI Label interface -------------------------------------------------------------------------
+    def is_valid(self) -> bool:
+        """True only for a readable, calibrated checkpoint: never serve a random network."""
+        return self.unavailable_reason() is None
+
+    def config(self) -> dict[str, Any]:
+        """Options shown in Slicer; lists offer choices (first = default); "calibrated" = the mode's value."""
+        devices = device_list()
+        if self._default_device not in devices:
+            devices.insert(0, self._default_device)
+        else:
+            devices.insert(0, devices.pop(devices.index(self._default_device)))
+        defaults = InferenceOptions()
+        return {
+            "device": devices,
+            "mode": self._modes(),
+            "forward_steps": CALIBRATED,
+            "stride": CALIBRATED,
+            "guidance": CALIBRATED,
+            "encoding": [CALIBRATED, "ddim", "ddpm"],
+            "min_lesion_mm3": float(defaults.min_lesion_mm3),
+            "seed": int(defaults.seed),
+        }
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Segment the request's image; returns the label file and the result JSON."""
+        start = time.perf_counter()
+        model = self._model(self._device(request.get("device")))
+        options = self._options(model, request)
+        extension = request.get("result_extension") or RESULT_EXTENSIONS[0]
+        if extension not in RESULT_EXTENSIONS:
+            raise InputError(f"result_extension {extension!r} is not supported (use one of {RESULT_EXTENSIONS})")
+        inputs = resolve_inputs(str(request.get("image") or ""), model.config.sequences, request, self.studies,
+                                self._session_image)
+        logger.info(f"anofpdm inputs: {inputs.describe()}; options: {options}")
+        result = self._segment(model, inputs, options, Path(str(request["image"])).name)
+
+        write_start = time.perf_counter()
+        label_path, map_path = self._write(result.mask, result.anomaly_map, extension)
+        report = result.report
+        report["timings_s"]["write_s"] = round(time.perf_counter() - write_start, 3)
+        report["timings_s"]["total_s"] = round(time.perf_counter() - start, 3)
+        logger.info(f"anofpdm: {report['verdict']}, {report['lesion_count']} lesion(s), "
+                    f"{report['total_volume_ml']} mL in {report['timings_s']['total_s']} s -> {label_path}")
+        return str(label_path), {
+            "label_names": dict(self.labels),
+            **report,
+            "anomaly_map": str(map_path),
+            "inputs": inputs.sources,
+        }
+
+    # ---- model -------------------------------------------------------------------------------------------
+    def unavailable_reason(self) -> str | None:
+        """Why the model cannot be served (None when it can); re-checked when the file changes."""
+        if not self.path.is_file():
+            return f"model weights not found at {self.path} (train and calibrate one, or pass --conf model_path PATH)"
+        mtime = self.path.stat().st_mtime
+        with self._lock:
+            if self._checked is None or self._checked[0] != mtime:
+                self._checked = (mtime, *self._check_checkpoint())
+            return self._checked[1]
+
+    def _check_checkpoint(self) -> tuple[str | None, list[str]]:
+        try:
+            calibration = load_checkpoint(self.path).get("calibration")
+        except (FileNotFoundError, ValueError) as exc:
+            return str(exc), []
+        if not calibration:
+            return f"{self.path} has no calibration (run anofpdm calibrate)", []
+        return None, sorted(calibration, key=lambda mode: (mode != "fast", mode))
+
+    def _modes(self) -> list[str]:
+        """The checkpoint's calibrated modes, "fast" first."""
+        if self.unavailable_reason() is None and self._checked:
+            return list(self._checked[2])
+        return ["fast", "full"]
+
+    def _device(self, requested: Any) -> str:
+        name = requested[0] if isinstance(requested, list) and requested else requested
+        name = str(name) if name else self._default_device
+        device = device_map().get(name, name)
+        try:
+            torch.device(device)
+        except RuntimeError as exc:
+            raise InputError(f"device {name!r} is not a torch device: {exc}") from exc
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError(f"device {name!r} is not available on this server (devices: {device_list()})")
+        return device
+
+    def _model(self, device: str) -> LoadedModel:
+        """The network on ``device``, loaded once per device and reloaded when the file changes."""
+        reason = self.unavailable_reason()
+        if reason:
+            raise ModelUnavailableError(f"model 'anofpdm' is not available: {reason}")
+        mtime = self.path.stat().st_mtime
+        with self._lock:
+            cached = self._models.get(device)
+            if cached is None or cached[0] != mtime:
+                logger.info(f"loading {self.path} on {device}")
+                cached = (mtime, load_model(self.path, device))
+                self._models[device] = cached
+            return cached[1]
+
+    # ---- request -----------------------------------------------------------------------------------------
+    def _options(self, model: LoadedModel, request: dict[str, Any]) -> InferenceOptions:
+        """The request's options (falling back to the config defaults), checked against the model."""
+        parsed = {name: _parse_option(name, request[name]) for name in OPTION_TYPES if name in request}
+        try:  # None keeps the InferenceOptions default: "fast", seed 0, the calibrated settings...
+            options = InferenceOptions(**{name: value for name, value in parsed.items() if value is not None})
+            resolve_options(model, options)
+        except ValueError as exc:  # bad mode, encoding, kernel... : the library's message says which
+            raise InputError(str(exc)) from exc
+        return options
+
+    def _session_image(self, session_id: str) -> Path:
+        sessions = self._sessions() if self._sessions else None
+        if sessions is None:
+            raise InputError("sessions are disabled on this server (MONAI_LABEL_SESSIONS=false)")
+        session = sessions.get_session(session_id)
+        if session is None:
+            raise InputError(f"session {session_id!r} not found (expired or never created)")
+        return Path(session.image)
+
+    @staticmethod
+    def _segment(model: LoadedModel, inputs: ResolvedInputs, options: InferenceOptions, name: str) -> SegmentationResult:
+        """``segment_volume`` with progress logged; input errors name the files used."""
+        try:
+            return segment_volume(model, inputs.images, options, ProgressLog(f"anofpdm {name}"))
+        except InputError as exc:
+            raise InputError(f"{exc} [inputs: {inputs.describe()}]") from exc
+
+    # ---- results -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _write(mask: nib.Nifti1Image, anomaly_map: nib.Nifti1Image, extension: str) -> tuple[Path, Path]:
+        """Write the label (``extension``) and, beside it, the float anomaly map (NIfTI)."""
+        handle, name = tempfile.mkstemp(prefix="anofpdm_", suffix=f"_label{extension}")
+        os.close(handle)
+        label_path = Path(name)
+        base = label_path.name[: -len(f"_label{extension}")]
+        map_path = label_path.with_name(base + MAP_SUFFIX)
+        nib.save(anomaly_map, map_path)
+        if extension == ".nrrd":
+            nifti_path = label_path.with_name(base + "_label.nii.gz")
+            nib.save(mask, nifti_path)
+            sitk.WriteImage(sitk.ReadImage(str(nifti_path)), str(label_path), useCompression=True)
+            nifti_path.unlink()
+        else:
+            nib.save(mask, label_path)
+        return label_path, map_path

@@ -1,0 +1,181 @@
+"""Find the FLAIR and the other sequences (T2, ...) of one inference request and read them.
+
+Three conventions, tried in this order for every sequence the model needs besides the FLAIR:
+
+1. a multi-channel image: 4-D NIfTI, channels last, 2 channels (FLAIR, T2) or 4 in the MSD Task01
+   order (FLAIR, T1w, T1gd, T2w);
+2. request parameters: ``{"t2": "<path on the server>"}`` or ``{"t2_session": "<session id>"}``
+   (a MONAI Label session whose image is the T2);
+3. a datastore image ``<studies>/<id>.nii.gz`` has its T2 at ``<studies>/t2/<id>.nii.gz``
+   (MONAI Label's local datastore lists only the top level of ``<studies>``, so ``t2/`` is not an image).
+
+A MONAI Label session made of several files (``PUT /session/`` with FLAIR and T2) arrives as a folder;
+its files are matched by the sequence name in the file name (``case_flair.nii.gz``, ``case_t2.nii.gz``).
+Every failure is an ``InputError`` that names the paths it looked at.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from anofpdm.data.brats import MSD_CHANNELS
+from anofpdm.volume import InputError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+CHANNEL_LAYOUTS: dict[int, tuple[str, ...]] = {2: ("flair", "t2"), 4: MSD_CHANNELS}
+SEQUENCE_ALIASES: dict[str, tuple[str, ...]] = {
+    "flair": ("flair",),
+    "t1": ("t1", "t1w"),
+    "t1ce": ("t1ce", "t1gd", "t1c"),
+    "t2": ("t2", "t2w"),
+}
+REFERENCE = "flair"
+
+SessionLookup = Callable[[str], Path]
+
+
+@dataclass
+class ResolvedInputs:
+    """The images of one request, by sequence name, and where each came from."""
+
+    images: dict[str, nib.spatialimages.SpatialImage] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def add(self, name: str, image: nib.spatialimages.SpatialImage, source: str) -> None:
+        self.images[name] = image
+        self.sources[name] = source
+
+    def describe(self) -> str:
+        """``flair=<source>, t2=<source>`` for error messages."""
+        return ", ".join(f"{name}={source}" for name, source in self.sources.items())
+
+
+def strip_nifti_suffix(name: str) -> str:
+    """``case.nii.gz`` -> ``case``; raises ``InputError`` for other formats."""
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    raise InputError(f"{name}: only NIfTI images ({', '.join(NIFTI_SUFFIXES)}) are supported")
+
+
+def read_nifti(path: Path, what: str) -> nib.spatialimages.SpatialImage:
+    """Read a NIfTI file fully into memory, naming the sequence and the file in any error."""
+    strip_nifti_suffix(path.name)
+    if not path.is_file():
+        raise InputError(f"{what} file not found: {path}")
+    try:
+        image = nib.load(path)
+        data = np.asanyarray(image.dataobj)  # reads everything now: a truncated file fails here
+    except Exception as exc:  # nibabel, gzip and zlib raise many types for corrupt files
+        raise InputError(f"cannot read {what} file {path}: {exc}") from exc
+    return type(image)(data, image.affine, image.header)
+
+
+def split_channels(image: nib.spatialimages.SpatialImage, source: str) -> ResolvedInputs:
+    """One image as sequences: a 3-D FLAIR, or the channels of a 2- or 4-channel 4-D image."""
+    shape = image.shape
+    resolved = ResolvedInputs()
+    if len(shape) == 3 or (len(shape) == 4 and shape[3] == 1):
+        resolved.add(REFERENCE, image, source)
+        return resolved
+    layout = CHANNEL_LAYOUTS.get(shape[3]) if len(shape) == 4 else None
+    if layout is None:
+        raise InputError(
+            f"{source} has shape {shape}: expected a 3-D FLAIR, or a 4-D image with channels last holding "
+            "2 channels (FLAIR, T2) or 4 channels in MSD Task01 order (FLAIR, T1w, T1gd, T2w)"
+        )
+    data = np.asanyarray(image.dataobj)
+    for channel, name in enumerate(layout):
+        resolved.add(name, type(image)(data[..., channel], image.affine, image.header),
+                     f"{source} [channel {channel + 1} of {len(layout)}]")
+    return resolved
+
+
+def _session_files(folder: Path, sequences: Sequence[str]) -> ResolvedInputs:
+    """Match the files of a multi-file session to sequences by the sequence name in their file names."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    resolved = ResolvedInputs()
+    for name in sequences:
+        aliases = set(SEQUENCE_ALIASES.get(name, (name,)))
+        matches = [p for p in files if aliases & set(re.split(r"[^a-z0-9]+", p.name.lower()))]
+        if len(matches) != 1:
+            raise InputError(
+                f"session folder {folder} holds {[p.name for p in files]}: expected exactly one file named "
+                f"with {name!r} (one of {sorted(aliases)}), e.g. case_{name}.nii.gz; found {len(matches)}"
+            )
+        resolved.add(name, read_nifti(matches[0], name.upper()), str(matches[0]))
+    return resolved
+
+
+def _datastore_sibling(image_path: Path, name: str) -> list[Path]:
+    """Where a datastore image's ``name`` sequence may lie: ``<studies>/<name>/<id>.nii.gz`` then ``.nii``."""
+    stem = strip_nifti_suffix(image_path.name)
+    first = image_path.parent / name / image_path.name
+    return [first] + [image_path.parent / name / f"{stem}{s}" for s in NIFTI_SUFFIXES if f"{stem}{s}" != first.name]
+
+
+def resolve_inputs(
+    image: str,
+    sequences: Sequence[str],
+    params: Mapping[str, object],
+    studies: str | None,
+    session_image: SessionLookup,
+) -> ResolvedInputs:
+    """Read every sequence the model needs for one request.
+
+    Args:
+        image: the request's image: a NIfTI file (FLAIR or multi-channel) or a multi-file session folder.
+        sequences: the model's sequences; ``flair`` is the reference grid.
+        params: request parameters; ``<sequence>`` (a server path) or ``<sequence>_session`` (a session id).
+        studies: the local datastore folder, or None (its ``<sequence>/`` sub-folders are searched only
+            for images that lie in it).
+        session_image: session id -> the file of that session's image (raises ``InputError`` if unknown).
+
+    Raises:
+        InputError: a sequence is missing, unreadable or given twice; the message names what was tried.
+    """
+    if not image:
+        raise InputError("the request names no image file (an unknown datastore image id?)")
+    image_path = Path(image)
+    if image_path.is_dir():
+        resolved = _session_files(image_path, sequences)
+    else:
+        resolved = split_channels(read_nifti(image_path, "image (FLAIR or multi-channel)"), str(image_path))
+    in_datastore = studies is not None and Path(studies).is_dir() and image_path.parent.resolve() == Path(studies).resolve()
+
+    for name in sequences:
+        path_param, session_param = params.get(name), params.get(f"{name}_session")
+        if name in resolved.images:
+            if path_param or session_param:
+                raise InputError(f"{name.upper()} is given twice: in the image ({resolved.sources[name]}) and "
+                                 f"as the request parameter {name if path_param else name + '_session'}")
+            continue
+        if path_param and session_param:
+            raise InputError(f"give either {name} or {name}_session, not both")
+        if path_param:
+            path = Path(str(path_param))
+            resolved.add(name, read_nifti(path, name.upper()), str(path))
+        elif session_param:
+            path = session_image(str(session_param))
+            resolved.add(name, read_nifti(path, name.upper()), f"{path} (session {session_param})")
+        elif in_datastore:
+            candidates = _datastore_sibling(image_path, name)
+            found = next((p for p in candidates if p.is_file()), None)
+            if found is None:
+                raise InputError(
+                    f"{name.upper()} for datastore image {strip_nifti_suffix(image_path.name)!r} not found: looked for "
+                    f"{', '.join(str(p) for p in candidates)}; or give a 2- or 4-channel image"
+                )
+            resolved.add(name, read_nifti(found, name.upper()), str(found))
+        else:
+            raise InputError(
+                f"no {name.upper()} for the image {image_path.name}: give the request parameter "
+                f'{{"{name}": "<path on the server>"}} or {{"{name}_session": "<session id>"}}, upload a 2- or '
+                f"4-channel image, or create one session with the FLAIR and {name.upper()} files"
+            )
+    return resolved

@@ -1,0 +1,50 @@
+"""MONAI Label app for AnoFPDM brain-tumour segmentation: wiring only.
+
+Start: ``monailabel start_server --app apps/anofpdm --studies demo/studies``
+(``--conf model_path PATH`` for other weights, ``--conf device cpu|cuda``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import anofpdm
+import lib.configs
+from lib.serving import serve_infer_in_worker_threads
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.utils.others.class_utils import get_class_names
+
+logger = logging.getLogger(__name__)
+
+
+class AnoFPDMApp(MONAILabelApp):
+    """One infer task per config module in ``lib.configs``; weights default to the repository's ``model/``."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        model_dir = os.path.realpath(os.path.join(app_dir, "..", "..", "model"))
+        self.models: dict[str, TaskConfig] = {}
+        for class_path in get_class_names(lib.configs, "TaskConfig"):
+            module, _, class_name = class_path.rpartition(".")
+            name = module.rpartition(".")[2]
+            self.models[name] = getattr(sys.modules[module], class_name)()
+            self.models[name].init(name, model_dir, conf, None, studies=studies, sessions=self.sessions)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="AnoFPDM",
+            description="Brain-tumour segmentation with the forward process of a diffusion model "
+            "(FLAIR + T2; research use only)",
+            version=anofpdm.__version__,
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        return {name: config.infer() for name, config in self.models.items()}
+
+    def on_init_complete(self) -> None:
+        super().on_init_complete()
+        serve_infer_in_worker_threads()
