@@ -24,6 +24,17 @@ TINY = NetworkConfig(
 )
 
 
+def tiny_network(std: float = 0.1) -> torch.nn.Module:
+    """The tiny network with every weight drawn at random (MONAI zero-initialises the output layer,
+    which would make guided and unguided predictions identical)."""
+    torch.manual_seed(0)
+    network = build_network(TINY)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.normal_(0.0, std)
+    return network
+
+
 def tiny_calibration(**overrides) -> dict:
     settings = dict(cosine_threshold=0.999, max_divergence=(0.05, 0.05), guidance=2.0, forward_steps=40,
                     stride=10, encoding="ddim", early_stop=None)
@@ -34,10 +45,9 @@ def tiny_calibration(**overrides) -> dict:
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight tiny model with a calibration for modes "fast" and "full" (for mechanics only)."""
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
     calibration = {"fast": tiny_calibration(), "full": tiny_calibration(stride=1, forward_steps=12)}
-    save_checkpoint(path, TINY, build_network(TINY).state_dict(), ScheduleConfig().to_dict(),
+    save_checkpoint(path, TINY, tiny_network().state_dict(), ScheduleConfig().to_dict(),
                     {"data_description": "random weights (test)"}, calibration)
     return path
 

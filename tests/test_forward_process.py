@@ -9,9 +9,9 @@ import torch
 
 from anofpdm.diffusion import NoiseSchedule
 from anofpdm.forward_process import ForwardProcessConfig, run_forward_process
-from anofpdm.model import HEALTHY, NULL_LABEL, build_network
+from anofpdm.model import HEALTHY, NULL_LABEL
 
-from conftest import TINY
+from conftest import tiny_network
 
 MAPS = [0, 1]
 
@@ -41,12 +41,7 @@ def _live_tensor_bytes() -> int:
 
 @pytest.fixture(scope="module")
 def network():
-    torch.manual_seed(1)
-    net = build_network(TINY).eval()
-    with torch.no_grad():  # MONAI zero-initialises the output layer: give every weight a value
-        for parameter in net.parameters():
-            parameter.normal_(0.0, 0.1)
-    return net
+    return tiny_network().eval()
 
 
 def brute_force(network, x0, schedule, config):

@@ -96,11 +96,17 @@ def calibrate_mode(
         raise ValueError(f"{len(images)} slices but {len(labels)} labels")
     scores, peaks = slice_statistics(model, images, config, batch_size, progress)
     threshold, errors = choose_cosine_threshold(scores, labels)
+    d_max = peaks[labels.astype(bool)].max(axis=0)
+    if (d_max <= 0).any():
+        raise ValueError(
+            f"guided and unguided predictions never differ on unhealthy validation slices (Dmax {d_max.tolist()}): "
+            "the network has not learnt the class conditioning; train it (longer) before calibrating"
+        )
     predicted = scores <= threshold
     truth = labels.astype(bool)
     return Calibration(
         cosine_threshold=threshold,
-        max_divergence=tuple(float(v) for v in peaks[truth].max(axis=0)),
+        max_divergence=tuple(float(v) for v in d_max),
         guidance=config.guidance,
         forward_steps=config.forward_steps,
         stride=config.stride,

@@ -1,0 +1,229 @@
+"""The ``anofpdm`` command: synth, prepare, train, calibrate, segment.
+
+Each subcommand parses its options here and calls the library, importing it only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "progress_bar"]
+
+
+def progress_bar(description: str) -> Callable[..., None]:
+    """A progress callback ``(done, total)`` or ``(stage, done, total)`` that drives one tqdm bar."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=description, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(*args: object) -> None:
+        done, total = int(args[-2]), int(args[-1])
+        if bar.total != total:
+            bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _floats(value: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in _csv(value))
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from anofpdm.data.synth import generate_cases, render_preview
+
+    if args.preview and not args.out:
+        case_dirs = sorted(p for p in args.cases_dir.iterdir() if p.is_dir() and p.name != "studies")
+        render_preview(case_dirs[: args.preview_cases], args.preview)
+        return 0
+    manifest = generate_cases(args.out, args.cases, args.seed, args.healthy_fraction, progress=progress_bar("synth"))
+    if args.preview:
+        case_dirs = [args.out / case["case"] for case in manifest["cases"][: args.preview_cases]]
+        render_preview(case_dirs, args.preview)
+    print(f"wrote {len(manifest['cases'])} cases to {args.out}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from anofpdm.data.slices import prepare_dataset
+
+    manifest = prepare_dataset(args.data, args.out, sequences=args.sequences, size=args.size, seed=args.seed,
+                               progress=progress_bar("prepare"))
+    print(json.dumps(manifest["splits"], indent=2))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from anofpdm.train import run_from_args
+
+    run_from_args(args)
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    import numpy as np
+    import torch
+
+    from anofpdm.calibration import MODES, calibrate_mode, choose_guidance
+    from anofpdm.data.slices import SliceDataset
+    from anofpdm.model import load_model, update_calibration
+
+    model = load_model(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dataset = SliceDataset(args.data, args.split, sequences=model.config.sequences)
+    order = np.random.default_rng(args.seed).permutation(len(dataset))[: args.max_slices]
+    images = torch.stack([dataset[int(i)][0] for i in order])
+    labels = [dataset[int(i)][1] for i in order]
+    results = {}
+    for mode in args.modes:
+        settings = MODES[mode]
+        if args.steps is not None:
+            settings = replace(settings, forward_steps=args.steps)
+        candidates = [
+            calibrate_mode(model, images, labels, replace(settings, guidance=w, seed=args.seed), args.batch_size,
+                           progress_bar(f"calibrate {mode} w={w}"))
+            for w in (args.guidance or (settings.guidance,))
+        ]
+        chosen = choose_guidance(candidates)
+        results[mode] = chosen.to_dict()
+        print(f"{mode}: w={chosen.guidance} c*={chosen.cosine_threshold:.6f} Dmax={chosen.max_divergence} "
+              f"accuracy={chosen.validation['accuracy']}")
+    update_calibration(args.model, results)
+    return 0
+
+
+def _segment(args: argparse.Namespace) -> int:
+    import nibabel as nib
+    import torch
+
+    from anofpdm.model import load_model
+    from anofpdm.pipeline import InferenceOptions, segment_volume
+
+    model = load_model(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    options = InferenceOptions(
+        mode=args.mode, guidance=args.guidance, forward_steps=args.steps, stride=args.stride,
+        encoding=args.encoding, early_stop=args.early_stop, seed=args.seed, min_lesion_mm3=args.min_lesion_mm3,
+    )
+    images = {"flair": _read_image(args.flair, "FLAIR"), "t2": _read_image(args.t2, "T2")}
+    result = segment_volume(model, images, options, progress=progress_bar("forward process"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(result.mask, args.out)
+    if args.map:
+        nib.save(result.anomaly_map, args.map)
+    if args.report:
+        args.report.write_text(json.dumps(result.report, indent=2))
+    report = result.report
+    print(f"{report['verdict']}: {report['lesion_count']} lesion(s), {report['total_volume_ml']} mL "
+          f"(score {report['score']:.5f}, c* {report['cosine_threshold']:.5f}) -> {args.out}")
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _read_image(path: Path, what: str):
+    """Load a NIfTI file, naming the file and the sequence in any error."""
+    import nibabel as nib
+
+    from anofpdm.volume import InputError
+
+    if not path.is_file():
+        raise InputError(f"{what} file not found: {path}")
+    try:
+        image = nib.load(path)
+        image.get_fdata(dtype="float32")
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(f"cannot read {what} file {path}: {exc}") from exc
+    return image
+
+
+def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", default="fast", help="calibrated mode: fast (CPU default) or full (600 steps)")
+    parser.add_argument("--guidance", type=float, help="guidance weight w (default: the mode's calibrated one)")
+    parser.add_argument("--steps", type=int, help="forward steps T_f (default: the mode's)")
+    parser.add_argument("--stride", type=int, help="visit every n-th step (default: the mode's)")
+    parser.add_argument("--encoding", choices=("ddim", "ddpm"), help="forward encoding (default: the mode's)")
+    parser.add_argument("--early-stop", type=int, help="stop n visited steps after the divergence peak")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-lesion-mm3", type=float, default=500.0, help="drop components of at most this volume")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anofpdm", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    synth = commands.add_parser("synth", help="synthetic BraTS-format cases on the MNI152 anatomy")
+    synth.add_argument("--out", type=Path, help="output folder (BraTS layout + studies/)")
+    synth.add_argument("--cases", type=int, default=10)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--healthy-fraction", type=float, default=0.2)
+    synth.add_argument("--preview", type=Path, help="also render a PNG of the first cases")
+    synth.add_argument("--preview-cases", type=int, default=4)
+    synth.add_argument("--cases-dir", type=Path, help="with --preview and no --out: preview existing cases")
+    synth.set_defaults(run=_synth)
+
+    prepare = commands.add_parser("prepare", help="volumes -> normalised training slices with a split")
+    prepare.add_argument("--data", type=Path, required=True, help="BraTS21 / BraTS2023 / MSD Task01 / synth folder")
+    prepare.add_argument("--out", type=Path, required=True)
+    prepare.add_argument("--sequences", type=_csv, default=("flair", "t1", "t1ce", "t2"))
+    prepare.add_argument("--size", type=int, default=128)
+    prepare.add_argument("--seed", type=int, default=0)
+    prepare.set_defaults(run=_prepare)
+
+    train = commands.add_parser("train", help="classifier-free-guidance training (torchrun for several GPUs)")
+    from anofpdm.train import add_train_arguments
+
+    add_train_arguments(train)
+    train.set_defaults(run=_train)
+
+    calibrate = commands.add_parser("calibrate", help="store c* and Dmax per mode in the model file")
+    calibrate.add_argument("--model", type=Path, required=True)
+    calibrate.add_argument("--data", type=Path, required=True, help="prepared slices folder")
+    calibrate.add_argument("--split", default="val")
+    calibrate.add_argument("--modes", type=_csv, default=("fast", "full"))
+    calibrate.add_argument("--guidance", type=_floats, help="several w: keep the largest within 99%% of the best")
+    calibrate.add_argument("--steps", type=int, help="forward steps T_f (default: each mode's)")
+    calibrate.add_argument("--max-slices", type=int, help="a seeded random subset of the split")
+    calibrate.add_argument("--batch-size", type=int, default=32)
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument("--device")
+    calibrate.set_defaults(run=_calibrate)
+
+    segment = commands.add_parser("segment", help="segment one FLAIR + T2 volume")
+    segment.add_argument("--model", type=Path, required=True)
+    segment.add_argument("--flair", type=Path, required=True)
+    segment.add_argument("--t2", type=Path, required=True)
+    segment.add_argument("--out", type=Path, required=True, help="tumour mask NIfTI (uint8, tumour = 1)")
+    segment.add_argument("--map", type=Path, help="also write the anomaly map NIfTI")
+    segment.add_argument("--report", type=Path, help="also write the JSON report")
+    _add_inference_options(segment)
+    segment.set_defaults(run=_segment)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``anofpdm`` console command."""
+    args = build_parser().parse_args(argv)
+    from anofpdm.volume import InputError
+
+    try:
+        return args.run(args)
+    except (InputError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

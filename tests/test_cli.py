@@ -1,0 +1,67 @@
+"""The ``anofpdm`` command: segment and calibrate on the tiny model, and clear input errors."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from anofpdm.cli import main
+from anofpdm.model import load_checkpoint, load_model
+
+from conftest import make_volume_pair
+
+
+@pytest.fixture()
+def volume_files(tmp_path):
+    paths = {}
+    for name, image in make_volume_pair().items():
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(image, paths[name])
+    return paths
+
+
+def test_segment_writes_mask_map_and_report(tiny_model_path, volume_files, tmp_path):
+    out, heat, report = tmp_path / "out" / "mask.nii.gz", tmp_path / "map.nii.gz", tmp_path / "report.json"
+    code = main(["segment", "--model", str(tiny_model_path), "--flair", str(volume_files["flair"]),
+                 "--t2", str(volume_files["t2"]), "--out", str(out), "--map", str(heat), "--report", str(report)])
+    assert code == 0
+    flair = nib.load(volume_files["flair"])
+    for path in (out, heat):
+        image = nib.load(path)
+        assert image.shape == flair.shape
+        np.testing.assert_array_equal(image.affine, flair.affine)
+    assert json.loads(report.read_text())["slices"]["segmented"] == 10
+
+
+def test_segment_reports_missing_and_corrupt_files(tiny_model_path, volume_files, tmp_path, capsys):
+    args = ["segment", "--model", str(tiny_model_path), "--flair", str(volume_files["flair"]), "--out", str(tmp_path / "m.nii.gz")]
+    assert main([*args, "--t2", str(tmp_path / "absent.nii.gz")]) == 2
+    assert "T2 file not found" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b\x08 broken")
+    assert main([*args, "--t2", str(corrupt)]) == 2
+    assert "cannot read T2 file" in capsys.readouterr().err
+    assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_calibrate_stores_each_mode_in_the_model_file(tiny_model_path, tmp_path):
+    from anofpdm.model import save_checkpoint
+
+    payload = load_checkpoint(tiny_model_path)
+    model_path = tmp_path / "model.pt"
+    save_checkpoint(model_path, load_model(tiny_model_path).config, payload["state_dict"], payload["schedule"])
+    data = tmp_path / "slices"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(data / "val_images.npy", rng.uniform(-1, 1, (6, 2, 16, 16)).astype(np.float16))
+    np.save(data / "val_labels.npy", np.array([0, 1, 0, 1, 0, 1], np.uint8))
+    (data / "manifest.json").write_text(json.dumps({"sequences": ["flair", "t2"], "size": 16}))
+    code = main(["calibrate", "--model", str(model_path), "--data", str(data), "--modes", "fast",
+                 "--steps", "40", "--guidance", "1,2"])
+    assert code == 0
+    calibration = load_model(model_path).calibration["fast"]
+    assert calibration["forward_steps"] == 40 and calibration["guidance"] in (1.0, 2.0)
+    assert calibration["validation"]["slices"] == 6
+    counts = calibration["validation"]
+    assert counts["true_positive"] + counts["false_negative"] == 3
