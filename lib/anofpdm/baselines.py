@@ -1,0 +1,354 @@
+"""Baselines on the same model, data and post-processing as AnoFPDM (SPEC.md section 6).
+
+- ``flair_threshold``: no network. The normalised FLAIR on the model grid is the anomaly map.
+- ``reconstruction_baseline`` (AnoDDPM-style, Gaussian noise): noise every slice to one fixed step t,
+  decode it back to t = 0 with the unguided (null-label) network by deterministic DDIM steps, and finish
+  with the network's clean-image prediction at t = 0. The map is the squared reconstruction error.
+- ``cfg_ddim_baseline`` (classifier-free-guidance DDIM): DDIM-encode each slice with the null label from
+  t = 0 (the slice itself) up to a fixed step, decode it back with the healthy-guided prediction
+  (weight w), finish with the guided clean-image prediction at t = 0. The map is the squared error.
+
+Network maps are the squared error averaged over the map sequences (FLAIR and T2). Every baseline
+thresholds its map once per volume with a fixed rule (a quantile of the map over the volume's brain
+pixels, or a fixed value), then gets the pipeline's 3-D post-processing: median filter, threshold,
+removal of small components, mapping back onto the input grid. A baseline has no slice classifier: a
+slice is called unhealthy when its final mask is not empty. Results have the pipeline's form
+(``SegmentationResult`` with ``ModelGridOutputs``), so evaluation treats every method alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from anofpdm.diffusion import NoiseSchedule
+from anofpdm.model import HEALTHY, MAP_SEQUENCES, NULL_LABEL, LoadedModel
+from anofpdm.pipeline import ModelGridOutputs, SegmentationResult, default_median_kernel
+from anofpdm.postprocess import lesion_table, median_filter_3d, remove_small_components
+from anofpdm.volume import BACKGROUND, to_input_grid, to_model_slices
+
+__all__ = [
+    "FixedThreshold",
+    "BaselineOptions",
+    "brain_pixels",
+    "decoding_steps",
+    "ddim_encode",
+    "ddim_decode",
+    "reconstruct_from_noise",
+    "reconstruct_guided",
+    "flair_threshold",
+    "reconstruction_baseline",
+    "cfg_ddim_baseline",
+]
+
+BRAIN_TOLERANCE = 1e-4  # model-grid pixels above BACKGROUND by more than this hold brain
+DEFAULT_QUANTILE = 0.99  # the FLAIR baseline's usual 99th percentile; tune on validation cases
+ANODDPM_NOISE_LEVEL = 250  # AnoDDPM's noise level: 250 of 1000 steps
+CFG_NOISE_LEVEL = 500  # a setting for the CFG baseline, not from the paper: tune on validation cases
+DEFAULT_DECODING_STRIDE = 10
+DEFAULT_GUIDANCE = 2.0  # the paper's BraTS w
+DEFAULT_BATCH_SIZE = 32
+Reconstructor = Callable[[torch.Tensor, int], tuple[torch.Tensor, int]]
+
+
+@dataclass(frozen=True)
+class FixedThreshold:
+    """One threshold per volume: a quantile of the raw map over the brain pixels, or a fixed map value.
+
+    Args:
+        quantile: in (0, 1): the map's quantile over the volume's brain pixels (0.99: the 99th percentile).
+        value: a fixed map value instead (then ``quantile`` must be None).
+    """
+
+    quantile: float | None = DEFAULT_QUANTILE
+    value: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.quantile is None) == (self.value is None):
+            raise ValueError(f"give exactly one of quantile and value, got quantile={self.quantile}, value={self.value}")
+        if self.quantile is not None and not 0.0 < self.quantile < 1.0:
+            raise ValueError(f"quantile must be in (0, 1), got {self.quantile}")
+
+    def resolve(self, raw_map: np.ndarray, brain: np.ndarray) -> float:
+        """The threshold for one volume's N x S x S raw map and brain pixels."""
+        if self.value is not None:
+            return float(self.value)
+        if not brain.any():
+            raise ValueError("no brain pixel on the model grid: cannot take a brain quantile")
+        return float(np.quantile(raw_map[brain], self.quantile))
+
+
+@dataclass(frozen=True)
+class BaselineOptions:
+    """Settings of one baseline run.
+
+    Args:
+        threshold: the per-volume threshold rule.
+        noise_level: the fixed step t the network baselines noise (or encode) to.
+        stride: DDIM step between visited timesteps while decoding (and encoding).
+        guidance: guidance weight w of the CFG baseline's decoding.
+        seed: noise seed (the reconstruction baseline's only random draw).
+        min_lesion_mm3: connected components of this volume or less are removed.
+        median_kernel: odd 3-D median kernel in voxels (None: the paper's 5 px at 128 px, scaled).
+        batch_size: slices per network batch.
+    """
+
+    threshold: FixedThreshold = field(default_factory=FixedThreshold)
+    noise_level: int = ANODDPM_NOISE_LEVEL
+    stride: int = DEFAULT_DECODING_STRIDE
+    guidance: float = DEFAULT_GUIDANCE
+    seed: int = 0
+    min_lesion_mm3: float = 500.0
+    median_kernel: int | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+    def __post_init__(self) -> None:
+        if self.noise_level < 1:
+            raise ValueError(f"noise_level must be >= 1, got {self.noise_level}")
+        if self.stride < 1:
+            raise ValueError(f"stride must be >= 1, got {self.stride}")
+        if self.guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+        if self.min_lesion_mm3 < 0:
+            raise ValueError(f"min_lesion_mm3 must be >= 0, got {self.min_lesion_mm3}")
+        if self.median_kernel is not None and (self.median_kernel < 1 or self.median_kernel % 2 == 0):
+            raise ValueError(f"median_kernel must be odd and positive, got {self.median_kernel}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def brain_pixels(slices: np.ndarray) -> np.ndarray:
+    """N x S x S brain pixels of N x C x S x S model-grid slices: any sequence above the background."""
+    return (slices > BACKGROUND + BRAIN_TOLERANCE).any(axis=1)
+
+
+def decoding_steps(noise_level: int, stride: int) -> list[int]:
+    """Timesteps visited from ``noise_level`` down to 0: noise_level, noise_level - stride, ..., 0."""
+    if noise_level < 0 or stride < 1:
+        raise ValueError(f"need noise_level >= 0 and stride >= 1, got {noise_level}, {stride}")
+    steps = list(range(noise_level, -1, -stride))
+    return steps if steps[-1] == 0 else [*steps, 0]
+
+
+def _labelled(network: torch.nn.Module, z: torch.Tensor, t: int, label: int) -> torch.Tensor:
+    timesteps = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
+    labels = torch.full((z.shape[0],), label, device=z.device, dtype=torch.long)
+    return network(z, timesteps, class_labels=labels)
+
+
+def _unguided(network: torch.nn.Module, z: torch.Tensor, t: int) -> torch.Tensor:
+    """eps(z, t, null): one evaluation per slice."""
+    return _labelled(network, z, t, NULL_LABEL)
+
+
+def _guided(network: torch.nn.Module, z: torch.Tensor, t: int, guidance: float) -> torch.Tensor:
+    """(1 + w) eps(z, t, healthy) - w eps(z, t, null), the two in one batch: two evaluations per slice."""
+    batch = z.shape[0]
+    labels = torch.tensor([HEALTHY] * batch + [NULL_LABEL] * batch, device=z.device)
+    timesteps = torch.full((2 * batch,), t, device=z.device, dtype=torch.long)
+    eps_healthy, eps_null = network(torch.cat([z, z]), timesteps, class_labels=labels).chunk(2)
+    return (1 + guidance) * eps_healthy - guidance * eps_null
+
+
+def ddim_encode(network: torch.nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, steps: list[int]) -> torch.Tensor:
+    """Deterministic DDIM inversion with the null label, from the clean slice at ``steps[0] = 0`` up to ``steps[-1]``."""
+    z = x0
+    with torch.no_grad():
+        for t, t_next in zip(steps[:-1], steps[1:]):
+            z = schedule.ddim_step(z, _unguided(network, z, t), t, t_next)
+    return z
+
+
+def ddim_decode(
+    schedule: NoiseSchedule, z: torch.Tensor, steps: list[int], noise_prediction: Callable[[torch.Tensor, int], torch.Tensor]
+) -> torch.Tensor:
+    """DDIM decoding through ``steps`` (descending to 0); the clean-image prediction at the last step, clipped.
+
+    Args:
+        schedule: the diffusion schedule.
+        z: the noised slices at ``steps[0]``.
+        steps: descending timesteps, the last one 0.
+        noise_prediction: eps(z, t) (unguided or guided).
+    """
+    with torch.no_grad():
+        for t, t_next in zip(steps[:-1], steps[1:]):
+            z = schedule.ddim_step(z, noise_prediction(z, t), t, t_next)
+        return schedule.predict_x0(z, noise_prediction(z, steps[-1]), steps[-1]).clamp(-1, 1)
+
+
+def _check_noise_level(schedule: NoiseSchedule, noise_level: int) -> None:
+    if not 1 <= noise_level < schedule.num_timesteps:
+        raise ValueError(f"noise_level must be in [1, {schedule.num_timesteps}), got {noise_level}")
+
+
+def reconstruct_from_noise(
+    network: torch.nn.Module,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    noise_level: int,
+    stride: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, int]:
+    """AnoDDPM-style reconstruction: noise to ``noise_level``, DDIM-decode with the null label.
+
+    Returns:
+        The reconstruction (B x C x S x S) and the single-slice network evaluations spent.
+    """
+    _check_noise_level(schedule, noise_level)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    steps = decoding_steps(noise_level, stride)
+    z = schedule.add_noise(x0, noise, noise_level)
+    reconstruction = ddim_decode(schedule, z, steps, lambda z, t: _unguided(network, z, t))
+    return reconstruction, x0.shape[0] * len(steps)
+
+
+def reconstruct_guided(
+    network: torch.nn.Module,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    noise_level: int,
+    stride: int,
+    guidance: float,
+) -> tuple[torch.Tensor, int]:
+    """CFG-DDIM reconstruction: null-label DDIM encoding to ``noise_level``, healthy-guided DDIM decoding.
+
+    Returns:
+        The reconstruction (B x C x S x S) and the single-slice network evaluations spent.
+    """
+    _check_noise_level(schedule, noise_level)
+    steps = decoding_steps(noise_level, stride)
+    z = ddim_encode(network, schedule, x0, steps[::-1])
+    reconstruction = ddim_decode(schedule, z, steps, lambda z, t: _guided(network, z, t, guidance))
+    return reconstruction, x0.shape[0] * ((len(steps) - 1) + 2 * len(steps))
+
+
+def _error_maps(model: LoadedModel, slices: np.ndarray, batch_size: int, reconstruct: Reconstructor) -> tuple[np.ndarray, int]:
+    """Squared reconstruction error averaged over the map sequences, per slice (N x S x S)."""
+    channels = [model.config.sequences.index(s) for s in MAP_SEQUENCES]
+    maps, evaluations = [], 0
+    for begin in range(0, len(slices), batch_size):
+        x0 = torch.from_numpy(slices[begin : begin + batch_size]).to(model.device)
+        reconstruction, spent = reconstruct(x0, begin)
+        maps.append(((reconstruction - x0)[:, channels] ** 2).mean(dim=1).cpu().numpy())
+        evaluations += spent
+    return np.concatenate(maps), evaluations
+
+
+def _image_like(reference: nib.spatialimages.SpatialImage, data: np.ndarray, dtype: type) -> nib.Nifti1Image:
+    image = nib.Nifti1Image(data.astype(dtype), reference.affine)
+    image.set_data_dtype(dtype)
+    return image
+
+
+def _segment(
+    method: str,
+    model: LoadedModel,
+    images: Mapping[str, nib.spatialimages.SpatialImage],
+    options: BaselineOptions,
+    anomaly_maps: Callable[[np.ndarray], tuple[np.ndarray, int]],
+    settings: dict[str, Any],
+) -> SegmentationResult:
+    """Slice, map, threshold and post-process one volume exactly as the pipeline does; only the map differs."""
+    config = model.config
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm)
+    timings["preprocess_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    raw_map, evaluations = anomaly_maps(slices)
+    timings["network_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    threshold = options.threshold.resolve(raw_map, brain_pixels(slices))
+    kernel = options.median_kernel or default_median_kernel(config.image_size)
+    filtered = median_filter_3d(raw_map.transpose(1, 2, 0), kernel)  # S x S x N
+    mask, removed = remove_small_components(filtered >= threshold, geometry.spacing_mm, options.min_lesion_mm3)
+    unhealthy = mask.any(axis=(0, 1))
+    mask_input = to_input_grid(mask.astype(np.float32), geometry) >= 0.5
+    map_input = to_input_grid(filtered, geometry)
+    lesions = lesion_table(mask_input, map_input, geometry.affine)
+    timings["postprocess_s"] = time.perf_counter() - start
+
+    reference = images[MAP_SEQUENCES[0]]
+    report = {
+        "method": method,
+        "verdict": "unhealthy" if lesions else "healthy",
+        "threshold": threshold,
+        "lesions": lesions,
+        "lesion_count": len(lesions),
+        "total_volume_ml": round(sum(row["volume_ml"] for row in lesions), 3),
+        "components_removed": removed,
+        "network_evaluations": evaluations,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "settings": {**settings, "threshold_rule": asdict(options.threshold), "min_lesion_mm3": options.min_lesion_mm3,
+                     "median_kernel": kernel, "device": str(model.device)},
+        "slices": {"segmented": len(geometry.slices), "unhealthy": int(unhealthy.sum())},
+        "warnings": [],
+    }
+    grid = ModelGridOutputs(
+        slices=slices,
+        raw_map=raw_map.astype(np.float32),
+        scores=np.full(len(slices), np.nan, dtype=np.float32),  # no cosine score: no slice classifier
+        unhealthy=unhealthy,
+        thresholds=np.full(len(slices), threshold, dtype=np.float32),
+        geometry=geometry,
+    )
+    return SegmentationResult(_image_like(reference, mask_input, np.uint8), _image_like(reference, map_input, np.float32),
+                              report, grid)
+
+
+def flair_threshold(
+    model: LoadedModel, images: Mapping[str, nib.spatialimages.SpatialImage], options: BaselineOptions | None = None
+) -> SegmentationResult:
+    """FLAIR-intensity baseline: the normalised FLAIR on the model grid, thresholded per volume (no network).
+
+    The model supplies only the grid (image size, field of view), so the comparison is on the same slices.
+    """
+    options = options or BaselineOptions()
+    flair = model.config.sequences.index(MAP_SEQUENCES[0])
+
+    def intensity(slices: np.ndarray) -> tuple[np.ndarray, int]:
+        # back from [-1, 1] to the [0, 1] intensity scale: background 0, like everything off the model grid
+        return (slices[:, flair] - BACKGROUND) / (1.0 - BACKGROUND), 0
+
+    return _segment("flair-threshold", model, images, options, intensity, {})
+
+
+def reconstruction_baseline(
+    model: LoadedModel, images: Mapping[str, nib.spatialimages.SpatialImage], options: BaselineOptions | None = None
+) -> SegmentationResult:
+    """AnoDDPM-style baseline: Gaussian noise to ``options.noise_level``, null-label DDIM decoding, squared error."""
+    options = options or BaselineOptions()
+    schedule = NoiseSchedule.from_dict(model.schedule, device=model.device)
+
+    def reconstruct(x0: torch.Tensor, begin: int) -> tuple[torch.Tensor, int]:
+        generator = torch.Generator(device=x0.device).manual_seed(options.seed + begin)
+        return reconstruct_from_noise(model.network, schedule, x0, options.noise_level, options.stride, generator)
+
+    settings = {"noise_level": options.noise_level, "stride": options.stride, "seed": options.seed,
+                "decoding": "ddim, null label, clean-image prediction at t = 0"}
+    return _segment("anoddpm-reconstruction", model, images, options,
+                    lambda slices: _error_maps(model, slices, options.batch_size, reconstruct), settings)
+
+
+def cfg_ddim_baseline(
+    model: LoadedModel, images: Mapping[str, nib.spatialimages.SpatialImage], options: BaselineOptions | None = None
+) -> SegmentationResult:
+    """CFG-DDIM baseline: null-label DDIM encoding to ``options.noise_level``, healthy-guided decoding, squared error."""
+    options = options or BaselineOptions(noise_level=CFG_NOISE_LEVEL)
+    schedule = NoiseSchedule.from_dict(model.schedule, device=model.device)
+
+    def reconstruct(x0: torch.Tensor, begin: int) -> tuple[torch.Tensor, int]:
+        return reconstruct_guided(model.network, schedule, x0, options.noise_level, options.stride, options.guidance)
+
+    settings = {"noise_level": options.noise_level, "stride": options.stride, "guidance": options.guidance,
+                "encoding": "ddim, null label, from the clean slice", "decoding": "ddim, healthy-guided"}
+    return _segment("cfg-ddim", model, images, options,
+                    lambda slices: _error_maps(model, slices, options.batch_size, reconstruct), settings)

@@ -1,0 +1,562 @@
+"""Evaluate AnoFPDM variants and baselines on labelled volumes (SPEC.md section 6).
+
+For every case (BraTS21, BraTS 2023, MSD Task01 or synthetic folders; truth = whole tumour, label > 0)
+and method, this computes the paper's slice protocol on the model grid (per-slice Dice / IoU, "mixed"
+and "unhealthy", AUPRC over brain pixels, slice verdict accuracy) and per-volume 3-D metrics on the
+input grid (Dice, IoU, precision, recall, AUPRC, lesion-volume error, volume verdict accuracy). It writes
+``results.json`` (per case and aggregated), ``results.md`` (a table) and PNG overlays of a few cases.
+
+Under torchrun (WORLD_SIZE > 1) the cases are sharded over the ranks (rank r takes cases r::world),
+the per-case results are gathered to rank 0 (gloo on CPU, NCCL on GPU) and only rank 0 writes.
+Each case's result does not depend on the rank that computed it (seeds are per case), so any number
+of processes gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from anofpdm.baselines import (
+    ANODDPM_NOISE_LEVEL,
+    CFG_NOISE_LEVEL,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_DECODING_STRIDE,
+    DEFAULT_GUIDANCE,
+    DEFAULT_QUANTILE,
+    BaselineOptions,
+    FixedThreshold,
+    brain_pixels,
+    cfg_ddim_baseline,
+    flair_threshold,
+    reconstruction_baseline,
+)
+from anofpdm.data.brats import CaseFiles, find_cases, load_case
+from anofpdm.decisions import median_filter_2d
+from anofpdm.metrics import MM3_PER_ML, aggregate_cases, slice_protocol, volume_metrics
+from anofpdm.model import MAP_SEQUENCES, LoadedModel, NetworkConfig, load_model
+from anofpdm.pipeline import PAPER_IMAGE_SIZE, InferenceOptions, SegmentationResult, default_median_kernel, segment_volume
+from anofpdm.postprocess import remove_small_components
+from anofpdm.train import distributed_context
+from anofpdm.volume import VolumeGeometry, to_model_slices
+
+__all__ = [
+    "METHODS",
+    "DEFAULT_METHODS",
+    "SliceProtocol",
+    "EvaluationSettings",
+    "EvaluationCase",
+    "prepare_case",
+    "score_result",
+    "run_method",
+    "markdown_table",
+    "render_overlay",
+    "evaluate",
+    "add_evaluate_arguments",
+    "settings_from_args",
+    "run_from_args",
+    "main",
+]
+
+ProgressCallback = Callable[[int, int], None]
+PAPER_MIN_AREA_PX = 40.0  # the authors drop 2-D components of at most 40 px at 128 x 128
+TRUTH_LEVEL = 0.5  # labels are resized, then thresholded at 0.5 (SPEC section 1)
+RESULTS_JSON, RESULTS_MD, OVERLAY_DIR = "results.json", "results.md", "overlays"
+DEFAULT_OVERLAY_CASES = 3
+OVERLAY_DPI = 90
+OVERLAY_TILE_INCHES = 2.6
+TRUTH_COLOUR, PREDICTION_COLOUR = "lime", "red"
+PERCENT = 100.0
+
+# AnoFPDM variants go through the pipeline; the mode supplies the calibrated settings (c*, Dmax, T_f, stride).
+ANOFPDM_VARIANTS: dict[str, dict[str, str]] = {
+    **{f"anofpdm-{encoding}-{mode}": {"mode": mode, "encoding": encoding}
+       for encoding in ("ddim", "ddpm") for mode in ("fast", "full")},
+    # the paper's S_te map: the error at the end step alone
+    **{f"anofpdm-ste-{mode}": {"mode": mode, "encoding": "ddim", "map_variant": "end_step"} for mode in ("fast", "full")},
+}
+BASELINES = {
+    "anoddpm-reconstruction": "AnoDDPM-style: Gaussian noise to a fixed t, null-label DDIM decoding, squared error",
+    "cfg-ddim": "classifier-free guidance: null-label DDIM encoding, healthy-guided DDIM decoding, squared error",
+    "flair-threshold": "normalised FLAIR above a per-volume brain percentile (no network)",
+}
+METHODS: dict[str, str] = {
+    **{name: f"AnoFPDM, {v['encoding'].upper()} forward, mode {v['mode']}"
+       + (", S_te map (error at t_e)" if "map_variant" in v else "") for name, v in ANOFPDM_VARIANTS.items()},
+    **BASELINES,
+}
+DEFAULT_METHODS = ("anofpdm-ddim-fast", "anoddpm-reconstruction", "cfg-ddim", "flair-threshold")
+
+
+@dataclass(frozen=True)
+class SliceProtocol:
+    """The paper's 2-D post-processing of each model-grid slice before slice-level scoring.
+
+    Args:
+        median_kernel: odd 2-D median kernel on the raw map (None: the paper's 5 px at 128 px, scaled).
+        min_area_px: 8-connected components of at most this many pixels are dropped from each slice's
+            mask (None: the authors' 40 px at 128 x 128, scaled by area; 0 keeps all).
+    """
+
+    median_kernel: int | None = None
+    min_area_px: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.median_kernel is not None and (self.median_kernel < 1 or self.median_kernel % 2 == 0):
+            raise ValueError(f"median_kernel must be odd and positive, got {self.median_kernel}")
+        if self.min_area_px is not None and self.min_area_px < 0:
+            raise ValueError(f"min_area_px must be >= 0, got {self.min_area_px}")
+
+    def resolved(self, image_size: int) -> tuple[int, float]:
+        """(median kernel, minimum area in px) at ``image_size``."""
+        kernel = self.median_kernel or default_median_kernel(image_size)
+        area = PAPER_MIN_AREA_PX * (image_size / PAPER_IMAGE_SIZE) ** 2 if self.min_area_px is None else self.min_area_px
+        return kernel, area
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """Everything besides the model and the data that decides the numbers.
+
+    Args:
+        seed: noise seed of every method.
+        min_lesion_mm3: 3-D components of at most this volume are removed (every method).
+        batch_size: slices per network batch (None: the pipeline's default for AnoFPDM).
+        baseline_stride: DDIM step of the network baselines' encoding / decoding.
+        anoddpm_noise_level: the fixed step t of the reconstruction baseline.
+        cfg_noise_level: the encoding depth of the CFG baseline.
+        cfg_guidance: the CFG baseline's guidance weight w.
+        flair_threshold: the FLAIR baseline's threshold rule.
+        error_threshold: the network baselines' threshold rule.
+        slice_protocol: the 2-D post-processing of the slice protocol.
+        overlay_cases: overlays are drawn for this many cases (the first in case-id order).
+    """
+
+    seed: int = 0
+    min_lesion_mm3: float = InferenceOptions.min_lesion_mm3
+    batch_size: int | None = None
+    baseline_stride: int = DEFAULT_DECODING_STRIDE
+    anoddpm_noise_level: int = ANODDPM_NOISE_LEVEL
+    cfg_noise_level: int = CFG_NOISE_LEVEL
+    cfg_guidance: float = DEFAULT_GUIDANCE
+    flair_threshold: FixedThreshold = field(default_factory=FixedThreshold)
+    error_threshold: FixedThreshold = field(default_factory=FixedThreshold)
+    slice_protocol: SliceProtocol = field(default_factory=SliceProtocol)
+    overlay_cases: int = DEFAULT_OVERLAY_CASES
+
+    def __post_init__(self) -> None:
+        if self.overlay_cases < 0:
+            raise ValueError(f"overlay_cases must be >= 0, got {self.overlay_cases}")
+
+    def baseline_options(self, method: str) -> BaselineOptions:
+        """The ``BaselineOptions`` of one baseline."""
+        noise_level = self.cfg_noise_level if method == "cfg-ddim" else self.anoddpm_noise_level
+        threshold = self.flair_threshold if method == "flair-threshold" else self.error_threshold
+        return BaselineOptions(threshold=threshold, noise_level=noise_level, stride=self.baseline_stride,
+                               guidance=self.cfg_guidance, seed=self.seed, min_lesion_mm3=self.min_lesion_mm3,
+                               batch_size=self.batch_size or DEFAULT_BATCH_SIZE)
+
+    def inference_options(self, method: str) -> InferenceOptions:
+        """The pipeline's ``InferenceOptions`` of one AnoFPDM variant."""
+        return InferenceOptions(**ANOFPDM_VARIANTS[method], seed=self.seed, min_lesion_mm3=self.min_lesion_mm3,
+                                batch_size=self.batch_size)
+
+
+@dataclass
+class EvaluationCase:
+    """One labelled case, ready for every method.
+
+    Attributes:
+        case_id: the case identifier.
+        images: the model's sequences as images on the case's (RAS) grid.
+        truth: whole-tumour mask on the input grid.
+        brain: brain voxels on the input grid (any sequence above zero).
+        voxel_mm3: input voxel volume.
+        geometry: the model-grid geometry of the case.
+        truth_slices: N x S x S whole-tumour mask on the model grid.
+        brain_slices: N x S x S brain pixels on the model grid.
+    """
+
+    case_id: str
+    images: dict[str, nib.Nifti1Image]
+    truth: np.ndarray
+    brain: np.ndarray
+    voxel_mm3: float
+    geometry: VolumeGeometry
+    truth_slices: np.ndarray
+    brain_slices: np.ndarray
+
+
+def prepare_case(files: CaseFiles, config: NetworkConfig) -> EvaluationCase:
+    """Load a case's sequences and truth, and resample the truth onto the model grid's slices."""
+    volume = load_case(files, sequences=config.sequences, with_seg=True)
+    images = {name: nib.Nifti1Image(volume.images[name], volume.affine) for name in config.sequences}
+    truth = volume.mask.astype(bool)
+    slices, geometry, extra = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm,
+                                              extra={"truth": truth})
+    brain = np.zeros(truth.shape, dtype=bool)
+    for array in volume.images.values():
+        brain |= array > 0
+    return EvaluationCase(
+        case_id=files.case_id,
+        images=images,
+        truth=truth,
+        brain=brain,
+        voxel_mm3=float(abs(np.linalg.det(volume.affine[:3, :3]))),
+        geometry=geometry,
+        truth_slices=extra["truth"] >= TRUTH_LEVEL,
+        brain_slices=brain_pixels(slices),
+    )
+
+
+def _drop_small_areas(masks: np.ndarray, min_area_px: float) -> np.ndarray:
+    """Per slice, drop 8-connected components of at most ``min_area_px`` pixels (N x S x S)."""
+    if min_area_px <= 0:
+        return masks
+    unit = (1.0, 1.0, 1.0)  # one slice is an S x S x 1 volume: 26-connectivity is 8-connectivity in-plane
+    return np.stack([remove_small_components(m[..., None], unit, min_area_px)[0][..., 0] for m in masks])
+
+
+def score_result(result: SegmentationResult, case: EvaluationCase, protocol: SliceProtocol) -> dict[str, Any]:
+    """Slice-protocol and per-volume metrics of one method's result on one case.
+
+    Returns:
+        {"slice": metrics.slice_protocol(...), "volume": metrics.volume_metrics(...)}
+    """
+    grid = result.model_grid
+    if grid is None or tuple(grid.geometry.slices) != tuple(case.geometry.slices):
+        raise ValueError(f"case {case.case_id}: the result's model-grid slices differ from the truth's")
+    kernel, min_area = protocol.resolved(case.geometry.image_size)
+    anomaly_map = median_filter_2d(torch.from_numpy(np.ascontiguousarray(grid.raw_map, dtype=np.float32)), kernel).numpy()
+    ungated = _drop_small_areas(anomaly_map >= grid.thresholds[:, None, None], min_area)
+    slices = slice_protocol(ungated, anomaly_map, grid.unhealthy, case.truth_slices, case.brain_slices)
+    mask = np.asanyarray(result.mask.dataobj) > 0
+    scores = np.asanyarray(result.anomaly_map.dataobj)
+    return {"slice": slices, "volume": volume_metrics(mask, scores, case.truth, case.brain, case.voxel_mm3)}
+
+
+def run_method(method: str, model: LoadedModel, case: EvaluationCase, settings: EvaluationSettings) -> SegmentationResult:
+    """Segment one case with one named method."""
+    if method in ANOFPDM_VARIANTS:
+        return segment_volume(model, case.images, settings.inference_options(method))
+    runners = {"anoddpm-reconstruction": reconstruction_baseline, "cfg-ddim": cfg_ddim_baseline,
+               "flair-threshold": flair_threshold}
+    if method not in runners:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    return runners[method](model, case.images, settings.baseline_options(method))
+
+
+def _overlay_slice(case: EvaluationCase) -> int:
+    """The axial slice with the most tumour (the middle brain slice without tumour)."""
+    area = case.truth.sum(axis=(0, 1))
+    if area.any():
+        return int(area.argmax())
+    brain_z = np.nonzero(case.brain.any(axis=(0, 1)))[0]
+    return int(brain_z[len(brain_z) // 2])
+
+
+def _overlay_payload(case: EvaluationCase, results: Mapping[str, SegmentationResult]) -> dict[str, Any]:
+    """The arrays of one axial slice that the overlay figure draws (small enough to gather)."""
+    z = _overlay_slice(case)
+    return {
+        "case": case.case_id,
+        "z": z,
+        "flair": case.images[MAP_SEQUENCES[0]].get_fdata(dtype=np.float32)[:, :, z],
+        "truth": case.truth[:, :, z],
+        "methods": {name: (np.asanyarray(r.mask.dataobj)[:, :, z] > 0,
+                           np.asanyarray(r.anomaly_map.dataobj)[:, :, z].astype(np.float32))
+                    for name, r in results.items()},
+    }
+
+
+def render_overlay(payload: Mapping[str, Any], path: Path) -> Path:
+    """Per method: FLAIR with truth (green) and prediction (red) contours, and the anomaly map below."""
+    from matplotlib.figure import Figure
+
+    methods = payload["methods"]
+    figure = Figure(figsize=(OVERLAY_TILE_INCHES * len(methods), 2 * OVERLAY_TILE_INCHES))
+    axes = figure.subplots(2, len(methods), squeeze=False)
+    flair = payload["flair"]
+    for column, (name, (mask, heat)) in enumerate(methods.items()):
+        top, bottom = axes[0, column], axes[1, column]
+        top.imshow(flair.T, cmap="gray", origin="lower")
+        bottom.imshow(heat.T, cmap="magma", origin="lower")
+        for axis in (top, bottom):
+            if payload["truth"].any():
+                axis.contour(payload["truth"].T, levels=[0.5], colors=TRUTH_COLOUR, linewidths=0.8)
+            axis.set_axis_off()
+        if mask.any():
+            top.contour(mask.T, levels=[0.5], colors=PREDICTION_COLOUR, linewidths=0.8)
+        top.set_title(name, fontsize=8)
+    figure.suptitle(f"{payload['case']}, axial slice {payload['z']}: truth green, prediction red", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=OVERLAY_DPI)
+    return path
+
+
+def _evaluate_case(
+    files: CaseFiles, model: LoadedModel, methods: Sequence[str], settings: EvaluationSettings, overlay: bool,
+    step: Callable[[], None],
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Per-method metrics (and the overlay payload) of one case; a case that cannot be read is recorded as such."""
+    try:
+        case = prepare_case(files, model.config)
+    except (ValueError, FileNotFoundError) as exc:  # unreadable or invalid case data: reported, not scored
+        for _ in methods:
+            step()
+        return {"case": files.case_id, "error": str(exc)}, None
+    record: dict[str, Any] = {
+        "case": case.case_id,
+        "truth_ml": float(case.truth.sum() * case.voxel_mm3 / MM3_PER_ML),
+        "model_grid_slices": len(case.geometry.slices),
+        "methods": {},
+    }
+    results = {}
+    for method in methods:
+        start = time.perf_counter()
+        result = run_method(method, model, case, settings)
+        seconds = time.perf_counter() - start
+        record["methods"][method] = {
+            **score_result(result, case, settings.slice_protocol),
+            "seconds": seconds,
+            "network_evaluations": result.report["network_evaluations"],
+            "warnings": result.report["warnings"],
+        }
+        results[method] = result
+        step()
+    return record, (_overlay_payload(case, results) if overlay else None)
+
+
+def _aggregate(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
+    scored = [r for r in records if "error" not in r]
+    summary = {}
+    for method in methods:
+        per_case = [r["methods"][method] for r in scored]
+        summary[method] = {
+            "description": METHODS[method],
+            **(aggregate_cases(per_case) if per_case else {"cases": 0}),
+            "seconds_per_case": float(np.mean([c["seconds"] for c in per_case])) if per_case else None,
+            "network_evaluations_per_case": float(np.mean([c["network_evaluations"] for c in per_case])) if per_case else None,
+        }
+    return summary
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{PERCENT * value:.1f}"
+
+
+def markdown_table(summary: Mapping[str, Any]) -> str:
+    """The aggregated results as a Markdown table (overlap metrics in %)."""
+    header = ("| method | mixed Dice | mixed IoU | mixed AUPRC | unhealthy Dice | unhealthy IoU | unhealthy AUPRC "
+              "| slice acc. | 3-D Dice | 3-D precision | 3-D recall | abs. volume error (mL) | volume acc. | s / case |")
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    for method, result in summary.items():
+        if not result["cases"]:
+            lines.append(f"| {method} | no case scored |" + " |" * (header.count(" | ") - 1))
+            continue
+        s, v = result["slice_protocol"], result["volume"]
+
+        def spread(metric: str, scale: float = PERCENT) -> str:
+            entry = v[metric]
+            return "n/a" if entry["mean"] is None else f"{scale * entry['mean']:.1f} ± {scale * entry['std']:.1f}"
+
+        cells = [_percent(s[k]) for k in ("mixed_dice", "mixed_iou", "mixed_auprc", "unhealthy_dice", "unhealthy_iou",
+                                            "unhealthy_auprc", "slice_accuracy")]
+        cells += [spread("dice"), spread("precision"), spread("recall"), spread("abs_volume_error_ml", 1.0),
+                  _percent(v["volume_accuracy"]["mean"]), f"{result['seconds_per_case']:.1f}"]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    notes = [
+        "",
+        "Slice protocol (model grid, paper): Dice / IoU averaged over all slices (mixed, gated by the slice verdict) "
+        "or tumour slices (unhealthy, ungated); AUPRC over brain pixels, mean over cases with tumour; slice acc. = "
+        "verdict accuracy. 3-D metrics: per volume on the input grid, mean ± std over cases with tumour; volume acc. "
+        "over all cases. Baselines have no slice classifier: a slice is unhealthy when its final mask is not empty.",
+    ]
+    return "\n".join(lines + notes) + "\n"
+
+
+def _gather(local: list[Any], world_size: int, is_main: bool) -> list[Any]:
+    """Every rank's list, concatenated on rank 0 (``[]`` elsewhere)."""
+    if world_size == 1:
+        return local
+    parts: list[Any] | None = [None] * world_size if is_main else None
+    dist.gather_object(local, parts, dst=0)
+    return [item for part in parts for item in part] if is_main else []
+
+
+def evaluate(
+    model_path: str | Path,
+    data_dir: str | Path,
+    methods: Sequence[str],
+    out_path: str | Path,
+    max_cases: int | None = None,
+    progress: ProgressCallback | None = None,
+    device: str | None = None,
+    settings: EvaluationSettings | None = None,
+) -> dict[str, Any]:
+    """Evaluate methods on the labelled cases of a data folder and write the results.
+
+    Args:
+        model_path: a calibrated model checkpoint.
+        data_dir: BraTS21 / BraTS 2023 / MSD Task01 / synthetic cases (with segmentations).
+        methods: method names (``METHODS``).
+        out_path: output folder: results.json, results.md, overlays/<case>.png.
+        max_cases: only the first cases in case-id order.
+        progress: called with (case-method runs done, total) on this rank.
+        device: torch device (default: cuda:LOCAL_RANK if available, else CPU).
+        settings: seeds, baseline settings, slice protocol, overlays.
+
+    Returns:
+        On rank 0 the results as written to results.json; ``{}`` on the other ranks.
+    """
+    settings = settings or EvaluationSettings()
+    methods = list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown or len(set(methods)) != len(methods):
+        raise ValueError(f"methods must be distinct names from {', '.join(METHODS)}; got {methods}")
+    if max_cases is not None and max_cases < 1:
+        raise ValueError(f"max_cases must be >= 1, got {max_cases}")
+    cases = find_cases(Path(data_dir))[:max_cases]
+    out_path = Path(out_path)
+    with distributed_context(device) as ctx:
+        model = load_model(model_path, ctx.device)
+        shard = list(range(ctx.rank, len(cases), ctx.world_size))
+        done = 0
+        total = len(shard) * len(methods)
+
+        def step() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        records, payloads = [], []
+        for index in shard:
+            record, payload = _evaluate_case(cases[index], model, methods, settings,
+                                             index < settings.overlay_cases, step)
+            records.append(record)
+            if payload is not None:
+                payloads.append(payload)
+        records = _gather(records, ctx.world_size, ctx.is_main)
+        payloads = _gather(payloads, ctx.world_size, ctx.is_main)
+        if not ctx.is_main:
+            return {}
+        records.sort(key=lambda r: r["case"])
+        results = {
+            "settings": {
+                "model": str(model_path),
+                "model_training_data": model.training.get("data_description", model.training.get("data")),
+                "data": str(data_dir),
+                "methods": methods,
+                "cases": len(cases),
+                "world_size": ctx.world_size,
+                "device": str(ctx.device),
+                "image_size": model.config.image_size,
+                **asdict(settings),
+            },
+            "summary": _aggregate(records, methods),
+            "failed_cases": [{"case": r["case"], "error": r["error"]} for r in records if "error" in r],
+            "cases": records,
+        }
+        out_path.mkdir(parents=True, exist_ok=True)
+        (out_path / RESULTS_JSON).write_text(json.dumps(results, indent=2))
+        (out_path / RESULTS_MD).write_text(markdown_table(results["summary"]))
+        for payload in payloads:
+            render_overlay(payload, out_path / OVERLAY_DIR / f"{payload['case']}.png")
+        return results
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``anofpdm evaluate``."""
+    parser.add_argument("--model", type=Path, required=True, help="calibrated model checkpoint")
+    parser.add_argument("--data", type=Path, required=True, help="BraTS21 / BraTS2023 / MSD Task01 / synthetic cases")
+    parser.add_argument("--methods", type=_csv, default=list(DEFAULT_METHODS),
+                        help=f"comma list from: {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (results.json, results.md, overlays/)")
+    parser.add_argument("--max-cases", type=int, help="only the first N cases in case-id order")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-lesion-mm3", type=float, default=InferenceOptions.min_lesion_mm3)
+    parser.add_argument("--batch-size", type=int, help="slices per network batch")
+    parser.add_argument("--baseline-stride", type=int, default=DEFAULT_DECODING_STRIDE,
+                        help="DDIM step of the network baselines")
+    parser.add_argument("--anoddpm-noise-level", type=int, default=ANODDPM_NOISE_LEVEL)
+    parser.add_argument("--cfg-noise-level", type=int, default=CFG_NOISE_LEVEL)
+    parser.add_argument("--cfg-guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--flair-quantile", type=float, default=DEFAULT_QUANTILE,
+                        help="FLAIR baseline: brain quantile of the normalised FLAIR (0.99 = 99th percentile)")
+    parser.add_argument("--error-quantile", type=float, default=DEFAULT_QUANTILE,
+                        help="network baselines: brain quantile of the error map")
+    parser.add_argument("--error-threshold", type=float, help="network baselines: a fixed error value instead")
+    parser.add_argument("--slice-min-area-px", type=float,
+                        help="slice protocol: drop 2-D components of at most this area (default: 40 px at 128, scaled)")
+    parser.add_argument("--overlays", type=int, default=DEFAULT_OVERLAY_CASES, help="cases drawn as PNG overlays")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
+    """``EvaluationSettings`` from parsed ``add_evaluate_arguments`` options."""
+    error_threshold = (FixedThreshold(quantile=None, value=args.error_threshold) if args.error_threshold is not None
+                       else FixedThreshold(quantile=args.error_quantile))
+    return EvaluationSettings(
+        seed=args.seed, min_lesion_mm3=args.min_lesion_mm3, batch_size=args.batch_size,
+        baseline_stride=args.baseline_stride, anoddpm_noise_level=args.anoddpm_noise_level,
+        cfg_noise_level=args.cfg_noise_level, cfg_guidance=args.cfg_guidance,
+        flair_threshold=FixedThreshold(quantile=args.flair_quantile), error_threshold=error_threshold,
+        slice_protocol=SliceProtocol(min_area_px=args.slice_min_area_px), overlay_cases=args.overlays,
+    )
+
+
+def _progress_bar(description: str) -> ProgressCallback:
+    from tqdm import tqdm
+
+    bar = tqdm(desc=description, unit="run", dynamic_ncols=True, file=sys.stderr)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run ``evaluate`` from parsed options; rank 0 prints the table. Returns the exit status."""
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    results = evaluate(args.model, args.data, args.methods, args.out, args.max_cases,
+                       progress=_progress_bar("evaluate") if is_main else None, device=args.device,
+                       settings=settings_from_args(args))
+    if is_main:
+        print(markdown_table(results["summary"]))
+        for failure in results["failed_cases"]:
+            print(f"warning: case {failure['case']} not scored: {failure['error']}", file=sys.stderr)
+        print(f"wrote {args.out / RESULTS_JSON}, {args.out / RESULTS_MD}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m anofpdm.evaluate ...`` (also under torchrun)."""
+    parser = add_evaluate_arguments(argparse.ArgumentParser(prog="anofpdm.evaluate", description=__doc__.splitlines()[0]))
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Evaluation end to end on two tiny BraTS-layout cases with the tiny model, in one and in two processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from anofpdm.data.brats import find_cases
+from anofpdm.evaluate import METHODS, SliceProtocol, evaluate, main, prepare_case, score_result
+from anofpdm.model import load_model
+from anofpdm.pipeline import ModelGridOutputs, SegmentationResult
+from anofpdm.volume import to_input_grid
+
+from conftest import make_volume_pair
+
+LIB = Path(__file__).resolve().parents[1] / "lib"
+LESION = (slice(15, 25), slice(15, 25), slice(4, 8))  # make_volume_pair's bright block
+CHEAP = ["--baseline-stride", "10", "--anoddpm-noise-level", "20", "--cfg-noise-level", "20", "--min-lesion-mm3", "0",
+         "--overlays", "1", "--seed", "3"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two busy cores: one intra-op thread avoids oversubscription and matches the torchrun workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _write_case(root: Path, case_id: str, seed: int, lesion: bool) -> None:
+    images = make_volume_pair(seed=seed, lesion=lesion)
+    folder = root / case_id
+    folder.mkdir(parents=True)
+    for name, image in images.items():
+        nib.save(image, folder / f"{case_id}_{name}.nii.gz")
+    seg = np.zeros(images["flair"].shape, dtype=np.uint8)
+    if lesion:
+        seg[LESION] = 2  # oedema
+        seg[18:22, 18:22, 5:7] = 4  # enhancing: still whole tumour
+    nib.save(nib.Nifti1Image(seg, images["flair"].affine), folder / f"{case_id}_seg.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("brats")
+    _write_case(root, "BraTS2021_00001", seed=1, lesion=True)
+    _write_case(root, "BraTS2021_00002", seed=2, lesion=False)
+    return root
+
+
+def _argv(model: Path, data: Path, out: Path) -> list[str]:
+    return ["--model", str(model), "--data", str(data), "--out", str(out), "--methods", ",".join(METHODS), *CHEAP]
+
+
+@pytest.fixture(scope="module")
+def single_process(tiny_model_path, data_dir, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("eval1")
+    assert main(_argv(tiny_model_path, data_dir, out)) == 0
+    return json.loads((out / "results.json").read_text()) | {"out": str(out)}
+
+
+def test_results_json_markdown_and_overlays(single_process):
+    results, out = single_process, Path(single_process["out"])
+    assert [case["case"] for case in results["cases"]] == ["BraTS2021_00001", "BraTS2021_00002"]
+    assert results["settings"]["world_size"] == 1 and results["failed_cases"] == []
+    tumour_case, healthy_case = results["cases"]
+    assert tumour_case["truth_ml"] == pytest.approx(10 * 10 * 4 * 80 / 1000)  # 4 x 4 x 5 mm voxels
+    assert healthy_case["truth_ml"] == 0
+    for method in METHODS:
+        summary = results["summary"][method]
+        assert summary["cases"] == 2 and summary["tumour_cases"] == 1
+        assert summary["slice_protocol"]["n_slices"] == 20  # 10 brain slices per case
+        assert summary["slice_protocol"]["n_tumour_slices"] == tumour_case["methods"][method]["slice"]["n_tumour_slices"]
+        assert 0 <= summary["slice_protocol"]["mixed_dice"] <= 1
+        assert summary["volume"]["dice"]["n"] == 1 and summary["volume"]["volume_accuracy"]["n"] == 2
+        assert summary["volume"]["dice"]["std"] == 0.0
+        for case in results["cases"]:
+            scored = case["methods"][method]
+            assert set(scored) == {"slice", "volume", "seconds", "network_evaluations", "warnings"}
+            assert scored["slice"]["n_slices"] == 10
+        assert healthy_case["methods"][method]["slice"]["unhealthy_dice"] is None
+    assert results["summary"]["flair-threshold"]["network_evaluations_per_case"] == 0
+    assert results["cases"][0]["methods"]["anofpdm-ddpm-fast"]["warnings"]  # fast mode was calibrated with DDIM
+    table = (out / "results.md").read_text()
+    assert all(f"| {method} |" in table for method in METHODS)
+    assert (out / "overlays" / "BraTS2021_00001.png").stat().st_size > 0
+    assert not (out / "overlays" / "BraTS2021_00002.png").exists()  # --overlays 1
+
+
+def test_truth_as_prediction_scores_one(tiny_model_path, data_dir):
+    model = load_model(tiny_model_path)
+    case = prepare_case(find_cases(data_dir)[0], model.config)
+    assert case.truth.sum() == 400 and case.truth_slices.any()
+    # the model-grid truth maps back onto the input-grid truth (same geometry as the methods use)
+    back = to_input_grid(case.truth_slices.transpose(1, 2, 0).astype(np.float32), case.geometry) >= 0.5
+    assert (back & case.truth).sum() / case.truth.sum() > 0.5
+    truth_map = case.truth_slices.astype(np.float32)
+    grid = ModelGridOutputs(slices=np.zeros(0), raw_map=truth_map, scores=np.zeros(len(truth_map)),
+                            unhealthy=case.truth_slices.any(axis=(1, 2)), thresholds=np.full(len(truth_map), 0.5),
+                            geometry=case.geometry)
+    affine = case.images["flair"].affine
+    perfect = SegmentationResult(nib.Nifti1Image(case.truth.astype(np.uint8), affine),
+                                 nib.Nifti1Image(case.truth.astype(np.float32), affine), {}, grid)
+    scored = score_result(perfect, case, SliceProtocol(median_kernel=1, min_area_px=0))
+    for name in ("mixed_dice", "mixed_iou", "unhealthy_dice", "unhealthy_iou", "mixed_auprc", "unhealthy_auprc",
+                 "slice_accuracy"):
+        assert scored["slice"][name] == pytest.approx(1.0), name
+    for name in ("dice", "iou", "precision", "recall", "auprc"):
+        assert scored["volume"][name] == pytest.approx(1.0), name
+    assert scored["volume"]["volume_error_ml"] == 0 and scored["volume"]["verdict_correct"]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return flat
+
+
+def test_two_processes_give_the_one_process_results(tiny_model_path, data_dir, single_process, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(LIB), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               "-m", "anofpdm.evaluate", *_argv(tiny_model_path, data_dir, tmp_path)]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["settings"]["world_size"] == 2
+    assert [case["case"] for case in results["cases"]] == ["BraTS2021_00001", "BraTS2021_00002"]
+    for method in METHODS:
+        for block in ("slice_protocol", "volume"):
+            two, one = _flat(results["summary"][method][block]), _flat(single_process["summary"][method][block])
+            assert two.keys() == one.keys()
+            for key, value in one.items():
+                assert two[key] == (value if value is None else pytest.approx(value)), (method, key)
+    assert (tmp_path / "overlays" / "BraTS2021_00001.png").exists()  # rank 0 drew rank 0's case
+
+
+def test_bad_arguments_are_refused(tiny_model_path, data_dir, tmp_path):
+    with pytest.raises(ValueError, match="methods must be"):
+        evaluate(tiny_model_path, data_dir, ["anofpdm-ddim-fast", "magic"], tmp_path)
+    with pytest.raises(ValueError, match="max_cases"):
+        evaluate(tiny_model_path, data_dir, ["flair-threshold"], tmp_path, max_cases=0)
+    calls = []
+    evaluate(tiny_model_path, data_dir, ["flair-threshold"], tmp_path, max_cases=1,
+             progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 1)]
