@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -36,6 +37,7 @@ AFFINE = np.array([[0.0, 0.0, 5.0, -30.0], [-4.0, 0.0, 0.0, 80.0], [0.0, 4.0, 0.
 SHIFTED = AFFINE + np.array([[0, 0, 0, 2.0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])  # 2 mm off
 SHAPE = (40, 44, 12)
 SHOW_LESIONS = {"median_kernel": 1, "min_lesion_mm3": 0}
+OPTIONS = {"device", "mode", "forward_steps", "stride", "guidance", "encoding", "min_lesion_mm3", "seed"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,6 +47,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def results_in_tmp_path(tmp_path, monkeypatch):
+    """The task writes its results to the temp folder: keep them in the test's own folder."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +102,8 @@ def check_result(label_file: str, result: dict, flair: nib.Nifti1Image) -> np.nd
     assert label.shape == flair.shape and np.array_equal(label.affine, flair.affine)
     assert label.get_data_dtype() == np.uint8 and set(np.unique(mask)) <= {0, 1}
     assert result["label_names"] == {"tumour": 1}
-    for key in ("verdict", "score", "cosine_threshold", "lesions", "total_volume_ml", "network_evaluations", "settings"):
-        assert key in result, key
+    assert {"verdict", "score", "cosine_threshold", "lesions", "total_volume_ml", "network_evaluations",
+            "settings"} <= set(result)
     assert set(result["slices"]["end_step"]) == {"flair", "t2"}
     assert {"preprocess_s", "network_s", "postprocess_s", "write_s", "total_s"} <= set(result["timings_s"])
     voxel_ml = abs(np.linalg.det(flair.affine[:3, :3])) / 1000.0
@@ -179,7 +187,7 @@ def test_datastore_does_not_list_the_t2_folder(tmp_path, tiny_model_path, pair):
 # ---- options, progress, outputs ------------------------------------------------------------------------
 def test_config_lists_the_options_slicer_shows(tiny_model_path):
     config = make_task(tiny_model_path).config()
-    assert set(config) == {"device", "mode", "forward_steps", "stride", "guidance", "encoding", "min_lesion_mm3", "seed"}
+    assert set(config) == OPTIONS
     assert config["mode"] == ["fast", "full"] and config["device"][0] == "cpu"
     assert config["encoding"] == ["calibrated", "ddim", "ddpm"] and config["forward_steps"] == "calibrated"
 
@@ -197,8 +205,13 @@ def test_request_options_override_the_calibration(tmp_path, tiny_model_path, pai
     assert (full["settings"]["mode"], full["settings"]["forward_steps"], full["settings"]["stride"]) == ("full", 12, 1)
     assert full["settings"]["seed"] == 3 and full["settings"]["min_lesion_mm3"] == 100.5
     _, custom = task({**request, "forward_steps": "20", "guidance": 1.5, "encoding": "ddpm"})
-    assert (custom["settings"]["forward_steps"], custom["settings"]["guidance"], custom["settings"]["encoding"]) == (20, 1.5, "ddpm")
+    settings = custom["settings"]
+    assert (settings["forward_steps"], settings["guidance"], settings["encoding"]) == (20, 1.5, "ddpm")
     assert len(custom["warnings"]) == 3  # each override of a calibrated setting is flagged
+    only_full = tmp_path / "only_full.pt"
+    save_checkpoint(only_full, TINY, build_network(TINY).state_dict(), ScheduleConfig().to_dict(),
+                    calibration={"full": tiny_calibration(stride=1, forward_steps=12)})
+    assert make_task(only_full)(request)[1]["settings"]["mode"] == "full"  # no mode: the first calibrated one
     for bad, message in (({"forward_steps": "many"}, "forward_steps='many' is not a valid int"),
                          ({"stride": 2.5}, "stride=2.5 is not a valid int"),
                          ({"mode": "slow"}, "no calibration for mode 'slow'"),
@@ -240,7 +253,7 @@ def test_missing_t2_names_the_paths_tried(tmp_path, tiny_model_path, pair):
     task = make_task(tiny_model_path, studies)
     with pytest.raises(InputError) as error:
         task({"image": str(studies / "lonely.nii.gz")})
-    assert str(studies / "t2" / "lonely.nii.gz") in str(error.value) and str(studies / "t2" / "lonely.nii") in str(error.value)
+    assert f"looked for {studies / 't2' / 'lonely.nii.gz'}, {studies / 't2' / 'lonely.nii'}" in str(error.value)
     nib.save(pair["flair"], tmp_path / "upload.nii.gz")
     with pytest.raises(InputError, match='"t2": "<path on the server>"'):
         task({"image": str(tmp_path / "upload.nii.gz")})

@@ -6,7 +6,6 @@ Start: ``monailabel start_server --app apps/anofpdm --studies demo/studies``
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -17,8 +16,6 @@ from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.utils.others.class_utils import get_class_names
-
-logger = logging.getLogger(__name__)
 
 
 class AnoFPDMApp(MONAILabelApp):

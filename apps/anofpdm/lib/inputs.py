@@ -146,7 +146,9 @@ def resolve_inputs(
         resolved = _session_files(image_path, sequences)
     else:
         resolved = split_channels(read_nifti(image_path, "image (FLAIR or multi-channel)"), str(image_path))
-    in_datastore = studies is not None and Path(studies).is_dir() and image_path.parent.resolve() == Path(studies).resolve()
+    in_datastore = (
+        studies is not None and Path(studies).is_dir() and image_path.parent.resolve() == Path(studies).resolve()
+    )
 
     for name in sequences:
         path_param, session_param = params.get(name), params.get(f"{name}_session")

@@ -111,7 +111,8 @@ class AnoFPDM(InferTask):
         self.studies = studies
         self._sessions = sessions
         self._default_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self._lock = threading.Lock()
+        self._check_lock = threading.Lock()  # separate locks: /info/ must not wait for a model to load
+        self._load_lock = threading.Lock()
         self._checked: tuple[float, str | None, list[str]] | None = None  # (mtime, why invalid, modes)
         self._models: dict[str, tuple[float, LoadedModel]] = {}
         reason = self.unavailable_reason()
@@ -175,7 +176,7 @@ class AnoFPDM(InferTask):
         if not self.path.is_file():
             return f"model weights not found at {self.path} (train and calibrate one, or pass --conf model_path PATH)"
         mtime = self.path.stat().st_mtime
-        with self._lock:
+        with self._check_lock:
             if self._checked is None or self._checked[0] != mtime:
                 self._checked = (mtime, *self._check_checkpoint())
             return self._checked[1]
@@ -190,10 +191,8 @@ class AnoFPDM(InferTask):
         return None, sorted(calibration, key=lambda mode: (mode != "fast", mode))
 
     def _modes(self) -> list[str]:
-        """The checkpoint's calibrated modes, "fast" first."""
-        if self.unavailable_reason() is None and self._checked:
-            return list(self._checked[2])
-        return ["fast", "full"]
+        """The checkpoint's calibrated modes, "fast" first (none when the model is unavailable)."""
+        return list(self._checked[2]) if self.is_valid() and self._checked else []
 
     def _device(self, requested: Any) -> str:
         name = requested[0] if isinstance(requested, list) and requested else requested
@@ -213,7 +212,7 @@ class AnoFPDM(InferTask):
         if reason:
             raise ModelUnavailableError(f"model 'anofpdm' is not available: {reason}")
         mtime = self.path.stat().st_mtime
-        with self._lock:
+        with self._load_lock:
             cached = self._models.get(device)
             if cached is None or cached[0] != mtime:
                 logger.info(f"loading {self.path} on {device}")
@@ -223,9 +222,11 @@ class AnoFPDM(InferTask):
 
     # ---- request -----------------------------------------------------------------------------------------
     def _options(self, model: LoadedModel, request: dict[str, Any]) -> InferenceOptions:
-        """The request's options (falling back to the config defaults), checked against the model."""
+        """The request's options, checked against the model; no mode means the first calibrated one ("fast")."""
         parsed = {name: _parse_option(name, request[name]) for name in OPTION_TYPES if name in request}
-        try:  # None keeps the InferenceOptions default: "fast", seed 0, the calibrated settings...
+        if parsed.get("mode") is None:
+            parsed["mode"] = self._modes()[0]
+        try:  # a None keeps the InferenceOptions default (seed 0, the mode's calibrated settings...)
             options = InferenceOptions(**{name: value for name, value in parsed.items() if value is not None})
             resolve_options(model, options)
         except ValueError as exc:  # bad mode, encoding, kernel... : the library's message says which
@@ -242,7 +243,9 @@ class AnoFPDM(InferTask):
         return Path(session.image)
 
     @staticmethod
-    def _segment(model: LoadedModel, inputs: ResolvedInputs, options: InferenceOptions, name: str) -> SegmentationResult:
+    def _segment(
+        model: LoadedModel, inputs: ResolvedInputs, options: InferenceOptions, name: str
+    ) -> SegmentationResult:
         """``segment_volume`` with progress logged; input errors name the files used."""
         try:
             return segment_volume(model, inputs.images, options, ProgressLog(f"anofpdm {name}"))

@@ -1,0 +1,377 @@
+"""End to end: a real ``monailabel start_server --app apps/anofpdm`` driven over REST and with MONAILabelClient.
+
+Two servers start together (module scope): one with the tiny test model on a studies folder holding every
+input convention and every bad input, and one whose weights are missing. The model is the tiny
+random-weight network with a calibration that flags every slice (c* = 2) so masks are not empty.
+The servers run torch on one thread (OMP_NUM_THREADS=1): two concurrent inferences then share the two
+cores without torch's spinning intra-op threads slowing each other down ~10x.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+import torch
+from anofpdm.diffusion import ScheduleConfig
+from anofpdm.model import build_network, save_checkpoint
+from conftest import TINY, make_volume_pair, tiny_calibration
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+REPO = Path(__file__).resolve().parents[1]
+APP_DIR = REPO / "apps" / "anofpdm"
+MONAILABEL = Path(sys.executable).parent / "monailabel"
+STARTUP_DEADLINE_S = 180.0
+POLL_TIMEOUT_S = 1.0
+INFO_LATENCY_LIMIT_S = 1.0
+
+AFFINE = np.array([[0.0, 0.0, 5.0, -30.0], [-4.0, 0.0, 0.0, 80.0], [0.0, 4.0, 0.0, -60.0], [0.0, 0.0, 0.0, 1.0]])
+SHAPE = (40, 44, 12)
+OTHER_SHAPE, OTHER_AFFINE = (36, 40, 10), np.diag([-3.0, -3.0, 4.0, 1.0])
+SHOW_LESIONS = {"median_kernel": 1, "min_lesion_mm3": 0}
+SLOW = {"mode": "full", "forward_steps": 60, **SHOW_LESIONS}  # 60 steps x 2 evaluations: a few seconds
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``monailabel start_server`` as a subprocess; ``stop`` terminates, then kills."""
+
+    def __init__(self, studies: Path, model_path: Path, workdir: Path) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = workdir / "server.log"
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "lib"), os.environ.get("PYTHONPATH", "")) if p),
+            "MONAILABEL_PYEXE": sys.executable,
+            "OMP_NUM_THREADS": "1",
+            "MONAI_LABEL_SESSION_PATH": str(workdir / "sessions"),
+            "TMPDIR": str(workdir),  # results (label, anomaly map) and uploads land here, not in /tmp
+        }
+        command = [str(MONAILABEL), "start_server", "--app", str(APP_DIR), "--studies", str(studies),
+                   "--conf", "model_path", str(model_path), "--host", "127.0.0.1", "--port", str(port)]
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        """Poll ``/info/`` (short request timeout) until it answers or the deadline passes."""
+        deadline = time.monotonic() + STARTUP_DEADLINE_S
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{self.url}/info/", timeout=POLL_TIMEOUT_S).status_code == 200:
+                    return
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                last_error = exc
+            try:  # between polls, wait for the server to die (a crash ends the wait at once)
+                code = self.process.wait(timeout=0.25)
+            except subprocess.TimeoutExpired:
+                continue
+            raise RuntimeError(f"server exited with {code}:\n{self.log()[-4000:]}")
+        raise TimeoutError(f"server not ready after {STARTUP_DEADLINE_S} s ({last_error}):\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+def make_model(path: Path) -> Path:
+    torch.manual_seed(0)
+    calibration = {"fast": tiny_calibration(cosine_threshold=2.0),
+                   "full": tiny_calibration(cosine_threshold=2.0, stride=1, forward_steps=12)}
+    return save_checkpoint(path, TINY, build_network(TINY).state_dict(), ScheduleConfig().to_dict(),
+                           {"data_description": "random weights (test)"}, calibration)
+
+
+def stack(pair: dict[str, nib.Nifti1Image], channels: int) -> nib.Nifti1Image:
+    flair, t2 = pair["flair"].get_fdata(dtype=np.float32), pair["t2"].get_fdata(dtype=np.float32)
+    planes = [flair, t2] if channels == 2 else [flair, 0.5 * flair, 0.7 * t2, t2]
+    return nib.Nifti1Image(np.stack(planes, axis=-1), pair["flair"].affine)
+
+
+def bad_cases(pair: dict[str, nib.Nifti1Image], studies: Path) -> dict[str, tuple[str, ...]]:
+    """Write the bad inputs into the datastore; id -> texts the error must hold."""
+    flair = pair["flair"].get_fdata(dtype=np.float32)
+    nan = flair.copy()
+    nan[10, 10, 5] = np.nan
+    images = {
+        "flat": nib.Nifti1Image(flair[:, :, 5], AFFINE),
+        "nan": nib.Nifti1Image(nan, AFFINE),
+        "zero": nib.Nifti1Image(np.zeros_like(flair), AFFINE),
+        "mismatch": pair["flair"],
+        "missing_t2": pair["flair"],
+    }
+    for name, image in images.items():
+        nib.save(image, studies / f"{name}.nii.gz")
+        if name != "missing_t2":
+            nib.save(pair["t2"] if name != "mismatch" else nib.Nifti1Image(np.ones((40, 44, 10), np.float32), AFFINE),
+                     studies / "t2" / f"{name}.nii.gz")
+    (studies / "corrupt.nii.gz").write_bytes(b"\x1f\x8b\x08\x00 not a NIfTI file")
+    nib.save(pair["t2"], studies / "t2" / "corrupt.nii.gz")
+    return {
+        "corrupt": ("cannot read image", str(studies / "corrupt.nii.gz")),
+        "flat": ("has shape (40, 44): expected a 3-D FLAIR",),
+        "nan": ("flair contains 1 NaN/Inf voxels",),
+        "zero": ("flair is empty",),
+        "mismatch": ("t2 grid (40, 44, 10) does not match flair grid (40, 44, 12)",
+                     str(studies / "t2" / "mismatch.nii.gz")),
+        "missing_t2": ("T2 for datastore image 'missing_t2' not found", str(studies / "t2" / "missing_t2.nii.gz")),
+    }
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("e2e").resolve()
+    studies, files = root / "studies", root / "files"
+    (studies / "t2").mkdir(parents=True)
+    files.mkdir()
+    pair, other = make_volume_pair(SHAPE, AFFINE, seed=0), make_volume_pair(OTHER_SHAPE, OTHER_AFFINE, seed=1)
+    for name, volumes in (("brain", pair), ("other", other)):
+        nib.save(volumes["flair"], studies / f"{name}.nii.gz")
+        nib.save(volumes["t2"], studies / "t2" / f"{name}.nii.gz")
+    nib.save(stack(pair, 2), studies / "multi2.nii.gz")
+    nib.save(stack(pair, 4), studies / "multi4.nii.gz")
+    bad = bad_cases(pair, studies)
+    for name in ("flair", "t2"):
+        nib.save(pair[name], files / f"case_{name}.nii.gz")
+    nib.save(stack(pair, 2), files / "two_channels.nii.gz")
+    (files / "garbage.nii.gz").write_bytes(b"garbage")
+    empty_studies = root / "empty_studies"
+    empty_studies.mkdir()
+    nib.save(pair["flair"], empty_studies / "brain.nii.gz")
+
+    (root / "served").mkdir()
+    (root / "unserved").mkdir()
+    with ExitStack() as servers:  # both start at once; each is stopped at teardown, whatever happens
+        server = Server(studies, make_model(root / "tiny_unhealthy.pt"), root / "served")
+        servers.callback(server.stop)
+        no_weights = Server(empty_studies, root / "missing.pt", root / "unserved")
+        servers.callback(no_weights.stop)
+        server.wait_ready()
+        no_weights.wait_ready()
+        yield {"server": server, "no_weights": no_weights, "studies": studies, "files": files, "root": root,
+               "pair": pair, "other": other, "bad": bad}
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+def post_infer(url: str, image: str = "", params: dict | None = None, files: dict | None = None,
+               session_id: str = "") -> requests.Response:
+    query = {"image": image, **({"session_id": session_id} if session_id else {})}
+    return requests.post(f"{url}/infer/anofpdm", params=query, data={"params": json.dumps(params or {})},
+                         files=files, timeout=300)
+
+
+def parse_multipart(response: requests.Response, out_dir: Path) -> tuple[Path, dict]:
+    """The label file and result JSON of a MONAI Label multipart infer response."""
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("multipart/form-data")
+    label, result = None, None
+    for part in MultipartDecoder.from_response(response).parts:
+        disposition = part.headers[b"Content-Disposition"].decode()
+        if 'name="params"' in disposition:
+            result = json.loads(part.content)
+        elif 'name="image"' in disposition:
+            name = disposition.split('filename="')[1].rstrip('"')
+            label = out_dir / name
+            label.write_bytes(part.content)
+    assert label is not None and result is not None
+    return label, result
+
+
+def check_label(label_file: Path | str, result: dict, flair: nib.Nifti1Image) -> np.ndarray:
+    label = nib.load(label_file)
+    mask = np.asanyarray(label.dataobj)
+    assert label.shape == flair.shape and np.array_equal(label.affine, flair.affine)
+    assert label.get_data_dtype() == np.uint8 and set(np.unique(mask)) <= {0, 1} and mask.any()
+    assert result["label_names"] == {"tumour": 1} and result["verdict"] == "unhealthy"
+    assert {"score", "cosine_threshold", "slices", "lesions", "total_volume_ml", "network_evaluations",
+            "timings_s"} <= set(result)
+    assert "write_s" in result["timings_s"]
+    voxel_ml = abs(np.linalg.det(flair.affine[:3, :3])) / 1000.0
+    assert result["total_volume_ml"] == pytest.approx(mask.sum() * voxel_ml, abs=1e-3)
+    anomaly = nib.load(result["anomaly_map"])  # the server runs on this machine: its path is readable here
+    assert anomaly.shape == flair.shape and np.array_equal(anomaly.affine, flair.affine)
+    return mask
+
+
+def datastore_state(studies: Path) -> dict[str, tuple[str, int]]:
+    """Every file of the datastore: content hash and modification time."""
+    return {str(p.relative_to(studies)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(studies.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def info_answers(url: str) -> None:
+    assert requests.get(f"{url}/info/", timeout=5).status_code == 200
+
+
+# ---- tests ---------------------------------------------------------------------------------------------
+def test_model_is_listed_and_t2_folder_is_not_an_image(served):
+    url = served["server"].url
+    info = requests.get(f"{url}/info/", timeout=5).json()
+    assert list(info["models"]) == ["anofpdm"] and info["labels"] == ["tumour"]
+    model = info["models"]["anofpdm"]
+    assert model["labels"] == {"tumour": 1} and model["type"] == "segmentation"
+    assert set(model["config"]) == {"device", "mode", "forward_steps", "stride", "guidance", "encoding",
+                                    "min_lesion_mm3", "seed"}
+    objects = MONAILabelClient(url).datastore()["objects"]
+    assert set(objects) == {"brain", "other", "multi2", "multi4", *served["bad"]}
+
+
+def test_rest_infer_datastore_image(served, tmp_path):
+    response = post_infer(served["server"].url, "brain", SHOW_LESIONS)
+    label, result = parse_multipart(response, tmp_path)
+    check_label(label, result, served["pair"]["flair"])
+    assert result["inputs"] == {"flair": str(served["studies"] / "brain.nii.gz"),
+                                "t2": str(served["studies"] / "t2" / "brain.nii.gz")}
+    assert Path(result["anomaly_map"]).name.endswith("_anomaly_map.nii.gz")
+
+
+def test_client_infer_each_datastore_convention(served, tmp_path):
+    client = MONAILabelClient(served["server"].url, tmpdir=str(tmp_path))
+    masks = {}
+    for image_id in ("brain", "multi2", "multi4"):
+        label, result = client.infer("anofpdm", image_id, dict(SHOW_LESIONS))
+        masks[image_id] = check_label(label, result, served["pair"]["flair"])
+    assert np.array_equal(masks["brain"], masks["multi2"]) and np.array_equal(masks["brain"], masks["multi4"])
+    label, result = client.infer("anofpdm", "other", dict(SHOW_LESIONS))
+    assert check_label(label, result, served["other"]["flair"]).shape == OTHER_SHAPE
+
+
+def test_uploads_without_the_datastore(served, tmp_path):
+    url, files, studies = served["server"].url, served["files"], served["studies"]
+    before = datastore_state(studies)
+    reference = check_label(*parse_multipart(post_infer(url, "brain", SHOW_LESIONS), tmp_path), served["pair"]["flair"])
+    flair_bytes, t2_path = (files / "case_flair.nii.gz").read_bytes(), files / "case_t2.nii.gz"
+
+    # REST: the FLAIR uploaded, the T2 as a path on the server
+    upload = {"file": ("case_flair.nii.gz", flair_bytes)}
+    response = post_infer(url, params={"t2": str(t2_path), **SHOW_LESIONS}, files=upload)
+    label, result = parse_multipart(response, tmp_path)
+    assert np.array_equal(check_label(label, result, served["pair"]["flair"]), reference)
+
+    # client: the T2 uploaded as a session, the FLAIR as the file
+    client = MONAILabelClient(url, tmpdir=str(tmp_path))
+    t2_session = client.create_session(str(t2_path))["session_id"]
+    label, result = client.infer("anofpdm", "", {"t2_session": t2_session, **SHOW_LESIONS},
+                                 file=str(files / "case_flair.nii.gz"))
+    assert np.array_equal(check_label(label, result, served["pair"]["flair"]), reference)
+
+    # one session holding both files (PUT /session/ with two files), then infer on the session
+    both = requests.put(f"{url}/session/", files=[("files", ("case_flair.nii.gz", flair_bytes)),
+                                                   ("files", ("case_t2.nii.gz", t2_path.read_bytes()))], timeout=30)
+    assert both.status_code == 200, both.text
+    label, result = client.infer("anofpdm", "", dict(SHOW_LESIONS), session_id=both.json()["session_id"])
+    assert np.array_equal(check_label(label, result, served["pair"]["flair"]), reference)
+
+    # a 2-channel image uploaded as the file needs nothing else
+    label, result = client.infer("anofpdm", "", dict(SHOW_LESIONS), file=str(files / "two_channels.nii.gz"))
+    assert np.array_equal(check_label(label, result, served["pair"]["flair"]), reference)
+    assert datastore_state(studies) == before
+
+
+def test_upload_image_then_save_label_through_the_datastore(served, tmp_path):
+    client = MONAILabelClient(served["server"].url, tmpdir=str(tmp_path))
+    assert client.upload_image(str(served["files"] / "two_channels.nii.gz"), image_id="uploaded")["image"] == "uploaded"
+    assert "uploaded" in client.datastore()["objects"]
+    label, result = client.infer("anofpdm", "uploaded", dict(SHOW_LESIONS))
+    check_label(label, result, served["pair"]["flair"])
+    client.save_label("uploaded", label, tag="final", params={"label_names": result["label_names"]})
+    saved = client.datastore()["objects"]["uploaded"]["labels"]
+    assert "final" in saved
+    assert (served["studies"] / "labels" / "final" / "uploaded.nii.gz").is_file()
+    downloaded = client.download_label("uploaded", "final")
+    assert np.array_equal(np.asanyarray(nib.load(downloaded).dataobj), np.asanyarray(nib.load(label).dataobj))
+    assert requests.get(f"{served['server'].url}/info/", timeout=5).json()["datastore"]["completed"] == 1
+
+
+def test_bad_inputs_are_clear_errors_and_change_nothing(served, tmp_path):
+    url, studies = served["server"].url, served["studies"]
+    before = datastore_state(studies)
+    for image_id, messages in served["bad"].items():
+        response = post_infer(url, image_id)
+        assert response.status_code == 422, (image_id, response.text)
+        assert all(m in response.json()["detail"] for m in messages), (image_id, response.json())
+        info_answers(url)
+    upload = post_infer(url, files={"file": ("garbage.nii.gz", (served["files"] / "garbage.nii.gz").read_bytes())})
+    assert upload.status_code == 422 and "cannot read image" in upload.json()["detail"]
+    unknown = post_infer(url, "no_such_image")
+    assert unknown.status_code == 422 and "names no image file" in unknown.json()["detail"]
+    no_t2 = post_infer(url, files={"file": ("flair.nii.gz", (served["files"] / "case_flair.nii.gz").read_bytes())})
+    assert no_t2.status_code == 422 and '{"t2": "<path on the server>"}' in no_t2.json()["detail"]
+    bad_option = post_infer(url, "brain", {"mode": "slow"})
+    assert bad_option.status_code == 422 and "no calibration for mode 'slow'" in bad_option.json()["detail"]
+    with pytest.raises(MONAILabelClientException) as error:
+        MONAILabelClient(url, tmpdir=str(tmp_path)).infer("anofpdm", "zero", {})
+    assert "Status: 422" in error.value.msg and "flair is empty" in error.value.msg
+    info_answers(url)
+    assert datastore_state(studies) == before
+
+
+def test_info_answers_during_two_concurrent_inferences(served, tmp_path):
+    url = served["server"].url
+    references = {case: parse_multipart(post_infer(url, case, SLOW), tmp_path) for case in ("brain", "other")}
+    results: dict[str, tuple[float, requests.Response]] = {}
+
+    def infer(case: str) -> None:
+        response = post_infer(url, case, SLOW)
+        results[case] = (time.monotonic(), response)
+
+    threads = [threading.Thread(target=infer, args=(case,)) for case in ("brain", "other")]
+    for thread in threads:
+        thread.start()
+    polls: list[tuple[float, float]] = []
+    while any(thread.is_alive() for thread in threads):
+        sent = time.monotonic()
+        assert requests.get(f"{url}/info/", timeout=10).status_code == 200
+        polls.append((sent, time.monotonic() - sent))
+        threads[0].join(timeout=0.1)  # the pause between polls: a bounded wait on the inference itself
+    for thread in threads:
+        thread.join()
+
+    first_done = min(done for done, _ in results.values())
+    during = [latency for sent, latency in polls if sent < first_done]
+    assert len(during) >= 5, f"only {len(during)} /info/ polls while both inferences ran"
+    assert max(latency for _, latency in polls) < INFO_LATENCY_LIMIT_S, polls
+    for case, flair in (("brain", served["pair"]["flair"]), ("other", served["other"]["flair"])):
+        label, result = parse_multipart(results[case][1], tmp_path)
+        reference_label, reference = references[case]
+        mask = check_label(label, result, flair)
+        assert np.array_equal(mask, np.asanyarray(nib.load(reference_label).dataobj))
+        assert result["score"] == reference["score"] and result["lesions"] == reference["lesions"]
+    assert "forward process 100%" in served["server"].log()
+
+
+def test_no_weights_server_lists_no_model_and_says_why(served):
+    url = served["no_weights"].url
+    info = requests.get(f"{url}/info/", timeout=5).json()
+    assert info["models"] == {} and info["labels"] == []
+    response = post_infer(url, "brain")
+    assert response.status_code == 503
+    assert f"model weights not found at {served['root'] / 'missing.pt'}" in response.json()["detail"]
+    assert "model 'anofpdm' is not offered" in served["no_weights"].log()
