@@ -65,3 +65,13 @@ def test_calibrate_stores_each_mode_in_the_model_file(tiny_model_path, tmp_path)
     assert calibration["validation"]["slices"] == 6
     counts = calibration["validation"]
     assert counts["true_positive"] + counts["false_negative"] == 3
+
+
+def test_segment_accepts_one_two_channel_image(tiny_model_path, tmp_path):
+    pair = make_volume_pair()
+    stacked = np.stack([pair["flair"].get_fdata(), pair["t2"].get_fdata()], axis=-1).astype(np.float32)
+    image = tmp_path / "flair_t2.nii.gz"
+    nib.save(nib.Nifti1Image(stacked, pair["flair"].affine), image)
+    out = tmp_path / "mask.nii.gz"
+    assert main(["segment", "--model", str(tiny_model_path), "--flair", str(image), "--out", str(out)]) == 0
+    assert nib.load(out).shape == pair["flair"].shape

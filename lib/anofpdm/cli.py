@@ -108,15 +108,21 @@ def _segment(args: argparse.Namespace) -> int:
     import nibabel as nib
     import torch
 
+    from anofpdm.inputs import read_nifti, split_channels
     from anofpdm.model import load_model
     from anofpdm.pipeline import InferenceOptions, segment_volume
+    from anofpdm.volume import InputError
 
     model = load_model(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     options = InferenceOptions(
         mode=args.mode, guidance=args.guidance, forward_steps=args.steps, stride=args.stride,
         encoding=args.encoding, early_stop=args.early_stop, seed=args.seed, min_lesion_mm3=args.min_lesion_mm3,
     )
-    images = {"flair": _read_image(args.flair, "FLAIR"), "t2": _read_image(args.t2, "T2")}
+    images = split_channels(read_nifti(args.flair, "FLAIR (or multi-channel)"), str(args.flair)).images
+    if args.t2 is not None:
+        if "t2" in images:
+            raise InputError(f"T2 given twice: as a channel of {args.flair} and as --t2 {args.t2}")
+        images["t2"] = read_nifti(args.t2, "T2")
     result = segment_volume(model, images, options, progress=progress_bar("forward process"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     nib.save(result.mask, args.out)
@@ -130,22 +136,6 @@ def _segment(args: argparse.Namespace) -> int:
     for warning in report["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
-
-
-def _read_image(path: Path, what: str):
-    """Load a NIfTI file, naming the file and the sequence in any error."""
-    import nibabel as nib
-
-    from anofpdm.volume import InputError
-
-    if not path.is_file():
-        raise InputError(f"{what} file not found: {path}")
-    try:
-        image = nib.load(path)
-        image.get_fdata(dtype="float32")
-    except Exception as exc:  # nibabel raises many types for corrupt files
-        raise InputError(f"cannot read {what} file {path}: {exc}") from exc
-    return image
 
 
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
@@ -203,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     segment = commands.add_parser("segment", help="segment one FLAIR + T2 volume")
     segment.add_argument("--model", type=Path, required=True)
-    segment.add_argument("--flair", type=Path, required=True)
-    segment.add_argument("--t2", type=Path, required=True)
+    segment.add_argument("--flair", type=Path, required=True,
+                         help="FLAIR NIfTI, or one 4-D image: 2 channels (FLAIR, T2) or 4 (MSD Task01 order)")
+    segment.add_argument("--t2", type=Path, help="T2 NIfTI on the FLAIR grid (not needed for a multi-channel image)")
     segment.add_argument("--out", type=Path, required=True, help="tumour mask NIfTI (uint8, tumour = 1)")
     segment.add_argument("--map", type=Path, help="also write the anomaly map NIfTI")
     segment.add_argument("--report", type=Path, help="also write the JSON report")

@@ -61,13 +61,13 @@ class InferenceOptions:
 
     def __post_init__(self) -> None:
         if self.map_variant not in MAP_VARIANTS:
-            raise ValueError(f"map_variant must be one of {MAP_VARIANTS}, got {self.map_variant!r}")
+            raise InputError(f"map_variant must be one of {MAP_VARIANTS}, got {self.map_variant!r}")
         if self.min_lesion_mm3 < 0:
-            raise ValueError(f"min_lesion_mm3 must be >= 0, got {self.min_lesion_mm3}")
+            raise InputError(f"min_lesion_mm3 must be >= 0, got {self.min_lesion_mm3}")
         if self.median_kernel is not None and (self.median_kernel < 1 or self.median_kernel % 2 == 0):
-            raise ValueError(f"median_kernel must be odd and positive, got {self.median_kernel}")
+            raise InputError(f"median_kernel must be odd and positive, got {self.median_kernel}")
         if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass
@@ -105,7 +105,7 @@ def resolve_options(model: LoadedModel, options: InferenceOptions) -> tuple[Forw
     """The forward-process settings and calibration for ``options``, and warnings about overrides."""
     modes = model.calibration or {}
     if options.mode not in modes:
-        raise ValueError(
+        raise InputError(
             f"model {model.path} has no calibration for mode {options.mode!r} "
             f"(calibrated modes: {sorted(modes) or 'none; run anofpdm calibrate'})"
         )
@@ -124,7 +124,11 @@ def resolve_options(model: LoadedModel, options: InferenceOptions) -> tuple[Forw
             warnings.append(f"{name}={value} differs from the {settings[name]} the model was calibrated at: "
                             "the verdict and threshold may be off")
             settings[name] = value
-    return ForwardProcessConfig(seed=options.seed, **settings), calibration, warnings
+    try:
+        forward = ForwardProcessConfig(seed=options.seed, **settings)
+    except ValueError as exc:  # an override out of range: the user's request, not a bug
+        raise InputError(str(exc)) from exc
+    return forward, calibration, warnings
 
 
 def default_median_kernel(image_size: int) -> int:

@@ -226,11 +226,10 @@ class AnoFPDM(InferTask):
         parsed = {name: _parse_option(name, request[name]) for name in OPTION_TYPES if name in request}
         if parsed.get("mode") is None:
             parsed["mode"] = self._modes()[0]
-        try:  # a None keeps the InferenceOptions default (seed 0, the mode's calibrated settings...)
-            options = InferenceOptions(**{name: value for name, value in parsed.items() if value is not None})
-            resolve_options(model, options)
-        except ValueError as exc:  # bad mode, encoding, kernel... : the library's message says which
-            raise InputError(str(exc)) from exc
+        # a None keeps the InferenceOptions default (seed 0, the mode's calibrated settings...); a bad
+        # mode, encoding or kernel is an InputError whose message says which
+        options = InferenceOptions(**{name: value for name, value in parsed.items() if value is not None})
+        resolve_options(model, options)
         return options
 
     def _session_image(self, session_id: str) -> Path:

@@ -1,0 +1,81 @@
+"""Reading input volumes with clear errors: NIfTI files and multi-channel images (app and CLI).
+
+A request may hold a 3-D FLAIR, or one 4-D image with channels last: 2 channels (FLAIR, T2) or 4 in
+the MSD Task01 order (FLAIR, T1w, T1gd, T2w). Every failure is an ``InputError`` naming the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from anofpdm.data.brats import MSD_CHANNELS
+from anofpdm.volume import InputError
+
+__all__ = ["NIFTI_SUFFIXES", "CHANNEL_LAYOUTS", "ResolvedInputs", "strip_nifti_suffix", "read_nifti", "split_channels"]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+CHANNEL_LAYOUTS: dict[int, tuple[str, ...]] = {2: ("flair", "t2"), 4: MSD_CHANNELS}
+REFERENCE = "flair"
+
+
+@dataclass
+class ResolvedInputs:
+    """The images of one request, by sequence name, and where each came from."""
+
+    images: dict[str, nib.spatialimages.SpatialImage] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def add(self, name: str, image: nib.spatialimages.SpatialImage, source: str) -> None:
+        self.images[name] = image
+        self.sources[name] = source
+
+    def describe(self) -> str:
+        """``flair=<source>, t2=<source>`` for error messages."""
+        return ", ".join(f"{name}={source}" for name, source in self.sources.items())
+
+
+def strip_nifti_suffix(name: str) -> str:
+    """``case.nii.gz`` -> ``case``; raises ``InputError`` for other formats."""
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    raise InputError(f"{name}: only NIfTI images ({', '.join(NIFTI_SUFFIXES)}) are supported")
+
+
+def read_nifti(path: Path, what: str) -> nib.spatialimages.SpatialImage:
+    """Read a NIfTI file fully into memory, naming the sequence and the file in any error."""
+    strip_nifti_suffix(path.name)
+    if not path.is_file():
+        raise InputError(f"{what} file not found: {path}")
+    try:
+        image = nib.load(path)
+        data = np.asanyarray(image.dataobj)  # reads everything now: a truncated file fails here
+    except Exception as exc:  # nibabel, gzip and zlib raise many types for corrupt files
+        raise InputError(f"cannot read {what} file {path}: {exc}") from exc
+    return type(image)(data, image.affine, image.header)
+
+
+def split_channels(image: nib.spatialimages.SpatialImage, source: str) -> ResolvedInputs:
+    """One image as sequences: a 3-D FLAIR, or the channels of a 2- or 4-channel 4-D image."""
+    shape = image.shape
+    resolved = ResolvedInputs()
+    if len(shape) == 3 or (len(shape) == 4 and shape[3] == 1):
+        resolved.add(REFERENCE, image, source)
+        return resolved
+    layout = CHANNEL_LAYOUTS.get(shape[3]) if len(shape) == 4 else None
+    if layout is None:
+        raise InputError(
+            f"{source} has shape {shape}: expected a 3-D FLAIR, or a 4-D image with channels last holding "
+            "2 channels (FLAIR, T2) or 4 channels in MSD Task01 order (FLAIR, T1w, T1gd, T2w)"
+        )
+    data = np.asanyarray(image.dataobj)
+    for channel, name in enumerate(layout):
+        resolved.add(name, type(image)(data[..., channel], image.affine, image.header),
+                     f"{source} [channel {channel + 1} of {len(layout)}]")
+    return resolved
+
+
