@@ -7,12 +7,12 @@ import torch
 from anofpdm.baselines import (
     BaselineOptions,
     FixedThreshold,
-    cfg_ddim_baseline,
+    baseline_maps,
     decoding_steps,
-    flair_threshold,
+    finish_baseline,
     reconstruct_from_noise,
     reconstruct_guided,
-    reconstruction_baseline,
+    run_baseline,
 )
 from anofpdm.diffusion import NoiseSchedule
 from anofpdm.metrics import dice
@@ -68,7 +68,8 @@ def test_reconstruction_decodes_with_the_null_label_only(clean):
     schedule = NoiseSchedule()
     # the healthy label would add 0.5 to the noise and spoil the reconstruction
     oracle = OracleNetwork(clean, schedule, {NULL_LABEL: 0.0, HEALTHY: 0.5})
-    reconstruction, evaluations = reconstruct_from_noise(oracle, schedule, clean, 100, 30, torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    reconstruction, evaluations = reconstruct_from_noise(oracle, schedule, clean, 100, 30, generator)
     torch.testing.assert_close(reconstruction, clean, atol=2e-5, rtol=0)
     assert [t for t, _ in oracle.calls] == [100, 70, 40, 10, 0]
     assert {labels for _, labels in oracle.calls} == {(NULL_LABEL,)}
@@ -114,20 +115,28 @@ def test_flair_threshold_finds_the_bright_lesion():
     config = NetworkConfig()
     model = LoadedModel(network=build_network(config), config=config, schedule={})
     images = make_volume_pair()
-    result = flair_threshold(model, images, BaselineOptions(threshold=FixedThreshold(quantile=0.95), min_lesion_mm3=0))
+    result = run_baseline("flair-threshold", model, images,
+                          BaselineOptions(threshold=FixedThreshold(quantile=0.95), min_lesion_mm3=0))
     truth = np.zeros(images["flair"].shape, dtype=bool)
     truth[15:25, 15:25, 4:8] = True
     assert dice(np.asanyarray(result.mask.dataobj) > 0, truth) > 0.8
     assert result.report["network_evaluations"] == 0
     assert result.model_grid.unhealthy.sum() == 4  # the four lesion slices, nothing else survives
+    # the same maps under another threshold: a fixed intensity above all brain (at most 1) finds nothing
+    maps = baseline_maps("flair-threshold", model, images, BaselineOptions())
+    assert maps.raw_map.max() == pytest.approx(1.0, abs=1e-3) and maps.raw_map.min() == pytest.approx(0.0, abs=1e-6)
+    nothing = finish_baseline(maps, model, images, BaselineOptions(threshold=FixedThreshold(quantile=None, value=1.5)))
+    assert np.asanyarray(nothing.mask.dataobj).sum() == 0 and not nothing.model_grid.unhealthy.any()
+    with pytest.raises(ValueError, match="unknown baseline"):
+        run_baseline("magic", model, images)
 
 
-@pytest.mark.parametrize("baseline, per_slice_evaluations", [(reconstruction_baseline, 3), (cfg_ddim_baseline, 2 + 2 * 3)])
-def test_network_baselines_have_the_pipeline_form(tiny_model_path, baseline, per_slice_evaluations):
+@pytest.mark.parametrize("method, per_slice_evaluations", [("anoddpm-reconstruction", 3), ("cfg-ddim", 2 + 2 * 3)])
+def test_network_baselines_have_the_pipeline_form(tiny_model_path, method, per_slice_evaluations):
     model = load_model(tiny_model_path)
     images = make_volume_pair()
     options = BaselineOptions(noise_level=20, stride=10, min_lesion_mm3=0, batch_size=4)
-    result = baseline(model, images, options)
+    result = run_baseline(method, model, images, options)
     grid = result.model_grid
     n, size = 10, model.config.image_size  # make_volume_pair's brain spans 10 slices
     assert grid.raw_map.shape == (n, size, size) and grid.slices.shape == (n, 2, size, size)
@@ -137,5 +146,5 @@ def test_network_baselines_have_the_pipeline_form(tiny_model_path, baseline, per
     np.testing.assert_array_equal(result.mask.affine, images["flair"].affine)
     np.testing.assert_array_equal(grid.unhealthy, [bool(np.asanyarray(result.mask.dataobj)[:, :, z].any())
                                                    for z in range(1, 11)])
-    again = baseline(model, images, options)
+    again = run_baseline(method, model, images, options)
     np.testing.assert_array_equal(again.model_grid.raw_map, grid.raw_map)  # seeded

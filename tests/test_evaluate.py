@@ -12,7 +12,16 @@ import pytest
 import torch
 
 from anofpdm.data.brats import find_cases
-from anofpdm.evaluate import METHODS, SliceProtocol, evaluate, main, prepare_case, score_result
+from anofpdm.evaluate import (
+    METHODS,
+    EvaluationSettings,
+    SliceProtocol,
+    evaluate,
+    main,
+    prepare_case,
+    score_result,
+    tune_thresholds,
+)
 from anofpdm.model import load_model
 from anofpdm.pipeline import ModelGridOutputs, SegmentationResult
 from anofpdm.volume import to_input_grid
@@ -52,17 +61,29 @@ def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("brats")
     _write_case(root, "BraTS2021_00001", seed=1, lesion=True)
     _write_case(root, "BraTS2021_00002", seed=2, lesion=False)
+    _write_case(root, "BraTS2021_00003", seed=3, lesion=True)  # validation: tunes the baselines' quantiles
     return root
 
 
-def _argv(model: Path, data: Path, out: Path) -> list[str]:
-    return ["--model", str(model), "--data", str(data), "--out", str(out), "--methods", ",".join(METHODS), *CHEAP]
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """The part of a prepared data set's manifest that names the splits."""
+    root = tmp_path_factory.mktemp("prepared")
+    splits = {"test": {"cases": ["BraTS2021_00001", "BraTS2021_00002"]}, "val": {"cases": ["BraTS2021_00003"]}}
+    (root / "manifest.json").write_text(json.dumps({"splits": splits}))
+    return root
+
+
+def _argv(model: Path, data: Path, prepared: Path, out: Path) -> list[str]:
+    return ["--model", str(model), "--data", str(data), "--out", str(out), "--methods", ",".join(METHODS),
+            "--prepared", str(prepared), "--split", "test", "--tune-split", "val", "--tune-quantiles", "0.9,0.95,0.99",
+            *CHEAP]
 
 
 @pytest.fixture(scope="module")
-def single_process(tiny_model_path, data_dir, tmp_path_factory) -> dict:
+def single_process(tiny_model_path, data_dir, prepared, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("eval1")
-    assert main(_argv(tiny_model_path, data_dir, out)) == 0
+    assert main(_argv(tiny_model_path, data_dir, prepared, out)) == 0
     return json.loads((out / "results.json").read_text()) | {"out": str(out)}
 
 
@@ -70,6 +91,12 @@ def test_results_json_markdown_and_overlays(single_process):
     results, out = single_process, Path(single_process["out"])
     assert [case["case"] for case in results["cases"]] == ["BraTS2021_00001", "BraTS2021_00002"]
     assert results["settings"]["world_size"] == 1 and results["failed_cases"] == []
+    assert results["settings"]["cases"] == ["BraTS2021_00001", "BraTS2021_00002"]  # the test split only
+    tuned = results["settings"]["tuned_thresholds"]
+    assert set(tuned) == {"anoddpm-reconstruction", "cfg-ddim", "flair-threshold"}
+    for method, choice in tuned.items():
+        assert choice["cases"] == ["BraTS2021_00003"] and choice["quantile"] in (0.9, 0.95, 0.99)
+        assert results["settings"]["thresholds"][method] == {"quantile": choice["quantile"], "value": None}
     tumour_case, healthy_case = results["cases"]
     assert tumour_case["truth_ml"] == pytest.approx(10 * 10 * 4 * 80 / 1000)  # 4 x 4 x 5 mm voxels
     assert healthy_case["truth_ml"] == 0
@@ -77,7 +104,8 @@ def test_results_json_markdown_and_overlays(single_process):
         summary = results["summary"][method]
         assert summary["cases"] == 2 and summary["tumour_cases"] == 1
         assert summary["slice_protocol"]["n_slices"] == 20  # 10 brain slices per case
-        assert summary["slice_protocol"]["n_tumour_slices"] == tumour_case["methods"][method]["slice"]["n_tumour_slices"]
+        tumour_slices = tumour_case["methods"][method]["slice"]["n_tumour_slices"]
+        assert summary["slice_protocol"]["n_tumour_slices"] == tumour_slices
         assert 0 <= summary["slice_protocol"]["mixed_dice"] <= 1
         assert summary["volume"]["dice"]["n"] == 1 and summary["volume"]["volume_accuracy"]["n"] == 2
         assert summary["volume"]["dice"]["std"] == 0.0
@@ -124,14 +152,15 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def test_two_processes_give_the_one_process_results(tiny_model_path, data_dir, single_process, tmp_path):
+def test_two_processes_give_the_one_process_results(tiny_model_path, data_dir, prepared, single_process, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(LIB), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               "-m", "anofpdm.evaluate", *_argv(tiny_model_path, data_dir, tmp_path)]
+               "-m", "anofpdm.evaluate", *_argv(tiny_model_path, data_dir, prepared, tmp_path)]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["settings"]["world_size"] == 2
+    assert results["settings"]["tuned_thresholds"] == single_process["settings"]["tuned_thresholds"]
     assert [case["case"] for case in results["cases"]] == ["BraTS2021_00001", "BraTS2021_00002"]
     for method in METHODS:
         for block in ("slice_protocol", "volume"):
@@ -142,12 +171,31 @@ def test_two_processes_give_the_one_process_results(tiny_model_path, data_dir, s
     assert (tmp_path / "overlays" / "BraTS2021_00001.png").exists()  # rank 0 drew rank 0's case
 
 
+def test_tuning_picks_the_quantile_that_fits_the_lesion(tiny_model_path, data_dir):
+    model = load_model(tiny_model_path)
+    case = prepare_case(find_cases(data_dir)[2], model.config)
+    # the lesion is 400 of about 9500 brain voxels (4 %): the 95th percentile fits it, the median marks half the brain
+    settings = EvaluationSettings(min_lesion_mm3=0)
+    tuned = tune_thresholds(model, [case], ["flair-threshold", "anofpdm-ddim-fast"], settings, quantiles=(0.5, 0.95))
+    assert set(tuned) == {"flair-threshold"}  # AnoFPDM is calibrated, not tuned
+    assert tuned["flair-threshold"]["quantile"] == 0.95
+    assert tuned["flair-threshold"]["validation_dice"][0.95] > 2 * tuned["flair-threshold"]["validation_dice"][0.5]
+    healthy = prepare_case(find_cases(data_dir)[1], model.config)
+    with pytest.raises(ValueError, match="with tumour"):
+        tune_thresholds(model, [healthy], ["flair-threshold"], EvaluationSettings())
+
+
 def test_bad_arguments_are_refused(tiny_model_path, data_dir, tmp_path):
     with pytest.raises(ValueError, match="methods must be"):
         evaluate(tiny_model_path, data_dir, ["anofpdm-ddim-fast", "magic"], tmp_path)
     with pytest.raises(ValueError, match="max_cases"):
         evaluate(tiny_model_path, data_dir, ["flair-threshold"], tmp_path, max_cases=0)
+    with pytest.raises(ValueError, match="not found"):
+        evaluate(tiny_model_path, data_dir, ["flair-threshold"], tmp_path, case_ids=["BraTS2021_09999"])
+    with pytest.raises(ValueError, match="overlap"):
+        evaluate(tiny_model_path, data_dir, ["flair-threshold"], tmp_path, case_ids=["BraTS2021_00001"],
+                 tune_case_ids=["BraTS2021_00001"])
     calls = []
-    evaluate(tiny_model_path, data_dir, ["flair-threshold"], tmp_path, max_cases=1,
-             progress=lambda done, total: calls.append((done, total)))
-    assert calls == [(1, 1)]
+    results = evaluate(tiny_model_path, data_dir, ["flair-threshold"], tmp_path, max_cases=1,
+                       progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 1)] and results["settings"]["cases"] == ["BraTS2021_00001"]

@@ -122,7 +122,8 @@ def test_slice_protocol_auprc_ignores_pixels_outside_the_brain_and_healthy_volum
 def _case(n, n_tumour, mixed, unhealthy, accuracy, auprc, dice_3d, truth_ml, verdict):
     slice_result = {"n_slices": n, "n_tumour_slices": n_tumour, "mixed_dice": mixed[0], "mixed_iou": mixed[1],
                     "unhealthy_dice": unhealthy and unhealthy[0], "unhealthy_iou": unhealthy and unhealthy[1],
-                    "slice_accuracy": accuracy, "mixed_auprc": auprc and auprc[0], "unhealthy_auprc": auprc and auprc[1]}
+                    "slice_accuracy": accuracy, "mixed_auprc": auprc and auprc[0],
+                    "unhealthy_auprc": auprc and auprc[1]}
     volume = {"dice": dice_3d, "iou": dice_3d / 2, "precision": 1.0, "recall": dice_3d, "auprc": auprc and auprc[0],
               "truth_ml": truth_ml, "predicted_ml": 1.0, "volume_error_ml": 1.0 - truth_ml, "verdict_correct": verdict}
     return {"slice": slice_result, "volume": volume}

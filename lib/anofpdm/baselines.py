@@ -1,10 +1,10 @@
 """Baselines on the same model, data and post-processing as AnoFPDM (SPEC.md section 6).
 
-- ``flair_threshold``: no network. The normalised FLAIR on the model grid is the anomaly map.
-- ``reconstruction_baseline`` (AnoDDPM-style, Gaussian noise): noise every slice to one fixed step t,
+- "flair-threshold": no network. The normalised FLAIR on the model grid is the anomaly map.
+- "anoddpm-reconstruction" (AnoDDPM-style, Gaussian noise): noise every slice to one fixed step t,
   decode it back to t = 0 with the unguided (null-label) network by deterministic DDIM steps, and finish
   with the network's clean-image prediction at t = 0. The map is the squared reconstruction error.
-- ``cfg_ddim_baseline`` (classifier-free-guidance DDIM): DDIM-encode each slice with the null label from
+- "cfg-ddim" (classifier-free-guidance DDIM): DDIM-encode each slice with the null label from
   t = 0 (the slice itself) up to a fixed step, decode it back with the healthy-guided prediction
   (weight w), finish with the guided clean-image prediction at t = 0. The map is the squared error.
 
@@ -13,7 +13,9 @@ thresholds its map once per volume with a fixed rule (a quantile of the map over
 pixels, or a fixed value), then gets the pipeline's 3-D post-processing: median filter, threshold,
 removal of small components, mapping back onto the input grid. A baseline has no slice classifier: a
 slice is called unhealthy when its final mask is not empty. Results have the pipeline's form
-(``SegmentationResult`` with ``ModelGridOutputs``), so evaluation treats every method alike.
+(``SegmentationResult`` with ``ModelGridOutputs``), so evaluation treats every method alike. The maps
+(``baseline_maps``) are kept apart from thresholding (``finish_baseline``) so that a threshold can be
+tuned on validation cases without recomputing them.
 """
 
 from __future__ import annotations
@@ -31,20 +33,22 @@ from anofpdm.diffusion import NoiseSchedule
 from anofpdm.model import HEALTHY, MAP_SEQUENCES, NULL_LABEL, LoadedModel
 from anofpdm.pipeline import ModelGridOutputs, SegmentationResult, default_median_kernel
 from anofpdm.postprocess import lesion_table, median_filter_3d, remove_small_components
-from anofpdm.volume import BACKGROUND, to_input_grid, to_model_slices
+from anofpdm.volume import BACKGROUND, VolumeGeometry, to_input_grid, to_model_slices
 
 __all__ = [
+    "BASELINES",
     "FixedThreshold",
     "BaselineOptions",
+    "BaselineMaps",
     "brain_pixels",
     "decoding_steps",
     "ddim_encode",
     "ddim_decode",
     "reconstruct_from_noise",
     "reconstruct_guided",
-    "flair_threshold",
-    "reconstruction_baseline",
-    "cfg_ddim_baseline",
+    "baseline_maps",
+    "finish_baseline",
+    "run_baseline",
 ]
 
 BRAIN_TOLERANCE = 1e-4  # model-grid pixels above BACKGROUND by more than this hold brain
@@ -54,7 +58,8 @@ CFG_NOISE_LEVEL = 500  # a setting for the CFG baseline, not from the paper: tun
 DEFAULT_DECODING_STRIDE = 10
 DEFAULT_GUIDANCE = 2.0  # the paper's BraTS w
 DEFAULT_BATCH_SIZE = 32
-Reconstructor = Callable[[torch.Tensor, int], tuple[torch.Tensor, int]]
+Reconstructor = Callable[[torch.Tensor, int], tuple[torch.Tensor, int]]  # (x0, first slice index) -> (x, evals)
+MapOutput = tuple[np.ndarray, int, dict[str, Any]]  # N x S x S maps, network evaluations, settings for the report
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,9 @@ class FixedThreshold:
 
     def __post_init__(self) -> None:
         if (self.quantile is None) == (self.value is None):
-            raise ValueError(f"give exactly one of quantile and value, got quantile={self.quantile}, value={self.value}")
+            raise ValueError(
+                f"give exactly one of quantile and value, got quantile={self.quantile}, value={self.value}"
+            )
         if self.quantile is not None and not 0.0 < self.quantile < 1.0:
             raise ValueError(f"quantile must be in (0, 1), got {self.quantile}")
 
@@ -90,7 +97,8 @@ class BaselineOptions:
 
     Args:
         threshold: the per-volume threshold rule.
-        noise_level: the fixed step t the network baselines noise (or encode) to.
+        noise_level: the fixed step t the network baselines noise (or encode) to (None: the method's default,
+            250 for the reconstruction baseline as in AnoDDPM, 500 for CFG).
         stride: DDIM step between visited timesteps while decoding (and encoding).
         guidance: guidance weight w of the CFG baseline's decoding.
         seed: noise seed (the reconstruction baseline's only random draw).
@@ -100,7 +108,7 @@ class BaselineOptions:
     """
 
     threshold: FixedThreshold = field(default_factory=FixedThreshold)
-    noise_level: int = ANODDPM_NOISE_LEVEL
+    noise_level: int | None = None
     stride: int = DEFAULT_DECODING_STRIDE
     guidance: float = DEFAULT_GUIDANCE
     seed: int = 0
@@ -109,7 +117,7 @@ class BaselineOptions:
     batch_size: int = DEFAULT_BATCH_SIZE
 
     def __post_init__(self) -> None:
-        if self.noise_level < 1:
+        if self.noise_level is not None and self.noise_level < 1:
             raise ValueError(f"noise_level must be >= 1, got {self.noise_level}")
         if self.stride < 1:
             raise ValueError(f"stride must be >= 1, got {self.stride}")
@@ -157,7 +165,7 @@ def _guided(network: torch.nn.Module, z: torch.Tensor, t: int, guidance: float) 
 
 
 def ddim_encode(network: torch.nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, steps: list[int]) -> torch.Tensor:
-    """Deterministic DDIM inversion with the null label, from the clean slice at ``steps[0] = 0`` up to ``steps[-1]``."""
+    """Deterministic DDIM inversion with the null label, from the clean slice at ``steps[0] = 0`` to ``steps[-1]``."""
     z = x0
     with torch.no_grad():
         for t, t_next in zip(steps[:-1], steps[1:]):
@@ -166,7 +174,10 @@ def ddim_encode(network: torch.nn.Module, schedule: NoiseSchedule, x0: torch.Ten
 
 
 def ddim_decode(
-    schedule: NoiseSchedule, z: torch.Tensor, steps: list[int], noise_prediction: Callable[[torch.Tensor, int], torch.Tensor]
+    schedule: NoiseSchedule,
+    z: torch.Tensor,
+    steps: list[int],
+    noise_prediction: Callable[[torch.Tensor, int], torch.Tensor],
 ) -> torch.Tensor:
     """DDIM decoding through ``steps`` (descending to 0); the clean-image prediction at the last step, clipped.
 
@@ -228,16 +239,103 @@ def reconstruct_guided(
     return reconstruction, x0.shape[0] * ((len(steps) - 1) + 2 * len(steps))
 
 
-def _error_maps(model: LoadedModel, slices: np.ndarray, batch_size: int, reconstruct: Reconstructor) -> tuple[np.ndarray, int]:
+def _error_maps(
+    model: LoadedModel, slices: np.ndarray, options: BaselineOptions, reconstruct: Reconstructor
+) -> tuple[np.ndarray, int]:
     """Squared reconstruction error averaged over the map sequences, per slice (N x S x S)."""
     channels = [model.config.sequences.index(s) for s in MAP_SEQUENCES]
     maps, evaluations = [], 0
-    for begin in range(0, len(slices), batch_size):
-        x0 = torch.from_numpy(slices[begin : begin + batch_size]).to(model.device)
+    for begin in range(0, len(slices), options.batch_size):
+        x0 = torch.from_numpy(slices[begin : begin + options.batch_size]).to(model.device)
         reconstruction, spent = reconstruct(x0, begin)
         maps.append(((reconstruction - x0)[:, channels] ** 2).mean(dim=1).cpu().numpy())
         evaluations += spent
     return np.concatenate(maps), evaluations
+
+
+def _flair_maps(model: LoadedModel, slices: np.ndarray, options: BaselineOptions) -> MapOutput:
+    """The normalised FLAIR, back from [-1, 1] to the [0, 1] intensity scale (background 0, like off-grid voxels)."""
+    flair = model.config.sequences.index(MAP_SEQUENCES[0])
+    return (slices[:, flair] - BACKGROUND) / (1.0 - BACKGROUND), 0, {}
+
+
+def _reconstruction_maps(model: LoadedModel, slices: np.ndarray, options: BaselineOptions) -> MapOutput:
+    schedule = NoiseSchedule.from_dict(model.schedule, device=model.device)
+    noise_level = options.noise_level or ANODDPM_NOISE_LEVEL
+
+    def reconstruct(x0: torch.Tensor, begin: int) -> tuple[torch.Tensor, int]:
+        generator = torch.Generator(device=x0.device).manual_seed(options.seed + begin)
+        return reconstruct_from_noise(model.network, schedule, x0, noise_level, options.stride, generator)
+
+    maps, evaluations = _error_maps(model, slices, options, reconstruct)
+    return maps, evaluations, {"noise_level": noise_level, "stride": options.stride, "seed": options.seed,
+                               "decoding": "ddim, null label, clean-image prediction at t = 0"}
+
+
+def _cfg_maps(model: LoadedModel, slices: np.ndarray, options: BaselineOptions) -> MapOutput:
+    schedule = NoiseSchedule.from_dict(model.schedule, device=model.device)
+    noise_level = options.noise_level or CFG_NOISE_LEVEL
+
+    def reconstruct(x0: torch.Tensor, begin: int) -> tuple[torch.Tensor, int]:
+        return reconstruct_guided(model.network, schedule, x0, noise_level, options.stride, options.guidance)
+
+    maps, evaluations = _error_maps(model, slices, options, reconstruct)
+    return maps, evaluations, {"noise_level": noise_level, "stride": options.stride, "guidance": options.guidance,
+                               "encoding": "ddim, null label, from the clean slice", "decoding": "ddim, healthy-guided"}
+
+
+MapFunction = Callable[[LoadedModel, np.ndarray, BaselineOptions], MapOutput]
+BASELINES: dict[str, MapFunction] = {
+    "anoddpm-reconstruction": _reconstruction_maps,
+    "cfg-ddim": _cfg_maps,
+    "flair-threshold": _flair_maps,
+}
+
+
+@dataclass
+class BaselineMaps:
+    """A baseline's raw anomaly maps of one volume, before any threshold (computed once, thresholded many times).
+
+    Attributes:
+        method: the baseline's name (a key of ``BASELINES``).
+        slices: N x C x S x S model-grid slices.
+        geometry: the mapping between the input grid and the slices.
+        raw_map: N x S x S anomaly map.
+        network_evaluations: single-slice network evaluations spent.
+        settings: the method's settings, for the report.
+        timings: seconds spent slicing and mapping.
+    """
+
+    method: str
+    slices: np.ndarray
+    geometry: VolumeGeometry
+    raw_map: np.ndarray
+    network_evaluations: int
+    settings: dict[str, Any]
+    timings: dict[str, float]
+
+
+def baseline_maps(
+    method: str, model: LoadedModel, images: Mapping[str, nib.spatialimages.SpatialImage], options: BaselineOptions
+) -> BaselineMaps:
+    """Slice one volume onto the model grid and compute a baseline's raw anomaly maps.
+
+    Args:
+        method: "flair-threshold", "anoddpm-reconstruction" or "cfg-ddim".
+        model: the model (for FLAIR, only its grid: image size and field of view).
+        images: sequence name -> image, as for ``segment_volume``.
+        options: the baseline's settings (the threshold rule is not used here).
+    """
+    if method not in BASELINES:
+        raise ValueError(f"unknown baseline {method!r}; known: {', '.join(BASELINES)}")
+    config = model.config
+    start = time.perf_counter()
+    slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm)
+    preprocess_s = time.perf_counter() - start
+    start = time.perf_counter()
+    raw_map, evaluations, settings = BASELINES[method](model, slices, options)
+    timings = {"preprocess_s": preprocess_s, "network_s": time.perf_counter() - start}
+    return BaselineMaps(method, slices, geometry, raw_map.astype(np.float32), evaluations, settings, timings)
 
 
 def _image_like(reference: nib.spatialimages.SpatialImage, data: np.ndarray, dtype: type) -> nib.Nifti1Image:
@@ -246,109 +344,70 @@ def _image_like(reference: nib.spatialimages.SpatialImage, data: np.ndarray, dty
     return image
 
 
-def _segment(
-    method: str,
+def finish_baseline(
+    maps: BaselineMaps,
     model: LoadedModel,
     images: Mapping[str, nib.spatialimages.SpatialImage],
     options: BaselineOptions,
-    anomaly_maps: Callable[[np.ndarray], tuple[np.ndarray, int]],
-    settings: dict[str, Any],
 ) -> SegmentationResult:
-    """Slice, map, threshold and post-process one volume exactly as the pipeline does; only the map differs."""
-    config = model.config
-    timings: dict[str, float] = {}
+    """Threshold and post-process a baseline's maps exactly as the pipeline does; only the map differs."""
     start = time.perf_counter()
-    slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm)
-    timings["preprocess_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    raw_map, evaluations = anomaly_maps(slices)
-    timings["network_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    threshold = options.threshold.resolve(raw_map, brain_pixels(slices))
-    kernel = options.median_kernel or default_median_kernel(config.image_size)
-    filtered = median_filter_3d(raw_map.transpose(1, 2, 0), kernel)  # S x S x N
+    geometry = maps.geometry
+    threshold = options.threshold.resolve(maps.raw_map, brain_pixels(maps.slices))
+    kernel = options.median_kernel or default_median_kernel(model.config.image_size)
+    filtered = median_filter_3d(maps.raw_map.transpose(1, 2, 0), kernel)  # S x S x N
     mask, removed = remove_small_components(filtered >= threshold, geometry.spacing_mm, options.min_lesion_mm3)
     unhealthy = mask.any(axis=(0, 1))
     mask_input = to_input_grid(mask.astype(np.float32), geometry) >= 0.5
     map_input = to_input_grid(filtered, geometry)
     lesions = lesion_table(mask_input, map_input, geometry.affine)
-    timings["postprocess_s"] = time.perf_counter() - start
+    timings = {**maps.timings, "postprocess_s": time.perf_counter() - start}
 
     reference = images[MAP_SEQUENCES[0]]
     report = {
-        "method": method,
+        "method": maps.method,
         "verdict": "unhealthy" if lesions else "healthy",
         "threshold": threshold,
         "lesions": lesions,
         "lesion_count": len(lesions),
         "total_volume_ml": round(sum(row["volume_ml"] for row in lesions), 3),
         "components_removed": removed,
-        "network_evaluations": evaluations,
+        "network_evaluations": maps.network_evaluations,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "settings": {**settings, "threshold_rule": asdict(options.threshold), "min_lesion_mm3": options.min_lesion_mm3,
-                     "median_kernel": kernel, "device": str(model.device)},
+        "settings": {**maps.settings, "threshold_rule": asdict(options.threshold),
+                     "min_lesion_mm3": options.min_lesion_mm3, "median_kernel": kernel, "device": str(model.device)},
         "slices": {"segmented": len(geometry.slices), "unhealthy": int(unhealthy.sum())},
         "warnings": [],
     }
+    n = len(maps.slices)
     grid = ModelGridOutputs(
-        slices=slices,
-        raw_map=raw_map.astype(np.float32),
-        scores=np.full(len(slices), np.nan, dtype=np.float32),  # no cosine score: no slice classifier
+        slices=maps.slices,
+        raw_map=maps.raw_map,
+        scores=np.full(n, np.nan, dtype=np.float32),  # no cosine score: no slice classifier
         unhealthy=unhealthy,
-        thresholds=np.full(len(slices), threshold, dtype=np.float32),
+        thresholds=np.full(n, threshold, dtype=np.float32),
         geometry=geometry,
     )
-    return SegmentationResult(_image_like(reference, mask_input, np.uint8), _image_like(reference, map_input, np.float32),
-                              report, grid)
+    mask_image = _image_like(reference, mask_input, np.uint8)
+    return SegmentationResult(mask_image, _image_like(reference, map_input, np.float32), report, grid)
 
 
-def flair_threshold(
-    model: LoadedModel, images: Mapping[str, nib.spatialimages.SpatialImage], options: BaselineOptions | None = None
+def run_baseline(
+    method: str,
+    model: LoadedModel,
+    images: Mapping[str, nib.spatialimages.SpatialImage],
+    options: BaselineOptions | None = None,
 ) -> SegmentationResult:
-    """FLAIR-intensity baseline: the normalised FLAIR on the model grid, thresholded per volume (no network).
+    """Segment one volume with a baseline: its maps, then the pipeline's threshold and post-processing.
 
-    The model supplies only the grid (image size, field of view), so the comparison is on the same slices.
+    Args:
+        method: "flair-threshold", "anoddpm-reconstruction" or "cfg-ddim".
+        model: the model whose grid (and, except for FLAIR, network) the baseline uses.
+        images: sequence name -> image, as for ``segment_volume``.
+        options: the baseline's settings (default: ``BaselineOptions()``).
+
+    Returns:
+        The pipeline's result form: mask and map on the input grid, a report and the model-grid outputs.
     """
     options = options or BaselineOptions()
-    flair = model.config.sequences.index(MAP_SEQUENCES[0])
-
-    def intensity(slices: np.ndarray) -> tuple[np.ndarray, int]:
-        # back from [-1, 1] to the [0, 1] intensity scale: background 0, like everything off the model grid
-        return (slices[:, flair] - BACKGROUND) / (1.0 - BACKGROUND), 0
-
-    return _segment("flair-threshold", model, images, options, intensity, {})
-
-
-def reconstruction_baseline(
-    model: LoadedModel, images: Mapping[str, nib.spatialimages.SpatialImage], options: BaselineOptions | None = None
-) -> SegmentationResult:
-    """AnoDDPM-style baseline: Gaussian noise to ``options.noise_level``, null-label DDIM decoding, squared error."""
-    options = options or BaselineOptions()
-    schedule = NoiseSchedule.from_dict(model.schedule, device=model.device)
-
-    def reconstruct(x0: torch.Tensor, begin: int) -> tuple[torch.Tensor, int]:
-        generator = torch.Generator(device=x0.device).manual_seed(options.seed + begin)
-        return reconstruct_from_noise(model.network, schedule, x0, options.noise_level, options.stride, generator)
-
-    settings = {"noise_level": options.noise_level, "stride": options.stride, "seed": options.seed,
-                "decoding": "ddim, null label, clean-image prediction at t = 0"}
-    return _segment("anoddpm-reconstruction", model, images, options,
-                    lambda slices: _error_maps(model, slices, options.batch_size, reconstruct), settings)
-
-
-def cfg_ddim_baseline(
-    model: LoadedModel, images: Mapping[str, nib.spatialimages.SpatialImage], options: BaselineOptions | None = None
-) -> SegmentationResult:
-    """CFG-DDIM baseline: null-label DDIM encoding to ``options.noise_level``, healthy-guided decoding, squared error."""
-    options = options or BaselineOptions(noise_level=CFG_NOISE_LEVEL)
-    schedule = NoiseSchedule.from_dict(model.schedule, device=model.device)
-
-    def reconstruct(x0: torch.Tensor, begin: int) -> tuple[torch.Tensor, int]:
-        return reconstruct_guided(model.network, schedule, x0, options.noise_level, options.stride, options.guidance)
-
-    settings = {"noise_level": options.noise_level, "stride": options.stride, "guidance": options.guidance,
-                "encoding": "ddim, null label, from the clean slice", "decoding": "ddim, healthy-guided"}
-    return _segment("cfg-ddim", model, images, options,
-                    lambda slices: _error_maps(model, slices, options.batch_size, reconstruct), settings)
+    return finish_baseline(baseline_maps(method, model, images, options), model, images, options)

@@ -6,6 +6,10 @@ and "unhealthy", AUPRC over brain pixels, slice verdict accuracy) and per-volume
 input grid (Dice, IoU, precision, recall, AUPRC, lesion-volume error, volume verdict accuracy). It writes
 ``results.json`` (per case and aggregated), ``results.md`` (a table) and PNG overlays of a few cases.
 
+With a prepared data set (``anofpdm prepare``) only its held-out split is evaluated, and the baselines'
+per-volume quantiles can be tuned on its validation split first (best mean 3-D Dice); otherwise they
+keep their fixed defaults. AnoFPDM needs no tuning here: its c* and Dmax come from the model's calibration.
+
 Under torchrun (WORLD_SIZE > 1) the cases are sharded over the ranks (rank r takes cases r::world),
 the per-case results are gathered to rank 0 (gloo on CPU, NCCL on GPU) and only rank 0 writes.
 Each case's result does not depend on the rank that computed it (seeds are per case), so any number
@@ -20,7 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,7 @@ import torch.distributed as dist
 
 from anofpdm.baselines import (
     ANODDPM_NOISE_LEVEL,
+    BASELINES,
     CFG_NOISE_LEVEL,
     DEFAULT_BATCH_SIZE,
     DEFAULT_DECODING_STRIDE,
@@ -38,16 +43,23 @@ from anofpdm.baselines import (
     DEFAULT_QUANTILE,
     BaselineOptions,
     FixedThreshold,
+    baseline_maps,
     brain_pixels,
-    cfg_ddim_baseline,
-    flair_threshold,
-    reconstruction_baseline,
+    finish_baseline,
+    run_baseline,
 )
 from anofpdm.data.brats import CaseFiles, find_cases, load_case
 from anofpdm.decisions import median_filter_2d
-from anofpdm.metrics import MM3_PER_ML, aggregate_cases, slice_protocol, volume_metrics
+from anofpdm.data.slices import MANIFEST_NAME
+from anofpdm.metrics import MM3_PER_ML, aggregate_cases, dice, slice_protocol, volume_metrics
 from anofpdm.model import MAP_SEQUENCES, LoadedModel, NetworkConfig, load_model
-from anofpdm.pipeline import PAPER_IMAGE_SIZE, InferenceOptions, SegmentationResult, default_median_kernel, segment_volume
+from anofpdm.pipeline import (
+    PAPER_IMAGE_SIZE,
+    InferenceOptions,
+    SegmentationResult,
+    default_median_kernel,
+    segment_volume,
+)
 from anofpdm.postprocess import remove_small_components
 from anofpdm.train import distributed_context
 from anofpdm.volume import VolumeGeometry, to_model_slices
@@ -61,6 +73,8 @@ __all__ = [
     "prepare_case",
     "score_result",
     "run_method",
+    "tune_thresholds",
+    "split_case_ids",
     "markdown_table",
     "render_overlay",
     "evaluate",
@@ -85,9 +99,10 @@ ANOFPDM_VARIANTS: dict[str, dict[str, str]] = {
     **{f"anofpdm-{encoding}-{mode}": {"mode": mode, "encoding": encoding}
        for encoding in ("ddim", "ddpm") for mode in ("fast", "full")},
     # the paper's S_te map: the error at the end step alone
-    **{f"anofpdm-ste-{mode}": {"mode": mode, "encoding": "ddim", "map_variant": "end_step"} for mode in ("fast", "full")},
+    **{f"anofpdm-ste-{mode}": {"mode": mode, "encoding": "ddim", "map_variant": "end_step"}
+       for mode in ("fast", "full")},
 }
-BASELINES = {
+BASELINE_DESCRIPTIONS = {
     "anoddpm-reconstruction": "AnoDDPM-style: Gaussian noise to a fixed t, null-label DDIM decoding, squared error",
     "cfg-ddim": "classifier-free guidance: null-label DDIM encoding, healthy-guided DDIM decoding, squared error",
     "flair-threshold": "normalised FLAIR above a per-volume brain percentile (no network)",
@@ -95,9 +110,11 @@ BASELINES = {
 METHODS: dict[str, str] = {
     **{name: f"AnoFPDM, {v['encoding'].upper()} forward, mode {v['mode']}"
        + (", S_te map (error at t_e)" if "map_variant" in v else "") for name, v in ANOFPDM_VARIANTS.items()},
-    **BASELINES,
+    **BASELINE_DESCRIPTIONS,
 }
 DEFAULT_METHODS = ("anofpdm-ddim-fast", "anoddpm-reconstruction", "cfg-ddim", "flair-threshold")
+DEFAULT_TUNE_QUANTILES = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
+DEFAULT_SPLIT = "test"
 
 
 @dataclass(frozen=True)
@@ -122,7 +139,9 @@ class SliceProtocol:
     def resolved(self, image_size: int) -> tuple[int, float]:
         """(median kernel, minimum area in px) at ``image_size``."""
         kernel = self.median_kernel or default_median_kernel(image_size)
-        area = PAPER_MIN_AREA_PX * (image_size / PAPER_IMAGE_SIZE) ** 2 if self.min_area_px is None else self.min_area_px
+        area = self.min_area_px
+        if area is None:
+            area = PAPER_MIN_AREA_PX * (image_size / PAPER_IMAGE_SIZE) ** 2
         return kernel, area
 
 
@@ -138,8 +157,7 @@ class EvaluationSettings:
         anoddpm_noise_level: the fixed step t of the reconstruction baseline.
         cfg_noise_level: the encoding depth of the CFG baseline.
         cfg_guidance: the CFG baseline's guidance weight w.
-        flair_threshold: the FLAIR baseline's threshold rule.
-        error_threshold: the network baselines' threshold rule.
+        thresholds: each baseline's per-volume threshold rule (see ``tune_thresholds``).
         slice_protocol: the 2-D post-processing of the slice protocol.
         overlay_cases: overlays are drawn for this many cases (the first in case-id order).
     """
@@ -151,20 +169,22 @@ class EvaluationSettings:
     anoddpm_noise_level: int = ANODDPM_NOISE_LEVEL
     cfg_noise_level: int = CFG_NOISE_LEVEL
     cfg_guidance: float = DEFAULT_GUIDANCE
-    flair_threshold: FixedThreshold = field(default_factory=FixedThreshold)
-    error_threshold: FixedThreshold = field(default_factory=FixedThreshold)
+    thresholds: dict[str, FixedThreshold] = field(default_factory=lambda: {m: FixedThreshold() for m in BASELINES})
     slice_protocol: SliceProtocol = field(default_factory=SliceProtocol)
     overlay_cases: int = DEFAULT_OVERLAY_CASES
 
     def __post_init__(self) -> None:
         if self.overlay_cases < 0:
             raise ValueError(f"overlay_cases must be >= 0, got {self.overlay_cases}")
+        missing = sorted(set(BASELINES) - set(self.thresholds))
+        if missing:
+            raise ValueError(f"thresholds lack a rule for {missing}")
 
     def baseline_options(self, method: str) -> BaselineOptions:
         """The ``BaselineOptions`` of one baseline."""
-        noise_level = self.cfg_noise_level if method == "cfg-ddim" else self.anoddpm_noise_level
-        threshold = self.flair_threshold if method == "flair-threshold" else self.error_threshold
-        return BaselineOptions(threshold=threshold, noise_level=noise_level, stride=self.baseline_stride,
+        noise_levels = {"cfg-ddim": self.cfg_noise_level, "anoddpm-reconstruction": self.anoddpm_noise_level}
+        return BaselineOptions(threshold=self.thresholds[method], noise_level=noise_levels.get(method),
+                               stride=self.baseline_stride,
                                guidance=self.cfg_guidance, seed=self.seed, min_lesion_mm3=self.min_lesion_mm3,
                                batch_size=self.batch_size or DEFAULT_BATCH_SIZE)
 
@@ -239,7 +259,8 @@ def score_result(result: SegmentationResult, case: EvaluationCase, protocol: Sli
     if grid is None or tuple(grid.geometry.slices) != tuple(case.geometry.slices):
         raise ValueError(f"case {case.case_id}: the result's model-grid slices differ from the truth's")
     kernel, min_area = protocol.resolved(case.geometry.image_size)
-    anomaly_map = median_filter_2d(torch.from_numpy(np.ascontiguousarray(grid.raw_map, dtype=np.float32)), kernel).numpy()
+    raw_map = torch.from_numpy(np.ascontiguousarray(grid.raw_map, dtype=np.float32))
+    anomaly_map = median_filter_2d(raw_map, kernel).numpy()
     ungated = _drop_small_areas(anomaly_map >= grid.thresholds[:, None, None], min_area)
     slices = slice_protocol(ungated, anomaly_map, grid.unhealthy, case.truth_slices, case.brain_slices)
     mask = np.asanyarray(result.mask.dataobj) > 0
@@ -247,15 +268,55 @@ def score_result(result: SegmentationResult, case: EvaluationCase, protocol: Sli
     return {"slice": slices, "volume": volume_metrics(mask, scores, case.truth, case.brain, case.voxel_mm3)}
 
 
-def run_method(method: str, model: LoadedModel, case: EvaluationCase, settings: EvaluationSettings) -> SegmentationResult:
+def run_method(
+    method: str, model: LoadedModel, case: EvaluationCase, settings: EvaluationSettings
+) -> SegmentationResult:
     """Segment one case with one named method."""
     if method in ANOFPDM_VARIANTS:
         return segment_volume(model, case.images, settings.inference_options(method))
-    runners = {"anoddpm-reconstruction": reconstruction_baseline, "cfg-ddim": cfg_ddim_baseline,
-               "flair-threshold": flair_threshold}
-    if method not in runners:
+    if method not in BASELINES:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    return runners[method](model, case.images, settings.baseline_options(method))
+    return run_baseline(method, model, case.images, settings.baseline_options(method))
+
+
+def tune_thresholds(
+    model: LoadedModel,
+    cases: Sequence[EvaluationCase],
+    methods: Sequence[str],
+    settings: EvaluationSettings,
+    quantiles: Sequence[float] = DEFAULT_TUNE_QUANTILES,
+) -> dict[str, dict[str, Any]]:
+    """Choose each baseline's brain quantile on validation cases: the best mean per-volume 3-D Dice.
+
+    Each case's maps are computed once and thresholded at every candidate. Ties go to the higher quantile.
+
+    Args:
+        model: the model.
+        cases: validation cases; those with tumour are used.
+        methods: baselines to tune (AnoFPDM variants are calibrated, not tuned, and are skipped).
+        settings: the baselines' other settings.
+        quantiles: candidate quantiles in (0, 1).
+
+    Returns:
+        baseline -> {"quantile": chosen, "validation_dice": {quantile: mean Dice}, "cases": [ids]}.
+    """
+    with_tumour = [case for case in cases if case.truth.any()]
+    if not with_tumour:
+        raise ValueError("threshold tuning needs validation cases with tumour")
+    candidates = [FixedThreshold(quantile=q) for q in quantiles]
+    tuned = {}
+    for method in (m for m in methods if m in BASELINES):
+        options = settings.baseline_options(method)
+        scores: dict[float, list[float]] = {q: [] for q in quantiles}
+        for case in with_tumour:
+            maps = baseline_maps(method, model, case.images, options)
+            for rule in candidates:
+                result = finish_baseline(maps, model, case.images, replace(options, threshold=rule))
+                scores[rule.quantile].append(dice(np.asanyarray(result.mask.dataobj) > 0, case.truth))
+        means = {q: float(np.mean(v)) for q, v in scores.items()}
+        tuned[method] = {"quantile": max(quantiles, key=lambda q: (means[q], q)), "validation_dice": means,
+                         "cases": [case.case_id for case in with_tumour]}
+    return tuned
 
 
 def _overlay_slice(case: EvaluationCase) -> int:
@@ -339,6 +400,10 @@ def _evaluate_case(
     return record, (_overlay_payload(case, results) if overlay else None)
 
 
+def _mean_of(per_case: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    return float(np.mean([c[key] for c in per_case])) if per_case else None
+
+
 def _aggregate(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
     scored = [r for r in records if "error" not in r]
     summary = {}
@@ -347,8 +412,8 @@ def _aggregate(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> dic
         summary[method] = {
             "description": METHODS[method],
             **(aggregate_cases(per_case) if per_case else {"cases": 0}),
-            "seconds_per_case": float(np.mean([c["seconds"] for c in per_case])) if per_case else None,
-            "network_evaluations_per_case": float(np.mean([c["network_evaluations"] for c in per_case])) if per_case else None,
+            "seconds_per_case": _mean_of(per_case, "seconds"),
+            "network_evaluations_per_case": _mean_of(per_case, "network_evaluations"),
         }
     return summary
 
@@ -360,7 +425,8 @@ def _percent(value: float | None) -> str:
 def markdown_table(summary: Mapping[str, Any]) -> str:
     """The aggregated results as a Markdown table (overlap metrics in %)."""
     header = ("| method | mixed Dice | mixed IoU | mixed AUPRC | unhealthy Dice | unhealthy IoU | unhealthy AUPRC "
-              "| slice acc. | 3-D Dice | 3-D precision | 3-D recall | abs. volume error (mL) | volume acc. | s / case |")
+              "| slice acc. | 3-D Dice | 3-D precision | 3-D recall | abs. volume error (mL) | volume acc. "
+              "| s / case |")
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for method, result in summary.items():
         if not result["cases"]:
@@ -396,6 +462,26 @@ def _gather(local: list[Any], world_size: int, is_main: bool) -> list[Any]:
     return [item for part in parts for item in part] if is_main else []
 
 
+def _select_cases(cases: Sequence[CaseFiles], case_ids: Sequence[str] | None, data_dir: Path) -> list[CaseFiles]:
+    """``cases`` restricted to ``case_ids`` (in case-id order), all of which must exist."""
+    if case_ids is None:
+        return list(cases)
+    by_id = {case.case_id: case for case in cases}
+    missing = sorted(set(case_ids) - set(by_id))
+    if missing:
+        raise ValueError(f"cases not found under {data_dir}: {missing}")
+    return [by_id[case_id] for case_id in sorted(set(case_ids))]
+
+
+def _broadcast(value: Any, world_size: int) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    if world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def evaluate(
     model_path: str | Path,
     data_dir: str | Path,
@@ -405,6 +491,9 @@ def evaluate(
     progress: ProgressCallback | None = None,
     device: str | None = None,
     settings: EvaluationSettings | None = None,
+    case_ids: Sequence[str] | None = None,
+    tune_case_ids: Sequence[str] | None = None,
+    tune_quantiles: Sequence[float] = DEFAULT_TUNE_QUANTILES,
 ) -> dict[str, Any]:
     """Evaluate methods on the labelled cases of a data folder and write the results.
 
@@ -417,6 +506,10 @@ def evaluate(
         progress: called with (case-method runs done, total) on this rank.
         device: torch device (default: cuda:LOCAL_RANK if available, else CPU).
         settings: seeds, baseline settings, slice protocol, overlays.
+        case_ids: evaluate only these cases (e.g. a prepared data set's test split).
+        tune_case_ids: validation cases on which each baseline's quantile is chosen (``tune_thresholds``)
+            before evaluation; must not overlap the evaluated cases.
+        tune_quantiles: the candidate quantiles.
 
     Returns:
         On rank 0 the results as written to results.json; ``{}`` on the other ranks.
@@ -428,10 +521,24 @@ def evaluate(
         raise ValueError(f"methods must be distinct names from {', '.join(METHODS)}; got {methods}")
     if max_cases is not None and max_cases < 1:
         raise ValueError(f"max_cases must be >= 1, got {max_cases}")
-    cases = find_cases(Path(data_dir))[:max_cases]
+    data_dir = Path(data_dir)
+    found = find_cases(data_dir)
+    cases = _select_cases(found, case_ids, data_dir)[:max_cases]
+    tune_files = [] if tune_case_ids is None else _select_cases(found, tune_case_ids, data_dir)
+    shared = sorted({c.case_id for c in tune_files} & {c.case_id for c in cases})
+    if shared:
+        raise ValueError(f"tuning and evaluation cases overlap: {shared}")
     out_path = Path(out_path)
     with distributed_context(device) as ctx:
         model = load_model(model_path, ctx.device)
+        tuned = None
+        if tune_files and any(m in BASELINES for m in methods):
+            if ctx.is_main:
+                tuned = tune_thresholds(model, [prepare_case(f, model.config) for f in tune_files], methods, settings,
+                                        tune_quantiles)
+            tuned = _broadcast(tuned, ctx.world_size)
+            chosen = {method: FixedThreshold(quantile=t["quantile"]) for method, t in tuned.items()}
+            settings = replace(settings, thresholds={**settings.thresholds, **chosen})
         shard = list(range(ctx.rank, len(cases), ctx.world_size))
         done = 0
         total = len(shard) * len(methods)
@@ -460,11 +567,12 @@ def evaluate(
                 "model_training_data": model.training.get("data_description", model.training.get("data")),
                 "data": str(data_dir),
                 "methods": methods,
-                "cases": len(cases),
+                "cases": [case.case_id for case in cases],
                 "world_size": ctx.world_size,
                 "device": str(ctx.device),
                 "image_size": model.config.image_size,
                 **asdict(settings),
+                "tuned_thresholds": tuned,
             },
             "summary": _aggregate(records, methods),
             "failed_cases": [{"case": r["case"], "error": r["error"]} for r in records if "error" in r],
@@ -482,6 +590,21 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _floats(value: str) -> list[float]:
+    return [float(v) for v in _csv(value)]
+
+
+def split_case_ids(prepared: Path, split: str) -> list[str]:
+    """The case ids of one split of a prepared data set (``anofpdm prepare``'s manifest.json)."""
+    path = Path(prepared) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {prepared}: run anofpdm prepare first")
+    splits = json.loads(path.read_text()).get("splits", {})
+    if split not in splits:
+        raise ValueError(f"{path} has no split {split!r} (splits: {sorted(splits)})")
+    return list(splits[split]["cases"])
+
+
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``anofpdm evaluate``."""
     parser.add_argument("--model", type=Path, required=True, help="calibrated model checkpoint")
@@ -489,6 +612,11 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--methods", type=_csv, default=list(DEFAULT_METHODS),
                         help=f"comma list from: {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
     parser.add_argument("--out", type=Path, required=True, help="output folder (results.json, results.md, overlays/)")
+    parser.add_argument("--prepared", type=Path,
+                        help="prepared slices folder: evaluate only its --split cases (the model's held-out cases)")
+    parser.add_argument("--split", default=DEFAULT_SPLIT, help="with --prepared: the split to evaluate")
+    parser.add_argument("--tune-split", help="with --prepared: tune the baselines' quantiles on this split (e.g. val)")
+    parser.add_argument("--tune-quantiles", type=_floats, default=list(DEFAULT_TUNE_QUANTILES))
     parser.add_argument("--max-cases", type=int, help="only the first N cases in case-id order")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
     parser.add_argument("--seed", type=int, default=0)
@@ -512,13 +640,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
     """``EvaluationSettings`` from parsed ``add_evaluate_arguments`` options."""
-    error_threshold = (FixedThreshold(quantile=None, value=args.error_threshold) if args.error_threshold is not None
-                       else FixedThreshold(quantile=args.error_quantile))
+    error = (FixedThreshold(quantile=None, value=args.error_threshold) if args.error_threshold is not None
+             else FixedThreshold(quantile=args.error_quantile))
+    thresholds = {method: error for method in BASELINES}
+    thresholds["flair-threshold"] = FixedThreshold(quantile=args.flair_quantile)
     return EvaluationSettings(
         seed=args.seed, min_lesion_mm3=args.min_lesion_mm3, batch_size=args.batch_size,
         baseline_stride=args.baseline_stride, anoddpm_noise_level=args.anoddpm_noise_level,
-        cfg_noise_level=args.cfg_noise_level, cfg_guidance=args.cfg_guidance,
-        flair_threshold=FixedThreshold(quantile=args.flair_quantile), error_threshold=error_threshold,
+        cfg_noise_level=args.cfg_noise_level, cfg_guidance=args.cfg_guidance, thresholds=thresholds,
         slice_protocol=SliceProtocol(min_area_px=args.slice_min_area_px), overlay_cases=args.overlays,
     )
 
@@ -541,20 +670,28 @@ def _progress_bar(description: str) -> ProgressCallback:
 def run_from_args(args: argparse.Namespace) -> int:
     """Run ``evaluate`` from parsed options; rank 0 prints the table. Returns the exit status."""
     is_main = int(os.environ.get("RANK", "0")) == 0
+    if args.tune_split and not args.prepared:
+        raise ValueError("--tune-split needs --prepared (the prepared data set whose splits name the cases)")
+    case_ids = split_case_ids(args.prepared, args.split) if args.prepared else None
+    tune_ids = split_case_ids(args.prepared, args.tune_split) if args.tune_split else None
     results = evaluate(args.model, args.data, args.methods, args.out, args.max_cases,
                        progress=_progress_bar("evaluate") if is_main else None, device=args.device,
-                       settings=settings_from_args(args))
+                       settings=settings_from_args(args), case_ids=case_ids, tune_case_ids=tune_ids,
+                       tune_quantiles=args.tune_quantiles)
     if is_main:
         print(markdown_table(results["summary"]))
         for failure in results["failed_cases"]:
             print(f"warning: case {failure['case']} not scored: {failure['error']}", file=sys.stderr)
+        for method, tuned in (results["settings"]["tuned_thresholds"] or {}).items():
+            print(f"{method}: quantile {tuned['quantile']} tuned on {len(tuned['cases'])} validation cases")
         print(f"wrote {args.out / RESULTS_JSON}, {args.out / RESULTS_MD}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m anofpdm.evaluate ...`` (also under torchrun)."""
-    parser = add_evaluate_arguments(argparse.ArgumentParser(prog="anofpdm.evaluate", description=__doc__.splitlines()[0]))
+    parser = argparse.ArgumentParser(prog="anofpdm.evaluate", description=__doc__.splitlines()[0])
+    parser = add_evaluate_arguments(parser)
     return run_from_args(parser.parse_args(argv))
 
 
