@@ -184,9 +184,8 @@ class EvaluationSettings:
         """The ``BaselineOptions`` of one baseline."""
         noise_levels = {"cfg-ddim": self.cfg_noise_level, "anoddpm-reconstruction": self.anoddpm_noise_level}
         return BaselineOptions(threshold=self.thresholds[method], noise_level=noise_levels.get(method),
-                               stride=self.baseline_stride,
-                               guidance=self.cfg_guidance, seed=self.seed, min_lesion_mm3=self.min_lesion_mm3,
-                               batch_size=self.batch_size or DEFAULT_BATCH_SIZE)
+                               stride=self.baseline_stride, guidance=self.cfg_guidance, seed=self.seed,
+                               min_lesion_mm3=self.min_lesion_mm3, batch_size=self.batch_size or DEFAULT_BATCH_SIZE)
 
     def inference_options(self, method: str) -> InferenceOptions:
         """The pipeline's ``InferenceOptions`` of one AnoFPDM variant."""
