@@ -30,10 +30,17 @@ import numpy as np
 import torch
 
 from anofpdm.diffusion import NoiseSchedule
-from anofpdm.model import HEALTHY, MAP_SEQUENCES, NULL_LABEL, LoadedModel
-from anofpdm.pipeline import ModelGridOutputs, SegmentationResult, default_median_kernel
-from anofpdm.postprocess import lesion_table, median_filter_3d, remove_small_components
-from anofpdm.volume import BACKGROUND, VolumeGeometry, to_input_grid, to_model_slices
+from anofpdm.model import MAP_SEQUENCES, NULL_LABEL, LoadedModel
+from anofpdm.forward_process import guided_and_null_noise
+from anofpdm.pipeline import (
+    ModelGridOutputs,
+    SegmentationResult,
+    default_median_kernel,
+    finish_on_input_grid,
+    image_like,
+)
+from anofpdm.postprocess import median_filter_3d
+from anofpdm.volume import BACKGROUND, VolumeGeometry, to_model_slices
 
 __all__ = [
     "BASELINES",
@@ -157,11 +164,7 @@ def _unguided(network: torch.nn.Module, z: torch.Tensor, t: int) -> torch.Tensor
 
 def _guided(network: torch.nn.Module, z: torch.Tensor, t: int, guidance: float) -> torch.Tensor:
     """(1 + w) eps(z, t, healthy) - w eps(z, t, null), the two in one batch: two evaluations per slice."""
-    batch = z.shape[0]
-    labels = torch.tensor([HEALTHY] * batch + [NULL_LABEL] * batch, device=z.device)
-    timesteps = torch.full((2 * batch,), t, device=z.device, dtype=torch.long)
-    eps_healthy, eps_null = network(torch.cat([z, z]), timesteps, class_labels=labels).chunk(2)
-    return (1 + guidance) * eps_healthy - guidance * eps_null
+    return guided_and_null_noise(network, z, t, guidance)[0]
 
 
 def ddim_encode(network: torch.nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, steps: list[int]) -> torch.Tensor:
@@ -338,12 +341,6 @@ def baseline_maps(
     return BaselineMaps(method, slices, geometry, raw_map.astype(np.float32), evaluations, settings, timings)
 
 
-def _image_like(reference: nib.spatialimages.SpatialImage, data: np.ndarray, dtype: type) -> nib.Nifti1Image:
-    image = nib.Nifti1Image(data.astype(dtype), reference.affine)
-    image.set_data_dtype(dtype)
-    return image
-
-
 def finish_baseline(
     maps: BaselineMaps,
     model: LoadedModel,
@@ -356,11 +353,10 @@ def finish_baseline(
     threshold = options.threshold.resolve(maps.raw_map, brain_pixels(maps.slices))
     kernel = options.median_kernel or default_median_kernel(model.config.image_size)
     filtered = median_filter_3d(maps.raw_map.transpose(1, 2, 0), kernel)  # S x S x N
-    mask, removed = remove_small_components(filtered >= threshold, geometry.spacing_mm, options.min_lesion_mm3)
+    mask, mask_input, map_input, lesions, removed = finish_on_input_grid(
+        filtered, filtered >= threshold, geometry, options.min_lesion_mm3
+    )
     unhealthy = mask.any(axis=(0, 1))
-    mask_input = to_input_grid(mask.astype(np.float32), geometry) >= 0.5
-    map_input = to_input_grid(filtered, geometry)
-    lesions = lesion_table(mask_input, map_input, geometry.affine)
     timings = {**maps.timings, "postprocess_s": time.perf_counter() - start}
 
     reference = images[MAP_SEQUENCES[0]]
@@ -388,8 +384,8 @@ def finish_baseline(
         thresholds=np.full(n, threshold, dtype=np.float32),
         geometry=geometry,
     )
-    mask_image = _image_like(reference, mask_input, np.uint8)
-    return SegmentationResult(mask_image, _image_like(reference, map_input, np.float32), report, grid)
+    mask_image = image_like(reference, mask_input, np.uint8)
+    return SegmentationResult(mask_image, image_like(reference, map_input, np.float32), report, grid)
 
 
 def run_baseline(

@@ -1,4 +1,4 @@
-"""The ``anofpdm`` command: synth, prepare, train, calibrate, segment.
+"""The ``anofpdm`` command: synth, prepare, train, calibrate, segment, evaluate.
 
 Each subcommand parses its options here and calls the library, importing it only when it runs.
 """
@@ -138,6 +138,12 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from anofpdm.evaluate import run_from_args
+
+    return run_from_args(args)
+
+
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="fast", help="calibrated mode: fast (CPU default) or full (600 steps)")
     parser.add_argument("--guidance", type=float, help="guidance weight w (default: the mode's calibrated one)")
@@ -201,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--report", type=Path, help="also write the JSON report")
     _add_inference_options(segment)
     segment.set_defaults(run=_segment)
+
+    evaluate = commands.add_parser("evaluate", help="AnoFPDM variants and baselines on volume folders: metrics, tables, overlays")
+    from anofpdm.evaluate import add_evaluate_arguments
+
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(run=_evaluate)
     return parser
 
 

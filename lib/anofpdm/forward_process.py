@@ -21,7 +21,7 @@ import torch
 from anofpdm.diffusion import NoiseSchedule
 from anofpdm.model import HEALTHY, NULL_LABEL
 
-__all__ = ["ForwardProcessConfig", "ForwardProcessResult", "run_forward_process"]
+__all__ = ["ForwardProcessConfig", "ForwardProcessResult", "guided_and_null_noise", "run_forward_process"]
 
 Encoding = Literal["ddim", "ddpm"]
 ProgressCallback = Callable[[int, int], None]
@@ -125,6 +125,20 @@ class _StreamingStatistics:
         return bool(((index - self.best_index) >= patience).all())
 
 
+def guided_and_null_noise(
+    network: torch.nn.Module, z: torch.Tensor, t: int, guidance: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """eps_g = (1 + w) eps(z, t, healthy) - w eps(z, t, null), and eps(z, t, null).
+
+    Both labels go through the network in one batched call: two evaluations per slice.
+    """
+    batch = z.shape[0]
+    labels = torch.tensor([HEALTHY] * batch + [NULL_LABEL] * batch, device=z.device)
+    timesteps = torch.full((2 * batch,), t, device=z.device, dtype=torch.long)
+    eps_healthy, eps_null = network(torch.cat([z, z]), timesteps, class_labels=labels).chunk(2)
+    return (1 + guidance) * eps_healthy - guidance * eps_null, eps_null
+
+
 def run_forward_process(
     network: torch.nn.Module,
     x0: torch.Tensor,
@@ -155,7 +169,6 @@ def run_forward_process(
         raise ValueError(f"forward_steps {config.forward_steps} exceeds the schedule's {schedule.num_timesteps}")
     batch = x0.shape[0]
     channels = list(map_channels)
-    labels = torch.tensor([HEALTHY] * batch + [NULL_LABEL] * batch, device=x0.device)
     generator = torch.Generator(device=x0.device).manual_seed(config.seed)
     stats = _StreamingStatistics(x0[:, channels].shape, x0.device)
     x0_maps = x0[:, channels]
@@ -169,9 +182,7 @@ def run_forward_process(
         for index, t in enumerate(steps):
             if config.encoding == "ddpm" and index:
                 z = schedule.add_noise(x0, draw_noise(), t)
-            timesteps = torch.full((2 * batch,), t, device=x0.device, dtype=torch.long)
-            eps_healthy, eps_null = network(torch.cat([z, z]), timesteps, class_labels=labels).chunk(2)
-            eps_guided = (1 + config.guidance) * eps_healthy - config.guidance * eps_null
+            eps_guided, eps_null = guided_and_null_noise(network, z, t, config.guidance)
             guided = schedule.predict_x0(z, eps_guided, t).clamp(-1, 1)
             reference = schedule.predict_x0(z, eps_null, t).clamp(-1, 1)
             stats.update(index, x0_maps, guided[:, channels], reference[:, channels])

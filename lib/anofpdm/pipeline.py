@@ -23,7 +23,8 @@ from anofpdm.model import MAP_SEQUENCES, LoadedModel
 from anofpdm.postprocess import lesion_table, median_filter_3d, remove_small_components
 from anofpdm.volume import InputError, VolumeGeometry, to_input_grid, to_model_slices
 
-__all__ = ["InferenceOptions", "InputError", "ModelGridOutputs", "SegmentationResult", "segment_volume", "resolve_options"]
+__all__ = ["InferenceOptions", "InputError", "ModelGridOutputs", "SegmentationResult", "segment_volume", "resolve_options",
+           "finish_on_input_grid", "image_like", "default_median_kernel"]
 
 MAP_VARIANTS = ("mean", "end_step")
 PAPER_MEDIAN_KERNEL = 5  # 5 x 5 at 128 px (1.875 mm): the paper's
@@ -181,15 +182,12 @@ def segment_volume(
     raw_map = combine_maps(maps).numpy().transpose(1, 2, 0)  # S x S x N
     kernel = options.median_kernel or default_median_kernel(config.image_size)
     filtered = median_filter_3d(raw_map, kernel)
-    mask = (filtered >= thresholds.numpy()[None, None, :]) & unhealthy.numpy()[None, None, :]
-    mask, removed = remove_small_components(mask, geometry.spacing_mm, options.min_lesion_mm3)
-    mask_input = to_input_grid(mask.astype(np.float32), geometry) >= 0.5
-    map_input = to_input_grid(filtered, geometry)
-    lesions = lesion_table(mask_input, map_input, geometry.affine)
+    candidate = (filtered >= thresholds.numpy()[None, None, :]) & unhealthy.numpy()[None, None, :]
+    _, mask_input, map_input, lesions, removed = finish_on_input_grid(filtered, candidate, geometry, options.min_lesion_mm3)
     timings["postprocess_s"] = time.perf_counter() - start
 
-    mask_image = _like(images[MAP_SEQUENCES[0]], mask_input, np.uint8)
-    map_image = _like(images[MAP_SEQUENCES[0]], map_input, np.float32)
+    mask_image = image_like(images[MAP_SEQUENCES[0]], mask_input, np.uint8)
+    map_image = image_like(images[MAP_SEQUENCES[0]], map_input, np.float32)
     report = _report(model, options, forward, calibration, geometry, scores, unhealthy, thresholds,
                      stats, lesions, removed, kernel, warnings, timings)
     model_grid = ModelGridOutputs(slices, raw_map.transpose(2, 0, 1), scores.numpy(), unhealthy.numpy(),
@@ -197,7 +195,28 @@ def segment_volume(
     return SegmentationResult(mask=mask_image, anomaly_map=map_image, report=report, model_grid=model_grid)
 
 
-def _like(reference: nib.spatialimages.SpatialImage, data: np.ndarray, dtype: type) -> nib.Nifti1Image:
+def finish_on_input_grid(
+    filtered: np.ndarray, candidate: np.ndarray, geometry: VolumeGeometry, min_lesion_mm3: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]], int]:
+    """Component filter on the model grid, then mask and map onto the input grid, and the lesion table.
+
+    Args:
+        filtered: S x S x N median-filtered anomaly map.
+        candidate: S x S x N thresholded (and, for AnoFPDM, verdict-gated) mask.
+        geometry: the volume's model-grid mapping.
+        min_lesion_mm3: components of at most this volume are removed.
+
+    Returns:
+        The filtered model-grid mask, the input-grid mask (bool) and map, the lesion table, and the
+        number of components removed.
+    """
+    mask, removed = remove_small_components(candidate, geometry.spacing_mm, min_lesion_mm3)
+    mask_input = to_input_grid(mask.astype(np.float32), geometry) >= 0.5
+    map_input = to_input_grid(filtered, geometry)
+    return mask, mask_input, map_input, lesion_table(mask_input, map_input, geometry.affine), removed
+
+
+def image_like(reference: nib.spatialimages.SpatialImage, data: np.ndarray, dtype: type) -> nib.Nifti1Image:
     """A NIfTI image of ``data`` on exactly the reference's grid (affine and qform/sform codes)."""
     header = nib.Nifti1Header()
     if isinstance(reference, nib.Nifti1Image):
