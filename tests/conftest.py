@@ -13,6 +13,15 @@ from anofpdm.decisions import Calibration
 from anofpdm.diffusion import ScheduleConfig
 from anofpdm.model import NetworkConfig, build_network, save_checkpoint
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on two busy cores torch's spinning threads make the tiny network ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY = NetworkConfig(
     sequences=("flair", "t2"),
     image_size=16,

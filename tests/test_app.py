@@ -40,15 +40,6 @@ SHOW_LESIONS = {"median_kernel": 1, "min_lesion_mm3": 0}
 OPTIONS = {"device", "mode", "forward_steps", "stride", "guidance", "encoding", "min_lesion_mm3", "seed"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Run the network on one thread: on a busy shared CPU torch's spinning intra-op threads are ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def results_in_tmp_path(tmp_path, monkeypatch):
     """The task writes its results to the temp folder: keep them in the test's own folder."""

@@ -42,15 +42,6 @@ class OracleNetwork(torch.nn.Module):
         return eps + offset
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two busy cores: one intra-op thread avoids oversubscription of the tiny network's small kernels."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def clean():
     return torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.8 - 0.9

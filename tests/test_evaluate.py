@@ -34,15 +34,6 @@ CHEAP = ["--baseline-stride", "10", "--anoddpm-noise-level", "20", "--cfg-noise-
          "--overlays", "1", "--seed", "3"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two busy cores: one intra-op thread avoids oversubscription and matches the torchrun workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _write_case(root: Path, case_id: str, seed: int, lesion: bool) -> None:
     images = make_volume_pair(seed=seed, lesion=lesion)
     folder = root / case_id

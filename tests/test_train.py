@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from anofpdm.model import HEALTHY, NULL_LABEL, UNHEALTHY, NetworkConfig, load_model
+from anofpdm.model import HEALTHY, NULL_LABEL, UNHEALTHY, load_model
 from anofpdm.train import (
     GlobalBatchSampler,
     TrainConfig,
@@ -25,15 +25,8 @@ from anofpdm.train import (
     train,
 )
 
-TINY = NetworkConfig(
-    sequences=("flair", "t2"),
-    image_size=16,
-    channels=(16, 16),
-    attention_levels=(False, False),
-    num_res_blocks=1,
-    num_head_channels=16,
-    norm_num_groups=16,
-)
+from conftest import TINY
+
 PREPARED_SEQUENCES = ("flair", "t1", "t2")  # one more than the network uses: exercises channel selection
 LIB = Path(__file__).resolve().parents[1] / "lib"
 

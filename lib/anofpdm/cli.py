@@ -8,28 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "progress_bar"]
+from anofpdm.progress import progress_bar
 
-
-def progress_bar(description: str) -> Callable[..., None]:
-    """A progress callback ``(done, total)`` or ``(stage, done, total)`` that drives one tqdm bar."""
-    from tqdm import tqdm
-
-    bar = tqdm(desc=description, unit="step", dynamic_ncols=True, file=sys.stderr)
-
-    def update(*args: object) -> None:
-        done, total = int(args[-2]), int(args[-1])
-        if bar.total != total:
-            bar.total = total
-        bar.n = done
-        bar.refresh()
-        if done >= total:
-            bar.close()
-
-    return update
+__all__ = ["main", "build_parser"]
 
 
 def _csv(value: str) -> tuple[str, ...]:

@@ -61,6 +61,7 @@ from anofpdm.pipeline import (
     segment_volume,
 )
 from anofpdm.postprocess import remove_small_components
+from anofpdm.progress import progress_bar
 from anofpdm.train import distributed_context
 from anofpdm.volume import VolumeGeometry, to_model_slices
 
@@ -651,21 +652,6 @@ def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
     )
 
 
-def _progress_bar(description: str) -> ProgressCallback:
-    from tqdm import tqdm
-
-    bar = tqdm(desc=description, unit="run", dynamic_ncols=True, file=sys.stderr)
-
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-        if done >= total:
-            bar.close()
-
-    return update
-
-
 def run_from_args(args: argparse.Namespace) -> int:
     """Run ``evaluate`` from parsed options; rank 0 prints the table. Returns the exit status."""
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -674,7 +660,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     case_ids = split_case_ids(args.prepared, args.split) if args.prepared else None
     tune_ids = split_case_ids(args.prepared, args.tune_split) if args.tune_split else None
     results = evaluate(args.model, args.data, args.methods, args.out, args.max_cases,
-                       progress=_progress_bar("evaluate") if is_main else None, device=args.device,
+                       progress=progress_bar("evaluate", unit="run") if is_main else None, device=args.device,
                        settings=settings_from_args(args), case_ids=case_ids, tune_case_ids=tune_ids,
                        tune_quantiles=args.tune_quantiles)
     if is_main:

@@ -1,0 +1,26 @@
+"""A tqdm progress bar behind the library's progress callbacks (CLI and evaluation)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+__all__ = ["progress_bar"]
+
+
+def progress_bar(description: str, unit: str = "step") -> Callable[..., None]:
+    """A callback ``(done, total)`` or ``(stage, done, total)`` that drives one tqdm bar on stderr."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=description, unit=unit, dynamic_ncols=True, file=sys.stderr)
+
+    def update(*args: object) -> None:
+        done, total = int(args[-2]), int(args[-1])
+        if bar.total != total:
+            bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return update
