@@ -20,6 +20,7 @@ import torch
 from anofpdm.diffusion import NoiseSchedule
 from anofpdm.forward_process import ForwardProcessConfig, run_forward_process
 from anofpdm.model import PRESETS, build_network
+from anofpdm.runtime import fix_mmap_threshold
 
 
 class Counter(torch.nn.Module):
@@ -96,15 +97,20 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, nargs="+", default=[50, 500])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's dynamic mmap threshold on (shows the fragmentation anofpdm avoids)")
     args = parser.parse_args()
+    if not args.default_malloc:
+        fix_mmap_threshold()
     if args.child is not None:
         print(json.dumps(peak_memory_child(args.preset, args.batch, args.child, args.device)))
         return
     print(f"preset={args.preset} batch={args.batch} device={args.device} threads={torch.get_num_threads()}")
     print(json.dumps(overhead(args.preset, args.batch, args.overhead_steps, args.device), indent=2))
     for steps in args.memory_steps:
-        out = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch),
-                              "--device", args.device, "--child", str(steps)], capture_output=True, text=True, check=True)
+        command = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch),
+                   "--device", args.device, "--child", str(steps)] + (["--default-malloc"] if args.default_malloc else [])
+        out = subprocess.run(command, capture_output=True, text=True, check=True)
         print(out.stdout.strip())
 
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from anofpdm.progress import progress_bar
+from anofpdm.runtime import fix_mmap_threshold
 
 __all__ = ["main", "build_parser"]
 
@@ -203,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``anofpdm`` console command."""
     args = build_parser().parse_args(argv)
+    fix_mmap_threshold()
     from anofpdm.volume import InputError
 
     try:
