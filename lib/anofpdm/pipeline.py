@@ -273,7 +273,7 @@ def _report(
     options: InferenceOptions,
     forward: ForwardProcessConfig,
     calibration: Calibration,
-    geometry: Any,
+    geometry: VolumeGeometry,
     scores: torch.Tensor,
     unhealthy: torch.Tensor,
     thresholds: torch.Tensor,
