@@ -9,7 +9,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from anofpdm.data.brats import find_cases
 from anofpdm.evaluate import (

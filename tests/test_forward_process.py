@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 
 import pytest
 import torch
 
 from anofpdm.diffusion import NoiseSchedule
-from anofpdm.forward_process import ForwardProcessConfig, run_forward_process
-from anofpdm.model import HEALTHY, NULL_LABEL
+from anofpdm.forward_process import ForwardProcessConfig, run_forward_process, run_on_slices
+from anofpdm.model import HEALTHY, NULL_LABEL, load_model
 
 from conftest import tiny_network
 
@@ -163,3 +164,20 @@ def test_invalid_config_and_inputs(network):
         run_forward_process(network, torch.zeros(1, 2, 16, 16), NoiseSchedule(), ForwardProcessConfig(forward_steps=1001), MAPS)
     with pytest.raises(ValueError, match="B x C x H x W"):
         run_forward_process(network, torch.zeros(2, 16, 16), NoiseSchedule(), ForwardProcessConfig(), MAPS)
+
+
+def test_chunked_runner_seeds_each_chunk_by_its_first_slice(tiny_model_path):
+    """A slice gets the same result whether its chunk runs with the others or alone (sharded evaluation)."""
+    model = load_model(tiny_model_path)
+    slices = torch.rand(5, 2, 16, 16) * 2 - 1
+    config = ForwardProcessConfig(forward_steps=40, stride=10, seed=3)
+    together = run_on_slices(model, slices, config, batch_size=2)
+    alone = run_on_slices(model, slices[2:4], replace(config, seed=3 + 2), batch_size=2)
+    assert together.anomaly_maps.shape == (5, 2, 16, 16) and together.scores.shape == (5,)
+    assert together.network_evaluations == 2 * 5 * 4
+    torch.testing.assert_close(together.anomaly_maps[2:4], alone.anomaly_maps)
+    torch.testing.assert_close(together.scores[2:4], alone.scores)
+    different_seed = run_on_slices(model, slices[2:4], config, batch_size=2)
+    assert not torch.allclose(different_seed.anomaly_maps, alone.anomaly_maps)
+    with pytest.raises(ValueError, match="batch_size"):
+        run_on_slices(model, slices, config, batch_size=0)

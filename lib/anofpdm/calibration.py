@@ -9,17 +9,15 @@ the curves and so the scores depend on the visited steps.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 
 import numpy as np
 import torch
 
-from anofpdm.decisions import Calibration, cosine_scores
-from anofpdm.diffusion import NoiseSchedule
-from anofpdm.forward_process import ForwardProcessConfig, run_forward_process
-from anofpdm.model import MAP_SEQUENCES, LoadedModel
+from anofpdm.decisions import Calibration
+from anofpdm.forward_process import ForwardProcessConfig, run_on_slices
+from anofpdm.model import LoadedModel
 
-__all__ = ["MODES", "choose_cosine_threshold", "slice_statistics", "calibrate_mode", "choose_guidance"]
+__all__ = ["MODES", "choose_cosine_threshold", "calibrate_mode", "choose_guidance"]
 
 # The serving modes: "full" is the paper's setting; "fast" visits every 30th step and stops 4 visited
 # steps after the divergence peak, the CPU default (benchmarks/quality_vs_cost.py measures its cost).
@@ -51,28 +49,6 @@ def choose_cosine_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[flo
     return float(candidates[best]), int(errors[best])
 
 
-def slice_statistics(
-    model: LoadedModel,
-    images: torch.Tensor,
-    config: ForwardProcessConfig,
-    batch_size: int = 32,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine score and peak divergence per map modality of each slice (N, and N x M)."""
-    device = model.device
-    schedule = NoiseSchedule.from_dict(model.schedule, device=device)
-    channels = [model.config.sequences.index(s) for s in MAP_SEQUENCES]
-    scores, peaks = [], []
-    for begin in range(0, len(images), batch_size):
-        x0 = images[begin : begin + batch_size].to(device)
-        result = run_forward_process(model.network, x0, schedule, replace(config, seed=config.seed + begin), channels)
-        scores.append(cosine_scores(result.mse_guided, result.mse_reference).cpu())
-        peaks.append(result.max_divergence.cpu())
-        if progress is not None:
-            progress(min(begin + batch_size, len(images)), len(images))
-    return torch.cat(scores).numpy(), torch.cat(peaks).numpy()
-
-
 def calibrate_mode(
     model: LoadedModel,
     images: torch.Tensor,
@@ -89,12 +65,13 @@ def calibrate_mode(
         labels: N image-level labels (0 healthy, 1 unhealthy).
         config: the mode's forward-process settings.
         batch_size: slices per network batch.
-        progress: called with (slices done, slices total).
+        progress: called with (visited steps done, planned), summed over chunks.
     """
     labels = np.asarray(labels).astype(int)
     if len(labels) != len(images):
         raise ValueError(f"{len(images)} slices but {len(labels)} labels")
-    scores, peaks = slice_statistics(model, images, config, batch_size, progress)
+    stats = run_on_slices(model, images, config, batch_size, progress)
+    scores, peaks = stats.scores.numpy(), stats.max_divergence.numpy()
     threshold, errors = choose_cosine_threshold(scores, labels)
     d_max = peaks[labels.astype(bool)].max(axis=0)
     if (d_max <= 0).any():

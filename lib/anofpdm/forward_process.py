@@ -13,15 +13,18 @@ sums and maxima, so memory does not grow with the number of steps:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
+import numpy as np
 import torch
 
+from anofpdm.decisions import cosine_scores
 from anofpdm.diffusion import NoiseSchedule
-from anofpdm.model import HEALTHY, NULL_LABEL
+from anofpdm.model import HEALTHY, MAP_SEQUENCES, NULL_LABEL, LoadedModel
 
-__all__ = ["ForwardProcessConfig", "ForwardProcessResult", "guided_and_null_noise", "run_forward_process"]
+__all__ = ["ForwardProcessConfig", "ForwardProcessResult", "SliceStatistics", "guided_and_null_noise",
+           "run_forward_process", "run_on_slices"]
 
 Encoding = Literal["ddim", "ddpm"]
 ProgressCallback = Callable[[int, int], None]
@@ -204,4 +207,77 @@ def run_forward_process(
         divergence=torch.stack(stats.divergence, dim=2),
         visited_steps=visited,
         network_evaluations=2 * batch * len(visited),
+    )
+
+
+@dataclass
+class SliceStatistics:
+    """What the decisions need of each of N slices, gathered on the CPU (M map modalities).
+
+    Attributes:
+        scores: N cosine similarities of each slice's MSEh and MSEr curves.
+        anomaly_maps: N x M x H x W, H_m.
+        end_step_maps: N x M x H x W, the squared error at t_e alone.
+        end_steps: N x M, t_e as timesteps.
+        max_divergence: N x M, max_t D_t[m].
+        network_evaluations: network evaluations of all slices.
+        visited_steps: the most steps any chunk visited.
+    """
+
+    scores: torch.Tensor
+    anomaly_maps: torch.Tensor
+    end_step_maps: torch.Tensor
+    end_steps: torch.Tensor
+    max_divergence: torch.Tensor
+    network_evaluations: int
+    visited_steps: int
+
+
+def run_on_slices(
+    model: LoadedModel,
+    slices: np.ndarray | torch.Tensor,
+    config: ForwardProcessConfig,
+    batch_size: int,
+    progress: ProgressCallback | None = None,
+) -> SliceStatistics:
+    """Run the forward process over any number of slices in chunks of ``batch_size``.
+
+    Chunk k is seeded with ``config.seed`` plus the index of its first slice, so a slice's noise does
+    not depend on how many chunks ran before it on another worker. Each slice's cosine score is taken
+    over the steps its own chunk visited (chunks may stop early apart).
+
+    Args:
+        model: the trained model (its device is used).
+        slices: N x C x S x S clean slices in the model's sequence order.
+        config: the forward-process settings.
+        batch_size: slices per network batch.
+        progress: called with (visited steps done, planned) summed over chunks.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    schedule = NoiseSchedule.from_dict(model.schedule, device=model.device)
+    map_channels = [model.config.sequences.index(s) for s in MAP_SEQUENCES]
+    starts = list(range(0, len(slices), batch_size))
+    planned = len(config.visited_steps)
+    parts: list[ForwardProcessResult] = []
+    for chunk, begin in enumerate(starts):
+        chunk_slices = slices[begin : begin + batch_size]
+        x0 = (torch.from_numpy(chunk_slices) if isinstance(chunk_slices, np.ndarray) else chunk_slices).to(model.device)
+
+        def report_step(done: int, total: int, chunk: int = chunk) -> None:
+            if progress is not None:
+                progress(chunk * planned + done, len(starts) * planned)
+
+        chunk_config = replace(config, seed=config.seed + begin)
+        parts.append(run_forward_process(model.network, x0, schedule, chunk_config, map_channels, report_step))
+    if not parts:
+        raise ValueError("no slices to run the forward process on")
+    return SliceStatistics(
+        scores=torch.cat([cosine_scores(p.mse_guided, p.mse_reference).cpu() for p in parts]),
+        anomaly_maps=torch.cat([p.anomaly_maps.cpu() for p in parts]),
+        end_step_maps=torch.cat([p.end_step_maps.cpu() for p in parts]),
+        end_steps=torch.cat([p.end_steps.cpu() for p in parts]),
+        max_divergence=torch.cat([p.max_divergence.cpu() for p in parts]),
+        network_evaluations=sum(p.network_evaluations for p in parts),
+        visited_steps=max(len(p.visited_steps) for p in parts),
     )

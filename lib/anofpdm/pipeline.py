@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
 
-from anofpdm.decisions import Calibration, QuantileRule, combine_maps, cosine_scores, slice_thresholds
-from anofpdm.diffusion import NoiseSchedule
-from anofpdm.forward_process import ForwardProcessConfig, run_forward_process
+from anofpdm.decisions import Calibration, QuantileRule, combine_maps, slice_thresholds
+from anofpdm.forward_process import ForwardProcessConfig, SliceStatistics, run_on_slices
 from anofpdm.model import MAP_SEQUENCES, LoadedModel
 from anofpdm.postprocess import lesion_table, median_filter_3d, remove_small_components
 from anofpdm.volume import InputError, VolumeGeometry, to_input_grid, to_model_slices
@@ -170,15 +169,17 @@ def segment_volume(
     timings["preprocess_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    stats = _run_chunks(model, slices, forward, options, progress)
+    batch = options.batch_size or _default_batch_size(model.device)
+    report_step = None if progress is None else (lambda done, total: progress("forward process", done, total))
+    stats = run_on_slices(model, slices, forward, batch, report_step)
     timings["network_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    scores = stats["scores"]
+    scores = stats.scores
     unhealthy = scores <= calibration.cosine_threshold
     d_max = torch.tensor(calibration.max_divergence)
-    maps = stats["anomaly_maps" if options.map_variant == "mean" else "end_step_maps"]
-    thresholds = slice_thresholds(maps, stats["max_divergence"], d_max, QuantileRule())
+    maps = stats.anomaly_maps if options.map_variant == "mean" else stats.end_step_maps
+    thresholds = slice_thresholds(maps, stats.max_divergence, d_max, QuantileRule())
     raw_map = combine_maps(maps).numpy().transpose(1, 2, 0)  # S x S x N
     kernel = options.median_kernel or default_median_kernel(config.image_size)
     filtered = median_filter_3d(raw_map, kernel)
@@ -231,43 +232,6 @@ def _default_batch_size(device: torch.device) -> int:
     return 64 if device.type == "cuda" else 32
 
 
-def _run_chunks(
-    model: LoadedModel,
-    slices: np.ndarray,
-    forward: ForwardProcessConfig,
-    options: InferenceOptions,
-    progress: ProgressCallback | None,
-) -> dict[str, Any]:
-    """Run the forward process over all slices in batches; gather per-slice statistics on the CPU."""
-    device = model.device
-    schedule = NoiseSchedule.from_dict(model.schedule, device=device)
-    batch = options.batch_size or _default_batch_size(device)
-    map_channels = [model.config.sequences.index(s) for s in MAP_SEQUENCES]
-    starts = list(range(0, len(slices), batch))
-    planned = len(forward.visited_steps)
-    parts: list[Any] = []
-    for chunk, begin in enumerate(starts):
-        x0 = torch.from_numpy(slices[begin : begin + batch]).to(device)
-
-        def report_step(done: int, total: int, chunk: int = chunk) -> None:
-            if progress is not None:
-                progress("forward process", chunk * planned + done, len(starts) * planned)
-
-        chunk_config = replace(forward, seed=forward.seed + begin)
-        parts.append(run_forward_process(model.network, x0, schedule, chunk_config, map_channels, report_step))
-    gathered: dict[str, Any] = {
-        "anomaly_maps": torch.cat([p.anomaly_maps.cpu() for p in parts]),
-        "end_step_maps": torch.cat([p.end_step_maps.cpu() for p in parts]),
-        "end_steps": torch.cat([p.end_steps.cpu() for p in parts]),
-        "max_divergence": torch.cat([p.max_divergence.cpu() for p in parts]),
-        "network_evaluations": sum(p.network_evaluations for p in parts),
-        "visited_steps": max(len(p.visited_steps) for p in parts),
-        # each slice's cosine score over the steps its own chunk visited (chunks may stop early apart)
-        "scores": torch.cat([cosine_scores(p.mse_guided, p.mse_reference).cpu() for p in parts]),
-    }
-    return gathered
-
-
 def _report(
     model: LoadedModel,
     options: InferenceOptions,
@@ -277,7 +241,7 @@ def _report(
     scores: torch.Tensor,
     unhealthy: torch.Tensor,
     thresholds: torch.Tensor,
-    stats: dict[str, Any],
+    stats: SliceStatistics,
     lesions: list[dict[str, Any]],
     removed: int,
     kernel: int,
@@ -301,19 +265,19 @@ def _report(
             "score": [round(float(v), 6) for v in scores],
             "unhealthy_flag": [bool(v) for v in unhealthy],
             "threshold": [float(v) for v in thresholds],
-            "end_step": {name: [int(v) for v in stats["end_steps"][:, i]] for i, name in enumerate(MAP_SEQUENCES)},
+            "end_step": {name: [int(v) for v in stats.end_steps[:, i]] for i, name in enumerate(MAP_SEQUENCES)},
         },
         "lesions": lesions,
         "lesion_count": len(lesions),
         "total_volume_ml": total_ml,
         "components_removed": removed,
-        "network_evaluations": stats["network_evaluations"],
+        "network_evaluations": stats.network_evaluations,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "settings": {
             **asdict(forward),
             "mode": options.mode,
             "map_variant": options.map_variant,
-            "visited_steps": stats["visited_steps"],
+            "visited_steps": stats.visited_steps,
             "min_lesion_mm3": options.min_lesion_mm3,
             "median_kernel": kernel,
             "model_grid_spacing_mm": [round(s, 4) for s in geometry.spacing_mm],
