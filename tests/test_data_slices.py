@@ -129,9 +129,10 @@ def test_orientation_is_ras_x_y(prepared: tuple[Path, dict]) -> None:
     assert rows.min() >= 10 and cols.min() >= 10 and rows.max() <= 14 and cols.max() <= 14
 
 
-def test_rerun_is_byte_identical(data_dir: Path, prepared: tuple[Path, dict], tmp_path: Path) -> None:
-    out, _ = prepared
-    prepare_dataset(data_dir, tmp_path, size=SIZE, seed=3, field_of_view_mm=FOV_MM)
+def test_parallel_rerun_is_byte_identical(data_dir: Path, prepared: tuple[Path, dict], tmp_path: Path) -> None:
+    out, manifest = prepared
+    again = prepare_dataset(data_dir, tmp_path, size=SIZE, seed=3, field_of_view_mm=FOV_MM, workers=2)
+    assert again["splits"] == manifest["splits"] and again["skipped"] == manifest["skipped"]
     for split in SPLITS:
         for name in ("images.npy", "labels.npy", "masks.npy", "index.json"):
             assert (out / f"{split}_{name}").read_bytes() == (tmp_path / f"{split}_{name}").read_bytes()

@@ -156,6 +156,19 @@ def test_full_size_case_on_the_brats_grid(full_size: tuple[Path, dict]) -> None:
     assert not brain[0].any() and not brain[-1].any() and not brain[:, 0].any() and not brain[:, -1].any()
 
 
+def test_parallel_generation_writes_the_same_cases(full_size: tuple[Path, dict], tmp_path: Path) -> None:
+    out, manifest = full_size
+    parallel = generate_cases(tmp_path, n_cases=2, seed=11, healthy_fraction=0.2, workers=2)
+    assert parallel["cases"][0] == manifest["cases"][0] and parallel["cases"][1]["case"] == "SYN_00001"
+    for name in (*SEQUENCES, "seg"):
+        first = nib.load(str(out / "SYN_00000" / f"SYN_00000_{name}.nii.gz"))
+        again = nib.load(str(tmp_path / "SYN_00000" / f"SYN_00000_{name}.nii.gz"))
+        np.testing.assert_array_equal(np.asarray(again.dataobj), np.asarray(first.dataobj))
+    assert (tmp_path / "studies" / "t2" / "SYN_00001.nii.gz").is_file()
+    with pytest.raises(ValueError, match="workers"):
+        generate_cases(tmp_path / "none", n_cases=1, seed=1, workers=0)
+
+
 def test_full_size_studies_layout(full_size: tuple[Path, dict]) -> None:
     out, _ = full_size
     case = out / "SYN_00000"

@@ -32,7 +32,8 @@ def _synth(args: argparse.Namespace) -> int:
         case_dirs = sorted(p for p in args.cases_dir.iterdir() if p.is_dir() and p.name != "studies")
         render_preview(case_dirs[: args.preview_cases], args.preview)
         return 0
-    manifest = generate_cases(args.out, args.cases, args.seed, args.healthy_fraction, progress=progress_bar("synth"))
+    manifest = generate_cases(args.out, args.cases, args.seed, args.healthy_fraction,
+                              progress=progress_bar("synth", unit="case"), workers=args.workers)
     if args.preview:
         case_dirs = [args.out / case["case"] for case in manifest["cases"][: args.preview_cases]]
         render_preview(case_dirs, args.preview)
@@ -44,7 +45,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from anofpdm.data.slices import prepare_dataset
 
     manifest = prepare_dataset(args.data, args.out, sequences=args.sequences, size=args.size, seed=args.seed,
-                               progress=progress_bar("prepare"))
+                               progress=progress_bar("prepare", unit="case"), workers=args.workers)
     print(json.dumps(manifest["splits"], indent=2))
     return 0
 
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--cases", type=int, default=10)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--healthy-fraction", type=float, default=0.2)
+    synth.add_argument("--workers", type=int, default=1, help="cases generated in parallel (same output)")
     synth.add_argument("--preview", type=Path, help="also render a PNG of the first cases")
     synth.add_argument("--preview-cases", type=int, default=4)
     synth.add_argument("--cases-dir", type=Path, help="with --preview and no --out: preview existing cases")
@@ -161,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--sequences", type=_csv, default=("flair", "t1", "t1ce", "t2"))
     prepare.add_argument("--size", type=int, default=128)
     prepare.add_argument("--seed", type=int, default=0)
+    prepare.add_argument("--workers", type=int, default=1, help="cases read in parallel (same output)")
     prepare.set_defaults(run=_prepare)
 
     train = commands.add_parser("train", help="classifier-free-guidance training (torchrun for several GPUs)")

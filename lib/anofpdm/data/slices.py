@@ -15,6 +15,7 @@ Slices are made by ``anofpdm.volume.to_model_slices``, the same code inference u
 
 from __future__ import annotations
 
+import functools
 import json
 import zlib
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from anofpdm.data.brats import SEQUENCES, CaseFiles, find_cases, load_case
+from anofpdm.parallel import ordered_map
 from anofpdm.volume import MIN_BRAIN_AREA_MM2, to_model_slices
 
 __all__ = [
@@ -111,6 +113,16 @@ def split_cases(case_ids: Sequence[str], fractions: Sequence[float], seed: int) 
     return out
 
 
+def _case_slices_or_error(
+    case: CaseFiles, sequences: Sequence[str], size: int, field_of_view_mm: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | str:
+    """``case_slices``, or the reason the case cannot be read (a skipped case does not stop a run)."""
+    try:
+        return case_slices(case, sequences, size, field_of_view_mm)
+    except CASE_ERRORS as error:
+        return f"{type(error).__name__}: {error}"
+
+
 def case_slices(
     case: CaseFiles, sequences: Sequence[str], size: int, field_of_view_mm: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -179,6 +191,7 @@ def prepare_dataset(
     split: Sequence[float] = DEFAULT_SPLIT,
     progress: ProgressFn | None = None,
     field_of_view_mm: float = DEFAULT_FIELD_OF_VIEW_MM,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Prepare normalised, resized axial training slices with a seeded patient-level split.
 
@@ -192,6 +205,7 @@ def prepare_dataset(
         progress: optional callable(done, total) after each case.
         field_of_view_mm: in-plane extent of a slice, centred on the brain (BraTS: 240 mm). Axial
             planes with less than ``anofpdm.volume.MIN_BRAIN_AREA_MM2`` of brain are left out.
+        workers: processes reading cases in parallel (the arrays are identical for any number).
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``). A case that cannot be read is
@@ -202,22 +216,19 @@ def prepare_dataset(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     assignment = split_cases(list(cases), split, seed)
+    ordered = [(name, case_id) for name in SPLITS for case_id in assignment[name]]
+    read = functools.partial(_case_slices_or_error, sequences=sequences, size=size, field_of_view_mm=field_of_view_mm)
+    outcomes = ordered_map(read, [cases[case_id] for _, case_id in ordered], workers, progress)
+    writers = {name: _SplitWriter(out_dir, name, len(sequences), size) for name in SPLITS}
+    used: dict[str, list[str]] = {name: [] for name in SPLITS}
     skipped: list[dict[str, str]] = []
-    summary: dict[str, Any] = {}
-    done = 0
-    for split_name in SPLITS:
-        writer = _SplitWriter(out_dir, split_name, len(sequences), size)
-        used = []
-        for case_id in assignment[split_name]:
-            try:
-                writer.add(case_id, *case_slices(cases[case_id], sequences, size, field_of_view_mm))
-                used.append(case_id)
-            except CASE_ERRORS as error:
-                skipped.append({"case": case_id, "reason": f"{type(error).__name__}: {error}"})
-            done += 1
-            if progress is not None:
-                progress(done, len(cases))
-        summary[split_name] = {"cases": used, **writer.close()}
+    for (split_name, case_id), outcome in zip(ordered, outcomes):
+        if isinstance(outcome, str):
+            skipped.append({"case": case_id, "reason": outcome})
+            continue
+        writers[split_name].add(case_id, *outcome)
+        used[split_name].append(case_id)
+    summary = {name: {"cases": used[name], **writers[name].close()} for name in SPLITS}
     manifest = {
         "format": FORMAT,
         "data_dir": str(data_dir),

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from anofpdm.data.brats import SEQUENCES
+from anofpdm.parallel import ordered_map
 
 __all__ = [
     "BRATS_SHAPE",
@@ -630,8 +631,22 @@ def _validate_generation(n_cases: int, seed: int, healthy_fraction: float) -> No
         raise ValueError(f"healthy_fraction must be in [0, 1], got {healthy_fraction}")
 
 
+def _generate_case(index: int, out_dir: Path, seed: int, healthy_fraction: float) -> dict[str, Any]:
+    """Synthesise and write case ``index``; its manifest entry."""
+    name = case_name(index)
+    case = synthesize_case(case_seed(seed, index), is_healthy_index(index, healthy_fraction))
+    case_dir = write_case(case, out_dir, name)
+    _write_studies(case_dir, out_dir / STUDIES_DIR, name)
+    return {"case": name, **case.info}
+
+
 def generate_cases(
-    out_dir: Path, n_cases: int, seed: int, healthy_fraction: float = 0.2, progress: ProgressFn | None = None
+    out_dir: Path,
+    n_cases: int,
+    seed: int,
+    healthy_fraction: float = 0.2,
+    progress: ProgressFn | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Generate synthetic BraTS-format cases and a MONAI Label studies folder.
 
@@ -645,6 +660,7 @@ def generate_cases(
         seed: run seed (non-negative).
         healthy_fraction: fraction of cases without tumour.
         progress: optional callable(done, total) called after each case.
+        workers: processes generating cases in parallel (the cases are identical for any number).
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -652,15 +668,8 @@ def generate_cases(
     _validate_generation(n_cases, seed, healthy_fraction)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cases = []
-    for index in range(n_cases):
-        name = case_name(index)
-        case = synthesize_case(case_seed(seed, index), is_healthy_index(index, healthy_fraction))
-        case_dir = write_case(case, out_dir, name)
-        _write_studies(case_dir, out_dir / STUDIES_DIR, name)
-        cases.append({"case": name, **case.info})
-        if progress is not None:
-            progress(index + 1, n_cases)
+    generate = functools.partial(_generate_case, out_dir=out_dir, seed=seed, healthy_fraction=healthy_fraction)
+    cases = list(ordered_map(generate, range(n_cases), workers, progress))
     manifest = {
         "generator": "anofpdm.data.synth (MNI152 2009a anatomy from nilearn)",
         "synthetic": True,
