@@ -101,6 +101,31 @@ def test_stop_and_resume_reaches_the_same_weights(data: Path, straight_run: Path
         assert [row[column] for row in resumed_rows] == [row[column] for row in straight_rows]
 
 
+def test_time_limit_stops_saved_and_the_run_resumes_exactly(data: Path, straight_run: Path, tmp_path: Path) -> None:
+    """A job's wall-time budget: the run stops without error after the iteration that exhausts it."""
+    model = train(tiny_config(data), tmp_path / "run", progress=False, time_limit_s=0.0)
+    assert load_state(tmp_path / "run")["iteration"] == 1 and load_model(model).training["iterations"] == 1
+    train(tiny_config(data), tmp_path / "run", resume=True, progress=False, time_limit_s=3600.0)
+    resumed, straight = load_state(tmp_path / "run"), load_state(straight_run)
+    assert resumed["iteration"] == 6
+    assert all(torch.equal(resumed["ema"][name], t) for name, t in straight["ema"].items())
+
+
+def test_resume_finds_the_data_by_content_not_by_path(data: Path, tmp_path: Path) -> None:
+    """A run moved to another machine resumes on the same slices at another path, not on other slices."""
+    first = tmp_path / "first"
+    make_prepared(first)
+    train(tiny_config(first, iterations=2), tmp_path / "run", progress=False)
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    train(tiny_config(moved, iterations=3), tmp_path / "run", resume=True, progress=False)
+    assert load_state(tmp_path / "run")["iteration"] == 3
+    other = make_prepared(tmp_path / "other", constant=0.5)
+    np.save(other / "train_labels.npy", np.array([HEALTHY] * 8, dtype=np.uint8))
+    with pytest.raises(ValueError, match="data"):
+        train(tiny_config(other, iterations=4), tmp_path / "run", resume=True, progress=False)
+
+
 def test_crash_after_a_checkpoint_resumes_from_it(data: Path, straight_run: Path, tmp_path: Path) -> None:
     """A run that dies without saving (like kill -9) resumes from its last checkpoint, logging nothing twice."""
 

@@ -27,6 +27,7 @@ import argparse
 import copy
 import csv
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -326,6 +327,16 @@ def resolve_network(config: TrainConfig, manifest: dict[str, Any]) -> NetworkCon
     return replace(base, sequences=sequences)
 
 
+def _train_split_fingerprint(data: Path, manifest: dict[str, Any]) -> str:
+    """Identifies the training split wherever the folder lies: its case list, sequences, size and labels."""
+    digest = hashlib.sha256()
+    described = {k: manifest.get(k) for k in ("sequences", "size", "seed", "field_of_view_mm")}
+    described["train"] = manifest.get("splits", {}).get(TRAIN_SPLIT)
+    digest.update(json.dumps(described, sort_keys=True).encode())
+    digest.update((data / f"{TRAIN_SPLIT}_labels.npy").read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _data_summary(data: Path, manifest: dict[str, Any], dataset: SliceDataset) -> dict[str, Any]:
     """Where the training slices came from: the folder, its manifest's counts per split, the label counts."""
     counts = np.bincount(np.asarray(dataset.labels, dtype=np.int64), minlength=2)
@@ -335,6 +346,7 @@ def _data_summary(data: Path, manifest: dict[str, Any], dataset: SliceDataset) -
     }
     return {
         "path": str(data.resolve()),
+        "fingerprint": _train_split_fingerprint(data, manifest),
         "format": manifest.get("format"),
         "sequences": list(manifest["sequences"]),
         "size": int(manifest["size"]),
@@ -392,6 +404,9 @@ def distributed_context(device: str | None) -> Iterator[Distributed]:
             dist.destroy_process_group()
 
 
+STOP_TIME_LIMIT, STOP_REQUESTED = 1, 2
+
+
 class StopRequest:
     """Turns SIGINT and SIGTERM into a request to stop after the current iteration.
 
@@ -419,13 +434,15 @@ class StopRequest:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
-    def agreed(self, ctx: Distributed) -> bool:
-        """Whether any rank was asked to stop (all ranks then stop at the same iteration)."""
+    def agreed(self, ctx: Distributed, out_of_time: bool = False) -> int:
+        """Why to stop, the same on all ranks: ``STOP_REQUESTED`` if any rank was asked to, else
+        ``STOP_TIME_LIMIT`` if any rank ran out of time, else 0 (go on)."""
+        reason = STOP_REQUESTED if self.requested else STOP_TIME_LIMIT if out_of_time else 0
         if not ctx.enabled:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=ctx.device)
+            return reason
+        flag = torch.tensor([float(reason)], device=ctx.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item())
 
 
 class EMA:
@@ -593,7 +610,7 @@ class Trainer:
 
 def _invariants(config: TrainConfig, network_config: NetworkConfig, data: dict[str, Any]) -> dict[str, Any]:
     values = config.to_dict()
-    values.update(network=network_config.to_dict(), data=data["path"], train_slices=data["train_slices"])
+    values.update(network=network_config.to_dict(), data=data["fingerprint"], train_slices=data["train_slices"])
     return {key: values[key] for key in RESUME_INVARIANTS}
 
 
@@ -739,8 +756,15 @@ class _Run:
                 self.config.iterations,
             )
 
-    def fit(self, dataset: SliceDataset, progress: bool, on_iteration: Callable[[int], None] | None) -> None:
-        """Train from the current iteration to ``config.iterations``, logging and saving on schedule."""
+    def fit(
+        self,
+        dataset: SliceDataset,
+        progress: bool,
+        on_iteration: Callable[[int], None] | None,
+        time_limit_s: float | None = None,
+    ) -> None:
+        """Train from the current iteration to ``config.iterations``, logging and saving on schedule;
+        stop early, saved, once this session has run ``time_limit_s`` seconds."""
         config, ctx = self.config, self.ctx
         _check_sample(dataset, self.trainer.image_shape)
         stop_at = max(self.start, config.iterations)  # a run already past `iterations` only refreshes its export
@@ -759,17 +783,21 @@ class _Run:
                 self.log.add(self.trainer.step(images, labels, iteration))
                 iteration += 1
                 bar.update()
-                stopping = stop.agreed(ctx)
-                checkpoint = stopping or iteration % config.checkpoint_every == 0 or iteration == stop_at
+                out_of_time = time_limit_s is not None and time.monotonic() - self.clock >= time_limit_s
+                reason = stop.agreed(ctx, out_of_time)
+                checkpoint = reason != 0 or iteration % config.checkpoint_every == 0 or iteration == stop_at
                 if checkpoint or iteration % config.log_every == 0:
                     row = self.log.flush(iteration, self.elapsed())
                     bar.set_postfix(loss=f"{row['loss']:.4f}", smoothed=f"{row['smoothed_loss']:.4f}")
                 if checkpoint:
                     self.save(iteration)
-                if stopping:
+                if reason == STOP_REQUESTED:
                     raise TrainingInterrupted(iteration, self.run_dir)
                 if on_iteration is not None:
                     on_iteration(iteration)
+                if reason == STOP_TIME_LIMIT:
+                    logger.info("time limit reached at iteration %d; state saved, continue with --resume", iteration)
+                    break
             if iteration == self.start:
                 self.save(iteration)
         if ctx.is_main:
@@ -783,6 +811,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_iteration: Callable[[int], None] | None = None,
+    time_limit_s: float | None = None,
 ) -> Path:
     """Train (or resume training) a classifier-free-guidance noise-prediction UNet.
 
@@ -794,6 +823,8 @@ def train(
         progress: show a progress bar (main rank, terminal only).
         on_iteration: called on every rank with the iteration count once each iteration is complete
             (logged and, when due, saved).
+        time_limit_s: stop, saved and without error, after the first iteration that ends this many
+            seconds after this call started training (a job's wall-time budget); resume to go on.
 
     Returns:
         The path of the exported inference checkpoint ``run_dir/model.pt``.
@@ -813,7 +844,7 @@ def train(
         if config.bf16 and ctx.device.type != "cuda":
             raise ValueError(f"bf16 autocast is for CUDA only; the device is {ctx.device}")
         state = _load_state(run_dir, resume, invariants, ctx.device)
-        _Run(config, network_config, data, invariants, ctx, run_dir, state).fit(dataset, progress, on_iteration)
+        _Run(config, network_config, data, invariants, ctx, run_dir, state).fit(dataset, progress, on_iteration, time_limit_s)
     return run_dir / MODEL_FILE
 
 
@@ -843,6 +874,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
     parser.add_argument("--num-workers", type=int, default=defaults["num_workers"])
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--time-limit-min", type=float, help="stop (saved, exit 0) after this many minutes of training")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -864,7 +896,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         device=args.device,
     )
     try:
-        path = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+        limit = None if args.time_limit_min is None else 60.0 * args.time_limit_min
+        path = train(config, args.out, resume=args.resume, progress=not args.no_progress, time_limit_s=limit)
     except TrainingInterrupted as stopped:
         logger.warning("%s; continue with --resume", stopped)
         return EXIT_INTERRUPTED
