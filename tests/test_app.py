@@ -102,7 +102,7 @@ def check_result(label_file: str, result: dict, flair: nib.Nifti1Image) -> np.nd
     assert result["lesion_count"] == len(result["lesions"])
     assert result["verdict"] == ("unhealthy" if mask.any() else "healthy")
     anomaly = nib.load(result["anomaly_map"])
-    assert Path(result["anomaly_map"]).parent == Path(label_file).parent
+    assert Path(result["anomaly_map"]).name.startswith(Path(label_file).name.split("_label")[0])
     assert anomaly.shape == flair.shape and np.array_equal(anomaly.affine, flair.affine)
     assert anomaly.get_data_dtype() == np.float32
     json.dumps(result)  # the result must travel as JSON
@@ -222,6 +222,20 @@ def test_progress_is_logged_every_ten_percent(tmp_path, tiny_model_path, pair, c
     percents = [int(m.split("forward process ")[1].split("%")[0]) for m in steps]
     assert percents == sorted(percents) and percents[-1] == 100
     assert len(percents) == 11 and [p // 10 for p in percents] == list(range(11))
+
+
+def test_only_the_newest_anomaly_maps_are_kept(tmp_path, tiny_model_path, pair):
+    """MONAI Label deletes a label once sent but not the map beside it: the task bounds the maps it keeps."""
+    task = lib.infers.AnoFPDM(str(tiny_model_path), {"tumour": 1}, device="cpu", map_dir=str(tmp_path), kept_maps=2)
+    mask = nib.Nifti1Image(np.zeros(pair["flair"].shape, np.uint8), pair["flair"].affine)
+    written = []
+    for _ in range(3):
+        label_path, map_path = task._write(mask, pair["flair"], ".nii.gz")
+        label_path.unlink()
+        written.append(map_path)
+    assert sorted(tmp_path.iterdir()) == sorted(written[1:])
+    with pytest.raises(ValueError, match="kept_maps"):
+        lib.infers.AnoFPDM(str(tiny_model_path), {"tumour": 1}, kept_maps=0)
 
 
 def test_nrrd_result_for_slicer_keeps_the_geometry(tmp_path, tiny_model_path, pair):

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 CALIBRATED = "calibrated"  # shown in Slicer for options that default to the mode's calibrated value
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 MAP_SUFFIX = "_anomaly_map.nii.gz"
+MAP_FOLDER = "anofpdm_anomaly_maps"  # under the temp folder; MONAI Label deletes the label once sent, not the map
+KEPT_MAPS = 50  # the newest maps stay for clients to fetch; older ones are deleted as new ones are written
 PROGRESS_STEP_PERCENT = 10
 # request option -> type; a value of "", "calibrated" or None means the model's calibrated value
 OPTION_TYPES: dict[str, type] = {
@@ -90,6 +92,8 @@ class AnoFPDM(InferTask):
         device: default device ("cpu", "cuda", "cuda:1" or a MONAI Label device name); None: CUDA if present.
         studies: the local datastore folder, whose ``<sequence>/`` sub-folders hold the T2 of its images.
         sessions: returns MONAI Label's session store (or None when sessions are off).
+        map_dir: where anomaly maps are written (default: ``<TMPDIR>/anofpdm_anomaly_maps``).
+        kept_maps: how many of the newest anomaly maps are kept there.
     """
 
     def __init__(
@@ -99,7 +103,11 @@ class AnoFPDM(InferTask):
         device: str | None = None,
         studies: str | None = None,
         sessions: Callable[[], Sessions | None] | None = None,
+        map_dir: str | None = None,
+        kept_maps: int = KEPT_MAPS,
     ) -> None:
+        if kept_maps < 1:
+            raise ValueError(f"kept_maps must be >= 1, got {kept_maps}")
         super().__init__(
             type=InferType.SEGMENTATION,
             labels=labels,
@@ -110,6 +118,9 @@ class AnoFPDM(InferTask):
         self.path = Path(path)
         self.studies = studies
         self._sessions = sessions
+        self.map_dir = Path(map_dir) if map_dir else Path(tempfile.gettempdir()) / MAP_FOLDER
+        self.kept_maps = kept_maps
+        self._map_lock = threading.Lock()
         self._default_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._check_lock = threading.Lock()  # separate locks: /info/ must not wait for a model to load
         self._load_lock = threading.Lock()
@@ -252,15 +263,12 @@ class AnoFPDM(InferTask):
             raise InputError(f"{exc} [inputs: {inputs.describe()}]") from exc
 
     # ---- results -----------------------------------------------------------------------------------------
-    @staticmethod
-    def _write(mask: nib.Nifti1Image, anomaly_map: nib.Nifti1Image, extension: str) -> tuple[Path, Path]:
-        """Write the label (``extension``) and, beside it, the float anomaly map (NIfTI)."""
+    def _write(self, mask: nib.Nifti1Image, anomaly_map: nib.Nifti1Image, extension: str) -> tuple[Path, Path]:
+        """Write the label (``extension``) to a temp file and the float anomaly map (NIfTI) to ``map_dir``."""
         handle, name = tempfile.mkstemp(prefix="anofpdm_", suffix=f"_label{extension}")
         os.close(handle)
         label_path = Path(name)
         base = label_path.name[: -len(f"_label{extension}")]
-        map_path = label_path.with_name(base + MAP_SUFFIX)
-        nib.save(anomaly_map, map_path)
         if extension == ".nrrd":
             nifti_path = label_path.with_name(base + "_label.nii.gz")
             nib.save(mask, nifti_path)
@@ -268,4 +276,15 @@ class AnoFPDM(InferTask):
             nifti_path.unlink()
         else:
             nib.save(mask, label_path)
-        return label_path, map_path
+        return label_path, self._write_map(anomaly_map, base)
+
+    def _write_map(self, anomaly_map: nib.Nifti1Image, base: str) -> Path:
+        """Save the map, then delete all but the ``kept_maps`` newest maps (disk use stays bounded)."""
+        with self._map_lock:
+            self.map_dir.mkdir(parents=True, exist_ok=True)
+            map_path = self.map_dir / (base + MAP_SUFFIX)
+            nib.save(anomaly_map, map_path)
+            maps = sorted(self.map_dir.glob(f"*{MAP_SUFFIX}"), key=lambda p: (p == map_path, p.stat().st_mtime_ns))
+            for old in maps[: -self.kept_maps]:
+                old.unlink(missing_ok=True)
+        return map_path
