@@ -4,7 +4,7 @@ Runs the default ("fast") mode and the full mode on one case (e.g. a 240 x 240 x
 volume). The full mode visits every step up to T_f = 600: on a CPU that takes long, so ``--full-steps N``
 runs it to N forward steps only and extrapolates the network time linearly in the visited steps (printed
 as "extrapolated"; preprocessing, post-processing and writing do not depend on the step count).
-Prints figures; asserts nothing. Example:
+``--precisions fp32,bf16`` times both (bfloat16 autocast: for GPUs). Prints figures; asserts nothing. Example:
 
     PYTHONPATH=lib python benchmarks/volume_latency.py --model model/anofpdm.pt --data data/synth --full-steps 30
 """
@@ -42,13 +42,13 @@ def _warm_up(model) -> None:
     _sync(model.device)
 
 
-def measure(model, case, mode: str, forward_steps: int | None, batch_size: int | None) -> dict:
+def measure(model, case, mode: str, forward_steps: int | None, batch_size: int | None, bf16: bool) -> dict:
     """Time one segmentation of ``case`` in ``mode`` (optionally limited to ``forward_steps``)."""
     start = time.perf_counter()
     volume = load_case(case, sequences=model.config.sequences, with_seg=False)
     images = {name: nib.Nifti1Image(volume.images[name], volume.affine) for name in model.config.sequences}
     load_s = time.perf_counter() - start
-    options = InferenceOptions(mode=mode, forward_steps=forward_steps, batch_size=batch_size)
+    options = InferenceOptions(mode=mode, forward_steps=forward_steps, batch_size=batch_size, bf16=bf16)
     result = segment_volume(model, images, options)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
@@ -56,7 +56,7 @@ def measure(model, case, mode: str, forward_steps: int | None, batch_size: int |
         nib.save(result.anomaly_map, Path(folder) / "map.nii.gz")
     write_s = time.perf_counter() - start
     report = result.report
-    figures = {"mode": mode, "shape": list(volume.images[model.config.sequences[0]].shape),
+    figures = {"mode": mode, "precision": "bf16" if bf16 else "fp32", "shape": list(volume.images[model.config.sequences[0]].shape),
                "slices": report["slices"]["segmented"], "visited_steps": report["settings"]["visited_steps"],
                "network_evaluations": report["network_evaluations"], "load_s": load_s, **report["timings_s"],
                "write_s": write_s, "extrapolated": False}
@@ -74,9 +74,9 @@ def extrapolate(figures: dict, model, mode: str) -> dict:
 
 def _row(figures: dict) -> str:
     total = sum(figures[s] for s in STAGES)
-    label = figures["mode"] + (" (extrapolated)" if figures["extrapolated"] else "")
+    label = f"{figures['mode']} {figures['precision']}" + (" (extrapolated)" if figures["extrapolated"] else "")
     cells = [label, str(figures["visited_steps"]), *(f"{figures[s]:.2f}" for s in STAGES), f"{total:.2f}",
-             f"{figures['slices'] / total:.2f}"]
+             f"{figures['slices'] / total:.2f}", f"{figures['network_evaluations'] / figures['network_s']:.0f}"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -91,7 +91,11 @@ def main() -> None:
     parser.add_argument("--full-steps", type=int,
                         help="run the full mode to this many forward steps only and extrapolate its network time")
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16 (bf16: autocast, for GPUs)")
     args = parser.parse_args()
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if not precisions or set(precisions) - {"fp32", "bf16"}:
+        raise SystemExit(f"--precisions takes fp32 and/or bf16, got {args.precisions!r}")
 
     cases = find_cases(args.data)
     chosen = [c for c in cases if args.case in (None, c.case_id)]
@@ -104,18 +108,22 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
     print(f"case {chosen[0].case_id}; device {model.device} ({device_name}); threads {torch.get_num_threads()}; "
           f"model load {model_load_s:.2f} s (once per server, not per volume)")
-    runs = [measure(model, chosen[0], args.fast_mode, None, args.batch_size)]
-    full = measure(model, chosen[0], args.full_mode, args.full_steps, args.batch_size)
-    runs.append(extrapolate(full, model, args.full_mode) if args.full_steps else full)
-    print("| mode | visited steps | " + " | ".join(s[:-2] + " (s)" for s in STAGES) + " | total (s) | slices / s |")
-    print("|---" * (len(STAGES) + 4) + "|")
+    runs, measured_full = [], []
+    for precision in precisions:
+        bf16 = precision == "bf16"
+        runs.append(measure(model, chosen[0], args.fast_mode, None, args.batch_size, bf16))
+        full = measure(model, chosen[0], args.full_mode, args.full_steps, args.batch_size, bf16)
+        runs.append(extrapolate(full, model, args.full_mode) if args.full_steps else full)
+        measured_full.append(full)
+    print("| mode | visited steps | " + " | ".join(s[:-2] + " (s)" for s in STAGES)
+          + " | total (s) | volume slices / s | network slice-evaluations / s |")
+    print("|---" * (len(STAGES) + 5) + "|")
     for figures in runs:
         print(_row(figures))
     if args.full_steps:
-        print(f"full mode measured to {args.full_steps} forward steps ({full['visited_steps']} visited, "
-              f"{full['network_s']:.2f} s network) and extrapolated linearly in visited steps")
+        print(f"full mode measured to {args.full_steps} forward steps and extrapolated linearly in visited steps")
     print(json.dumps({"device": str(model.device), "device_name": device_name, "model_load_s": model_load_s,
-                      "runs": runs + ([full] if args.full_steps else [])}, indent=2))
+                      "runs": runs + (measured_full if args.full_steps else [])}, indent=2))
 
 
 if __name__ == "__main__":

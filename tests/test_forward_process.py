@@ -181,3 +181,16 @@ def test_chunked_runner_seeds_each_chunk_by_its_first_slice(tiny_model_path):
     assert not torch.allclose(different_seed.anomaly_maps, alone.anomaly_maps)
     with pytest.raises(ValueError, match="batch_size"):
         run_on_slices(model, slices, config, batch_size=0)
+
+
+def test_bf16_autocast_changes_precision_not_results(tiny_model_path):
+    """bfloat16 network evaluations (the GPU speed option) give nearly the float32 maps and scores."""
+    model = load_model(tiny_model_path)
+    slices = torch.rand(3, 2, 16, 16) * 2 - 1
+    config = ForwardProcessConfig(forward_steps=40, stride=10)
+    fp32 = run_on_slices(model, slices, config, batch_size=3)
+    bf16 = run_on_slices(model, slices, config, batch_size=3, bf16=True)
+    assert bf16.anomaly_maps.dtype == torch.float32
+    assert not torch.equal(bf16.anomaly_maps, fp32.anomaly_maps)  # it did run in lower precision
+    torch.testing.assert_close(bf16.anomaly_maps, fp32.anomaly_maps, rtol=0.1, atol=0.02)
+    torch.testing.assert_close(bf16.scores, fp32.scores, rtol=0.02, atol=0.02)

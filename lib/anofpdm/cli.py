@@ -103,6 +103,7 @@ def _segment(args: argparse.Namespace) -> int:
     options = InferenceOptions(
         mode=args.mode, guidance=args.guidance, forward_steps=args.steps, stride=args.stride,
         encoding=args.encoding, early_stop=args.early_stop, seed=args.seed, min_lesion_mm3=args.min_lesion_mm3,
+        bf16=args.bf16,
     )
     images = split_channels(read_nifti(args.flair, "FLAIR (or multi-channel)"), str(args.flair)).images
     if args.t2 is not None:
@@ -140,6 +141,7 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-lesion-mm3", type=float, default=500.0, help="drop components of at most this volume")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the network (for GPUs)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -138,7 +138,7 @@ def guided_and_null_noise(
     batch = z.shape[0]
     labels = torch.tensor([HEALTHY] * batch + [NULL_LABEL] * batch, device=z.device)
     timesteps = torch.full((2 * batch,), t, device=z.device, dtype=torch.long)
-    eps_healthy, eps_null = network(torch.cat([z, z]), timesteps, class_labels=labels).chunk(2)
+    eps_healthy, eps_null = network(torch.cat([z, z]), timesteps, class_labels=labels).float().chunk(2)
     return (1 + guidance) * eps_healthy - guidance * eps_null, eps_null
 
 
@@ -239,6 +239,7 @@ def run_on_slices(
     config: ForwardProcessConfig,
     batch_size: int,
     progress: ProgressCallback | None = None,
+    bf16: bool = False,
 ) -> SliceStatistics:
     """Run the forward process over any number of slices in chunks of ``batch_size``.
 
@@ -252,6 +253,7 @@ def run_on_slices(
         config: the forward-process settings.
         batch_size: slices per network batch.
         progress: called with (visited steps done, planned) summed over chunks.
+        bf16: run the network under bfloat16 autocast (the statistics stay float32).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -269,7 +271,8 @@ def run_on_slices(
                 progress(chunk * planned + done, len(starts) * planned)
 
         chunk_config = replace(config, seed=config.seed + begin)
-        parts.append(run_forward_process(model.network, x0, schedule, chunk_config, map_channels, report_step))
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+            parts.append(run_forward_process(model.network, x0, schedule, chunk_config, map_channels, report_step))
     if not parts:
         raise ValueError("no slices to run the forward process on")
     return SliceStatistics(
