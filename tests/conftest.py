@@ -53,9 +53,10 @@ def tiny_calibration(**overrides) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-weight tiny model with a calibration for modes "fast" and "full" (for mechanics only)."""
+    """A random-weight tiny model calibrated for the modes "fast", "full" and their DDPM twins (mechanics only)."""
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
     calibration = {"fast": tiny_calibration(), "full": tiny_calibration(stride=1, forward_steps=12)}
+    calibration |= {f"{mode}-ddpm": {**settings, "encoding": "ddpm"} for mode, settings in calibration.items()}
     save_checkpoint(path, TINY, tiny_network().state_dict(), ScheduleConfig().to_dict(),
                     {"data_description": "random weights (test)"}, calibration)
     return path

@@ -179,7 +179,7 @@ def test_datastore_does_not_list_the_t2_folder(tmp_path, tiny_model_path, pair):
 def test_config_lists_the_options_slicer_shows(tiny_model_path):
     config = make_task(tiny_model_path).config()
     assert set(config) == OPTIONS
-    assert config["mode"] == ["fast", "full"] and config["device"][0] == "cpu"
+    assert config["mode"] == ["fast", "fast-ddpm", "full", "full-ddpm"] and config["device"][0] == "cpu"
     assert config["encoding"] == ["calibrated", "ddim", "ddpm"] and config["forward_steps"] == "calibrated"
 
 

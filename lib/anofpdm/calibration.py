@@ -9,6 +9,7 @@ the curves and so the scores depend on the visited steps.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -21,9 +22,15 @@ __all__ = ["MODES", "choose_cosine_threshold", "calibrate_mode", "choose_guidanc
 
 # The serving modes: "full" is the paper's setting; "fast" visits every 30th step and stops 4 visited
 # steps after the divergence peak, the CPU default (benchmarks/quality_vs_cost.py measures its cost).
+# The "-ddpm" modes use the stochastic DDPM forward encoding; c* and Dmax depend on the encoding, so
+# each has its own calibration.
+_FULL = ForwardProcessConfig(guidance=2.0, forward_steps=600, stride=1, encoding="ddim")
+_FAST = ForwardProcessConfig(guidance=2.0, forward_steps=600, stride=30, encoding="ddim", early_stop=4)
 MODES: dict[str, ForwardProcessConfig] = {
-    "full": ForwardProcessConfig(guidance=2.0, forward_steps=600, stride=1, encoding="ddim"),
-    "fast": ForwardProcessConfig(guidance=2.0, forward_steps=600, stride=30, encoding="ddim", early_stop=4),
+    "full": _FULL,
+    "fast": _FAST,
+    "full-ddpm": replace(_FULL, encoding="ddpm"),
+    "fast-ddpm": replace(_FAST, encoding="ddpm"),
 }
 GUIDANCE_TOLERANCE = 0.99  # the paper keeps the largest w within 99 % of the best validation accuracy
 

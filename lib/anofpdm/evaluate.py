@@ -48,6 +48,7 @@ from anofpdm.baselines import (
     finish_baseline,
     run_baseline,
 )
+from anofpdm.calibration import MODES
 from anofpdm.data.brats import CaseFiles, find_cases, load_case
 from anofpdm.decisions import median_filter_2d
 from anofpdm.data.slices import MANIFEST_NAME
@@ -97,10 +98,11 @@ PERCENT = 100.0
 
 # AnoFPDM variants go through the pipeline; the mode supplies the calibrated settings (c*, Dmax, T_f, stride).
 ANOFPDM_VARIANTS: dict[str, dict[str, str]] = {
-    **{f"anofpdm-{encoding}-{mode}": {"mode": mode, "encoding": encoding}
-       for encoding in ("ddim", "ddpm") for mode in ("fast", "full")},
+    **{f"anofpdm-ddim-{mode}": {"mode": mode} for mode in ("fast", "full")},
+    # the DDPM forward encoding, with its own calibration (modes "fast-ddpm", "full-ddpm")
+    **{f"anofpdm-ddpm-{mode}": {"mode": f"{mode}-ddpm"} for mode in ("fast", "full")},
     # the paper's S_te map: the error at the end step alone
-    **{f"anofpdm-ste-{mode}": {"mode": mode, "encoding": "ddim", "map_variant": "end_step"}
+    **{f"anofpdm-ste-{mode}": {"mode": mode, "map_variant": "end_step"}
        for mode in ("fast", "full")},
 }
 BASELINE_DESCRIPTIONS = {
@@ -109,7 +111,7 @@ BASELINE_DESCRIPTIONS = {
     "flair-threshold": "normalised FLAIR above a per-volume brain percentile (no network)",
 }
 METHODS: dict[str, str] = {
-    **{name: f"AnoFPDM, {v['encoding'].upper()} forward, mode {v['mode']}"
+    **{name: f"AnoFPDM, {MODES[v['mode']].encoding.upper()} forward, mode {v['mode']}"
        + (", S_te map (error at t_e)" if "map_variant" in v else "") for name, v in ANOFPDM_VARIANTS.items()},
     **BASELINE_DESCRIPTIONS,
 }

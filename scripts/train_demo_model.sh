@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Make the demo model from nothing: synthetic cases -> training slices -> classifier-free-guidance training
+# -> label-free calibration (fast and full modes) -> evaluation on the held-out test cases.
+#
+# Every setting is an environment variable; the defaults are the ones model/README.md records. Each stage
+# is skipped when its output exists, so rerunning the script resumes the training where it stopped
+# (TIME_LIMIT_MIN ends a session saved; ITERATIONS is the planned length of the whole run).
+#
+#   WORK=/tmp/demo TIME_LIMIT_MIN=5 scripts/train_demo_model.sh        # one session of at most 5 minutes
+#   ANOFPDM="python3 -m anofpdm.cli" ...                              # without the console script
+set -euo pipefail
+
+WORK=${WORK:-runs/demo}
+ANOFPDM=${ANOFPDM:-anofpdm}
+CASES=${CASES:-160}
+SYNTH_SEED=${SYNTH_SEED:-1000}
+SIZE=${SIZE:-64}
+WORKERS=${WORKERS:-$(nproc)}
+PRESET=${PRESET:-cpu}
+ITERATIONS=${ITERATIONS:-30000}
+BATCH=${BATCH:-64}
+LR=${LR:-3e-4}
+EMA=${EMA:-0.999}
+CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-500}
+TIME_LIMIT_MIN=${TIME_LIMIT_MIN:-}
+BF16=${BF16:-}
+CALIBRATION_SLICES=${CALIBRATION_SLICES:-1000}
+CALIBRATION_MODES=${CALIBRATION_MODES:-fast,full}
+INFER_BATCH=${INFER_BATCH:-64}
+EVAL_CASES=${EVAL_CASES:-16}
+EVAL_METHODS=${EVAL_METHODS:-anofpdm-ddim-fast,anofpdm-ddim-full,anoddpm-reconstruction,cfg-ddim,flair-threshold}
+
+run() { echo "+ $*" >&2; "$@"; }
+
+if [[ ! -f $WORK/cases/manifest.json ]]; then
+    run $ANOFPDM synth --out "$WORK/cases" --cases "$CASES" --seed "$SYNTH_SEED" --workers "$WORKERS"
+fi
+if [[ ! -f $WORK/slices/manifest.json ]]; then
+    run $ANOFPDM prepare --data "$WORK/cases" --out "$WORK/slices" --sequences flair,t2 --size "$SIZE" --seed 0 \
+        --workers "$WORKERS"
+fi
+
+train_args=(--data "$WORK/slices" --preset "$PRESET" --out "$WORK/run" --batch-size "$BATCH" --iterations "$ITERATIONS"
+            --lr "$LR" --ema-decay "$EMA" --checkpoint-every "$CHECKPOINT_EVERY" --seed 0 --no-progress)
+[[ -f $WORK/run/state.pt ]] && train_args+=(--resume)
+[[ -n $TIME_LIMIT_MIN ]] && train_args+=(--time-limit-min "$TIME_LIMIT_MIN")
+[[ -n $BF16 ]] && train_args+=(--bf16)
+run $ANOFPDM train "${train_args[@]}"
+
+# calibration and evaluation describe the weights as they are now: a finished run or a session's progress
+cp "$WORK/run/model.pt" "$WORK/anofpdm.pt"
+run $ANOFPDM calibrate --model "$WORK/anofpdm.pt" --data "$WORK/slices" --split val --modes "$CALIBRATION_MODES" \
+    --max-slices "$CALIBRATION_SLICES" --batch-size "$INFER_BATCH"
+run $ANOFPDM evaluate --model "$WORK/anofpdm.pt" --data "$WORK/cases" --prepared "$WORK/slices" --split test \
+    --tune-split val --methods "$EVAL_METHODS" --max-cases "$EVAL_CASES" --batch-size "$INFER_BATCH" \
+    --overlays 2 --out "$WORK/evaluation"
