@@ -133,6 +133,9 @@ def test_parallel_rerun_is_byte_identical(data_dir: Path, prepared: tuple[Path, 
     out, manifest = prepared
     again = prepare_dataset(data_dir, tmp_path, size=SIZE, seed=3, field_of_view_mm=FOV_MM, workers=2)
     assert again["splits"] == manifest["splits"] and again["skipped"] == manifest["skipped"]
+    with pytest.raises(ValueError, match="workers"):
+        prepare_dataset(data_dir, tmp_path / "none", size=SIZE, seed=3, field_of_view_mm=FOV_MM, workers=0)
+    assert not (tmp_path / "none").exists()
     for split in SPLITS:
         for name in ("images.npy", "labels.npy", "masks.npy", "index.json"):
             assert (out / f"{split}_{name}").read_bytes() == (tmp_path / f"{split}_{name}").read_bytes()

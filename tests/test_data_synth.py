@@ -167,6 +167,7 @@ def test_parallel_generation_writes_the_same_cases(full_size: tuple[Path, dict],
     assert (tmp_path / "studies" / "t2" / "SYN_00001.nii.gz").is_file()
     with pytest.raises(ValueError, match="workers"):
         generate_cases(tmp_path / "none", n_cases=1, seed=1, workers=0)
+    assert not (tmp_path / "none").exists()
 
 
 def test_full_size_studies_layout(full_size: tuple[Path, dict]) -> None:

@@ -105,6 +105,8 @@ def test_time_limit_stops_saved_and_the_run_resumes_exactly(data: Path, straight
     """A job's wall-time budget: the run stops without error after the iteration that exhausts it."""
     model = train(tiny_config(data), tmp_path / "run", progress=False, time_limit_s=0.0)
     assert load_state(tmp_path / "run")["iteration"] == 1 and load_model(model).training["iterations"] == 1
+    with pytest.raises(ValueError, match="time limit"):
+        train(tiny_config(data), tmp_path / "run", resume=True, progress=False, time_limit_s=-1.0)
     train(tiny_config(data), tmp_path / "run", resume=True, progress=False, time_limit_s=3600.0)
     resumed, straight = load_state(tmp_path / "run"), load_state(straight_run)
     assert resumed["iteration"] == 6

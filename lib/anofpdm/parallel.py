@@ -36,10 +36,14 @@ def ordered_map(
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    items = list(items)
+    return _ordered_results(function, list(items), workers, progress)  # checked now, not at the first result
+
+
+def _ordered_results(
+    function: Callable[[Item], Result], items: list[Item], workers: int, progress: Callable[[int, int], None] | None
+) -> Iterator[Result]:
     if workers == 1:
-        results: Iterable[Result] = map(function, items)
-        yield from _counted(results, len(items), progress)
+        yield from _counted(map(function, items), len(items), progress)
         return
     # spawn: a forked child of a process that has started torch's thread pools can deadlock
     context = multiprocessing.get_context("spawn")

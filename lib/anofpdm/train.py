@@ -832,6 +832,8 @@ def train(
     Raises:
         TrainingInterrupted: after SIGINT / SIGTERM, once the state is saved.
     """
+    if time_limit_s is not None and time_limit_s < 0:
+        raise ValueError(f"time limit must be >= 0 seconds, got {time_limit_s}")
     run_dir = Path(run_dir)
     manifest = read_manifest(config.data)
     network_config = resolve_network(config, manifest)

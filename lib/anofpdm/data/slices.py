@@ -213,12 +213,12 @@ def prepare_dataset(
     """
     sequences = _validate(sequences, size, seed, split, field_of_view_mm)
     cases = {c.case_id: c for c in find_cases(Path(data_dir))}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     assignment = split_cases(list(cases), split, seed)
     ordered = [(name, case_id) for name in SPLITS for case_id in assignment[name]]
     read = functools.partial(_case_slices_or_error, sequences=sequences, size=size, field_of_view_mm=field_of_view_mm)
     outcomes = ordered_map(read, [cases[case_id] for _, case_id in ordered], workers, progress)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     writers = {name: _SplitWriter(out_dir, name, len(sequences), size) for name in SPLITS}
     used: dict[str, list[str]] = {name: [] for name in SPLITS}
     skipped: list[dict[str, str]] = []

@@ -667,9 +667,10 @@ def generate_cases(
     """
     _validate_generation(n_cases, seed, healthy_fraction)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     generate = functools.partial(_generate_case, out_dir=out_dir, seed=seed, healthy_fraction=healthy_fraction)
-    cases = list(ordered_map(generate, range(n_cases), workers, progress))
+    results = ordered_map(generate, range(n_cases), workers, progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases = list(results)
     manifest = {
         "generator": "anofpdm.data.synth (MNI152 2009a anatomy from nilearn)",
         "synthetic": True,
