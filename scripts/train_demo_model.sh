@@ -8,6 +8,7 @@
 #
 #   WORK=/tmp/demo TIME_LIMIT_MIN=5 scripts/train_demo_model.sh        # one session of at most 5 minutes
 #   ANOFPDM="python3 -m anofpdm.cli" ...                              # without the console script
+#   STAGES=evaluate scripts/train_demo_model.sh                       # only some of: data,train,calibrate,evaluate
 set -euo pipefail
 
 WORK=${WORK:-runs/demo}
@@ -19,6 +20,7 @@ WORKERS=${WORKERS:-$(nproc)}
 PRESET=${PRESET:-cpu}
 ITERATIONS=${ITERATIONS:-30000}
 BATCH=${BATCH:-64}
+NUM_WORKERS=${NUM_WORKERS:-0}
 LR=${LR:-3e-4}
 EMA=${EMA:-0.999}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-500}
@@ -29,28 +31,41 @@ CALIBRATION_MODES=${CALIBRATION_MODES:-fast,full}
 INFER_BATCH=${INFER_BATCH:-64}
 EVAL_CASES=${EVAL_CASES:-16}
 EVAL_METHODS=${EVAL_METHODS:-anofpdm-ddim-fast,anofpdm-ddim-full,anoddpm-reconstruction,cfg-ddim,flair-threshold}
+EVAL_OUT=${EVAL_OUT:-$WORK/evaluation}
+STAGES=${STAGES:-data,train,calibrate,evaluate}
 
 run() { echo "+ $*" >&2; "$@"; }
+stage() { [[ ,$STAGES, == *,$1,* ]]; }
+for name in ${STAGES//,/ }; do
+    [[ $name =~ ^(data|train|calibrate|evaluate)$ ]] || { echo "unknown stage '$name' in STAGES" >&2; exit 2; }
+done
 
-if [[ ! -f $WORK/cases/manifest.json ]]; then
+if stage data && [[ ! -f $WORK/cases/manifest.json ]]; then
     run $ANOFPDM synth --out "$WORK/cases" --cases "$CASES" --seed "$SYNTH_SEED" --workers "$WORKERS"
 fi
-if [[ ! -f $WORK/slices/manifest.json ]]; then
+if stage data && [[ ! -f $WORK/slices/manifest.json ]]; then
     run $ANOFPDM prepare --data "$WORK/cases" --out "$WORK/slices" --sequences flair,t2 --size "$SIZE" --seed 0 \
         --workers "$WORKERS"
 fi
 
-train_args=(--data "$WORK/slices" --preset "$PRESET" --out "$WORK/run" --batch-size "$BATCH" --iterations "$ITERATIONS"
-            --lr "$LR" --ema-decay "$EMA" --checkpoint-every "$CHECKPOINT_EVERY" --seed 0 --no-progress)
-[[ -f $WORK/run/state.pt ]] && train_args+=(--resume)
-[[ -n $TIME_LIMIT_MIN ]] && train_args+=(--time-limit-min "$TIME_LIMIT_MIN")
-[[ -n $BF16 ]] && train_args+=(--bf16)
-run $ANOFPDM train "${train_args[@]}"
+if stage train; then
+    train_args=(--data "$WORK/slices" --preset "$PRESET" --out "$WORK/run" --batch-size "$BATCH"
+                --iterations "$ITERATIONS" --lr "$LR" --ema-decay "$EMA" --checkpoint-every "$CHECKPOINT_EVERY"
+                --num-workers "$NUM_WORKERS" --seed 0 --no-progress)
+    [[ -f $WORK/run/state.pt ]] && train_args+=(--resume)
+    [[ -n $TIME_LIMIT_MIN ]] && train_args+=(--time-limit-min "$TIME_LIMIT_MIN")
+    [[ -n $BF16 ]] && train_args+=(--bf16)
+    run $ANOFPDM train "${train_args[@]}"
+fi
 
 # calibration and evaluation describe the weights as they are now: a finished run or a session's progress
-cp "$WORK/run/model.pt" "$WORK/anofpdm.pt"
-run $ANOFPDM calibrate --model "$WORK/anofpdm.pt" --data "$WORK/slices" --split val --modes "$CALIBRATION_MODES" \
-    --max-slices "$CALIBRATION_SLICES" --batch-size "$INFER_BATCH"
-run $ANOFPDM evaluate --model "$WORK/anofpdm.pt" --data "$WORK/cases" --prepared "$WORK/slices" --split test \
-    --tune-split val --methods "$EVAL_METHODS" --max-cases "$EVAL_CASES" --batch-size "$INFER_BATCH" \
-    --overlays 2 --out "$WORK/evaluation"
+if stage calibrate; then
+    cp "$WORK/run/model.pt" "$WORK/anofpdm.pt"
+    run $ANOFPDM calibrate --model "$WORK/anofpdm.pt" --data "$WORK/slices" --split val --modes "$CALIBRATION_MODES" \
+        --max-slices "$CALIBRATION_SLICES" --batch-size "$INFER_BATCH"
+fi
+if stage evaluate; then
+    run $ANOFPDM evaluate --model "$WORK/anofpdm.pt" --data "$WORK/cases" --prepared "$WORK/slices" --split test \
+        --tune-split val --methods "$EVAL_METHODS" --max-cases "$EVAL_CASES" --batch-size "$INFER_BATCH" \
+        --overlays 2 --out "$EVAL_OUT"
+fi

@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from anofpdm.data.slices import SPLITS, SliceDataset, prepare_dataset, split_cases, split_counts
 
@@ -153,6 +154,17 @@ def test_slice_dataset_selects_channels(prepared: tuple[Path, dict]) -> None:
     assert label == 1 and isinstance(label, int)
     np.testing.assert_array_equal(image.numpy(), images[index, [3, 0]].astype(np.float32))
     assert SliceDataset(out, "val")[0][0].shape == (4, SIZE, SIZE)
+
+
+def test_slice_dataset_batch_read_matches_single_reads(prepared: tuple[Path, dict]) -> None:
+    out, _ = prepared
+    dataset = SliceDataset(out, "train", sequences=("t2", "flair"))
+    indices = [len(dataset) - 1, 0, int(np.argmax(dataset.labels)), 0]  # unsorted, repeated
+    batch = next(iter(DataLoader(dataset, batch_sampler=[indices])))  # the DataLoader uses __getitems__
+    singles = [dataset[i] for i in indices]
+    torch.testing.assert_close(batch[0], torch.stack([image for image, _ in singles]), rtol=0, atol=0)
+    assert batch[0].dtype == torch.float32
+    assert batch[1].tolist() == [label for _, label in singles]
 
 
 def test_slice_dataset_pickles_without_its_arrays(prepared: tuple[Path, dict]) -> None:

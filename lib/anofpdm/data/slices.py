@@ -295,3 +295,9 @@ class SliceDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = np.asarray(self.images[index, self.channels], dtype=np.float32)
         return torch.from_numpy(image), int(self.labels[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        """A whole batch in one read: the DataLoader calls this instead of ``__getitem__`` once per slice."""
+        rows = np.asarray(indices, dtype=np.int64)
+        batch = torch.from_numpy(self.images[rows][:, self.channels]).float()
+        return list(zip(batch.unbind(0), self.labels[rows].tolist()))
