@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -18,6 +20,7 @@ from anofpdm.evaluate import (
     evaluate,
     main,
     prepare_case,
+    run_key,
     score_result,
     tune_thresholds,
 )
@@ -110,6 +113,41 @@ def test_results_json_markdown_and_overlays(single_process):
     assert all(f"| {method} |" in table for method in METHODS)
     assert (out / "overlays" / "BraTS2021_00001.png").stat().st_size > 0
     assert not (out / "overlays" / "BraTS2021_00002.png").exists()  # --overlays 1
+
+
+def _without_seconds(record: dict) -> dict:
+    methods = {name: {k: v for k, v in scored.items() if k != "seconds"} for name, scored in record["methods"].items()}
+    return {**record, "methods": methods}
+
+
+def test_each_case_is_stored_and_resume_computes_only_what_is_missing(single_process, tiny_model_path, data_dir,
+                                                                       prepared, tmp_path):
+    first = Path(single_process["out"])
+    stored = sorted(path.name for path in (first / "cases").glob("*.json"))
+    assert stored == ["BraTS2021_00001.json", "BraTS2021_00002.json"]
+    shutil.copytree(first / "cases", tmp_path / "cases")
+    (tmp_path / "cases" / "BraTS2021_00002.json").unlink()  # a run stopped during its second case
+    argv = [*_argv(tiny_model_path, data_dir, prepared, tmp_path), "--overlays", "0", "--resume"]
+    assert main(argv) == 0
+    resumed = json.loads((tmp_path / "results.json").read_text())
+    assert resumed["settings"]["reused_cases"] == ["BraTS2021_00001"]
+    assert resumed["settings"]["run_key"] == single_process["settings"]["run_key"]  # overlays change no number
+    reused, recomputed = resumed["cases"]
+    assert reused == single_process["cases"][0]  # taken as stored: even its timings are the first run's
+    assert _without_seconds(recomputed) == _without_seconds(single_process["cases"][1])  # seeded per case
+    assert resumed["summary"].keys() == single_process["summary"].keys()
+    assert (tmp_path / "cases" / "BraTS2021_00002.json").is_file()
+
+
+def test_run_key_follows_model_methods_and_scoring_settings(tiny_model_path, tmp_path):
+    settings = EvaluationSettings()
+    key = run_key(tiny_model_path, ["flair-threshold"], settings)
+    assert run_key(tiny_model_path, ["flair-threshold"], replace(settings, overlay_cases=5)) == key
+    assert run_key(tiny_model_path, ["flair-threshold"], replace(settings, seed=1)) != key
+    assert run_key(tiny_model_path, ["flair-threshold", "cfg-ddim"], settings) != key
+    other = tmp_path / "other.pt"
+    other.write_bytes(tiny_model_path.read_bytes() + b"\0")
+    assert run_key(other, ["flair-threshold"], settings) != key
 
 
 def test_truth_as_prediction_scores_one(tiny_model_path, data_dir):

@@ -10,6 +10,10 @@ With a prepared data set (``anofpdm prepare``) only its held-out split is evalua
 per-volume quantiles can be tuned on its validation split first (best mean 3-D Dice); otherwise they
 keep their fixed defaults. AnoFPDM needs no tuning here: its c* and Dmax come from the model's calibration.
 
+Each case's result is also stored as soon as it is done (``cases/<case>.json``, tagged with a key of the
+model file, the methods and the settings), so a long run that stops loses at most the case in progress:
+``resume=True`` (``--resume``) reuses the stored cases whose key matches and computes the rest.
+
 Under torchrun (WORLD_SIZE > 1) the cases are sharded over the ranks (rank r takes cases r::world),
 the per-case results are gathered to rank 0 (gloo on CPU, NCCL on GPU) and only rank 0 writes.
 Each case's result does not depend on the rank that computed it (seeds are per case), so any number
@@ -19,6 +23,7 @@ of processes gives the same numbers.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -89,7 +94,7 @@ __all__ = [
 ProgressCallback = Callable[[int, int], None]
 PAPER_MIN_AREA_PX = 40.0  # the authors drop 2-D components of at most 40 px at 128 x 128
 TRUTH_LEVEL = 0.5  # labels are resized, then thresholded at 0.5 (SPEC section 1)
-RESULTS_JSON, RESULTS_MD, OVERLAY_DIR = "results.json", "results.md", "overlays"
+RESULTS_JSON, RESULTS_MD, OVERLAY_DIR, CASE_DIR = "results.json", "results.md", "overlays", "cases"
 DEFAULT_OVERLAY_CASES = 3
 OVERLAY_DPI = 90
 OVERLAY_TILE_INCHES = 2.6
@@ -402,6 +407,33 @@ def _evaluate_case(
     return record, (_overlay_payload(case, results) if overlay else None)
 
 
+def run_key(model_path: Path, methods: Sequence[str], settings: EvaluationSettings) -> str:
+    """What a stored case result depends on besides the case: the model file's bytes, the methods and the
+    settings (the tuned thresholds included)."""
+    digest = hashlib.sha256(model_path.read_bytes())
+    scoring = asdict(replace(settings, overlay_cases=0))  # which cases are drawn changes no number
+    digest.update(json.dumps({"methods": list(methods), "settings": scoring}, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def _store_case(case_dir: Path, key: str, record: dict[str, Any]) -> None:
+    """Write one case's record atomically (a stopped run leaves either the whole record or none)."""
+    path = case_dir / f"{record['case']}.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"key": key, "record": record}, indent=1))
+    tmp.replace(path)
+
+
+def _stored_case(case_dir: Path, key: str, case_id: str) -> dict[str, Any] | None:
+    """A scored record of ``case_id`` stored under the same key, else None (failures are always recomputed)."""
+    path = case_dir / f"{case_id}.json"
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text())
+    record = stored.get("record", {})
+    return record if stored.get("key") == key and "error" not in record else None
+
+
 def _mean_of(per_case: Sequence[Mapping[str, Any]], key: str) -> float | None:
     return float(np.mean([c[key] for c in per_case])) if per_case else None
 
@@ -496,6 +528,7 @@ def evaluate(
     case_ids: Sequence[str] | None = None,
     tune_case_ids: Sequence[str] | None = None,
     tune_quantiles: Sequence[float] = DEFAULT_TUNE_QUANTILES,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Evaluate methods on the labelled cases of a data folder and write the results.
 
@@ -512,6 +545,8 @@ def evaluate(
         tune_case_ids: validation cases on which each baseline's quantile is chosen (``tune_thresholds``)
             before evaluation; must not overlap the evaluated cases.
         tune_quantiles: the candidate quantiles.
+        resume: reuse the case results stored in ``out_path/cases`` by an earlier run with the same model
+            file, methods and settings (cases drawn as overlays are recomputed: their images are not stored).
 
     Returns:
         On rank 0 the results as written to results.json; ``{}`` on the other ranks.
@@ -541,6 +576,9 @@ def evaluate(
             tuned = _broadcast(tuned, ctx.world_size)
             chosen = {method: FixedThreshold(quantile=t["quantile"]) for method, t in tuned.items()}
             settings = replace(settings, thresholds={**settings.thresholds, **chosen})
+        key = run_key(Path(model_path), methods, settings)
+        case_dir = out_path / CASE_DIR
+        case_dir.mkdir(parents=True, exist_ok=True)
         shard = list(range(ctx.rank, len(cases), ctx.world_size))
         done = 0
         total = len(shard) * len(methods)
@@ -551,15 +589,24 @@ def evaluate(
             if progress is not None:
                 progress(done, total)
 
-        records, payloads = [], []
+        records, payloads, reused = [], [], []
         for index in shard:
-            record, payload = _evaluate_case(cases[index], model, methods, settings,
-                                             index < settings.overlay_cases, step)
+            overlay = index < settings.overlay_cases
+            stored = _stored_case(case_dir, key, cases[index].case_id) if resume and not overlay else None
+            if stored is not None:
+                records.append(stored)
+                reused.append(stored["case"])
+                for _ in methods:
+                    step()
+                continue
+            record, payload = _evaluate_case(cases[index], model, methods, settings, overlay, step)
+            _store_case(case_dir, key, record)
             records.append(record)
             if payload is not None:
                 payloads.append(payload)
         records = _gather(records, ctx.world_size, ctx.is_main)
         payloads = _gather(payloads, ctx.world_size, ctx.is_main)
+        reused = _gather(reused, ctx.world_size, ctx.is_main)
         if not ctx.is_main:
             return {}
         records.sort(key=lambda r: r["case"])
@@ -575,12 +622,13 @@ def evaluate(
                 "image_size": model.config.image_size,
                 **asdict(settings),
                 "tuned_thresholds": tuned,
+                "run_key": key,
+                "reused_cases": sorted(reused),
             },
             "summary": _aggregate(records, methods),
             "failed_cases": [{"case": r["case"], "error": r["error"]} for r in records if "error" in r],
             "cases": records,
         }
-        out_path.mkdir(parents=True, exist_ok=True)
         (out_path / RESULTS_JSON).write_text(json.dumps(results, indent=2))
         (out_path / RESULTS_MD).write_text(markdown_table(results["summary"]))
         for payload in payloads:
@@ -637,6 +685,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--slice-min-area-px", type=float,
                         help="slice protocol: drop 2-D components of at most this area (default: 40 px at 128, scaled)")
     parser.add_argument("--overlays", type=int, default=DEFAULT_OVERLAY_CASES, help="cases drawn as PNG overlays")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the case results an earlier run with the same model and settings stored in --out")
     return parser
 
 
@@ -664,13 +714,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     results = evaluate(args.model, args.data, args.methods, args.out, args.max_cases,
                        progress=progress_bar("evaluate", unit="run") if is_main else None, device=args.device,
                        settings=settings_from_args(args), case_ids=case_ids, tune_case_ids=tune_ids,
-                       tune_quantiles=args.tune_quantiles)
+                       tune_quantiles=args.tune_quantiles, resume=args.resume)
     if is_main:
         print(markdown_table(results["summary"]))
         for failure in results["failed_cases"]:
             print(f"warning: case {failure['case']} not scored: {failure['error']}", file=sys.stderr)
         for method, tuned in (results["settings"]["tuned_thresholds"] or {}).items():
             print(f"{method}: quantile {tuned['quantile']} tuned on {len(tuned['cases'])} validation cases")
+        if results["settings"]["reused_cases"]:
+            print(f"reused the stored results of {len(results['settings']['reused_cases'])} cases")
         print(f"wrote {args.out / RESULTS_JSON}, {args.out / RESULTS_MD}")
     return 0
 
