@@ -2,8 +2,8 @@
 # Make the demo model from nothing: synthetic cases -> training slices -> classifier-free-guidance training
 # -> label-free calibration (fast and full modes) -> evaluation on the held-out test cases.
 #
-# Every setting is an environment variable; the defaults are the ones model/README.md records. Each stage
-# is skipped when its output exists, so rerunning the script resumes the training where it stopped
+# Every setting is an environment variable; the defaults are the ones model/README.md records. Data stages
+# are skipped when their output exists, and training and evaluation resume where they stopped
 # (TIME_LIMIT_MIN ends a session saved; ITERATIONS is the planned length of the whole run).
 #
 #   WORK=/tmp/demo TIME_LIMIT_MIN=5 scripts/train_demo_model.sh        # one session of at most 5 minutes
@@ -67,5 +67,5 @@ fi
 if stage evaluate; then
     run $ANOFPDM evaluate --model "$WORK/anofpdm.pt" --data "$WORK/cases" --prepared "$WORK/slices" --split test \
         --tune-split val --methods "$EVAL_METHODS" --max-cases "$EVAL_CASES" --batch-size "$INFER_BATCH" \
-        --overlays 2 --out "$EVAL_OUT"
+        --overlays 2 --out "$EVAL_OUT" --resume
 fi
