@@ -8,8 +8,8 @@ reuse that mode's calibration (c*, Dmax): only a mode's own setting is calibrate
 per-volume Dice of the other settings carries that mismatch (the ungated slice Dice does not use c*).
 Writes a PNG plot and prints a table; asserts nothing. Example:
 
-    PYTHONPATH=lib python benchmarks/quality_vs_cost.py --model model/anofpdm.pt --data data/synth_test \\
-        --out quality_vs_cost.png --cases 3 --settings 10:none,30:none,30:4,60:none,60:2
+    PYTHONPATH=lib python benchmarks/quality_vs_cost.py --model model/anofpdm.pt --data data/synth \\
+        --prepared data/slices64 --out quality_vs_cost.png --cases 3 --settings 10:none,30:none,30:4,60:none,60:2
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from anofpdm.data.brats import find_cases
-from anofpdm.evaluate import SliceProtocol, prepare_case, score_result
+from anofpdm.evaluate import SliceProtocol, prepare_case, score_result, split_case_ids
 from anofpdm.metrics import aggregate_cases
 from anofpdm.model import load_model
 from anofpdm.pipeline import InferenceOptions, segment_volume
@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="labelled cases (BraTS / MSD / synthetic)")
     parser.add_argument("--out", type=Path, required=True, help="PNG plot")
+    parser.add_argument("--prepared", type=Path, help="prepared slices folder: take only the cases of its --split")
+    parser.add_argument("--split", default="test")
     parser.add_argument("--cases", type=int, default=3, help="the first N cases with tumour")
     parser.add_argument("--settings", type=parse_settings, default=parse_settings("10:none,30:none,30:4,60:none,60:2"))
     parser.add_argument("--forward-steps", type=int, help="T_f (default: each mode's calibrated one)")
@@ -70,8 +72,12 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model(args.model, args.device)
+    found = find_cases(args.data)
+    if args.prepared:
+        held_out = set(split_case_ids(args.prepared, args.split))
+        found = [files for files in found if files.case_id in held_out]
     cases = []
-    for files in find_cases(args.data):
+    for files in found:
         case = prepare_case(files, model.config)
         if case.truth.any():
             cases.append(case)

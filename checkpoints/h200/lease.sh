@@ -2,7 +2,8 @@
 # One time-boxed GPU lease of the demo-model run (this workplace's `device` tool; any CUDA machine will do).
 # The demo data are rebuilt from their seeds, the run resumes from checkpoints/h200/state.pt (the run checks that
 # the training slices are the same by their fingerprint), trains until TRAIN_END seconds, calibrates, and puts
-# model, state, loss log and the calibration log under $OUT as soon as they exist; evaluation runs if time is left.
+# model, state and loss log under $OUT as soon as they exist, then measures (figures.txt, quality_vs_cost.png) and
+# evaluates while time is left. At most 8 files come back from a lease: keep it so.
 #
 #   bash checkpoints/h200/lease.sh 2>&1 | tee $OUT/log.txt        # from the repository root, wheels in .whl/
 #
@@ -10,7 +11,7 @@
 # calibration of four modes 120 s, latency benchmark, then evaluation on 6 test cases.
 set -uo pipefail
 END=${END:-585}            # seconds after start by which everything must be done
-TRAIN_END=${TRAIN_END:-490}
+TRAIN_END=${TRAIN_END:-400}
 PY=${PY:-python3}
 left() { echo $(( END - SECONDS > 1 ? END - SECONDS : 1 )); }
 if compgen -G ".whl/*.whl" > /dev/null; then  # monai, nibabel, nilearn where the image lacks them
@@ -38,10 +39,15 @@ TIME_LIMIT_MIN=$limit STAGES=train,calibrate bash scripts/train_demo_model.sh
 cp "$WORK/anofpdm.pt" "$WORK/run/state.pt" "$WORK/run/loss.csv" "$WORK/run/loss.png" "$OUT/"
 # The fast-mode verdicts of the first lease's calibration differed between the H200 and the CPU (16 against 28
 # false positives on 582 validation slices): measure them with TF32 convolutions (PyTorch's default) and without.
-echo "[$SECONDS s] verdicts with and without TF32"
+echo "[$SECONDS s] verdicts with and without TF32" | tee -a "$OUT/figures.txt"
 verdicts=(benchmarks/verdict_by_tumour_size.py --model "$WORK/anofpdm.pt" --data "$WORK/slices" --batch-size "$INFER_BATCH")
-timeout 60 $PY "${verdicts[@]}" > "$OUT/verdict_tf32.txt" 2>&1
-NVIDIA_TF32_OVERRIDE=0 timeout 60 $PY "${verdicts[@]}" > "$OUT/verdict_fp32.txt" 2>&1
+timeout 60 $PY "${verdicts[@]}" >> "$OUT/figures.txt" 2>&1
+echo "[$SECONDS s] NVIDIA_TF32_OVERRIDE=0" >> "$OUT/figures.txt"
+NVIDIA_TF32_OVERRIDE=0 timeout 60 $PY "${verdicts[@]}" >> "$OUT/figures.txt" 2>&1
+echo "[$SECONDS s] quality against cost" | tee -a "$OUT/figures.txt"
+timeout 120 $PY benchmarks/quality_vs_cost.py --model "$WORK/anofpdm.pt" --data "$WORK/cases" --prepared "$WORK/slices" \
+    --cases 4 --settings 10:none,30:none,30:4,60:none,60:2 --batch-size "$INFER_BATCH" \
+    --out "$OUT/quality_vs_cost.png" >> "$OUT/figures.txt" 2>&1
 echo "[$SECONDS s] evaluate"
 timeout "$(left)" env STAGES=evaluate bash scripts/train_demo_model.sh && cp "$WORK/evaluation/results.md" "$OUT/"
 echo "[$SECONDS s] done"
