@@ -62,7 +62,7 @@ def test_calibrate_stores_each_mode_in_the_model_file(tiny_model_path, tmp_path)
     assert code == 0
     calibration = load_model(model_path).calibration["fast"]
     assert calibration["forward_steps"] == 40 and calibration["guidance"] in (1.0, 2.0)
-    assert calibration["validation"]["slices"] == 6
+    assert calibration["validation"]["slices"] == 6 and calibration["validation"]["device"] == "cpu"
     counts = calibration["validation"]
     assert counts["true_positive"] + counts["false_negative"] == 3
 

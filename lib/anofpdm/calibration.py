@@ -17,6 +17,7 @@ import torch
 from anofpdm.decisions import Calibration
 from anofpdm.forward_process import ForwardProcessConfig, run_on_slices
 from anofpdm.model import LoadedModel
+from anofpdm.runtime import describe_device
 
 __all__ = ["MODES", "choose_cosine_threshold", "calibrate_mode", "choose_guidance"]
 
@@ -106,6 +107,7 @@ def calibrate_mode(
             "true_negative": int((~predicted & ~truth).sum()),
             "false_negative": int((~predicted & truth).sum()),
             "seed": config.seed,
+            "device": describe_device(model.device),  # scores near c* can move with the device's arithmetic
         },
     )
 

@@ -1,4 +1,4 @@
-"""Process-level settings for long inference runs.
+"""Process-level settings for long runs, and how records name the device that made them.
 
 glibc raises its mmap threshold each time a large block is freed, after which tensor-sized buffers
 come from the heap and fragment it: a forward process of 900 steps grew the resident memory by
@@ -11,7 +11,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-__all__ = ["fix_mmap_threshold"]
+import torch
+
+__all__ = ["describe_device", "fix_mmap_threshold"]
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 DEFAULT_MMAP_THRESHOLD_BYTES = 64 * 1024
@@ -26,3 +28,8 @@ def fix_mmap_threshold(threshold_bytes: int = DEFAULT_MMAP_THRESHOLD_BYTES) -> b
     if libc is None or not hasattr(libc, "mallopt"):
         return False
     return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold_bytes))
+
+
+def describe_device(device: torch.device) -> str:
+    """``"cuda:0 (NVIDIA H200)"`` for a GPU, ``"cpu"`` otherwise."""
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)

@@ -55,6 +55,7 @@ from tqdm import tqdm
 from anofpdm.data.slices import MANIFEST_NAME, SliceDataset
 from anofpdm.diffusion import NoiseSchedule, ScheduleConfig
 from anofpdm.model import NULL_LABEL, PRESETS, NetworkConfig, build_network, save_checkpoint
+from anofpdm.runtime import describe_device
 
 __all__ = [
     "TrainConfig",
@@ -559,6 +560,8 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_stream_seed(config.seed, INIT_STREAM, 0))
             self.network = build_network(network_config).to(ctx.device)
+        if ctx.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes every iteration: cuDNN may pick faster kernels
         self.model: torch.nn.Module = (
             DistributedDataParallel(self.network, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
             if ctx.enabled
@@ -644,10 +647,6 @@ def _atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
     tmp.replace(path)
 
 
-def _device_name(device: torch.device) -> str:
-    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
-
-
 def _training_record(
     config: TrainConfig, data: dict[str, Any], ctx: Distributed, iteration: int, elapsed_s: float
 ) -> dict[str, Any]:
@@ -663,7 +662,7 @@ def _training_record(
         "seed": config.seed,
         "bf16": config.bf16,
         "wall_time_s": round(elapsed_s, 3),
-        "device": _device_name(ctx.device),
+        "device": describe_device(ctx.device),
         "world_size": ctx.world_size,
         "torch_version": str(torch.__version__),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -753,7 +752,7 @@ class _Run:
                 num_slices,
                 self.ctx.world_size,
                 self.config.batch_size // self.ctx.world_size,
-                _device_name(self.ctx.device),
+                describe_device(self.ctx.device),
                 self.start,
                 self.config.iterations,
             )
