@@ -2,7 +2,7 @@
 # Make the demo model from nothing: synthetic cases -> training slices -> classifier-free-guidance training
 # -> label-free calibration (fast and full modes) -> evaluation on the held-out test cases.
 #
-# Every setting is an environment variable; the defaults are the ones model/README.md records. Data stages
+# Every setting is an environment variable (model/README.md records those of the shipped model). Data stages
 # are skipped when their output exists, and training and evaluation resume where they stopped
 # (TIME_LIMIT_MIN ends a session saved; ITERATIONS is the planned length of the whole run).
 #
