@@ -81,6 +81,7 @@ __all__ = [
     "score_result",
     "run_method",
     "tune_thresholds",
+    "run_key",
     "split_case_ids",
     "markdown_table",
     "render_overlay",
