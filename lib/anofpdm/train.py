@@ -458,14 +458,14 @@ class EMA:
         self.decay = decay
         self.module = copy.deepcopy(source).requires_grad_(False).eval()
         pairs = list(zip(self.module.state_dict().values(), source.state_dict().values()))
-        self._averaged = [pair for pair in pairs if pair[0].is_floating_point()]
-        self._copied = [pair for pair in pairs if not pair[0].is_floating_point()]
+        self._averages = [average for average, _ in pairs if average.is_floating_point()]
+        self._currents = [current for average, current in pairs if average.is_floating_point()]
+        self._copied = [(average, current) for average, current in pairs if not average.is_floating_point()]
 
     @torch.no_grad()
     def update(self) -> None:
-        if self._averaged:  # one multi-tensor kernel instead of one launch per tensor (matters on GPUs)
-            averages, currents = zip(*self._averaged)
-            torch._foreach_lerp_(averages, currents, 1 - self.decay)
+        if self._averages:  # one multi-tensor kernel instead of one launch per tensor (matters on GPUs)
+            torch._foreach_lerp_(self._averages, self._currents, 1 - self.decay)
         for average, current in self._copied:
             average.copy_(current)
 
