@@ -139,6 +139,17 @@ def test_each_case_is_stored_and_resume_computes_only_what_is_missing(single_pro
     assert (tmp_path / "cases" / "BraTS2021_00002.json").is_file()
 
 
+def test_resume_names_a_damaged_stored_case_and_keeps_it(single_process, tiny_model_path, data_dir, prepared,
+                                                         tmp_path):
+    damaged = tmp_path / "cases" / "BraTS2021_00001.json"
+    damaged.parent.mkdir()
+    damaged.write_text('{"key": "trunc')
+    argv = [*_argv(tiny_model_path, data_dir, prepared, tmp_path), "--overlays", "0", "--resume"]
+    with pytest.raises(ValueError, match="BraTS2021_00001.json is not a stored case result"):
+        main(argv)
+    assert damaged.read_text() == '{"key": "trunc'
+
+
 def test_run_key_follows_model_methods_and_scoring_settings(tiny_model_path, tmp_path):
     settings = EvaluationSettings()
     key = run_key(tiny_model_path, ["flair-threshold"], settings)

@@ -430,7 +430,10 @@ def _stored_case(case_dir: Path, key: str, case_id: str) -> dict[str, Any] | Non
     path = case_dir / f"{case_id}.json"
     if not path.is_file():
         return None
-    stored = json.loads(path.read_text())
+    try:
+        stored = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a stored case result ({exc}); delete it to recompute the case") from exc
     record = stored.get("record", {})
     return record if stored.get("key") == key and "error" not in record else None
 
