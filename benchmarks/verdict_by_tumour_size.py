@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from anofpdm.data.slices import MANIFEST_NAME, SliceDataset
-from anofpdm.forward_process import ForwardProcessConfig, run_on_slices
+from anofpdm.forward_process import run_on_slices
 from anofpdm.model import load_model
+from anofpdm.pipeline import InferenceOptions, resolve_options
 
 
 def main() -> None:
@@ -33,24 +35,19 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model(args.model, args.device)
-    calibration = (model.calibration or {}).get(args.mode)
-    if calibration is None:
-        parser.error(f"{args.model} has no calibration for mode {args.mode!r}: run anofpdm calibrate")
-    config = ForwardProcessConfig(
-        guidance=calibration["guidance"], forward_steps=calibration["forward_steps"], stride=calibration["stride"],
-        encoding=calibration["encoding"], early_stop=calibration["early_stop"], seed=calibration["validation"]["seed"],
-    )
+    config, calibration, _ = resolve_options(model, InferenceOptions(mode=args.mode))
+    config = replace(config, seed=calibration.validation["seed"])  # the noise the calibration saw
     dataset = SliceDataset(args.data, args.split, sequences=model.config.sequences)
     manifest = json.loads((args.data / MANIFEST_NAME).read_text())
     pixel_mm2 = (manifest["field_of_view_mm"] / manifest["size"]) ** 2
     area = (np.load(args.data / f"{args.split}_masks.npy", mmap_mode="r") > 0).sum(axis=(1, 2))
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     stats = run_on_slices(model, images, config, args.batch_size)
-    called = stats.scores.numpy() <= calibration["cosine_threshold"]
+    called = stats.scores.numpy() <= calibration.cosine_threshold
 
     healthy = area == 0
     print(f"{args.model} ({model.training.get('iterations')} iterations), mode {args.mode}, c* "
-          f"{calibration['cosine_threshold']:.6f}; {args.split}: {len(area)} slices, {int((~healthy).sum())} with tumour")
+          f"{calibration.cosine_threshold:.6f}; {args.split}: {len(area)} slices, {int((~healthy).sum())} with tumour")
     print(f"healthy slices called healthy (specificity): {int((~called[healthy]).sum())} / {int(healthy.sum())}")
     print("| tumour area (pixels) | tumour area (mm^2) | slices | called unhealthy | recall |")
     print("|---|---|---|---|---|")
