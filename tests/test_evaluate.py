@@ -21,6 +21,7 @@ from anofpdm.evaluate import (
     main,
     prepare_case,
     run_key,
+    run_method,
     score_result,
     tune_thresholds,
 )
@@ -182,6 +183,25 @@ def test_truth_as_prediction_scores_one(tiny_model_path, data_dir):
     for name in ("dice", "iou", "precision", "recall", "auprc"):
         assert scored["volume"][name] == pytest.approx(1.0), name
     assert scored["volume"]["volume_error_ml"] == 0 and scored["volume"]["verdict_correct"]
+
+
+def test_map_variants_share_one_forward_process_and_match_running_alone(tiny_model_path, data_dir):
+    model = load_model(tiny_model_path)
+    case = prepare_case(find_cases(data_dir)[0], model.config)
+    settings = EvaluationSettings(min_lesion_mm3=0, seed=3)
+    shared: dict = {}
+    maps = {}
+    for method in ("anofpdm-ddim-fast", "anofpdm-ste-fast", "anofpdm-ddpm-fast"):
+        with_sharing = run_method(method, model, case, settings, shared)
+        maps[method] = with_sharing.model_grid.raw_map
+        alone = run_method(method, model, case, settings)
+        assert np.array_equal(np.asanyarray(with_sharing.mask.dataobj), np.asanyarray(alone.mask.dataobj)), method
+        assert np.array_equal(with_sharing.model_grid.raw_map, alone.model_grid.raw_map), method
+        assert with_sharing.report["slices"] == alone.report["slices"], method
+        assert with_sharing.report["settings"] == alone.report["settings"], method
+    # S_te reused the DDIM fast forward process; the DDPM encoding is a forward process of its own
+    assert len(shared) == 2
+    assert not np.array_equal(maps["anofpdm-ddim-fast"], maps["anofpdm-ste-fast"])  # the map is still the variant's
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -22,8 +22,8 @@ from anofpdm.model import MAP_SEQUENCES, LoadedModel
 from anofpdm.postprocess import lesion_table, median_filter_3d, remove_small_components
 from anofpdm.volume import InputError, VolumeGeometry, to_input_grid, to_model_slices
 
-__all__ = ["InferenceOptions", "InputError", "ModelGridOutputs", "SegmentationResult", "segment_volume", "resolve_options",
-           "finish_on_input_grid", "image_like", "default_median_kernel"]
+__all__ = ["InferenceOptions", "InputError", "ModelGridOutputs", "SegmentationResult", "ForwardOutputs", "run_forward",
+           "segment_volume", "resolve_options", "finish_on_input_grid", "image_like", "default_median_kernel"]
 
 MAP_VARIANTS = ("mean", "end_step")
 PAPER_MEDIAN_KERNEL = 5  # 5 x 5 at 128 px (1.875 mm): the paper's
@@ -139,11 +139,62 @@ def default_median_kernel(image_size: int) -> int:
     return max(3, scaled + (scaled + 1) % 2)
 
 
+@dataclass
+class ForwardOutputs:
+    """The network part of one segmentation, before any per-slice decision.
+
+    Attributes:
+        slices: N x C x S x S network input.
+        geometry: the mapping between the input grid and the slices.
+        forward: the forward-process settings used.
+        calibration: the mode's calibration.
+        stats: the forward process's per-slice statistics.
+        warnings: warnings about overridden settings.
+        timings: "preprocess_s" and "network_s".
+    """
+
+    slices: np.ndarray
+    geometry: VolumeGeometry
+    forward: ForwardProcessConfig
+    calibration: Calibration
+    stats: SliceStatistics
+    warnings: list[str]
+    timings: dict[str, float]
+
+
+def run_forward(
+    model: LoadedModel,
+    images: Mapping[str, nib.spatialimages.SpatialImage],
+    options: InferenceOptions,
+    progress: ProgressCallback | None = None,
+) -> ForwardOutputs:
+    """Input checks, slicing and the forward process of ``segment_volume``: everything but the decisions.
+
+    ``options.map_variant`` plays no part here, so the map variants of one setting can share the result.
+    """
+    config = model.config
+    missing_maps = [name for name in MAP_SEQUENCES if name not in config.sequences]
+    if missing_maps:
+        raise ValueError(f"model sequences {config.sequences} lack {missing_maps} needed for the anomaly maps")
+    forward, calibration, warnings = resolve_options(model, options)
+    start = time.perf_counter()
+    slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm)
+    preprocess_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    batch = options.batch_size or _default_batch_size(model.device)
+    report_step = None if progress is None else (lambda done, total: progress("forward process", done, total))
+    stats = run_on_slices(model, slices, forward, batch, report_step, bf16=options.bf16)
+    timings = {"preprocess_s": preprocess_s, "network_s": time.perf_counter() - start}
+    return ForwardOutputs(slices, geometry, forward, calibration, stats, warnings, timings)
+
+
 def segment_volume(
     model: LoadedModel,
     images: Mapping[str, nib.spatialimages.SpatialImage],
     options: InferenceOptions | None = None,
     progress: ProgressCallback | None = None,
+    forward_outputs: ForwardOutputs | None = None,
 ) -> SegmentationResult:
     """Segment the tumour in one co-registered, skull-stripped FLAIR + T2 (+ other) volume set.
 
@@ -152,6 +203,8 @@ def segment_volume(
         images: sequence name -> image on one grid; must hold the model's sequences.
         options: mode and overrides.
         progress: called with (stage, done, total) as the forward process advances.
+        forward_outputs: ``run_forward(model, images, options)`` already computed (e.g. for another map
+            variant of the same options); None computes it.
 
     Returns:
         mask (uint8, tumour = 1) and anomaly map (float32) on the FLAIR grid, and the report.
@@ -160,22 +213,8 @@ def segment_volume(
         InputError: the inputs cannot be segmented (missing sequence, grid mismatch, NaN, empty...).
     """
     options = options or InferenceOptions()
-    config = model.config
-    missing_maps = [name for name in MAP_SEQUENCES if name not in config.sequences]
-    if missing_maps:
-        raise ValueError(f"model sequences {config.sequences} lack {missing_maps} needed for the anomaly maps")
-    forward, calibration, warnings = resolve_options(model, options)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm)
-    timings["preprocess_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    batch = options.batch_size or _default_batch_size(model.device)
-    report_step = None if progress is None else (lambda done, total: progress("forward process", done, total))
-    stats = run_on_slices(model, slices, forward, batch, report_step, bf16=options.bf16)
-    timings["network_s"] = time.perf_counter() - start
-
+    outputs = forward_outputs or run_forward(model, images, options, progress)
+    stats, calibration, geometry = outputs.stats, outputs.calibration, outputs.geometry
     start = time.perf_counter()
     scores = stats.scores
     unhealthy = scores <= calibration.cosine_threshold
@@ -183,17 +222,17 @@ def segment_volume(
     maps = stats.anomaly_maps if options.map_variant == "mean" else stats.end_step_maps
     thresholds = slice_thresholds(maps, stats.max_divergence, d_max, QuantileRule())
     raw_map = combine_maps(maps).numpy().transpose(1, 2, 0)  # S x S x N
-    kernel = options.median_kernel or default_median_kernel(config.image_size)
+    kernel = options.median_kernel or default_median_kernel(model.config.image_size)
     filtered = median_filter_3d(raw_map, kernel)
     candidate = (filtered >= thresholds.numpy()[None, None, :]) & unhealthy.numpy()[None, None, :]
     _, mask_input, map_input, lesions, removed = finish_on_input_grid(filtered, candidate, geometry, options.min_lesion_mm3)
-    timings["postprocess_s"] = time.perf_counter() - start
+    timings = {**outputs.timings, "postprocess_s": time.perf_counter() - start}
 
     mask_image = image_like(images[MAP_SEQUENCES[0]], mask_input, np.uint8)
     map_image = image_like(images[MAP_SEQUENCES[0]], map_input, np.float32)
-    report = _report(model, options, forward, calibration, geometry, scores, unhealthy, thresholds,
-                     stats, lesions, removed, kernel, warnings, timings)
-    model_grid = ModelGridOutputs(slices, raw_map.transpose(2, 0, 1), scores.numpy(), unhealthy.numpy(),
+    report = _report(model, options, outputs.forward, calibration, geometry, scores, unhealthy, thresholds,
+                     stats, lesions, removed, kernel, outputs.warnings, timings)
+    model_grid = ModelGridOutputs(outputs.slices, raw_map.transpose(2, 0, 1), scores.numpy(), unhealthy.numpy(),
                                   thresholds.numpy(), geometry)
     return SegmentationResult(mask=mask_image, anomaly_map=map_image, report=report, model_grid=model_grid)
 
