@@ -30,7 +30,7 @@ CALIBRATION_SLICES=${CALIBRATION_SLICES:-1000}
 CALIBRATION_MODES=${CALIBRATION_MODES:-fast,full}
 INFER_BATCH=${INFER_BATCH:-64}
 EVAL_CASES=${EVAL_CASES:-16}
-EVAL_METHODS=${EVAL_METHODS:-anofpdm-ddim-fast,anofpdm-ddim-full,anoddpm-reconstruction,cfg-ddim,flair-threshold}
+EVAL_METHODS=${EVAL_METHODS:-anofpdm-ddim-fast,anofpdm-ddim-full,anofpdm-ste-fast,anofpdm-ste-full,anoddpm-reconstruction,cfg-ddim,flair-threshold}
 EVAL_OUT=${EVAL_OUT:-$WORK/evaluation}
 STAGES=${STAGES:-data,train,calibrate,evaluate}
 

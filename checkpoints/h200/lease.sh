@@ -25,7 +25,7 @@ shm_mb=$(df -m --output=size /dev/shm 2>/dev/null | tail -1)
 (( ${shm_mb:-0} >= 1024 )) || NUM_WORKERS=0   # DataLoader workers hand batches over through /dev/shm
 export NUM_WORKERS INFER_BATCH=${INFER_BATCH:-512}
 export CALIBRATION_MODES=${CALIBRATION_MODES:-fast,full} CALIBRATION_SLICES=${CALIBRATION_SLICES:-1000}
-export EVAL_CASES=${EVAL_CASES:-8} EVAL_METHODS=${EVAL_METHODS:-anofpdm-ddim-fast,flair-threshold}
+export EVAL_CASES=${EVAL_CASES:-8} EVAL_METHODS=${EVAL_METHODS:-anofpdm-ddim-fast,anofpdm-ste-fast,flair-threshold}
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tail -1
 env | grep -E '^(CASES|BATCH|LR|EMA|NUM_WORKERS|INFER_BATCH|CALIBRATION_MODES|EVAL_CASES)=' | sort
 if [[ ! -f $WORK/run/state.pt && -f checkpoints/h200/state.pt ]]; then
