@@ -59,14 +59,14 @@ def test_reconstruction_decodes_with_the_null_label_only(clean):
     schedule = NoiseSchedule()
     # the healthy label would add 0.5 to the noise and spoil the reconstruction
     oracle = OracleNetwork(clean, schedule, {NULL_LABEL: 0.0, HEALTHY: 0.5})
-    generator = torch.Generator().manual_seed(1)
-    reconstruction, evaluations = reconstruct_from_noise(oracle, schedule, clean, 100, 30, generator)
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
+    reconstruction, evaluations = reconstruct_from_noise(oracle, schedule, clean, 100, 30, noise)
     torch.testing.assert_close(reconstruction, clean, atol=2e-5, rtol=0)
     assert [t for t, _ in oracle.calls] == [100, 70, 40, 10, 0]
     assert {labels for _, labels in oracle.calls} == {(NULL_LABEL,)}
     assert evaluations == 3 * 5
     with pytest.raises(ValueError, match="noise_level"):
-        reconstruct_from_noise(oracle, schedule, clean, 1000, 30, torch.Generator())
+        reconstruct_from_noise(oracle, schedule, clean, 1000, 30, noise)
 
 
 def test_cfg_encodes_with_null_and_decodes_with_the_guided_noise(clean):

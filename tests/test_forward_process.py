@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from anofpdm.diffusion import NoiseSchedule
+from anofpdm.diffusion import NoiseSchedule, slice_noise_seed
+from anofpdm.decisions import cosine_scores
 from anofpdm.forward_process import ForwardProcessConfig, run_forward_process, run_on_slices
 from anofpdm.model import HEALTHY, NULL_LABEL, load_model
 
@@ -48,9 +49,10 @@ def network():
 def brute_force(network, x0, schedule, config):
     """SPEC section 3-4 done naively: keep every step's predictions, then decide."""
     steps = config.visited_steps
-    generator = torch.Generator().manual_seed(config.seed)
-    noise = lambda: torch.randn(x0.shape, generator=generator)  # noqa: E731
     b = x0.shape[0]
+    # slice i draws from its own generator (SliceNoise)
+    generators = [torch.Generator().manual_seed(slice_noise_seed(config.seed, i)) for i in range(b)]
+    noise = lambda: torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators])  # noqa: E731
     z = schedule.add_noise(x0, noise(), steps[0])
     guided_all, reference_all = [], []
     with torch.no_grad():
@@ -166,21 +168,43 @@ def test_invalid_config_and_inputs(network):
         run_forward_process(network, torch.zeros(2, 16, 16), NoiseSchedule(), ForwardProcessConfig(), MAPS)
 
 
-def test_chunked_runner_seeds_each_chunk_by_its_first_slice(tiny_model_path):
-    """A slice gets the same result whether its chunk runs with the others or alone (sharded evaluation)."""
+@pytest.mark.parametrize("encoding", ["ddim", "ddpm"])
+def test_a_slice_result_depends_on_the_slice_not_on_its_batch(network, encoding):
+    """Each slice stops early on its own and draws its own noise: alone or in any batch, the same result."""
+    scales = torch.linspace(0.05, 1, 6)[:, None, None, None]  # slices whose divergence peaks at different steps
+    x0 = (torch.rand(6, 2, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1) * scales
+    config = ForwardProcessConfig(forward_steps=400, stride=20, early_stop=1, encoding=encoding, seed=3)
+    alone = [run_forward_process(network, x0[i : i + 1], NoiseSchedule(), config, MAPS, first_slice=i) for i in range(6)]
+    together = run_forward_process(network, x0, NoiseSchedule(), config, MAPS)
+    stopped_after = [len(result.visited_steps) for result in alone]
+    assert len(set(stopped_after)) > 1  # the slices do stop at different steps
+    assert len(together.visited_steps) == max(stopped_after)  # the batch runs until its last slice stops
+    assert together.network_evaluations == 2 * sum(stopped_after)  # but a stopped slice is not evaluated again
+    for name in ("anomaly_maps", "end_step_maps", "end_steps", "max_divergence"):
+        torch.testing.assert_close(getattr(together, name), torch.cat([getattr(r, name) for r in alone]), msg=name)
+    scores_alone = torch.cat([cosine_scores(r.mse_guided, r.mse_reference) for r in alone])
+    torch.testing.assert_close(cosine_scores(together.mse_guided, together.mse_reference), scores_alone)
+    # a stopped slice's curves are zero from its stop on
+    first = stopped_after.index(min(stopped_after))
+    assert together.mse_guided[first, min(stopped_after):].eq(0).all()
+    assert together.mse_guided[first, : min(stopped_after)].gt(0).all()
+
+
+def test_chunked_runner_gives_each_slice_its_own_result_whatever_the_batch_size(tiny_model_path):
     model = load_model(tiny_model_path)
-    slices = torch.rand(5, 2, 16, 16) * 2 - 1
-    config = ForwardProcessConfig(forward_steps=40, stride=10, seed=3)
-    together = run_on_slices(model, slices, config, batch_size=2)
-    alone = run_on_slices(model, slices[2:4], replace(config, seed=3 + 2), batch_size=2)
-    assert together.anomaly_maps.shape == (5, 2, 16, 16) and together.scores.shape == (5,)
-    assert together.network_evaluations == 2 * 5 * 4
-    torch.testing.assert_close(together.anomaly_maps[2:4], alone.anomaly_maps)
-    torch.testing.assert_close(together.scores[2:4], alone.scores)
-    different_seed = run_on_slices(model, slices[2:4], config, batch_size=2)
-    assert not torch.allclose(different_seed.anomaly_maps, alone.anomaly_maps)
+    slices = (torch.rand(5, 2, 16, 16) * 2 - 1) * torch.linspace(0.1, 1, 5)[:, None, None, None]
+    config = ForwardProcessConfig(forward_steps=200, stride=20, seed=3, early_stop=1)
+    by_batch = {size: run_on_slices(model, slices, config, batch_size=size) for size in (1, 2, 5)}
+    assert by_batch[2].anomaly_maps.shape == (5, 2, 16, 16) and by_batch[2].scores.shape == (5,)
+    for size in (1, 2):
+        for name in ("scores", "anomaly_maps", "end_steps", "max_divergence"):
+            torch.testing.assert_close(getattr(by_batch[size], name), getattr(by_batch[5], name), msg=(size, name))
+    different_seed = run_on_slices(model, slices, replace(config, seed=4), batch_size=5)
+    assert not torch.allclose(different_seed.anomaly_maps, by_batch[5].anomaly_maps)
     with pytest.raises(ValueError, match="batch_size"):
         run_on_slices(model, slices, config, batch_size=0)
+    with pytest.raises(ValueError, match="seed"):
+        ForwardProcessConfig(seed=-1)
 
 
 def test_bf16_autocast_changes_precision_not_results(tiny_model_path):

@@ -29,7 +29,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from anofpdm.diffusion import NoiseSchedule
+from anofpdm.diffusion import NoiseSchedule, SliceNoise
 from anofpdm.model import MAP_SEQUENCES, NULL_LABEL, LoadedModel
 from anofpdm.forward_process import guided_and_null_noise
 from anofpdm.pipeline import (
@@ -136,6 +136,8 @@ class BaselineOptions:
             raise ValueError(f"median_kernel must be odd and positive, got {self.median_kernel}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
 def brain_pixels(slices: np.ndarray) -> np.ndarray:
@@ -207,15 +209,14 @@ def reconstruct_from_noise(
     x0: torch.Tensor,
     noise_level: int,
     stride: int,
-    generator: torch.Generator,
+    noise: torch.Tensor,
 ) -> tuple[torch.Tensor, int]:
-    """AnoDDPM-style reconstruction: noise to ``noise_level``, DDIM-decode with the null label.
+    """AnoDDPM-style reconstruction: ``noise`` (like ``x0``) to ``noise_level``, DDIM-decode with the null label.
 
     Returns:
         The reconstruction (B x C x S x S) and the single-slice network evaluations spent.
     """
     _check_noise_level(schedule, noise_level)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     steps = decoding_steps(noise_level, stride)
     z = schedule.add_noise(x0, noise, noise_level)
     reconstruction = ddim_decode(schedule, z, steps, lambda z, t: _unguided(network, z, t))
@@ -267,8 +268,8 @@ def _reconstruction_maps(model: LoadedModel, slices: np.ndarray, options: Baseli
     noise_level = options.noise_level or ANODDPM_NOISE_LEVEL
 
     def reconstruct(x0: torch.Tensor, begin: int) -> tuple[torch.Tensor, int]:
-        generator = torch.Generator(device=x0.device).manual_seed(options.seed + begin)
-        return reconstruct_from_noise(model.network, schedule, x0, noise_level, options.stride, generator)
+        noise = SliceNoise(options.seed, begin, x0).draw()
+        return reconstruct_from_noise(model.network, schedule, x0, noise_level, options.stride, noise)
 
     maps, evaluations = _error_maps(model, slices, options, reconstruct)
     return maps, evaluations, {"noise_level": noise_level, "stride": options.stride, "seed": options.seed,

@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
-__all__ = ["ScheduleConfig", "NoiseSchedule"]
+__all__ = ["ScheduleConfig", "NoiseSchedule", "SliceNoise", "slice_noise_seed"]
 
 
 @dataclass(frozen=True)
@@ -85,3 +86,33 @@ class NoiseSchedule:
         """
         x0 = self.predict_x0(z, eps, t)
         return self.add_noise(x0, eps, t_next)
+
+
+def slice_noise_seed(seed: int, index: int) -> int:
+    """The generator seed of slice ``index`` under run seed ``seed`` (both >= 0)."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and slice index must be >= 0, got {seed} and {index}")
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+
+
+class SliceNoise:
+    """Standard normal noise for a batch of slices, each slice from its own CPU generator.
+
+    Slice ``first_slice + i`` of a run draws from a generator seeded by ``slice_noise_seed(seed, first_slice + i)``,
+    so its k-th draw is the same whatever batch it shares, however the run is chunked, and on any device.
+
+    Args:
+        seed: the run's noise seed (>= 0).
+        first_slice: the run-wide index of the batch's first slice.
+        like: the B x C x H x W batch; the noise takes its shape, device and dtype.
+    """
+
+    def __init__(self, seed: int, first_slice: int, like: torch.Tensor) -> None:
+        self.generators = [torch.Generator().manual_seed(slice_noise_seed(seed, first_slice + i))
+                           for i in range(like.shape[0])]
+        self.shape, self.device, self.dtype = like.shape[1:], like.device, like.dtype
+
+    def draw(self) -> torch.Tensor:
+        """The next draw of every slice, B x C x H x W."""
+        noise = torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+        return noise.to(self.device, self.dtype)

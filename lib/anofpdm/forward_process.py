@@ -13,14 +13,14 @@ sums and maxima, so memory does not grow with the number of steps:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 
 from anofpdm.decisions import cosine_scores
-from anofpdm.diffusion import NoiseSchedule
+from anofpdm.diffusion import NoiseSchedule, SliceNoise
 from anofpdm.model import HEALTHY, MAP_SEQUENCES, NULL_LABEL, LoadedModel
 
 __all__ = ["ForwardProcessConfig", "ForwardProcessResult", "SliceStatistics", "guided_and_null_noise",
@@ -39,9 +39,9 @@ class ForwardProcessConfig:
         forward_steps: T_f; steps t = 0 .. T_f - 1 are candidates.
         stride: visit every ``stride``-th step (1 = all: the full mode).
         encoding: "ddim" (deterministic inversion, one noise draw) or "ddpm" (fresh noise per step).
-        early_stop: stop once every slice's divergence peak lies this many visited steps behind
-            (None = never: the full mode).
-        seed: seed of the noise draws.
+        early_stop: a slice stops once the divergence peak of each of its map modalities lies this many
+            visited steps behind; its statistics cover its own steps only (None = never: the full mode).
+        seed: seed of the noise draws (>= 0; see ``anofpdm.diffusion.SliceNoise``).
     """
 
     guidance: float = 2.0
@@ -62,6 +62,8 @@ class ForwardProcessConfig:
             raise ValueError(f"encoding must be 'ddim' or 'ddpm', got {self.encoding!r}")
         if self.early_stop is not None and self.early_stop < 1:
             raise ValueError(f"early_stop must be None or >= 1, got {self.early_stop}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
     @property
     def visited_steps(self) -> list[int]:
@@ -77,11 +79,11 @@ class ForwardProcessResult:
         end_step_maps: B x M x H x W, the squared error at t_e alone (the paper's S_te variant).
         end_steps: B x M, t_e as timesteps.
         max_divergence: B x M, max_t D_t[m].
-        mse_guided: B x K, MSEh_t.
-        mse_reference: B x K, MSEr_t.
-        divergence: B x M x K, D_t[m].
-        visited_steps: the K timesteps actually visited (fewer than planned after an early stop).
-        network_evaluations: single-slice network evaluations spent (2 per slice and step).
+        mse_guided: B x K, MSEh_t (0 after the slice's own early stop, which leaves cosine scores unchanged).
+        mse_reference: B x K, MSEr_t (likewise).
+        divergence: B x M x K, D_t[m] (likewise).
+        visited_steps: the K timesteps the batch visited (fewer than planned once every slice stopped early).
+        network_evaluations: single-slice network evaluations spent (2 per slice and step it ran).
     """
 
     anomaly_maps: torch.Tensor
@@ -100,6 +102,7 @@ class _StreamingStatistics:
 
     def __init__(self, shape: torch.Size, device: torch.device) -> None:
         batch, n_maps = shape[0], shape[1]
+        self.active = torch.ones(batch, dtype=torch.bool, device=device)  # not yet stopped early
         self.error_sum = torch.zeros(shape, device=device)
         self.anomaly_maps = torch.zeros(shape, device=device)
         self.end_step_maps = torch.zeros(shape, device=device)
@@ -110,12 +113,14 @@ class _StreamingStatistics:
         self.divergence: list[torch.Tensor] = []
 
     def update(self, index: int, x0: torch.Tensor, guided: torch.Tensor, reference: torch.Tensor) -> None:
+        """Add visited step ``index`` to the statistics of the slices that have not stopped."""
+        active = self.active
         error = (guided - x0) ** 2
-        self.mse_guided.append(error.mean(dim=(1, 2, 3)))
-        self.mse_reference.append(((reference - x0) ** 2).mean(dim=(1, 2, 3)))
-        divergence = ((guided - reference) ** 2).mean(dim=(2, 3))
+        self.mse_guided.append(torch.where(active, error.mean(dim=(1, 2, 3)), 0.0))
+        self.mse_reference.append(torch.where(active, ((reference - x0) ** 2).mean(dim=(1, 2, 3)), 0.0))
+        divergence = torch.where(active[:, None], ((guided - reference) ** 2).mean(dim=(2, 3)), 0.0)
         self.divergence.append(divergence)
-        improved = divergence > self.best
+        improved = (divergence > self.best) & active[:, None]
         # H_m is the mean error over the steps before t_e; at the first step it is that step's error
         before = self.error_sum / index if index else error
         self.anomaly_maps = torch.where(improved[..., None, None], before, self.anomaly_maps)
@@ -124,8 +129,11 @@ class _StreamingStatistics:
         self.best_index = torch.where(improved, torch.full_like(self.best_index, index), self.best_index)
         self.error_sum += error
 
-    def peak_passed(self, index: int, patience: int) -> bool:
-        return bool(((index - self.best_index) >= patience).all())
+    def stop_passed_peaks(self, index: int, patience: int) -> bool:
+        """Stop the slices whose every divergence peak lies ``patience`` visited steps behind step ``index``;
+        True once all have stopped."""
+        self.active &= ~((index - self.best_index) >= patience).all(dim=1)
+        return not bool(self.active.any())
 
 
 def guided_and_null_noise(
@@ -149,8 +157,12 @@ def run_forward_process(
     config: ForwardProcessConfig,
     map_channels: Sequence[int],
     progress: ProgressCallback | None = None,
+    first_slice: int = 0,
 ) -> ForwardProcessResult:
     """Run the forward process on a batch of clean slices.
+
+    A slice's result depends on the slice, the network and ``config`` only (its noise is drawn by
+    ``SliceNoise`` and its early stop is its own), not on the other slices of the batch.
 
     Args:
         network: eps-prediction network ``network(x, timesteps, class_labels=...)``.
@@ -159,6 +171,7 @@ def run_forward_process(
         config: guidance weight, steps, stride, encoding, early stop and seed.
         map_channels: indices of the channels that get anomaly maps (FLAIR and T2).
         progress: called with (visited steps done, visited steps planned) after each step.
+        first_slice: the run-wide index of the batch's first slice (it seeds the slices' noise).
 
     Returns:
         The streaming statistics of every slice.
@@ -170,32 +183,32 @@ def run_forward_process(
     steps = config.visited_steps
     if steps[-1] >= schedule.num_timesteps:
         raise ValueError(f"forward_steps {config.forward_steps} exceeds the schedule's {schedule.num_timesteps}")
-    batch = x0.shape[0]
     channels = list(map_channels)
-    generator = torch.Generator(device=x0.device).manual_seed(config.seed)
+    noise = SliceNoise(config.seed, first_slice, x0)
     stats = _StreamingStatistics(x0[:, channels].shape, x0.device)
     x0_maps = x0[:, channels]
-
-    def draw_noise() -> torch.Tensor:
-        return torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-
-    z = schedule.add_noise(x0, draw_noise(), steps[0])
+    z = schedule.add_noise(x0, noise.draw(), steps[0])
     visited: list[int] = []
+    evaluations = 0
     with torch.no_grad():
         for index, t in enumerate(steps):
             if config.encoding == "ddpm" and index:
-                z = schedule.add_noise(x0, draw_noise(), t)
-            eps_guided, eps_null = guided_and_null_noise(network, z, t, config.guidance)
-            guided = schedule.predict_x0(z, eps_guided, t).clamp(-1, 1)
-            reference = schedule.predict_x0(z, eps_null, t).clamp(-1, 1)
+                z = schedule.add_noise(x0, noise.draw(), t)
+            # only the slices that have not stopped go through the network
+            rows = None if config.early_stop is None or bool(stats.active.all()) else stats.active.nonzero().squeeze(1)
+            z_rows = z if rows is None else z[rows]
+            eps_guided, eps_null = guided_and_null_noise(network, z_rows, t, config.guidance)
+            evaluations += 2 * z_rows.shape[0]
+            guided = _all_rows(schedule.predict_x0(z_rows, eps_guided, t).clamp(-1, 1), rows, x0)
+            reference = _all_rows(schedule.predict_x0(z_rows, eps_null, t).clamp(-1, 1), rows, x0)
             stats.update(index, x0_maps, guided[:, channels], reference[:, channels])
             visited.append(t)
             if progress is not None:
                 progress(index + 1, len(steps))
-            if config.early_stop is not None and stats.peak_passed(index, config.early_stop):
+            if config.early_stop is not None and stats.stop_passed_peaks(index, config.early_stop):
                 break
             if config.encoding == "ddim" and index + 1 < len(steps):
-                z = schedule.ddim_step(z, eps_null, t, steps[index + 1])
+                z = _all_rows(schedule.ddim_step(z_rows, eps_null, t, steps[index + 1]), rows, z)
     step_tensor = torch.tensor(visited, device=x0.device)
     return ForwardProcessResult(
         anomaly_maps=stats.anomaly_maps,
@@ -206,8 +219,13 @@ def run_forward_process(
         mse_reference=torch.stack(stats.mse_reference, dim=1),
         divergence=torch.stack(stats.divergence, dim=2),
         visited_steps=visited,
-        network_evaluations=2 * batch * len(visited),
+        network_evaluations=evaluations,
     )
+
+
+def _all_rows(values: torch.Tensor, rows: torch.Tensor | None, fill: torch.Tensor) -> torch.Tensor:
+    """``values`` of the slices ``rows`` (None: all) put into a copy of ``fill`` (B x ...)."""
+    return values if rows is None else fill.index_copy(0, rows, values)
 
 
 @dataclass
@@ -243,9 +261,8 @@ def run_on_slices(
 ) -> SliceStatistics:
     """Run the forward process over any number of slices in chunks of ``batch_size``.
 
-    Chunk k is seeded with ``config.seed`` plus the index of its first slice, so a slice's noise does
-    not depend on how many chunks ran before it on another worker. Each slice's cosine score is taken
-    over the steps its own chunk visited (chunks may stop early apart).
+    Slice i is the run-wide slice i of ``run_forward_process``: its result does not depend on the batch
+    size, on the other slices, or on the device's random generator.
 
     Args:
         model: the trained model (its device is used).
@@ -270,9 +287,8 @@ def run_on_slices(
             if progress is not None:
                 progress(chunk * planned + done, len(starts) * planned)
 
-        chunk_config = replace(config, seed=config.seed + begin)
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-            parts.append(run_forward_process(model.network, x0, schedule, chunk_config, map_channels, report_step))
+            parts.append(run_forward_process(model.network, x0, schedule, config, map_channels, report_step, begin))
     if not parts:
         raise ValueError("no slices to run the forward process on")
     return SliceStatistics(
