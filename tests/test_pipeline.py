@@ -83,3 +83,20 @@ def test_bad_input_is_an_input_error(model):
     images = make_volume_pair()
     with pytest.raises(InputError, match="missing input sequence"):
         segment_volume(model, {"flair": images["flair"]})
+
+
+def test_an_early_stop_calibration_from_the_batch_wide_forward_process_is_refused(model, tmp_path):
+    outdated = tiny_calibration(early_stop=2)
+    del outdated["forward_process_version"]  # stored before the version was recorded: version 1
+    from anofpdm.model import load_checkpoint
+
+    payload = load_checkpoint(model.path)
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, model.config, payload["state_dict"], payload["schedule"], payload["training"],
+                    {"fast": outdated, "full": {**outdated, "early_stop": None}})
+    old = load_model(path)
+    with pytest.raises(InputError, match="Recalibrate: anofpdm calibrate"):
+        segment_volume(old, make_volume_pair(), InferenceOptions(mode="fast"))
+    # without early stop only the noise draws changed, which a calibration does not depend on
+    images = make_volume_pair()
+    assert segment_volume(old, images, InferenceOptions(mode="full")).mask.shape == images["flair"].shape

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "FORWARD_PROCESS_VERSION",
     "Calibration",
     "QuantileRule",
     "cosine_scores",
@@ -23,6 +24,10 @@ __all__ = [
     "combine_maps",
     "median_filter_2d",
 ]
+
+
+# 2 (2026-11-28): each slice stops early on its own and draws its own noise; 1: early stop ended whole batches
+FORWARD_PROCESS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ class Calibration:
         encoding: "ddim" or "ddpm".
         early_stop: early-stop patience they were calibrated at (None: no early stop).
         validation: what the calibration measured (accuracy, confusion counts, slices used).
+        forward_process_version: the forward process's ``FORWARD_PROCESS_VERSION`` at calibration (a stored
+            calibration without one is version 1).
     """
 
     cosine_threshold: float
@@ -60,6 +67,7 @@ class Calibration:
     encoding: str
     early_stop: int | None = None
     validation: dict[str, Any] = field(default_factory=dict)
+    forward_process_version: int = FORWARD_PROCESS_VERSION
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_divergence", tuple(float(v) for v in self.max_divergence))
@@ -73,7 +81,12 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
-        return cls(**data)
+        return cls(**{"forward_process_version": 1, **data})
+
+    @property
+    def outdated(self) -> bool:
+        """Made with an early stop that ended whole batches (version 1): its c* does not fit today's scores."""
+        return self.early_stop is not None and self.forward_process_version < FORWARD_PROCESS_VERSION
 
 
 def cosine_scores(mse_guided: torch.Tensor, mse_reference: torch.Tensor) -> torch.Tensor:

@@ -112,6 +112,12 @@ def resolve_options(model: LoadedModel, options: InferenceOptions) -> tuple[Forw
             f"(calibrated modes: {sorted(modes) or 'none; run anofpdm calibrate'})"
         )
     calibration = Calibration.from_dict(modes[options.mode])
+    if calibration.outdated:
+        raise InputError(
+            f"model {model.path}: mode {options.mode!r} was calibrated with an earlier forward process whose early "
+            "stop ended whole batches; its c* does not fit this version's scores. Recalibrate: anofpdm calibrate "
+            f"--model {model.path} --data <prepared slices> --modes {options.mode}"
+        )
     settings = {
         "guidance": calibration.guidance,
         "forward_steps": calibration.forward_steps,
