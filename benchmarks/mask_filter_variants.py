@@ -1,0 +1,88 @@
+"""Would a median filter of the 3-D mask (after the slice verdicts gate it) raise the per-volume Dice?
+
+For labelled cases (e.g. the synthetic validation and test splits) runs a calibrated mode's forward process once
+per case, then finishes the segmentation as the pipeline does (Algorithm 1 thresholds on the median-filtered map,
+verdict gate, component filter, back to the input grid) with and without a median filter of the gated mask, one
+column per kernel ("none" is the pipeline). Prints per-case and mean 3-D Dice (cases with tumour) and the
+healthy cases left empty; asserts nothing. Example:
+
+    PYTHONPATH=lib python benchmarks/mask_filter_variants.py --model M --data data/synth --prepared data/slices64 \\
+        --splits val,test --max-cases 6 --kernels none,1x1x3,3x3x3,1x1x5
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from anofpdm.data.brats import find_cases
+from anofpdm.decisions import QuantileRule, combine_maps, slice_thresholds
+from anofpdm.evaluate import prepare_case, split_case_ids
+from anofpdm.metrics import dice
+from anofpdm.model import load_model
+from anofpdm.pipeline import InferenceOptions, default_median_kernel, finish_on_input_grid, run_forward
+from anofpdm.postprocess import median_filter_3d
+
+NO_FILTER = "none"
+
+
+def parse_kernel(text: str) -> tuple[int, int, int] | None:
+    """"3x3x3" -> (3, 3, 3) (in-plane, in-plane, across slices); "none" -> None."""
+    if text == NO_FILTER:
+        return None
+    sizes = text.split("x")
+    if len(sizes) != 3 or not all(s.isdigit() and int(s) % 2 == 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"kernel {text!r} is not 'none' or three odd sizes like 3x3x3")
+    return tuple(int(s) for s in sizes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="labelled cases (BraTS / MSD / synthetic)")
+    parser.add_argument("--prepared", type=Path, required=True, help="prepared slices folder naming the splits")
+    parser.add_argument("--splits", default="val,test")
+    parser.add_argument("--max-cases", type=int, default=6, help="the first N cases of each split")
+    parser.add_argument("--kernels", default="none,1x1x3,3x3x3,1x1x5")
+    parser.add_argument("--mode", default="fast")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    kernels = {text: parse_kernel(text) for text in args.kernels.split(",")}
+
+    model = load_model(args.model, args.device)
+    options = InferenceOptions(mode=args.mode)
+    found = {files.case_id: files for files in find_cases(args.data)}
+    map_kernel = default_median_kernel(model.config.image_size)
+    print(f"{args.model}, mode {args.mode}; map median kernel {map_kernel}; 3-D Dice per mask-filter kernel")
+    for split in args.splits.split(","):
+        rows = []
+        for case_id in split_case_ids(args.prepared, split)[: args.max_cases]:
+            case = prepare_case(found[case_id], model.config)
+            outputs = run_forward(model, case.images, options)
+            stats, calibration = outputs.stats, outputs.calibration
+            unhealthy = (stats.scores <= calibration.cosine_threshold).numpy()
+            thresholds = slice_thresholds(stats.anomaly_maps, stats.max_divergence,
+                                          torch.tensor(calibration.max_divergence), QuantileRule()).numpy()
+            filtered = median_filter_3d(combine_maps(stats.anomaly_maps).numpy().transpose(1, 2, 0), map_kernel)
+            gated = (filtered >= thresholds[None, None, :]) & unhealthy[None, None, :]
+            row = {"case": case_id, "tumour": bool(case.truth.any())}
+            for text, kernel in kernels.items():
+                mask = gated if kernel is None else ndimage.median_filter(gated.astype(np.uint8), size=kernel, mode="nearest") > 0
+                _, mask_input, _, _, _ = finish_on_input_grid(filtered, mask, outputs.geometry, options.min_lesion_mm3)
+                row[text] = dice(mask_input, case.truth) if row["tumour"] else float(not mask_input.any())
+            rows.append(row)
+            print(f"  {split} {case_id}: " + ", ".join(f"{k} {row[k]:.3f}" for k in kernels), flush=True)
+        tumour = [r for r in rows if r["tumour"]]
+        healthy = [r for r in rows if not r["tumour"]]
+        means = ", ".join(f"{k} {np.mean([r[k] for r in tumour]):.3f}" for k in kernels) if tumour else "n/a"
+        empty = ", ".join(f"{k} {sum(r[k] for r in healthy):.0f}" for k in kernels)
+        print(f"{split}: mean 3-D Dice over {len(tumour)} cases with tumour: {means}; "
+              f"healthy cases left empty (of {len(healthy)}): {empty}")
+
+
+if __name__ == "__main__":
+    main()
