@@ -41,10 +41,10 @@ cp "$WORK/anofpdm.pt" "$WORK/run/state.pt" "$WORK/run/loss.csv" "$WORK/run/loss.
 # false positives on 582 validation slices). Most of it was the batch-wide early stop (fixed since); what is left
 # between devices is arithmetic: measure it with TF32 convolutions (PyTorch's default) and without.
 echo "[$SECONDS s] verdicts by device and batch, TF32 on and off" | tee -a "$OUT/figures.txt"
-consistency=(benchmarks/verdict_consistency.py --model "$WORK/anofpdm.pt" --data "$WORK/slices" --slices 256
-             --settings "cuda:$INFER_BATCH,cuda:32,cpu:64")
+consistency=(benchmarks/verdict_consistency.py --model "$WORK/anofpdm.pt" --data "$WORK/slices" --slices 128
+             --settings "cuda:$INFER_BATCH,cuda:32,cpu:16")
 timeout 90 $PY "${consistency[@]}" >> "$OUT/figures.txt" 2>&1
-NVIDIA_TF32_OVERRIDE=0 timeout 60 $PY "${consistency[@]/cpu:64/cuda:64}" >> "$OUT/figures.txt" 2>&1
+NVIDIA_TF32_OVERRIDE=0 timeout 60 $PY "${consistency[@]/cpu:16/cuda:16}" >> "$OUT/figures.txt" 2>&1
 timeout 60 $PY benchmarks/verdict_by_tumour_size.py --model "$WORK/anofpdm.pt" --data "$WORK/slices" \
     --batch-size "$INFER_BATCH" >> "$OUT/figures.txt" 2>&1
 echo "[$SECONDS s] quality against cost" | tee -a "$OUT/figures.txt"
