@@ -20,12 +20,10 @@ import torch
 from scipy import ndimage
 
 from anofpdm.data.brats import find_cases
-from anofpdm.decisions import QuantileRule, combine_maps, slice_thresholds
 from anofpdm.evaluate import prepare_case, split_case_ids
 from anofpdm.metrics import dice
 from anofpdm.model import load_model
-from anofpdm.pipeline import InferenceOptions, default_median_kernel, finish_on_input_grid, run_forward
-from anofpdm.postprocess import median_filter_3d
+from anofpdm.pipeline import InferenceOptions, decide_slices, default_median_kernel, finish_on_input_grid, run_forward
 
 NO_FILTER = "none"
 
@@ -63,16 +61,13 @@ def main() -> None:
         for case_id in split_case_ids(args.prepared, split)[: args.max_cases]:
             case = prepare_case(found[case_id], model.config)
             outputs = run_forward(model, case.images, options)
-            stats, calibration = outputs.stats, outputs.calibration
-            unhealthy = (stats.scores <= calibration.cosine_threshold).numpy()
-            thresholds = slice_thresholds(stats.anomaly_maps, stats.max_divergence,
-                                          torch.tensor(calibration.max_divergence), QuantileRule()).numpy()
-            filtered = median_filter_3d(combine_maps(stats.anomaly_maps).numpy().transpose(1, 2, 0), map_kernel)
-            gated = (filtered >= thresholds[None, None, :]) & unhealthy[None, None, :]
+            decided = decide_slices(model, outputs, options)
+            gated = decided.candidate
             row = {"case": case_id, "tumour": bool(case.truth.any())}
             for text, kernel in kernels.items():
                 mask = gated if kernel is None else ndimage.median_filter(gated.astype(np.uint8), size=kernel, mode="nearest") > 0
-                _, mask_input, _, _, _ = finish_on_input_grid(filtered, mask, outputs.geometry, options.min_lesion_mm3)
+                _, mask_input, _, _, _ = finish_on_input_grid(decided.filtered_map, mask, outputs.geometry,
+                                                              options.min_lesion_mm3)
                 row[text] = dice(mask_input, case.truth) if row["tumour"] else float(not mask_input.any())
             rows.append(row)
             print(f"  {split} {case_id}: " + ", ".join(f"{k} {row[k]:.3f}" for k in kernels), flush=True)

@@ -23,7 +23,7 @@ from anofpdm.postprocess import lesion_table, median_filter_3d, remove_small_com
 from anofpdm.volume import InputError, VolumeGeometry, to_input_grid, to_model_slices
 
 __all__ = ["InferenceOptions", "InputError", "ModelGridOutputs", "SegmentationResult", "ForwardOutputs", "run_forward",
-           "segment_volume", "resolve_options", "finish_on_input_grid", "image_like", "default_median_kernel"]
+           "SliceDecisions", "decide_slices", "segment_volume", "resolve_options", "finish_on_input_grid", "image_like", "default_median_kernel"]
 
 MAP_VARIANTS = ("mean", "end_step")
 PAPER_MEDIAN_KERNEL = 5  # 5 x 5 at 128 px (1.875 mm): the paper's
@@ -220,27 +220,55 @@ def segment_volume(
     """
     options = options or InferenceOptions()
     outputs = forward_outputs or run_forward(model, images, options, progress)
-    stats, calibration, geometry = outputs.stats, outputs.calibration, outputs.geometry
+    stats, geometry = outputs.stats, outputs.geometry
     start = time.perf_counter()
-    scores = stats.scores
-    unhealthy = scores <= calibration.cosine_threshold
-    d_max = torch.tensor(calibration.max_divergence)
-    maps = stats.anomaly_maps if options.map_variant == "mean" else stats.end_step_maps
-    thresholds = slice_thresholds(maps, stats.max_divergence, d_max, QuantileRule())
-    raw_map = combine_maps(maps).numpy().transpose(1, 2, 0)  # S x S x N
-    kernel = options.median_kernel or default_median_kernel(model.config.image_size)
-    filtered = median_filter_3d(raw_map, kernel)
-    candidate = (filtered >= thresholds.numpy()[None, None, :]) & unhealthy.numpy()[None, None, :]
-    _, mask_input, map_input, lesions, removed = finish_on_input_grid(filtered, candidate, geometry, options.min_lesion_mm3)
+    decided = decide_slices(model, outputs, options)
+    _, mask_input, map_input, lesions, removed = finish_on_input_grid(
+        decided.filtered_map, decided.candidate, geometry, options.min_lesion_mm3
+    )
     timings = {**outputs.timings, "postprocess_s": time.perf_counter() - start}
 
     mask_image = image_like(images[MAP_SEQUENCES[0]], mask_input, np.uint8)
     map_image = image_like(images[MAP_SEQUENCES[0]], map_input, np.float32)
-    report = _report(model, options, outputs.forward, calibration, geometry, scores, unhealthy, thresholds,
-                     stats, lesions, removed, kernel, outputs.warnings, timings)
-    model_grid = ModelGridOutputs(outputs.slices, raw_map.transpose(2, 0, 1), scores.numpy(), unhealthy.numpy(),
-                                  thresholds.numpy(), geometry)
+    report = _report(model, options, outputs.forward, outputs.calibration, geometry, stats.scores, decided.unhealthy,
+                     decided.thresholds, stats, lesions, removed, decided.median_kernel, outputs.warnings, timings)
+    model_grid = ModelGridOutputs(outputs.slices, decided.raw_map.transpose(2, 0, 1), stats.scores.numpy(),
+                                  decided.unhealthy.numpy(), decided.thresholds.numpy(), geometry)
     return SegmentationResult(mask=mask_image, anomaly_map=map_image, report=report, model_grid=model_grid)
+
+
+@dataclass
+class SliceDecisions:
+    """The per-slice decisions on the restacked model grid (N slices of S x S).
+
+    Attributes:
+        unhealthy: N slice verdicts (score <= c*).
+        thresholds: N Algorithm-1 thresholds tau.
+        raw_map: S x S x N combined anomaly map of the options' map variant.
+        filtered_map: ``raw_map`` after the 3-D median filter.
+        candidate: S x S x N mask, ``filtered_map >= tau`` on unhealthy slices only.
+        median_kernel: the median kernel used.
+    """
+
+    unhealthy: torch.Tensor
+    thresholds: torch.Tensor
+    raw_map: np.ndarray
+    filtered_map: np.ndarray
+    candidate: np.ndarray
+    median_kernel: int
+
+
+def decide_slices(model: LoadedModel, outputs: ForwardOutputs, options: InferenceOptions) -> SliceDecisions:
+    """Verdicts, thresholds and the gated mask from a forward process (SPEC.md section 4, then the 3-D median)."""
+    stats, calibration = outputs.stats, outputs.calibration
+    unhealthy = stats.scores <= calibration.cosine_threshold
+    maps = stats.anomaly_maps if options.map_variant == "mean" else stats.end_step_maps
+    thresholds = slice_thresholds(maps, stats.max_divergence, torch.tensor(calibration.max_divergence), QuantileRule())
+    raw_map = combine_maps(maps).numpy().transpose(1, 2, 0)  # S x S x N
+    kernel = options.median_kernel or default_median_kernel(model.config.image_size)
+    filtered = median_filter_3d(raw_map, kernel)
+    candidate = (filtered >= thresholds.numpy()[None, None, :]) & unhealthy.numpy()[None, None, :]
+    return SliceDecisions(unhealthy, thresholds, raw_map, filtered, candidate, kernel)
 
 
 def finish_on_input_grid(
