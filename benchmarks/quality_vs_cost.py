@@ -3,13 +3,17 @@
 For a few labelled cases with tumour (e.g. synthetic test cases) and each setting "stride:early_stop",
 runs the pipeline and reports the per-volume 3-D Dice and the unhealthy-slice Dice (slice protocol,
 ungated) against the visited steps. A setting without early stop ("none") runs the full mode with the
-stride overridden; one with early stop runs the fast mode with stride and patience overridden. Both
-reuse that mode's calibration (c*, Dmax): only a mode's own setting is calibrated, so the gated
+stride overridden; one with early stop runs the fast mode with stride and patience overridden. By default
+both reuse that mode's stored calibration (c*, Dmax): only a mode's own setting is calibrated, so the gated
 per-volume Dice of the other settings carries that mismatch (the ungated slice Dice does not use c*).
+With ``--calibrate-split`` each setting is first calibrated on its own, on that split of ``--prepared``
+(image-level labels, as ``anofpdm calibrate``), and its validation accuracy is reported: the gated Dice
+of every setting is then what that setting would give as a calibrated mode.
 Writes a PNG plot and prints a table; asserts nothing. Example:
 
     PYTHONPATH=lib python benchmarks/quality_vs_cost.py --model model/anofpdm.pt --data data/synth \\
-        --prepared data/slices64 --out quality_vs_cost.png --cases 3 --settings 10:none,30:none,30:4,60:none,60:2
+        --prepared data/slices64 --out quality_vs_cost.png --cases 3 --settings 10:none,30:none,30:4,60:none,60:2 \\
+        --calibrate-split val --calibration-slices 600
 """
 
 from __future__ import annotations
@@ -17,18 +21,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from anofpdm.calibration import MODES, calibrate_mode
 from anofpdm.data.brats import find_cases
+from anofpdm.data.slices import SliceDataset
 from anofpdm.evaluate import SliceProtocol, prepare_case, score_result, split_case_ids
 from anofpdm.metrics import aggregate_cases
-from anofpdm.model import load_model
+from anofpdm.model import LoadedModel, load_model
 from anofpdm.pipeline import InferenceOptions, segment_volume
 
 NO_EARLY_STOP = "none"
+OWN_CALIBRATION = "setting"  # the mode name a setting's own calibration is stored under
 PLOT_DPI = 110
 
 
@@ -53,6 +61,21 @@ def options_for(stride: int, early_stop: int | None, args: argparse.Namespace) -
                             seed=args.seed, min_lesion_mm3=args.min_lesion_mm3, batch_size=args.batch_size)
 
 
+def calibrated_for(
+    model: LoadedModel, stride: int, early_stop: int | None, args: argparse.Namespace, validation: tuple
+) -> tuple[LoadedModel, InferenceOptions, dict]:
+    """The model with one calibration made at this setting (its mode's settings with stride, patience and T_f
+    replaced), the options that select it, and what the calibration measured."""
+    settings = MODES[args.full_mode if early_stop is None else args.fast_mode]
+    config = replace(settings, stride=stride, early_stop=early_stop, seed=args.seed,
+                     forward_steps=args.forward_steps or settings.forward_steps)
+    images, labels = validation
+    calibration = calibrate_mode(model, images, labels, config, args.batch_size or 8)
+    options = InferenceOptions(mode=OWN_CALIBRATION, seed=args.seed, min_lesion_mm3=args.min_lesion_mm3,
+                               batch_size=args.batch_size)
+    return replace(model, calibration={OWN_CALIBRATION: calibration.to_dict()}), options, calibration.validation
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
@@ -69,7 +92,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--calibrate-split", help="calibrate each setting on this split of --prepared (e.g. val)")
+    parser.add_argument("--calibration-slices", type=int, help="with --calibrate-split: a seeded random subset")
     args = parser.parse_args()
+    if args.calibrate_split and not args.prepared:
+        parser.error("--calibrate-split needs --prepared")
 
     model = load_model(args.model, args.device)
     found = find_cases(args.data)
@@ -86,20 +113,34 @@ def main() -> None:
     if not cases:
         raise SystemExit(f"no case with tumour under {args.data}")
     print(f"{len(cases)} cases ({', '.join(c.case_id for c in cases)}); device {model.device}")
+    validation = None
+    if args.calibrate_split:
+        dataset = SliceDataset(args.prepared, args.calibrate_split, sequences=model.config.sequences)
+        validation = dataset.sample(args.calibration_slices, args.seed)
+        print(f"each setting calibrated on {len(validation[1])} {args.calibrate_split} slices "
+              f"({sum(validation[1])} unhealthy)")
     rows = []
     for stride, early_stop in args.settings:
-        options = options_for(stride, early_stop, args)
+        calibration_of = options_for(stride, early_stop, args).mode
+        setting_model, options, accuracy = model, options_for(stride, early_stop, args), None
+        if validation is not None:
+            start = time.perf_counter()
+            setting_model, options, measured = calibrated_for(model, stride, early_stop, args, validation)
+            calibration_of, accuracy = "own", measured["accuracy"]
+            print(f"stride {stride}, early stop {early_stop}: calibrated in {time.perf_counter() - start:.0f} s, "
+                  f"validation accuracy {accuracy}")
         scored, visited, evaluations, seconds = [], [], [], []
         for case in cases:
             start = time.perf_counter()
-            result = segment_volume(model, case.images, options)
+            result = segment_volume(setting_model, case.images, options)
             seconds.append(time.perf_counter() - start)
             scored.append(score_result(result, case, SliceProtocol()))
             visited.append(result.report["settings"]["visited_steps"])
             evaluations.append(result.report["network_evaluations"] / result.report["slices"]["segmented"])
         summary = aggregate_cases(scored)
         rows.append({
-            "stride": stride, "early_stop": early_stop, "calibration_of_mode": options.mode,
+            "stride": stride, "early_stop": early_stop, "calibration_of_mode": calibration_of,
+            "validation_accuracy": accuracy,
             "visited_steps": float(np.mean(visited)), "evaluations_per_slice": float(np.mean(evaluations)),
             "seconds_per_case": float(np.mean(seconds)), "volume_dice": summary["volume"]["dice"]["mean"],
             "unhealthy_slice_dice": summary["slice_protocol"]["unhealthy_dice"],
@@ -107,11 +148,12 @@ def main() -> None:
         })
         print(json.dumps(rows[-1]))
 
-    print("| stride | early stop | calibration | visited steps | evaluations / slice | s / case | 3-D Dice "
-          "| unhealthy slice Dice | mixed slice Dice |")
-    print("|---" * 9 + "|")
+    print("| stride | early stop | calibration | validation accuracy | visited steps | evaluations / slice | s / case "
+          "| 3-D Dice | unhealthy slice Dice | mixed slice Dice |")
+    print("|---" * 10 + "|")
     for r in rows:
         print(f"| {r['stride']} | {r['early_stop'] or NO_EARLY_STOP} | {r['calibration_of_mode']} "
+              f"| {_fmt(r['validation_accuracy'])} "
               f"| {r['visited_steps']:.1f} | {r['evaluations_per_slice']:.1f} | {r['seconds_per_case']:.2f} "
               f"| {_fmt(r['volume_dice'])} | {_fmt(r['unhealthy_slice_dice'])} | {_fmt(r['mixed_slice_dice'])} |")
     plot(rows, args.out, model.device)

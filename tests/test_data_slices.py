@@ -167,6 +167,26 @@ def test_slice_dataset_batch_read_matches_single_reads(prepared: tuple[Path, dic
     assert batch[1].tolist() == [label for _, label in singles]
 
 
+def test_slice_dataset_sample_is_a_seeded_subset_of_distinct_slices(tmp_path: Path) -> None:
+    n = 12  # slice i holds the value i in every pixel of both channels: rows are recognisable
+    images = np.broadcast_to(np.arange(n, dtype=np.float16)[:, None, None, None], (n, 2, 4, 4))
+    labels = np.arange(n) % 3 == 0
+    np.save(tmp_path / "val_images.npy", np.ascontiguousarray(images))
+    np.save(tmp_path / "val_labels.npy", labels.astype(np.uint8))
+    (tmp_path / "manifest.json").write_text(json.dumps({"sequences": ["flair", "t2"]}))
+    dataset = SliceDataset(tmp_path, "val", sequences=("t2", "flair"))
+    drawn, drawn_labels = dataset.sample(5, seed=3)
+    rows = drawn[:, 0, 0, 0].long().tolist()
+    assert drawn.shape == (5, 2, 4, 4) and drawn.dtype == torch.float32
+    assert len(set(rows)) == 5 and drawn_labels == [int(labels[r]) for r in rows]
+    torch.testing.assert_close(dataset.sample(5, seed=3)[0], drawn, rtol=0, atol=0)
+    assert dataset.sample(5, seed=4)[0][:, 0, 0, 0].long().tolist() != rows
+    everything, _ = dataset.sample(None, seed=3)
+    assert sorted(everything[:, 0, 0, 0].long().tolist()) == list(range(n))
+    with pytest.raises(ValueError, match="max_slices"):
+        dataset.sample(0, seed=3)
+
+
 def test_slice_dataset_pickles_without_its_arrays(prepared: tuple[Path, dict]) -> None:
     out, _ = prepared
     dataset = SliceDataset(out, "test", sequences=("flair",))

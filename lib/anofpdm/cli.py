@@ -60,7 +60,6 @@ def _train(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    import numpy as np
     import torch
 
     from anofpdm.calibration import MODES, calibrate_mode, choose_guidance
@@ -69,9 +68,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = SliceDataset(args.data, args.split, sequences=model.config.sequences)
-    order = np.random.default_rng(args.seed).permutation(len(dataset))[: args.max_slices]
-    images = torch.stack([dataset[int(i)][0] for i in order])
-    labels = [dataset[int(i)][1] for i in order]
+    images, labels = dataset.sample(args.max_slices, args.seed)
     results = {}
     for mode in args.modes:
         settings = MODES[mode]

@@ -301,3 +301,11 @@ class SliceDataset(Dataset):
         rows = np.asarray(indices, dtype=np.int64)
         batch = torch.from_numpy(self.images[rows][:, self.channels]).float()
         return list(zip(batch.unbind(0), self.labels[rows].tolist()))
+
+    def sample(self, max_slices: int | None, seed: int) -> tuple[torch.Tensor, list[int]]:
+        """A seeded random subset (all slices when ``max_slices`` is None), in drawn order: N x C x S x S, labels."""
+        if max_slices is not None and max_slices < 1:
+            raise ValueError(f"max_slices must be >= 1, got {max_slices}")
+        order = np.random.default_rng(seed).permutation(len(self))[:max_slices]
+        pairs = self.__getitems__(order.tolist())
+        return torch.stack([image for image, _ in pairs]), [label for _, label in pairs]
