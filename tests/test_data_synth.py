@@ -104,6 +104,23 @@ def test_argument_validation(tmp_path: Path) -> None:
         generate_cases(tmp_path, 0, 1)
     with pytest.raises(ValueError, match="shape"):
         synthesize_case(1, False, shape=(4, 60, 60))
+    for bad in ((0.0, 10.0), (50.0, 10.0), (10.0,)):
+        with pytest.raises(ValueError, match="tumour_volume_ml"):
+            synthesize_case(1, False, shape=SMALL, voxel_mm=SMALL_MM, tumour_volume_ml=bad)
+        with pytest.raises(ValueError, match="tumour_volume_ml"):
+            generate_cases(tmp_path / "bad", 1, 1, tumour_volume_ml=bad)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_tumour_volume_range_sets_the_tumour_size() -> None:
+    """The same seed drawn from a small and a large fixed nominal volume: labelled volumes follow it."""
+    volumes = {}
+    for nominal in (10.0, 150.0):
+        case = synthesize_case(case_seed(7, 0), healthy=False, shape=SMALL, voxel_mm=SMALL_MM,
+                               tumour_volume_ml=(nominal, nominal))
+        volumes[nominal] = case.info["tumour_volume_ml"]
+    assert 5.0 < volumes[10.0] < 40.0  # the label adds oedema reach and irregularity to the nominal sphere
+    assert volumes[150.0] > 4 * volumes[10.0]
 
 
 def test_written_small_cases_feed_the_reader_preview_and_preparation(tmp_path: Path, tumour_case) -> None:

@@ -83,7 +83,7 @@ CROP_MARGIN_MM = 10.0
 COORDINATE_STEP = 2  # the smooth voxel-to-template map is computed every this many voxels
 
 # --- tumour ---------------------------------------------------------------------------------------
-TUMOUR_VOLUME_ML = (8.0, 250.0)  # nominal whole-tumour volume, drawn log-uniformly
+TUMOUR_VOLUME_ML = (8.0, 250.0)  # default range of the nominal whole-tumour volume, drawn log-uniformly
 CORE_FRACTION = (0.45, 0.8)  # core radius / whole radius
 NECROSIS_FRACTION = (0.45, 0.8)  # necrosis radius / core radius
 NO_NECROSIS_PROBABILITY = 0.25
@@ -284,10 +284,12 @@ class _TumourPlan:
     mass_effect: float
 
 
-def _plan_tumour(rng: np.random.Generator, atlas: _Atlas, pose: _Pose) -> _TumourPlan:
+def _plan_tumour(
+    rng: np.random.Generator, atlas: _Atlas, pose: _Pose, tumour_volume_ml: tuple[float, float]
+) -> _TumourPlan:
     site = atlas.tumour_sites[rng.integers(len(atlas.tumour_sites))].astype(np.float64)
     centre = pose.to_target(site[None], atlas.centre)[0]
-    low, high = np.log(TUMOUR_VOLUME_ML)
+    low, high = np.log(tumour_volume_ml)
     volume_mm3 = float(np.exp(rng.uniform(low, high))) * 1000.0
     radius = (3.0 * volume_mm3 / (4.0 * np.pi)) ** (1.0 / 3.0)
     necrosis = 0.0 if rng.random() < NO_NECROSIS_PROBABILITY else _uniform(rng, NECROSIS_FRACTION)
@@ -532,8 +534,18 @@ def _tissue(gm: np.ndarray, wm: np.ndarray, brain_p: np.ndarray, fields: _Tumour
     return tissue
 
 
+def _check_tumour_volume(tumour_volume_ml: Sequence[float]) -> tuple[float, float]:
+    if len(tumour_volume_ml) != 2 or not 0 < tumour_volume_ml[0] <= tumour_volume_ml[1]:
+        raise ValueError(f"tumour_volume_ml must be (low, high) with 0 < low <= high, got {tuple(tumour_volume_ml)}")
+    return float(tumour_volume_ml[0]), float(tumour_volume_ml[1])
+
+
 def synthesize_case(
-    seed: int, healthy: bool, shape: Sequence[int] = BRATS_SHAPE, voxel_mm: float = 1.0
+    seed: int,
+    healthy: bool,
+    shape: Sequence[int] = BRATS_SHAPE,
+    voxel_mm: float = 1.0,
+    tumour_volume_ml: Sequence[float] = TUMOUR_VOLUME_ML,
 ) -> SyntheticCase:
     """Generate one case in memory.
 
@@ -543,6 +555,8 @@ def synthesize_case(
         shape: output grid; the default is the BraTS grid. Smaller grids with a larger ``voxel_mm``
             (e.g. 60 x 60 x 39 at 4 mm) cover the same field of view faster, for tests.
         voxel_mm: isotropic voxel size of the output grid.
+        tumour_volume_ml: (low, high) range of the nominal whole-tumour volume in mL, drawn log-uniformly
+            (the labelled volume differs: oedema reach, irregularity and the brain's edge change it).
 
     Returns:
         The case: int16 images keyed by ``SEQUENCES``, uint8 seg (0, 1, 2, 4), LPS affine and a
@@ -552,10 +566,11 @@ def synthesize_case(
         raise ValueError(f"shape must be three sizes of at least {MIN_GRID}, got {tuple(shape)}")
     if voxel_mm <= 0:
         raise ValueError(f"voxel_mm must be positive, got {voxel_mm}")
+    tumour_volume_ml = _check_tumour_volume(tumour_volume_ml)
     rng = np.random.default_rng(seed)
     atlas = _atlas()
     pose = _draw_pose(rng)
-    tumour = None if healthy else _plan_tumour(rng, atlas, pose)
+    tumour = None if healthy else _plan_tumour(rng, atlas, pose, tumour_volume_ml)
     crop = _crop_box(atlas, pose, shape, voxel_mm)
     axes_mm = [axis[c] for axis, c in zip(_grid_mm(shape, voxel_mm), crop)]
     grid = _source_grid(rng, atlas, pose, axes_mm, tumour, voxel_mm)
@@ -622,19 +637,25 @@ def _write_studies(case_dir: Path, studies_dir: Path, name: str) -> None:
     shutil.copyfile(case_dir / f"{name}_t2.nii.gz", studies_dir / STUDIES_T2_DIR / f"{name}.nii.gz")
 
 
-def _validate_generation(n_cases: int, seed: int, healthy_fraction: float) -> None:
+def _validate_generation(
+    n_cases: int, seed: int, healthy_fraction: float, tumour_volume_ml: Sequence[float] = TUMOUR_VOLUME_ML
+) -> None:
     if n_cases < 1:
         raise ValueError(f"n_cases must be at least 1, got {n_cases}")
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
     if not 0.0 <= healthy_fraction <= 1.0:
         raise ValueError(f"healthy_fraction must be in [0, 1], got {healthy_fraction}")
+    _check_tumour_volume(tumour_volume_ml)
 
 
-def _generate_case(index: int, out_dir: Path, seed: int, healthy_fraction: float) -> dict[str, Any]:
+def _generate_case(
+    index: int, out_dir: Path, seed: int, healthy_fraction: float, tumour_volume_ml: tuple[float, float]
+) -> dict[str, Any]:
     """Synthesise and write case ``index``; its manifest entry."""
     name = case_name(index)
-    case = synthesize_case(case_seed(seed, index), is_healthy_index(index, healthy_fraction))
+    case = synthesize_case(case_seed(seed, index), is_healthy_index(index, healthy_fraction),
+                           tumour_volume_ml=tumour_volume_ml)
     case_dir = write_case(case, out_dir, name)
     _write_studies(case_dir, out_dir / STUDIES_DIR, name)
     return {"case": name, **case.info}
@@ -647,6 +668,7 @@ def generate_cases(
     healthy_fraction: float = 0.2,
     progress: ProgressFn | None = None,
     workers: int = 1,
+    tumour_volume_ml: Sequence[float] = TUMOUR_VOLUME_ML,
 ) -> dict[str, Any]:
     """Generate synthetic BraTS-format cases and a MONAI Label studies folder.
 
@@ -661,13 +683,15 @@ def generate_cases(
         healthy_fraction: fraction of cases without tumour.
         progress: optional callable(done, total) called after each case.
         workers: processes generating cases in parallel (the cases are identical for any number).
+        tumour_volume_ml: (low, high) range of the nominal whole-tumour volume in mL (log-uniform).
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
     """
-    _validate_generation(n_cases, seed, healthy_fraction)
+    _validate_generation(n_cases, seed, healthy_fraction, tumour_volume_ml)
     out_dir = Path(out_dir)
-    generate = functools.partial(_generate_case, out_dir=out_dir, seed=seed, healthy_fraction=healthy_fraction)
+    generate = functools.partial(_generate_case, out_dir=out_dir, seed=seed, healthy_fraction=healthy_fraction,
+                                 tumour_volume_ml=_check_tumour_volume(tumour_volume_ml))
     results = ordered_map(generate, range(n_cases), workers, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = list(results)
@@ -677,6 +701,7 @@ def generate_cases(
         "seed": seed,
         "n_cases": n_cases,
         "healthy_fraction": healthy_fraction,
+        "tumour_volume_ml": list(_check_tumour_volume(tumour_volume_ml)),
         "shape": list(BRATS_SHAPE),
         "voxel_mm": 1.0,
         "affine": brats_affine().tolist(),
