@@ -151,6 +151,30 @@ def test_resume_names_a_damaged_stored_case_and_keeps_it(single_process, tiny_mo
     assert damaged.read_text() == '{"key": "trunc'
 
 
+def test_resume_reuses_the_stored_tuning_only_for_the_same_validation_setup(tiny_model_path, data_dir, prepared,
+                                                                             tmp_path):
+    argv = ["--model", str(tiny_model_path), "--data", str(data_dir), "--out", str(tmp_path), "--methods",
+            "flair-threshold", "--prepared", str(prepared), "--split", "test", "--tune-split", "val",
+            "--tune-quantiles", "0.5,0.95", "--overlays", "0", "--min-lesion-mm3", "0"]
+    assert main(argv) == 0
+    first = json.loads((tmp_path / "results.json").read_text())
+    stored = json.loads((tmp_path / "tuning.json").read_text())
+    assert first["settings"]["reused_tuning"] is False and stored["tuned"] == first["settings"]["tuned_thresholds"]
+    assert stored["tuned"]["flair-threshold"]["quantile"] == 0.95  # see test_tuning_picks_the_quantile...
+    stored["tuned"]["flair-threshold"]["quantile"] = 0.5  # a choice tuning would not make: reuse takes it as stored
+    (tmp_path / "tuning.json").write_text(json.dumps(stored))
+    assert main([*argv, "--resume"]) == 0
+    resumed = json.loads((tmp_path / "results.json").read_text())
+    assert resumed["settings"]["reused_tuning"] is True
+    assert resumed["settings"]["thresholds"]["flair-threshold"]["quantile"] == 0.5
+    other_candidates = [*argv[:-5], "0.5,0.9,0.95", *argv[-4:], "--resume"]  # another setup: tuned again
+    assert main(other_candidates) == 0
+    retuned = json.loads((tmp_path / "results.json").read_text())
+    assert retuned["settings"]["reused_tuning"] is False
+    assert retuned["settings"]["thresholds"]["flair-threshold"]["quantile"] == 0.95
+    assert json.loads((tmp_path / "tuning.json").read_text())["tuned"] == retuned["settings"]["tuned_thresholds"]
+
+
 def test_run_key_follows_model_methods_and_scoring_settings(tiny_model_path, tmp_path):
     settings = EvaluationSettings()
     key = run_key(tiny_model_path, ["flair-threshold"], settings)

@@ -98,6 +98,7 @@ ProgressCallback = Callable[[int, int], None]
 PAPER_MIN_AREA_PX = 40.0  # the authors drop 2-D components of at most 40 px at 128 x 128
 TRUTH_LEVEL = 0.5  # labels are resized, then thresholded at 0.5 (SPEC section 1)
 RESULTS_JSON, RESULTS_MD, OVERLAY_DIR, CASE_DIR = "results.json", "results.md", "overlays", "cases"
+TUNING_JSON = "tuning.json"  # the tuned baseline thresholds, reused by --resume
 DEFAULT_OVERLAY_CASES = 3
 OVERLAY_DPI = 90
 OVERLAY_TILE_INCHES = 2.6
@@ -311,6 +312,7 @@ def tune_thresholds(
     methods: Sequence[str],
     settings: EvaluationSettings,
     quantiles: Sequence[float] = DEFAULT_TUNE_QUANTILES,
+    progress: ProgressCallback | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Choose each baseline's brain quantile on validation cases: the best mean per-volume 3-D Dice.
 
@@ -322,6 +324,7 @@ def tune_thresholds(
         methods: baselines to tune (AnoFPDM variants are calibrated, not tuned, and are skipped).
         settings: the baselines' other settings.
         quantiles: candidate quantiles in (0, 1).
+        progress: called with (baseline-case maps done, total).
 
     Returns:
         baseline -> {"quantile": chosen, "validation_dice": {quantile: mean Dice}, "cases": [ids]}.
@@ -330,8 +333,9 @@ def tune_thresholds(
     if not with_tumour:
         raise ValueError("threshold tuning needs validation cases with tumour")
     candidates = [FixedThreshold(quantile=q) for q in quantiles]
-    tuned = {}
-    for method in (m for m in methods if m in BASELINES):
+    baselines = [m for m in methods if m in BASELINES]
+    tuned, done = {}, 0
+    for method in baselines:
         options = settings.baseline_options(method)
         scores: dict[float, list[float]] = {q: [] for q in quantiles}
         for case in with_tumour:
@@ -339,6 +343,9 @@ def tune_thresholds(
             for rule in candidates:
                 result = finish_baseline(maps, model, case.images, replace(options, threshold=rule))
                 scores[rule.quantile].append(dice(np.asanyarray(result.mask.dataobj) > 0, case.truth))
+            done += 1
+            if progress is not None:
+                progress(done, len(baselines) * len(with_tumour))
         means = {q: float(np.mean(v)) for q, v in scores.items()}
         tuned[method] = {"quantile": max(quantiles, key=lambda q: (means[q], q)), "validation_dice": means,
                          "cases": [case.case_id for case in with_tumour]}
@@ -438,25 +445,59 @@ def run_key(model_path: Path, methods: Sequence[str], settings: EvaluationSettin
     return digest.hexdigest()[:16]
 
 
-def _store_case(case_dir: Path, key: str, record: dict[str, Any]) -> None:
-    """Write one case's record atomically (a stopped run leaves either the whole record or none)."""
-    path = case_dir / f"{record['case']}.json"
+def _store(path: Path, key: str, name: str, value: Any) -> None:
+    """Write ``{"key": key, name: value}`` atomically (a stopped run leaves either the whole file or none)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"key": key, "record": record}, indent=1))
+    tmp.write_text(json.dumps({"key": key, name: value}, indent=1))
     tmp.replace(path)
 
 
-def _stored_case(case_dir: Path, key: str, case_id: str) -> dict[str, Any] | None:
-    """A scored record of ``case_id`` stored under the same key, else None (failures are always recomputed)."""
-    path = case_dir / f"{case_id}.json"
+def _stored(path: Path, key: str, name: str, what: str) -> Any:
+    """The value ``_store`` wrote under the same key, else None; a damaged file is named, never overwritten."""
     if not path.is_file():
         return None
     try:
         stored = json.loads(path.read_text())
     except ValueError as exc:
-        raise ValueError(f"{path} is not a stored case result ({exc}); delete it to recompute the case") from exc
-    record = stored.get("record", {})
-    return record if stored.get("key") == key and "error" not in record else None
+        raise ValueError(f"{path} is not a stored {what} ({exc}); delete it to recompute it") from exc
+    return stored.get(name) if stored.get("key") == key else None
+
+
+def _store_case(case_dir: Path, key: str, record: dict[str, Any]) -> None:
+    _store(case_dir / f"{record['case']}.json", key, "record", record)
+
+
+def _stored_case(case_dir: Path, key: str, case_id: str) -> dict[str, Any] | None:
+    """A scored record of ``case_id`` stored under the same key, else None (failures are always recomputed)."""
+    record = _stored(case_dir / f"{case_id}.json", key, "record", "case result")
+    return record if record is not None and "error" not in record else None
+
+
+def _tuned_or_stored(
+    model: LoadedModel,
+    model_path: Path,
+    tune_files: Sequence[CaseFiles],
+    methods: Sequence[str],
+    settings: EvaluationSettings,
+    quantiles: Sequence[float],
+    out_path: Path,
+    resume: bool,
+    progress: ProgressCallback | None,
+) -> tuple[dict[str, dict[str, Any]], bool]:
+    """The baselines' tuned thresholds: stored ones from an earlier run with the same model, baselines, settings,
+    validation cases and candidates when resuming, else ``tune_thresholds`` (then stored). Also: were they reused."""
+    baselines = [m for m in methods if m in BASELINES]
+    identity = [run_key(model_path, baselines, settings), sorted(f.case_id for f in tune_files), list(quantiles)]
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    path = out_path / TUNING_JSON
+    stored = _stored(path, key, "tuned", "tuning") if resume else None
+    if stored is not None:
+        return stored, True
+    cases = [prepare_case(files, model.config) for files in tune_files]
+    tuned = json.loads(json.dumps(tune_thresholds(model, cases, baselines, settings, quantiles, progress)))
+    out_path.mkdir(parents=True, exist_ok=True)
+    _store(path, key, "tuned", tuned)
+    return tuned, False  # through JSON either way: the same types whether stored or fresh
 
 
 def _mean_of(per_case: Sequence[Mapping[str, Any]], key: str) -> float | None:
@@ -554,6 +595,7 @@ def evaluate(
     tune_case_ids: Sequence[str] | None = None,
     tune_quantiles: Sequence[float] = DEFAULT_TUNE_QUANTILES,
     resume: bool = False,
+    tune_progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """Evaluate methods on the labelled cases of a data folder and write the results.
 
@@ -571,7 +613,9 @@ def evaluate(
             before evaluation; must not overlap the evaluated cases.
         tune_quantiles: the candidate quantiles.
         resume: reuse the case results stored in ``out_path/cases`` by an earlier run with the same model
-            file, methods and settings (cases drawn as overlays are recomputed: their images are not stored).
+            file, methods and settings (cases drawn as overlays are recomputed: their images are not stored),
+            and the tuned thresholds stored in ``out_path/tuning.json`` for the same validation cases.
+        tune_progress: called with (validation maps done, total) while tuning.
 
     Returns:
         On rank 0 the results as written to results.json; ``{}`` on the other ranks.
@@ -593,11 +637,11 @@ def evaluate(
     out_path = Path(out_path)
     with distributed_context(device) as ctx:
         model = load_model(model_path, ctx.device)
-        tuned = None
+        tuned, reused_tuning = None, False
         if tune_files and any(m in BASELINES for m in methods):
             if ctx.is_main:
-                tuned = tune_thresholds(model, [prepare_case(f, model.config) for f in tune_files], methods, settings,
-                                        tune_quantiles)
+                tuned, reused_tuning = _tuned_or_stored(model, Path(model_path), tune_files, methods, settings,
+                                                        tune_quantiles, out_path, resume, tune_progress)
             tuned = _broadcast(tuned, ctx.world_size)
             chosen = {method: FixedThreshold(quantile=t["quantile"]) for method, t in tuned.items()}
             settings = replace(settings, thresholds={**settings.thresholds, **chosen})
@@ -647,6 +691,7 @@ def evaluate(
                 "image_size": model.config.image_size,
                 **asdict(settings),
                 "tuned_thresholds": tuned,
+                "reused_tuning": reused_tuning,
                 "run_key": key,
                 "reused_cases": sorted(reused),
             },
@@ -739,13 +784,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     results = evaluate(args.model, args.data, args.methods, args.out, args.max_cases,
                        progress=progress_bar("evaluate", unit="run") if is_main else None, device=args.device,
                        settings=settings_from_args(args), case_ids=case_ids, tune_case_ids=tune_ids,
-                       tune_quantiles=args.tune_quantiles, resume=args.resume)
+                       tune_quantiles=args.tune_quantiles, resume=args.resume,
+                       tune_progress=progress_bar("tune thresholds", unit="map") if is_main else None)
     if is_main:
         print(markdown_table(results["summary"]))
         for failure in results["failed_cases"]:
             print(f"warning: case {failure['case']} not scored: {failure['error']}", file=sys.stderr)
         for method, tuned in (results["settings"]["tuned_thresholds"] or {}).items():
-            print(f"{method}: quantile {tuned['quantile']} tuned on {len(tuned['cases'])} validation cases")
+            print(f"{method}: quantile {tuned['quantile']} tuned on {len(tuned['cases'])} validation cases"
+                  + (" (stored by an earlier run)" if results["settings"]["reused_tuning"] else ""))
         if results["settings"]["reused_cases"]:
             print(f"reused the stored results of {len(results['settings']['reused_cases'])} cases")
         print(f"wrote {args.out / RESULTS_JSON}, {args.out / RESULTS_MD}")
