@@ -25,7 +25,7 @@ shm_mb=$(df -m --output=size /dev/shm 2>/dev/null | tail -1)
 (( ${shm_mb:-0} >= 1024 )) || NUM_WORKERS=0   # DataLoader workers hand batches over through /dev/shm
 export NUM_WORKERS INFER_BATCH=${INFER_BATCH:-512}
 export CALIBRATION_MODES=${CALIBRATION_MODES:-fast,full} CALIBRATION_SLICES=${CALIBRATION_SLICES:-1000}
-export EVAL_CASES=${EVAL_CASES:-8} EVAL_METHODS=${EVAL_METHODS:-anofpdm-ddim-fast,anofpdm-ste-fast,flair-threshold}
+export EVAL_CASES=${EVAL_CASES:-8} EVAL_METHODS=${EVAL_METHODS:-anofpdm-ddim-fast,anofpdm-ste-fast,cfg-ddim,flair-threshold}
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tail -1
 env | grep -E '^(CASES|BATCH|LR|EMA|NUM_WORKERS|INFER_BATCH|CALIBRATION_MODES|EVAL_CASES)=' | sort
 if [[ ! -f $WORK/run/state.pt && -f checkpoints/h200/state.pt ]]; then
@@ -48,8 +48,8 @@ NVIDIA_TF32_OVERRIDE=0 timeout 60 $PY "${consistency[@]/cpu:16/cuda:16}" >> "$OU
 timeout 60 $PY benchmarks/verdict_by_tumour_size.py --model "$WORK/anofpdm.pt" --data "$WORK/slices" \
     --batch-size "$INFER_BATCH" >> "$OUT/figures.txt" 2>&1
 echo "[$SECONDS s] quality against cost" | tee -a "$OUT/figures.txt"
-timeout 120 $PY benchmarks/quality_vs_cost.py --model "$WORK/anofpdm.pt" --data "$WORK/cases" --prepared "$WORK/slices" \
-    --cases 4 --settings 10:none,30:none,30:4,60:none,60:2 --batch-size "$INFER_BATCH" \
+timeout 180 $PY benchmarks/quality_vs_cost.py --model "$WORK/anofpdm.pt" --data "$WORK/cases" --prepared "$WORK/slices" \
+    --cases 4 --settings 10:none,30:none,30:4,60:none,60:2 --calibrate-split val --batch-size "$INFER_BATCH" \
     --out "$OUT/quality_vs_cost.png" >> "$OUT/figures.txt" 2>&1
 echo "[$SECONDS s] evaluate"
 timeout "$(left)" env STAGES=evaluate bash scripts/train_demo_model.sh && cp "$WORK/evaluation/results.md" "$OUT/"
