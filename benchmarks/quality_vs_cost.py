@@ -33,7 +33,7 @@ from anofpdm.data.slices import SliceDataset
 from anofpdm.evaluate import SliceProtocol, prepare_case, score_result, split_case_ids
 from anofpdm.metrics import aggregate_cases
 from anofpdm.model import LoadedModel, load_model
-from anofpdm.pipeline import InferenceOptions, segment_volume
+from anofpdm.pipeline import InferenceOptions, default_batch_size, segment_volume
 
 NO_EARLY_STOP = "none"
 OWN_CALIBRATION = "setting"  # the mode name a setting's own calibration is stored under
@@ -70,7 +70,7 @@ def calibrated_for(
     config = replace(settings, stride=stride, early_stop=early_stop, seed=args.seed,
                      forward_steps=args.forward_steps or settings.forward_steps)
     images, labels = validation
-    calibration = calibrate_mode(model, images, labels, config, args.batch_size or 8)
+    calibration = calibrate_mode(model, images, labels, config, args.batch_size or default_batch_size(model.device))
     options = InferenceOptions(mode=OWN_CALIBRATION, seed=args.seed, min_lesion_mm3=args.min_lesion_mm3,
                                batch_size=args.batch_size)
     return replace(model, calibration={OWN_CALIBRATION: calibration.to_dict()}), options, calibration.validation
