@@ -62,7 +62,8 @@ def options_for(stride: int, early_stop: int | None, args: argparse.Namespace) -
 
 
 def calibrated_for(
-    model: LoadedModel, stride: int, early_stop: int | None, args: argparse.Namespace, validation: tuple
+    model: LoadedModel, stride: int, early_stop: int | None, args: argparse.Namespace,
+    validation: tuple[torch.Tensor, list[int]],
 ) -> tuple[LoadedModel, InferenceOptions, dict]:
     """The model with one calibration made at this setting (its mode's settings with stride, patience and T_f
     replaced), the options that select it, and what the calibration measured."""
@@ -121,8 +122,8 @@ def main() -> None:
               f"({sum(validation[1])} unhealthy)")
     rows = []
     for stride, early_stop in args.settings:
-        calibration_of = options_for(stride, early_stop, args).mode
-        setting_model, options, accuracy = model, options_for(stride, early_stop, args), None
+        options = options_for(stride, early_stop, args)
+        setting_model, calibration_of, accuracy = model, options.mode, None
         if validation is not None:
             start = time.perf_counter()
             setting_model, options, measured = calibrated_for(model, stride, early_stop, args, validation)

@@ -104,7 +104,7 @@ def test_argument_validation(tmp_path: Path) -> None:
         generate_cases(tmp_path, 0, 1)
     with pytest.raises(ValueError, match="shape"):
         synthesize_case(1, False, shape=(4, 60, 60))
-    for bad in ((0.0, 10.0), (50.0, 10.0), (10.0,)):
+    for bad in ((0.0, 10.0), (50.0, 10.0), (10.0,), (10.0, float("inf")), (float("nan"), 10.0)):
         with pytest.raises(ValueError, match="tumour_volume_ml"):
             synthesize_case(1, False, shape=SMALL, voxel_mm=SMALL_MM, tumour_volume_ml=bad)
         with pytest.raises(ValueError, match="tumour_volume_ml"):

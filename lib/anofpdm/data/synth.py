@@ -535,8 +535,10 @@ def _tissue(gm: np.ndarray, wm: np.ndarray, brain_p: np.ndarray, fields: _Tumour
 
 
 def _check_tumour_volume(tumour_volume_ml: Sequence[float]) -> tuple[float, float]:
-    if len(tumour_volume_ml) != 2 or not 0 < tumour_volume_ml[0] <= tumour_volume_ml[1]:
-        raise ValueError(f"tumour_volume_ml must be (low, high) with 0 < low <= high, got {tuple(tumour_volume_ml)}")
+    if len(tumour_volume_ml) != 2 or not 0 < tumour_volume_ml[0] <= tumour_volume_ml[1] < np.inf:
+        raise ValueError(
+            f"tumour_volume_ml must be (low, high) with 0 < low <= high, finite, got {tuple(tumour_volume_ml)}"
+        )
     return float(tumour_volume_ml[0]), float(tumour_volume_ml[1])
 
 
@@ -637,16 +639,13 @@ def _write_studies(case_dir: Path, studies_dir: Path, name: str) -> None:
     shutil.copyfile(case_dir / f"{name}_t2.nii.gz", studies_dir / STUDIES_T2_DIR / f"{name}.nii.gz")
 
 
-def _validate_generation(
-    n_cases: int, seed: int, healthy_fraction: float, tumour_volume_ml: Sequence[float] = TUMOUR_VOLUME_ML
-) -> None:
+def _validate_generation(n_cases: int, seed: int, healthy_fraction: float) -> None:
     if n_cases < 1:
         raise ValueError(f"n_cases must be at least 1, got {n_cases}")
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
     if not 0.0 <= healthy_fraction <= 1.0:
         raise ValueError(f"healthy_fraction must be in [0, 1], got {healthy_fraction}")
-    _check_tumour_volume(tumour_volume_ml)
 
 
 def _generate_case(
@@ -688,10 +687,11 @@ def generate_cases(
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
     """
-    _validate_generation(n_cases, seed, healthy_fraction, tumour_volume_ml)
+    _validate_generation(n_cases, seed, healthy_fraction)
+    tumour_volume_ml = _check_tumour_volume(tumour_volume_ml)
     out_dir = Path(out_dir)
     generate = functools.partial(_generate_case, out_dir=out_dir, seed=seed, healthy_fraction=healthy_fraction,
-                                 tumour_volume_ml=_check_tumour_volume(tumour_volume_ml))
+                                 tumour_volume_ml=tumour_volume_ml)
     results = ordered_map(generate, range(n_cases), workers, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = list(results)
@@ -701,7 +701,7 @@ def generate_cases(
         "seed": seed,
         "n_cases": n_cases,
         "healthy_fraction": healthy_fraction,
-        "tumour_volume_ml": list(_check_tumour_volume(tumour_volume_ml)),
+        "tumour_volume_ml": list(tumour_volume_ml),
         "shape": list(BRATS_SHAPE),
         "voxel_mm": 1.0,
         "affine": brats_affine().tolist(),
