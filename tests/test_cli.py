@@ -45,6 +45,16 @@ def test_segment_reports_missing_and_corrupt_files(tiny_model_path, volume_files
     assert not (tmp_path / "m.nii.gz").exists()
 
 
+def test_bad_settings_are_a_one_line_error_and_nothing_is_written(tmp_path, capsys):
+    out = tmp_path / "synth"
+    assert main(["synth", "--out", str(out), "--cases", "1", "--tumour-volume-ml", "50,10"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: tumour_volume_ml must be (low, high)") and err.count("\n") == 1
+    assert main(["synth", "--out", str(out), "--cases", "1", "--healthy-fraction", "1.5"]) == 2
+    assert "healthy_fraction must be in [0, 1]" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_calibrate_stores_each_mode_in_the_model_file(tiny_model_path, tmp_path):
     from anofpdm.model import save_checkpoint
 

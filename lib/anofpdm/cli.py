@@ -211,11 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``anofpdm`` console command."""
     args = build_parser().parse_args(argv)
     fix_mmap_threshold()
-    from anofpdm.volume import InputError
-
     try:
         return args.run(args)
-    except (InputError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # bad input or settings (InputError is a ValueError)
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

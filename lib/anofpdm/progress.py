@@ -9,13 +9,19 @@ __all__ = ["progress_bar"]
 
 
 def progress_bar(description: str, unit: str = "step") -> Callable[..., None]:
-    """A callback ``(done, total)`` or ``(stage, done, total)`` that drives one tqdm bar on stderr."""
+    """A callback ``(done, total)`` or ``(stage, done, total)`` that drives one tqdm bar on stderr.
+
+    The bar appears at the first call, so a command that stops before any work shows none.
+    """
     from tqdm import tqdm
 
-    bar = tqdm(desc=description, unit=unit, dynamic_ncols=True, file=sys.stderr)
+    bar: tqdm | None = None
 
     def update(*args: object) -> None:
+        nonlocal bar
         done, total = int(args[-2]), int(args[-1])
+        if bar is None:
+            bar = tqdm(desc=description, unit=unit, total=total, dynamic_ncols=True, file=sys.stderr)
         if bar.total != total:
             bar.total = total
         bar.n = done
