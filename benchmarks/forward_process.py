@@ -20,7 +20,6 @@ import torch
 from anofpdm.diffusion import NoiseSchedule
 from anofpdm.forward_process import ForwardProcessConfig, run_forward_process
 from anofpdm.model import PRESETS, build_network
-from anofpdm.runtime import fix_mmap_threshold
 
 
 class Counter(torch.nn.Module):
@@ -97,11 +96,7 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, nargs="+", default=[50, 500])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's dynamic mmap threshold on (shows the fragmentation anofpdm avoids)")
     args = parser.parse_args()
-    if not args.default_malloc:
-        fix_mmap_threshold()
     if args.child is not None:
         print(json.dumps(peak_memory_child(args.preset, args.batch, args.child, args.device)))
         return
@@ -109,7 +104,7 @@ def main() -> None:
     print(json.dumps(overhead(args.preset, args.batch, args.overhead_steps, args.device), indent=2))
     for steps in args.memory_steps:
         command = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch),
-                   "--device", args.device, "--child", str(steps)] + (["--default-malloc"] if args.default_malloc else [])
+                   "--device", args.device, "--child", str(steps)]
         out = subprocess.run(command, capture_output=True, text=True, check=True)
         print(out.stdout.strip())
 

@@ -11,7 +11,6 @@ import sys
 
 import anofpdm
 import lib.configs
-from anofpdm.runtime import fix_mmap_threshold
 from lib.serving import serve_infer_in_worker_threads
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
@@ -23,7 +22,6 @@ class AnoFPDMApp(MONAILabelApp):
     """One infer task per config module in ``lib.configs``; weights default to the repository's ``model/``."""
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
-        fix_mmap_threshold()  # keeps server memory flat over long forward processes
         model_dir = os.path.realpath(os.path.join(app_dir, "..", "..", "model"))
         self.models: dict[str, TaskConfig] = {}
         for class_path in get_class_names(lib.configs, "TaskConfig"):

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from anofpdm.progress import progress_bar
-from anofpdm.runtime import fix_mmap_threshold
 
 __all__ = ["main", "build_parser"]
 
@@ -210,7 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``anofpdm`` console command."""
     args = build_parser().parse_args(argv)
-    fix_mmap_threshold()
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as exc:  # bad input or settings (InputError is a ValueError)

@@ -22,12 +22,14 @@ import torch
 from anofpdm.decisions import cosine_scores
 from anofpdm.diffusion import NoiseSchedule, SliceNoise
 from anofpdm.model import HEALTHY, MAP_SEQUENCES, NULL_LABEL, LoadedModel
+from anofpdm.runtime import release_free_memory
 
 __all__ = ["ForwardProcessConfig", "ForwardProcessResult", "SliceStatistics", "guided_and_null_noise",
            "run_forward_process", "run_on_slices"]
 
 Encoding = Literal["ddim", "ddpm"]
 ProgressCallback = Callable[[int, int], None]
+RELEASE_MEMORY_EVERY_STEPS = 50  # visited steps between returns of the C heap's free pages (runtime module)
 
 
 @dataclass(frozen=True)
@@ -205,10 +207,13 @@ def run_forward_process(
             visited.append(t)
             if progress is not None:
                 progress(index + 1, len(steps))
+            if (index + 1) % RELEASE_MEMORY_EVERY_STEPS == 0:
+                release_free_memory()
             if config.early_stop is not None and stats.stop_passed_peaks(index, config.early_stop):
                 break
             if config.encoding == "ddim" and index + 1 < len(steps):
                 z = _all_rows(schedule.ddim_step(z_rows, eps_null, t, steps[index + 1]), rows, z)
+    release_free_memory()
     step_tensor = torch.tensor(visited, device=x0.device)
     return ForwardProcessResult(
         anomaly_maps=stats.anomaly_maps,

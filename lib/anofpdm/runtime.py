@@ -1,33 +1,38 @@
-"""Process-level settings for long runs, and how records name the device that made them.
+"""Process-level helpers for long runs, and how records name the device that made them.
 
-glibc raises its mmap threshold each time a large block is freed, after which tensor-sized buffers
-come from the heap and fragment it: a forward process of 900 steps grew the resident memory by
-~1 GB while live tensors stayed at ~4 MB (benchmarks/forward_process.py). A fixed threshold keeps
-such buffers mmap-backed, so freed memory goes back to the system and memory stays flat in T_f.
+glibc keeps memory freed between network calls in its heap, and over a long forward process the
+heap fragments: 900 visited steps at batch 8 grew the resident memory from 0.5 to 0.96 GB while live
+tensors stayed at a few MB. ``release_free_memory`` (``malloc_trim``) hands the free pages back; the
+forward process calls it every few dozen steps. (Fixing glibc's mmap threshold also keeps memory flat,
+but every tensor buffer then becomes a fresh mmap whose pages fault in on each call: 2.7 times slower
+on a 2-core CPU.)
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 import torch
 
-__all__ = ["describe_device", "fix_mmap_threshold"]
-
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-DEFAULT_MMAP_THRESHOLD_BYTES = 64 * 1024
+__all__ = ["describe_device", "release_free_memory"]
 
 
-def fix_mmap_threshold(threshold_bytes: int = DEFAULT_MMAP_THRESHOLD_BYTES) -> bool:
-    """Fix glibc's mmap threshold; returns False where the C library has no ``mallopt`` (not glibc)."""
-    if threshold_bytes <= 0:
-        raise ValueError(f"threshold_bytes must be positive, got {threshold_bytes}")
+@functools.cache
+def _malloc_trim():
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None
-    if libc is None or not hasattr(libc, "mallopt"):
+    return getattr(libc, "malloc_trim", None)
+
+
+def release_free_memory() -> bool:
+    """Return the C heap's free pages to the system; False where the C library has no ``malloc_trim`` (not glibc)."""
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold_bytes))
+    trim(0)
+    return True
 
 
 def describe_device(device: torch.device) -> str:
