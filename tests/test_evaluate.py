@@ -18,13 +18,13 @@ from anofpdm.evaluate import (
     EvaluationSettings,
     SliceProtocol,
     evaluate,
-    main,
     prepare_case,
     run_key,
     run_method,
     score_result,
     tune_thresholds,
 )
+from anofpdm.cli import main as cli_main
 from anofpdm.model import load_model
 from anofpdm.pipeline import ModelGridOutputs, SegmentationResult
 from anofpdm.volume import to_input_grid
@@ -66,6 +66,11 @@ def prepared(tmp_path_factory) -> Path:
     splits = {"test": {"cases": ["BraTS2021_00001", "BraTS2021_00002"]}, "val": {"cases": ["BraTS2021_00003"]}}
     (root / "manifest.json").write_text(json.dumps({"splits": splits}))
     return root
+
+
+def main(argv: list[str]) -> int:
+    """``anofpdm evaluate ARGV``."""
+    return cli_main(["evaluate", *argv])
 
 
 def _argv(model: Path, data: Path, prepared: Path, out: Path) -> list[str]:
@@ -141,13 +146,13 @@ def test_each_case_is_stored_and_resume_computes_only_what_is_missing(single_pro
 
 
 def test_resume_names_a_damaged_stored_case_and_keeps_it(single_process, tiny_model_path, data_dir, prepared,
-                                                         tmp_path):
+                                                         tmp_path, capsys):
     damaged = tmp_path / "cases" / "BraTS2021_00001.json"
     damaged.parent.mkdir()
     damaged.write_text('{"key": "trunc')
     argv = [*_argv(tiny_model_path, data_dir, prepared, tmp_path), "--overlays", "0", "--resume"]
-    with pytest.raises(ValueError, match="BraTS2021_00001.json is not a stored case result"):
-        main(argv)
+    assert main(argv) == 2
+    assert "BraTS2021_00001.json is not a stored case result" in capsys.readouterr().err
     assert damaged.read_text() == '{"key": "trunc'
 
 
@@ -238,7 +243,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def test_two_processes_give_the_one_process_results(tiny_model_path, data_dir, prepared, single_process, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(LIB), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               "-m", "anofpdm.evaluate", *_argv(tiny_model_path, data_dir, prepared, tmp_path)]
+               "-m", "anofpdm.cli", "evaluate", *_argv(tiny_model_path, data_dir, prepared, tmp_path)]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())

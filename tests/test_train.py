@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from anofpdm.cli import main as cli_main
 from anofpdm.model import HEALTHY, NULL_LABEL, UNHEALTHY, load_model
 from anofpdm.train import (
     GlobalBatchSampler,
     TrainConfig,
     TrainingInterrupted,
     draw_diffusion_inputs,
-    main,
     train,
 )
 
@@ -230,13 +230,13 @@ def test_two_rank_ddp_on_cpu_matches_one_process(data: Path, tmp_path: Path) -> 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(LIB), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-              "-m", "anofpdm.train", "--out", str(tmp_path / "ddp"), *args]
+              "-m", "anofpdm.cli", "train", "--out", str(tmp_path / "ddp"), *args]
     finished = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "2 ranks x batch 2" in finished.stderr
 
     with pytest.warns(UserWarning, match="lower ema_decay"):  # 2 iterations are too few for any EMA
-        assert main(["--out", str(tmp_path / "single"), *args]) == 0
+        assert cli_main(["train", "--out", str(tmp_path / "single"), *args]) == 0
     ddp, single = load_model(tmp_path / "ddp" / "model.pt"), load_model(tmp_path / "single" / "model.pt")
     assert ddp.config == single.config and ddp.config.sequences == ("flair", "t2") and ddp.config.image_size == 16
     assert ddp.training["world_size"] == 2 and ddp.training["iterations"] == 2
@@ -246,3 +246,21 @@ def test_two_rank_ddp_on_cpu_matches_one_process(data: Path, tmp_path: Path) -> 
     single_weights = single.network.state_dict()
     for name, tensor in ddp.network.state_dict().items():
         torch.testing.assert_close(tensor, single_weights[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_train_command_stops_saved_on_sigterm_and_says_how_to_go_on(data: Path, tmp_path: Path) -> None:
+    """``anofpdm train`` killed by a job scheduler: state saved, exit 130 (not 0), and the way to continue."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(LIB), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "anofpdm.cli", "train", "--data", str(data), "--preset", "cpu", "--out",
+               str(tmp_path), "--iterations", "1000000", "--batch-size", "4", "--checkpoint-every", "1000000",
+               "--device", "cpu", "--no-progress"]
+    with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as run:
+        assert run.stderr is not None
+        started = next((line for line in run.stderr if line.startswith("INFO training")), None)
+        assert started is not None, "the train command ended without announcing the run"
+        run.send_signal(signal.SIGTERM)
+        rest = run.stderr.read()
+        assert run.wait(timeout=120) == 130, rest[-3000:]
+    assert "SIGTERM received" in rest and "continue with --resume" in rest
+    assert load_state(tmp_path)["iteration"] >= 1

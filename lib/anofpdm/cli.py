@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,8 +55,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from anofpdm.train import run_from_args
 
-    run_from_args(args)
-    return 0
+    return run_from_args(args)
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -207,8 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``anofpdm`` console command."""
+    """Entry point of the ``anofpdm`` console command, also under ``torchrun -m anofpdm.cli``."""
     args = build_parser().parse_args(argv)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 reports progress
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as exc:  # bad input or settings (InputError is a ValueError)

@@ -91,7 +91,6 @@ __all__ = [
     "add_evaluate_arguments",
     "settings_from_args",
     "run_from_args",
-    "main",
 ]
 
 ProgressCallback = Callable[[int, int], None]
@@ -797,14 +796,3 @@ def run_from_args(args: argparse.Namespace) -> int:
             print(f"reused the stored results of {len(results['settings']['reused_cases'])} cases")
         print(f"wrote {args.out / RESULTS_JSON}, {args.out / RESULTS_MD}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m anofpdm.evaluate ...`` (also under torchrun)."""
-    parser = argparse.ArgumentParser(prog="anofpdm.evaluate", description=__doc__.splitlines()[0])
-    parser = add_evaluate_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,8 +17,8 @@ A run folder holds:
   a training record;
 - ``loss.csv`` and ``loss.png``: the loss curve.
 
-Launch on several GPUs with ``torchrun --nproc_per_node N -m anofpdm.cli train ...`` (or
-``-m anofpdm.train``); without torchrun it runs as one process.
+Launch on several GPUs with ``torchrun --nproc_per_node N -m anofpdm.cli train ...``; without torchrun it
+runs as one process.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -67,7 +66,6 @@ __all__ = [
     "train",
     "add_train_arguments",
     "run_from_args",
-    "main",
 ]
 
 logger = logging.getLogger(__name__)
@@ -775,11 +773,11 @@ class _Run:
         loader = DataLoader(
             dataset, batch_sampler=sampler, num_workers=config.num_workers, pin_memory=ctx.device.type == "cuda"
         )
-        self._announce(len(dataset))
         show = progress and ctx.is_main
         bar = tqdm(total=stop_at, initial=self.start, desc="train", unit="it", disable=None if show else True)
         iteration = self.start
         with StopRequest() as stop, bar:
+            self._announce(len(dataset))  # from here a stop request is saved, not fatal
             for images, labels in loader:
                 self.log.add(self.trainer.step(images, labels, iteration))
                 iteration += 1
@@ -906,17 +904,3 @@ def run_from_args(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     logger.info("wrote %s", path)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m anofpdm.train``: the ``train`` command without the project CLI."""
-    parser = argparse.ArgumentParser(prog="python -m anofpdm.train", description=__doc__.split("\n")[0])
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s %(message)s")
-    return run_from_args(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
