@@ -15,6 +15,7 @@ WORK=${WORK:-runs/demo}
 ANOFPDM=${ANOFPDM:-anofpdm}
 CASES=${CASES:-160}
 SYNTH_SEED=${SYNTH_SEED:-1000}
+TUMOUR_VOLUME_ML=${TUMOUR_VOLUME_ML:-}   # LOW,HIGH mL for anofpdm synth (default: its 8,250); other data cannot resume a run
 SIZE=${SIZE:-64}
 WORKERS=${WORKERS:-$(nproc)}
 PRESET=${PRESET:-cpu}
@@ -41,7 +42,9 @@ for name in ${STAGES//,/ }; do
 done
 
 if stage data && [[ ! -f $WORK/cases/manifest.json ]]; then
-    run $ANOFPDM synth --out "$WORK/cases" --cases "$CASES" --seed "$SYNTH_SEED" --workers "$WORKERS"
+    synth_args=(--out "$WORK/cases" --cases "$CASES" --seed "$SYNTH_SEED" --workers "$WORKERS")
+    [[ -n $TUMOUR_VOLUME_ML ]] && synth_args+=(--tumour-volume-ml "$TUMOUR_VOLUME_ML")
+    run $ANOFPDM synth "${synth_args[@]}"
 fi
 if stage data && [[ ! -f $WORK/slices/manifest.json ]]; then
     run $ANOFPDM prepare --data "$WORK/cases" --out "$WORK/slices" --sequences flair,t2 --size "$SIZE" --seed 0 \
