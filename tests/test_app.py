@@ -103,6 +103,7 @@ def check_result(label_file: str, result: dict, flair: nib.Nifti1Image) -> np.nd
     assert result["verdict"] == ("unhealthy" if mask.any() else "healthy")
     anomaly = nib.load(result["anomaly_map"])
     assert Path(result["anomaly_map"]).name.startswith(Path(label_file).name.split("_label")[0])
+    assert result["anomaly_map_url"] == "/infer/anofpdm/anomaly_maps/" + Path(result["anomaly_map"]).name
     assert anomaly.shape == flair.shape and np.array_equal(anomaly.affine, flair.affine)
     assert anomaly.get_data_dtype() == np.float32
     json.dumps(result)  # the result must travel as JSON

@@ -252,6 +252,25 @@ def test_rest_infer_datastore_image(served, tmp_path):
     assert Path(result["anomaly_map"]).name.endswith("_anomaly_map.nii.gz")
 
 
+def test_anomaly_map_is_served_over_http(served, tmp_path):
+    """A client on another machine cannot read the map's server path: it fetches ``anomaly_map_url``."""
+    url = served["server"].url
+    _, result = parse_multipart(post_infer(url, "brain", SHOW_LESIONS), tmp_path)
+    response = requests.get(url + result["anomaly_map_url"], timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.content == Path(result["anomaly_map"]).read_bytes()
+    (tmp_path / "map.nii.gz").write_bytes(response.content)
+    anomaly, flair = nib.load(tmp_path / "map.nii.gz"), served["pair"]["flair"]
+    assert anomaly.shape == flair.shape and np.array_equal(anomaly.affine, flair.affine)
+    folder = result["anomaly_map_url"].rpartition("/")[0]
+    for name in ("absent_anomaly_map.nii.gz", "server.log", "..%2Fserver.log"):  # nothing but the kept maps
+        missing = requests.get(f"{url}{folder}/{name}", timeout=30)
+        assert missing.status_code == 404, name
+    other_model = requests.get(url + result["anomaly_map_url"].replace("/anofpdm/", "/other/"), timeout=30)
+    assert other_model.status_code == 404 and "for model 'other'" in other_model.json()["detail"]
+    info_answers(url)
+
+
 def test_client_infer_each_datastore_convention(served, tmp_path):
     client = MONAILabelClient(served["server"].url, tmpdir=str(tmp_path))
     masks = {}

@@ -11,7 +11,7 @@ import sys
 
 import anofpdm
 import lib.configs
-from lib.serving import serve_infer_in_worker_threads
+from lib.serving import serve_anomaly_maps, serve_infer_in_worker_threads
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -45,3 +45,4 @@ class AnoFPDMApp(MONAILabelApp):
     def on_init_complete(self) -> None:
         super().on_init_complete()
         serve_infer_in_worker_threads()
+        serve_anomaly_maps({name: infer.map_dir for name, infer in self._infers.items()})

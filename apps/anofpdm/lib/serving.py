@@ -8,17 +8,24 @@ route with a plain (synchronous) endpoint, which FastAPI runs in its worker thre
 stays free, several inferences can run at once, and ``MONAI_LABEL_INFER_CONCURRENCY=N`` (a MONAI
 Label setting) still caps how many run together. The endpoint also maps errors to status codes with
 the message in the body: ``InputError`` -> 422, model unavailable -> 503, anything else -> 500.
+
+It also adds ``GET /infer/{model}/anomaly_maps/{name}``: the anomaly map an inference result names
+(``anomaly_map_url``), for clients that do not share the server's file system (Slicer on a workstation,
+the server on a GPU machine).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from anofpdm.volume import InputError
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
+from fastapi.responses import FileResponse
 from fastapi.routing import APIRoute
-from lib.infers.anofpdm import ModelUnavailableError
+from lib.infers.anofpdm import MAP_SUFFIX, ModelUnavailableError
 from monailabel.config import settings
 from monailabel.endpoints import infer as infer_endpoint
 from monailabel.endpoints.user.auth import RBAC, User
@@ -27,6 +34,13 @@ from monailabel.interfaces.exception import MONAILabelException
 logger = logging.getLogger(__name__)
 
 INFER_PATH = "/{model}"
+ANOMALY_MAP_PATH = "/{model}/anomaly_maps/{name}"
+
+
+def anomaly_map_url(model: str) -> str:
+    """The server path under which ``model``'s anomaly maps are offered (a map's file name follows)."""
+    prefix = settings.MONAI_LABEL_API_STR + infer_endpoint.router.prefix
+    return prefix + ANOMALY_MAP_PATH.format(model=model, name="").rstrip("/")
 
 
 def api_run_inference_in_thread(
@@ -70,3 +84,26 @@ def serve_infer_in_worker_threads() -> None:
     router.add_api_route(INFER_PATH, api_run_inference_in_thread, methods=["POST"], summary=route.summary,
                          responses=route.responses)
     logger.info(f"POST {router.prefix}{INFER_PATH} now runs in worker threads (event loop stays responsive)")
+
+
+def serve_anomaly_maps(map_dirs: Mapping[str, Path]) -> None:
+    """Add ``GET /infer/{model}/anomaly_maps/{name}``, serving the files ``*_anomaly_map.nii.gz`` of
+    ``map_dirs[model]`` (idempotent)."""
+    router = infer_endpoint.router
+    if any(isinstance(r, APIRoute) and r.path == router.prefix + ANOMALY_MAP_PATH for r in router.routes):
+        return
+    folders = {model: Path(folder) for model, folder in map_dirs.items()}
+
+    def get_anomaly_map(
+        model: str, name: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))
+    ) -> FileResponse:
+        """An anomaly map named by an inference result (float32 NIfTI on the input's grid)."""
+        folder = folders.get(model)
+        path = folder / name if folder is not None and Path(name).name == name else None
+        if path is None or not name.endswith(MAP_SUFFIX) or not path.is_file():
+            raise HTTPException(status_code=404, detail=f"no anomaly map {name!r} for model {model!r} (the server "
+                                f"keeps the newest maps only; run the inference again)")
+        return FileResponse(path, media_type="application/gzip", filename=name)
+
+    router.add_api_route(ANOMALY_MAP_PATH, get_anomaly_map, methods=["GET"], summary="Download an anomaly map")
+    logger.info(f"GET {router.prefix}{ANOMALY_MAP_PATH} serves the anomaly maps of {sorted(folders)}")

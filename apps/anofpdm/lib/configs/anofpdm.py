@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import lib.infers
+from lib.serving import anomaly_map_url
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
@@ -31,6 +32,7 @@ class AnoFPDM(TaskConfig):
             device=self.conf.get("device"),
             studies=self.kwargs.get("studies"),
             sessions=self.kwargs.get("sessions"),
+            map_url=anomaly_map_url(self.name),
         )
 
     def trainer(self) -> TrainTask | None:

@@ -94,6 +94,8 @@ class AnoFPDM(InferTask):
         sessions: returns MONAI Label's session store (or None when sessions are off).
         map_dir: where anomaly maps are written (default: ``<TMPDIR>/anofpdm_anomaly_maps``).
         kept_maps: how many of the newest anomaly maps are kept there.
+        map_url: the server path that offers ``map_dir``'s files; the result JSON then names each map's URL
+            (``anomaly_map_url``) beside its path, for clients on another machine.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class AnoFPDM(InferTask):
         sessions: Callable[[], Sessions | None] | None = None,
         map_dir: str | None = None,
         kept_maps: int = KEPT_MAPS,
+        map_url: str | None = None,
     ) -> None:
         if kept_maps < 1:
             raise ValueError(f"kept_maps must be >= 1, got {kept_maps}")
@@ -120,6 +123,7 @@ class AnoFPDM(InferTask):
         self._sessions = sessions
         self.map_dir = Path(map_dir) if map_dir else Path(tempfile.gettempdir()) / MAP_FOLDER
         self.kept_maps = kept_maps
+        self.map_url = map_url
         self._map_lock = threading.Lock()
         self._default_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._check_lock = threading.Lock()  # separate locks: /info/ must not wait for a model to load
@@ -178,6 +182,7 @@ class AnoFPDM(InferTask):
             "label_names": dict(self.labels),
             **report,
             "anomaly_map": str(map_path),
+            **({"anomaly_map_url": f"{self.map_url}/{map_path.name}"} if self.map_url else {}),
             "inputs": inputs.sources,
         }
 
