@@ -9,7 +9,7 @@ per-volume Dice of the other settings carries that mismatch (the ungated slice D
 With ``--calibrate-split`` each setting is first calibrated on its own, on that split of ``--prepared``
 (image-level labels, as ``anofpdm calibrate``), and its validation accuracy is reported: the gated Dice
 of every setting is then what that setting would give as a calibrated mode.
-Writes a PNG plot and prints a table; asserts nothing. Example:
+Writes a PNG plot (updated after each setting) and prints a table; asserts nothing. Example:
 
     PYTHONPATH=lib python benchmarks/quality_vs_cost.py --model model/anofpdm.pt --data data/synth \\
         --prepared data/slices64 --out quality_vs_cost.png --cases 3 --settings 10:none,30:none,30:4,60:none,60:2 \\
@@ -148,6 +148,7 @@ def main() -> None:
             "mixed_slice_dice": summary["slice_protocol"]["mixed_dice"],
         })
         print(json.dumps(rows[-1]))
+        plot(rows, args.out, model.device)  # after every setting: a time-boxed run keeps the plot of what finished
 
     print("| stride | early stop | calibration | validation accuracy | visited steps | evaluations / slice | s / case "
           "| 3-D Dice | unhealthy slice Dice | mixed slice Dice |")
@@ -157,7 +158,6 @@ def main() -> None:
               f"| {_fmt(r['validation_accuracy'])} "
               f"| {r['visited_steps']:.1f} | {r['evaluations_per_slice']:.1f} | {r['seconds_per_case']:.2f} "
               f"| {_fmt(r['volume_dice'])} | {_fmt(r['unhealthy_slice_dice'])} | {_fmt(r['mixed_slice_dice'])} |")
-    plot(rows, args.out, model.device)
     print(f"wrote {args.out}")
 
 
