@@ -164,6 +164,7 @@ def main() -> None:
 def plot(rows: list[dict], out: Path, device: torch.device) -> None:
     """Per-volume Dice and unhealthy-slice Dice against visited steps, one labelled point per setting."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     figure = Figure(figsize=(10, 4))
     axes = figure.subplots(1, 2)
@@ -176,6 +177,9 @@ def plot(rows: list[dict], out: Path, device: torch.device) -> None:
             axis.annotate(f"s={r['stride']}, es={r['early_stop'] or NO_EARLY_STOP}", (xi, yi), fontsize=7,
                           textcoords="offset points", xytext=(3, 3))
         axis.set_xscale("log")
+        axis.set_xticks(sorted(set(x)))  # ticks at the measured step counts, written plainly
+        axis.xaxis.set_major_formatter(ScalarFormatter())
+        axis.xaxis.set_minor_formatter(NullFormatter())
         axis.set_xlabel("visited forward steps (mean per case)")
         axis.set_ylabel("Dice")
         axis.set_ylim(0.0, 1.0)
