@@ -1,0 +1,53 @@
+"""``scripts/train_demo_model.sh``, the one command that makes the demo model (and the core of the GPU lease),
+run end to end on a tiny setting: synthetic cases -> slices -> training -> calibration -> evaluation, then a
+second session that skips the data and resumes the training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from anofpdm.model import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "train_demo_model.sh"
+METHODS = ("anofpdm-ddim-fast", "flair-threshold")
+
+
+def run_script(work: Path, **settings: str) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "lib"), os.environ.get("PYTHONPATH", "")) if p),
+        "ANOFPDM": f"{sys.executable} -m anofpdm.cli",
+        "WORK": str(work), "CASES": "6", "SIZE": "16", "WORKERS": "2", "ITERATIONS": "3", "BATCH": "4",
+        "CHECKPOINT_EVERY": "3", "CALIBRATION_MODES": "fast", "CALIBRATION_SLICES": "60", "INFER_BATCH": "16",
+        "EVAL_CASES": "1", "EVAL_METHODS": ",".join(METHODS),
+        **settings,
+    }
+    return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_demo_script_makes_a_calibrated_evaluated_model_and_resumes(tmp_path: Path) -> None:
+    first = run_script(tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    model = load_model(tmp_path / "anofpdm.pt")
+    assert model.training["iterations"] == 3 and model.config.image_size == 16
+    assert model.calibration is not None and set(model.calibration) == {"fast"}
+    results = json.loads((tmp_path / "evaluation" / "results.json").read_text())
+    assert set(results["summary"]) == set(METHODS) and len(results["cases"]) == 1
+    assert (tmp_path / "evaluation" / "results.md").is_file()
+
+    second = run_script(tmp_path, ITERATIONS="5", STAGES="data,train")  # a later session, a longer run
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert " synth " not in second.stderr and " prepare " not in second.stderr  # the data exist: not remade
+    assert "iterations 3 -> 5" in second.stderr
+    assert load_model(tmp_path / "run" / "model.pt").training["iterations"] == 5
+
+
+def test_demo_script_rejects_an_unknown_stage(tmp_path: Path) -> None:
+    finished = run_script(tmp_path, STAGES="data,trian")
+    assert finished.returncode == 2 and "unknown stage 'trian'" in finished.stderr
+    assert not any(tmp_path.iterdir())  # nothing was started
