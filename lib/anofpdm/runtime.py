@@ -2,10 +2,10 @@
 
 glibc keeps memory freed between network calls in its heap, and over a long forward process the
 heap fragments: at batch 8 the resident memory peaked at 1.05 GB over 600 visited steps while live
-tensors stayed at a few MB (benchmarks/forward_process.py before the trimming). ``release_free_memory`` (``malloc_trim``) hands the free pages back; the
-forward process calls it every few dozen steps. (Fixing glibc's mmap threshold also keeps memory flat,
-but every tensor buffer then becomes a fresh mmap whose pages fault in on each call: 2.7 times slower
-on a 2-core CPU.)
+tensors stayed at a few MB (benchmarks/forward_process.py before the trimming).
+``release_free_memory`` (``malloc_trim``) hands the free pages back; the forward process calls it
+every few dozen steps. (Fixing glibc's mmap threshold also keeps memory flat, but every tensor buffer
+then becomes a fresh mmap whose pages fault in on each call: 2.7 times slower on a 2-core CPU.)
 """
 
 from __future__ import annotations
