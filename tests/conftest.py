@@ -46,7 +46,7 @@ def tiny_network(std: float = 0.1) -> torch.nn.Module:
 
 def tiny_calibration(**overrides) -> dict:
     settings = dict(cosine_threshold=0.999, max_divergence=(0.05, 0.05), guidance=2.0, forward_steps=40,
-                    stride=10, encoding="ddim", early_stop=None)
+                    stride=10, encoding="ddim", early_stop=None, unhealthy_frequency=((0.999, 0.6), (1.0, 0.1)))
     settings.update(overrides)
     return Calibration(**settings).to_dict()
 

@@ -93,8 +93,9 @@ def check_result(label_file: str, result: dict, flair: nib.Nifti1Image) -> np.nd
     assert label.shape == flair.shape and np.array_equal(label.affine, flair.affine)
     assert label.get_data_dtype() == np.uint8 and set(np.unique(mask)) <= {0, 1}
     assert result["label_names"] == {"tumour": 1}
-    assert {"verdict", "score", "cosine_threshold", "lesions", "total_volume_ml", "network_evaluations",
-            "settings"} <= set(result)
+    assert {"verdict", "score", "cosine_threshold", "unhealthy_probability", "uncertain_slices", "lesions",
+            "total_volume_ml", "network_evaluations", "settings"} <= set(result)
+    assert len(result["slices"]["unhealthy_probability"]) == result["slices"]["segmented"]
     assert set(result["slices"]["end_step"]) == {"flair", "t2"}
     assert {"preprocess_s", "network_s", "postprocess_s", "write_s", "total_s"} <= set(result["timings_s"])
     voxel_ml = abs(np.linalg.det(flair.affine[:3, :3])) / 1000.0

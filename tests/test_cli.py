@@ -75,6 +75,8 @@ def test_calibrate_stores_each_mode_in_the_model_file(tiny_model_path, tmp_path)
     assert calibration["validation"]["slices"] == 6 and calibration["validation"]["device"] == "cpu"
     counts = calibration["validation"]
     assert counts["true_positive"] + counts["false_negative"] == 3
+    frequency = calibration["unhealthy_frequency"]  # 6 slices, fewer than a group's 20: one group, 3 of 6 unhealthy
+    assert len(frequency) == 1 and frequency[0][1] == 0.5
 
 
 def test_segment_accepts_one_two_channel_image(tiny_model_path, tmp_path):

@@ -60,9 +60,23 @@ def test_combined_map_is_modality_mean_and_median_removes_a_spike():
 
 
 def test_calibration_round_trip_and_validation():
-    calibration = Calibration(0.99, [0.05, 0.04], 2.0, 600, 1, "ddim", validation={"accuracy": 0.9})
+    calibration = Calibration(0.99, [0.05, 0.04], 2.0, 600, 1, "ddim", validation={"accuracy": 0.9},
+                              unhealthy_frequency=[[0.98, 0.9], [0.995, 0.3], [1.0, 0.0]])
     assert Calibration.from_dict(calibration.to_dict()) == calibration
     with pytest.raises(ValueError, match="max_divergence"):
         Calibration(0.99, [0.0, 0.04], 2.0, 600, 1, "ddim")
+    with pytest.raises(ValueError, match="non-increasing"):
+        Calibration(0.99, [0.05, 0.04], 2.0, 600, 1, "ddim", unhealthy_frequency=[[0.98, 0.2], [0.995, 0.3]])
+    with pytest.raises(ValueError, match="ascend"):
+        Calibration(0.99, [0.05, 0.04], 2.0, 600, 1, "ddim", unhealthy_frequency=[[0.995, 0.3], [0.98, 0.2]])
+
+
+def test_unhealthy_probability_looks_up_the_group_of_each_score():
+    calibration = Calibration(0.99, [0.05, 0.04], 2.0, 600, 1, "ddim",
+                              unhealthy_frequency=[[0.98, 0.9], [0.995, 0.3], [1.0, 0.0]])
+    # groups (.., 0.98], (0.98, 0.995], (0.995, ..)
+    scores = torch.tensor([0.5, 0.98, 0.981, 0.995, 0.999, 1.2], dtype=torch.float64)
+    assert calibration.unhealthy_probability(scores).tolist() == pytest.approx([0.9, 0.9, 0.3, 0.3, 0.0, 0.0])
+    assert Calibration(0.99, [0.05, 0.04], 2.0, 600, 1, "ddim").unhealthy_probability(scores) is None
     with pytest.raises(ValueError, match="low <= high"):
         QuantileRule(low=0.99, high=0.9)

@@ -14,6 +14,7 @@ import pytest
 
 from anofpdm.data.brats import find_cases
 from anofpdm.evaluate import (
+    ANOFPDM_VARIANTS,
     METHODS,
     EvaluationSettings,
     SliceProtocol,
@@ -110,13 +111,18 @@ def test_results_json_markdown_and_overlays(single_process):
         assert summary["volume"]["dice"]["std"] == 0.0
         for case in results["cases"]:
             scored = case["methods"][method]
-            assert set(scored) == {"slice", "volume", "seconds", "network_evaluations", "warnings"}
+            assert set(scored) == {"slice", "volume", "reliability", "seconds", "network_evaluations", "warnings"}
             assert scored["slice"]["n_slices"] == 10
+            # AnoFPDM's calibration reports unhealthy probabilities; the baselines have no slice classifier
+            assert (scored["reliability"] is not None) == (method in ANOFPDM_VARIANTS)
+        if method in ANOFPDM_VARIANTS:
+            assert summary["verdict_reliability"]["n_slices"] == 20
         assert healthy_case["methods"][method]["slice"]["unhealthy_dice"] is None
     assert results["summary"]["flair-threshold"]["network_evaluations_per_case"] == 0
     assert not results["cases"][0]["methods"]["anofpdm-ddpm-fast"]["warnings"]  # its own calibration: no override
     table = (out / "results.md").read_text()
     assert all(f"| {method} |" in table for method in METHODS)
+    assert "Verdict reliability" in table
     assert (out / "overlays" / "BraTS2021_00001.png").stat().st_size > 0
     assert not (out / "overlays" / "BraTS2021_00002.png").exists()  # --overlays 1
 

@@ -92,3 +92,10 @@ def test_anomaly_map_finds_the_discs(trained):
     anomaly = stats.anomaly_maps.mean(dim=1).numpy()
     truth, scores = masks[unhealthy][brain[unhealthy]], anomaly[unhealthy][brain[unhealthy]]
     assert truth.mean() < 0.2 and average_precision_score(truth, scores) >= 0.8
+
+
+def test_unhealthy_probability_from_validation_holds_on_held_out_slices(trained):
+    calibration, stats, _, labels, _ = trained
+    probability = calibration.unhealthy_probability(stats.scores).numpy()
+    brier = ((probability - labels) ** 2).mean()
+    assert brier <= 0.1  # 0.25 for a constant 0.5; the toy classes separate, so the fractions should be near 0 or 1

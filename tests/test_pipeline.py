@@ -71,6 +71,27 @@ def test_verdict_gates_the_mask_and_small_components_are_removed(model, tmp_path
     assert np.asanyarray(dropped.mask.dataobj).sum() == 0 and dropped.report["components_removed"] > 0
 
 
+def test_report_gives_each_slice_the_validation_frequency_at_its_score(model, tmp_path):
+    unrecorded = segment_volume(_with_calibration(model, tmp_path, unhealthy_frequency=()), make_volume_pair(),
+                                InferenceOptions()).report
+    assert unrecorded["uncertain_slices"] is None and unrecorded["slices"]["unhealthy_probability"] is None
+    assert any("recalibrate" in w for w in unrecorded["warnings"])
+
+    ranked = sorted(unrecorded["slices"]["score"])  # group bounds midway between this volume's slice scores
+    low, high = (ranked[2] + ranked[3]) / 2, (ranked[6] + ranked[7]) / 2
+    table = ((float(low), 0.95), (float(high), 0.5), (float(high) + 1.0, 0.05))
+    report = segment_volume(_with_calibration(model, tmp_path, unhealthy_frequency=table), make_volume_pair(),
+                            InferenceOptions()).report
+    assert report["slices"]["score"] == unrecorded["slices"]["score"]
+    expected = [next((fraction for bound, fraction in table if score <= bound), table[-1][1])
+                for score in report["slices"]["score"]]
+    assert report["slices"]["unhealthy_probability"] == pytest.approx(expected, abs=1e-4)
+    assert report["uncertain_slices"] == sum(0.2 < p < 0.8 for p in expected)
+    assert report["unhealthy_probability"] == pytest.approx(expected[int(np.argmin(report["slices"]["score"]))],
+                                                            abs=1e-4)
+    assert len(set(expected)) == 3 and not report["warnings"]
+
+
 def test_overrides_warn_and_unknown_mode_is_an_error(model):
     result = segment_volume(model, make_volume_pair(), InferenceOptions(stride=20))
     assert result.report["settings"]["stride"] == 20

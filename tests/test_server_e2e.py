@@ -210,8 +210,8 @@ def check_label(label_file: Path | str, result: dict, flair: nib.Nifti1Image) ->
     assert label.shape == flair.shape and np.array_equal(label.affine, flair.affine)
     assert label.get_data_dtype() == np.uint8 and set(np.unique(mask)) <= {0, 1} and mask.any()
     assert result["label_names"] == {"tumour": 1} and result["verdict"] == "unhealthy"
-    assert {"score", "cosine_threshold", "slices", "lesions", "total_volume_ml", "network_evaluations",
-            "timings_s"} <= set(result)
+    assert {"score", "cosine_threshold", "unhealthy_probability", "uncertain_slices", "slices", "lesions",
+            "total_volume_ml", "network_evaluations", "timings_s"} <= set(result)
     assert "write_s" in result["timings_s"]
     voxel_ml = abs(np.linalg.det(flair.affine[:3, :3])) / 1000.0
     assert result["total_volume_ml"] == pytest.approx(mask.sum() * voxel_ml, abs=1e-3)

@@ -19,7 +19,7 @@ from anofpdm.forward_process import ForwardProcessConfig, run_on_slices
 from anofpdm.model import LoadedModel
 from anofpdm.runtime import describe_device
 
-__all__ = ["MODES", "choose_cosine_threshold", "calibrate_mode", "choose_guidance"]
+__all__ = ["MODES", "choose_cosine_threshold", "fit_unhealthy_frequency", "calibrate_mode", "choose_guidance"]
 
 # The serving modes: "full" is the paper's setting; "fast" visits every 30th step and stops 4 visited
 # steps after the divergence peak, the CPU default (benchmarks/quality_vs_cost.py measures its cost).
@@ -34,6 +34,7 @@ MODES: dict[str, ForwardProcessConfig] = {
     "fast-ddpm": replace(_FAST, encoding="ddpm"),
 }
 GUIDANCE_TOLERANCE = 0.99  # the paper keeps the largest w within 99 % of the best validation accuracy
+MIN_FREQUENCY_GROUP = 20  # validation slices behind each unhealthy fraction (fit_unhealthy_frequency)
 
 
 def choose_cosine_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
@@ -55,6 +56,47 @@ def choose_cosine_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[flo
     errors = np.array([((scores <= c) != labels).sum() for c in candidates])
     best = int(errors.argmin())
     return float(candidates[best]), int(errors[best])
+
+
+def fit_unhealthy_frequency(
+    scores: np.ndarray, labels: np.ndarray, min_group: int = MIN_FREQUENCY_GROUP
+) -> tuple[tuple[float, float], ...]:
+    """How often validation slices are unhealthy as a function of their cosine score.
+
+    An isotonic fit (pool-adjacent-violators; the fraction is non-increasing in the score, a lower score being
+    the more anomalous), whose groups smaller than ``min_group`` slices are then pooled with the neighbour of
+    the closer fraction, so no fraction rests on a handful of slices. Pooling neighbours keeps the order.
+
+    Returns:
+        (highest score of the group, unhealthy fraction) per group, ascending in score.
+    """
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(float)
+    if scores.shape != labels.shape or scores.ndim != 1 or len(scores) == 0:
+        raise ValueError("scores and labels must be 1-D, non-empty and of equal length")
+    if min_group < 1:
+        raise ValueError(f"min_group must be >= 1, got {min_group}")
+    distinct, group = np.unique(scores, return_inverse=True)
+    groups: list[tuple[float, float, float]] = []  # (highest score, unhealthy slices, slices)
+    for row in zip(distinct, np.bincount(group, labels), np.bincount(group), strict=True):
+        groups.append(row)
+        while len(groups) > 1 and _fraction(groups[-2]) < _fraction(groups[-1]):
+            groups[-2:] = [_pool(*groups[-2:])]
+    while len(groups) > 1 and min(g[2] for g in groups) < min_group:
+        i = min(range(len(groups)), key=lambda k: groups[k][2])
+        neighbours = [j for j in (i - 1, i + 1) if 0 <= j < len(groups)]
+        j = min(neighbours, key=lambda k: abs(_fraction(groups[k]) - _fraction(groups[i])))
+        low = min(i, j)
+        groups[low:low + 2] = [_pool(groups[low], groups[low + 1])]
+    return tuple((float(g[0]), round(_fraction(g), 6)) for g in groups)
+
+
+def _fraction(group: tuple[float, float, float]) -> float:
+    return group[1] / group[2]
+
+
+def _pool(left: tuple[float, float, float], right: tuple[float, float, float]) -> tuple[float, float, float]:
+    """Two adjacent groups as one (the right one holds the higher scores)."""
+    return right[0], left[1] + right[1], left[2] + right[2]
 
 
 def calibrate_mode(
@@ -97,6 +139,7 @@ def calibrate_mode(
         stride=config.stride,
         encoding=config.encoding,
         early_stop=config.early_stop,
+        unhealthy_frequency=fit_unhealthy_frequency(scores, labels),
         validation={
             "slices": int(len(labels)),
             "healthy": int((~truth).sum()),

@@ -82,8 +82,10 @@ def _calibrate(args: argparse.Namespace) -> int:
         ]
         chosen = choose_guidance(candidates)
         results[mode] = chosen.to_dict()
+        frequency = chosen.unhealthy_frequency
         print(f"{mode}: w={chosen.guidance} c*={chosen.cosine_threshold:.6f} Dmax={chosen.max_divergence} "
-              f"accuracy={chosen.validation['accuracy']}")
+              f"accuracy={chosen.validation['accuracy']} unhealthy fraction by score: {frequency[0][1]:.0%} (lowest) "
+              f"to {frequency[-1][1]:.0%} (highest) in {len(frequency)} groups")
     update_calibration(args.model, results)
     return 0
 
@@ -116,8 +118,11 @@ def _segment(args: argparse.Namespace) -> int:
     if args.report:
         args.report.write_text(json.dumps(result.report, indent=2))
     report = result.report
+    certainty = "" if report["uncertain_slices"] is None else (
+        f"; validation slices at that score {report['unhealthy_probability']:.0%} unhealthy, "
+        f"{report['uncertain_slices']} uncertain slice(s)")
     print(f"{report['verdict']}: {report['lesion_count']} lesion(s), {report['total_volume_ml']} mL "
-          f"(score {report['score']:.5f}, c* {report['cosine_threshold']:.5f}) -> {args.out}")
+          f"(score {report['score']:.5f}, c* {report['cosine_threshold']:.5f}{certainty}) -> {args.out}")
     for warning in report["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     return 0

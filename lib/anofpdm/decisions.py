@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "FORWARD_PROCESS_VERSION",
+    "UNCERTAIN_PROBABILITY",
     "Calibration",
     "QuantileRule",
     "cosine_scores",
@@ -28,6 +29,10 @@ __all__ = [
 
 # 2 (2026-11-28): each slice stops early on its own and draws its own noise; 1: early stop ended whole batches
 FORWARD_PROCESS_VERSION = 2
+
+# A slice's verdict is reported as uncertain when the validation slices at its cosine score were between
+# 20 % and 80 % unhealthy (Calibration.unhealthy_probability)
+UNCERTAIN_PROBABILITY = (0.2, 0.8)
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,9 @@ class Calibration:
         validation: what the calibration measured (accuracy, confusion counts, slices used).
         forward_process_version: the forward process's ``FORWARD_PROCESS_VERSION`` at calibration (a stored
             calibration without one is version 1).
+        unhealthy_frequency: (highest cosine score, unhealthy fraction) per group of validation slices, ascending
+            in score, the fraction non-increasing (``anofpdm.calibration.fit_unhealthy_frequency``); empty for a
+            calibration stored before it was recorded.
     """
 
     cosine_threshold: float
@@ -68,16 +76,36 @@ class Calibration:
     early_stop: int | None = None
     validation: dict[str, Any] = field(default_factory=dict)
     forward_process_version: int = FORWARD_PROCESS_VERSION
+    unhealthy_frequency: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_divergence", tuple(float(v) for v in self.max_divergence))
         if not self.max_divergence or any(v <= 0 for v in self.max_divergence):
             raise ValueError(f"max_divergence must be positive per modality, got {self.max_divergence}")
+        table = tuple((float(score), float(fraction)) for score, fraction in self.unhealthy_frequency)
+        object.__setattr__(self, "unhealthy_frequency", table)
+        scores, fractions = [row[0] for row in table], [row[1] for row in table]
+        if scores != sorted(set(scores)) or fractions != sorted(fractions, reverse=True):
+            raise ValueError("unhealthy_frequency must ascend strictly in score with a non-increasing fraction")
+        if any(not 0.0 <= f <= 1.0 for f in fractions):
+            raise ValueError(f"unhealthy_frequency fractions must lie in [0, 1], got {fractions}")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["max_divergence"] = list(self.max_divergence)
+        data["unhealthy_frequency"] = [list(row) for row in self.unhealthy_frequency]
         return data
+
+    def unhealthy_probability(self, scores: torch.Tensor) -> torch.Tensor | None:
+        """Per slice, the unhealthy fraction of the validation slices at its cosine score (None: not recorded).
+
+        A score beyond the validation scores takes the nearest group's fraction.
+        """
+        if not self.unhealthy_frequency:
+            return None
+        bounds, fractions = torch.tensor(self.unhealthy_frequency, dtype=torch.float64).T.contiguous()
+        group = torch.searchsorted(bounds, scores.double().cpu()).clamp_max(len(bounds) - 1)
+        return fractions[group].float()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:

@@ -55,9 +55,17 @@ from anofpdm.baselines import (
 )
 from anofpdm.calibration import MODES
 from anofpdm.data.brats import CaseFiles, find_cases, load_case
-from anofpdm.decisions import median_filter_2d
 from anofpdm.data.slices import MANIFEST_NAME
-from anofpdm.metrics import MM3_PER_ML, aggregate_cases, dice, slice_protocol, volume_metrics
+from anofpdm.decisions import UNCERTAIN_PROBABILITY, median_filter_2d
+from anofpdm.metrics import (
+    MM3_PER_ML,
+    aggregate_cases,
+    aggregate_reliability,
+    dice,
+    slice_protocol,
+    verdict_reliability,
+    volume_metrics,
+)
 from anofpdm.model import MAP_SEQUENCES, LoadedModel, NetworkConfig, load_model
 from anofpdm.pipeline import (
     PAPER_IMAGE_SIZE,
@@ -263,7 +271,8 @@ def score_result(result: SegmentationResult, case: EvaluationCase, protocol: Sli
     """Slice-protocol and per-volume metrics of one method's result on one case.
 
     Returns:
-        {"slice": metrics.slice_protocol(...), "volume": metrics.volume_metrics(...)}
+        {"slice": metrics.slice_protocol(...), "volume": metrics.volume_metrics(...), "reliability":
+        metrics.verdict_reliability(...) of the reported unhealthy probabilities, None where there are none}
     """
     grid = result.model_grid
     if grid is None or tuple(grid.geometry.slices) != tuple(case.geometry.slices):
@@ -275,7 +284,11 @@ def score_result(result: SegmentationResult, case: EvaluationCase, protocol: Sli
     slices = slice_protocol(ungated, anomaly_map, grid.unhealthy, case.truth_slices, case.brain_slices)
     mask = np.asanyarray(result.mask.dataobj) > 0
     scores = np.asanyarray(result.anomaly_map.dataobj)
-    return {"slice": slices, "volume": volume_metrics(mask, scores, case.truth, case.brain, case.voxel_mm3)}
+    probability = result.report.get("slices", {}).get("unhealthy_probability")
+    reliability = None if probability is None else verdict_reliability(
+        probability, grid.unhealthy, case.truth_slices.any(axis=(1, 2)), UNCERTAIN_PROBABILITY)
+    return {"slice": slices, "volume": volume_metrics(mask, scores, case.truth, case.brain, case.voxel_mm3),
+            "reliability": reliability}
 
 
 def run_method(
@@ -508,11 +521,13 @@ def _aggregate(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> dic
     summary = {}
     for method in methods:
         per_case = [r["methods"][method] for r in scored]
+        reliability = [c["reliability"] for c in per_case if c.get("reliability") is not None]
         summary[method] = {
             "description": METHODS[method],
             **(aggregate_cases(per_case) if per_case else {"cases": 0}),
             "seconds_per_case": _mean_of(per_case, "seconds"),
             "network_evaluations_per_case": _mean_of(per_case, "network_evaluations"),
+            "verdict_reliability": aggregate_reliability(reliability) if reliability else None,
         }
     return summary
 
@@ -549,6 +564,18 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
         "verdict accuracy. 3-D metrics: per volume on the input grid, mean ± std over cases with tumour; volume acc. "
         "over all cases. Baselines have no slice classifier: a slice is unhealthy when its final mask is not empty.",
     ]
+    reliable = {method: result["verdict_reliability"] for method, result in summary.items()
+                if result.get("verdict_reliability")}
+    if reliable:
+        low, high = UNCERTAIN_PROBABILITY
+        notes += ["", "| method | slices | uncertain share | verdict acc., confident slices | verdict acc., uncertain "
+                  "slices | Brier score |", "|---|---|---|---|---|---|"]
+        notes += [f"| {method} | {r['n_slices']} | {_percent(r['uncertain_share'])} | "
+                  f"{_percent(r['confident_accuracy'])} | {_percent(r['uncertain_accuracy'])} | {r['brier']:.3f} |"
+                  for method, r in reliable.items()]
+        notes += ["", f"Verdict reliability: a slice is uncertain when the calibration's unhealthy probability at its "
+                  f"score lies between {low} and {high}; accuracies in %, Brier score of the probability against "
+                  "whether the slice holds tumour (0.25 for a constant 0.5)."]
     return "\n".join(lines + notes) + "\n"
 
 

@@ -33,6 +33,8 @@ __all__ = [
     "volume_metrics",
     "slice_protocol",
     "aggregate_cases",
+    "verdict_reliability",
+    "aggregate_reliability",
 ]
 
 MM3_PER_ML = 1000.0
@@ -252,3 +254,52 @@ def aggregate_cases(cases: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[st
     volume["abs_volume_error_ml"] = _mean_std([abs(v["volume_error_ml"]) for v in with_tumour])
     volume["volume_accuracy"] = _mean_std([float(case["volume"]["verdict_correct"]) for case in cases])
     return {"cases": len(cases), "tumour_cases": len(with_tumour), "slice_protocol": pooled, "volume": volume}
+
+
+def verdict_reliability(
+    probability: Sequence[float], unhealthy: Sequence[bool], tumour: Sequence[bool], uncertain: tuple[float, float]
+) -> dict[str, Any]:
+    """How one volume's slice verdicts fare where the reported unhealthy probability was decided or a toss-up.
+
+    Args:
+        probability: per slice, the calibration's unhealthy probability at its score.
+        unhealthy: per slice, the verdict.
+        tumour: per slice, whether the truth holds tumour.
+        uncertain: the open probability interval reported as uncertain.
+
+    Returns:
+        Counts and sums to pool over volumes: n_slices, n_uncertain, confident_correct, uncertain_correct and
+        squared_error (the Brier score's sum of (probability - truth)^2).
+    """
+    probability = np.asarray(probability, dtype=np.float64)
+    unhealthy, tumour = np.asarray(unhealthy).astype(bool), np.asarray(tumour).astype(bool)
+    if not probability.shape == unhealthy.shape == tumour.shape or probability.ndim != 1:
+        raise ValueError(f"need one probability, verdict and truth per slice, got shapes {probability.shape}, "
+                         f"{unhealthy.shape}, {tumour.shape}")
+    low, high = uncertain
+    is_uncertain = (probability > low) & (probability < high)
+    correct = unhealthy == tumour
+    return {
+        "n_slices": int(probability.size),
+        "n_uncertain": int(is_uncertain.sum()),
+        "confident_correct": int((correct & ~is_uncertain).sum()),
+        "uncertain_correct": int((correct & is_uncertain).sum()),
+        "squared_error": float(((probability - tumour) ** 2).sum()),
+    }
+
+
+def aggregate_reliability(cases: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Pool ``verdict_reliability`` over volumes: the uncertain share of slices, the verdict accuracy of the
+    confident and of the uncertain slices (None without any), and the Brier score."""
+    total = {key: sum(case[key] for case in cases) for key in
+             ("n_slices", "n_uncertain", "confident_correct", "uncertain_correct", "squared_error")}
+    if not total["n_slices"]:
+        raise ValueError("no slices to pool")
+    confident = total["n_slices"] - total["n_uncertain"]
+    return {
+        "n_slices": total["n_slices"],
+        "uncertain_share": total["n_uncertain"] / total["n_slices"],
+        "confident_accuracy": total["confident_correct"] / confident if confident else None,
+        "uncertain_accuracy": total["uncertain_correct"] / total["n_uncertain"] if total["n_uncertain"] else None,
+        "brier": total["squared_error"] / total["n_slices"],
+    }

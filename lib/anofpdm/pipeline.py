@@ -16,7 +16,13 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from anofpdm.decisions import Calibration, QuantileRule, combine_maps, slice_thresholds
+from anofpdm.decisions import (
+    UNCERTAIN_PROBABILITY,
+    Calibration,
+    QuantileRule,
+    combine_maps,
+    slice_thresholds,
+)
 from anofpdm.forward_process import ForwardProcessConfig, SliceStatistics, run_on_slices
 from anofpdm.model import MAP_SEQUENCES, LoadedModel
 from anofpdm.postprocess import lesion_table, median_filter_3d, remove_small_components
@@ -127,6 +133,10 @@ def resolve_options(model: LoadedModel, options: InferenceOptions) -> tuple[Forw
         "early_stop": calibration.early_stop,
     }
     warnings = []
+    if not calibration.unhealthy_frequency:
+        warnings.append(f"mode {options.mode!r} was calibrated before unhealthy probabilities were recorded, so "
+                        "no uncertain slices are reported; recalibrate for them "
+                        f"(anofpdm calibrate --modes {options.mode})")
     for name in settings:
         value = getattr(options, name)
         if value is not None and value != settings[name]:
@@ -327,20 +337,24 @@ def _report(
 ) -> dict[str, Any]:
     """The JSON-ready description of one segmentation."""
     total_ml = round(sum(row["volume_ml"] for row in lesions), 3)
-    margin = scores - calibration.cosine_threshold
+    probability = calibration.unhealthy_probability(scores)
+    low, high = UNCERTAIN_PROBABILITY
     return {
         "verdict": "unhealthy" if lesions else "healthy",
         # the most anomalous slice's cosine score; slices at or below the threshold are unhealthy
         "score": float(scores.min()),
         "cosine_threshold": calibration.cosine_threshold,
-        # slices whose score lies within 10 % of the score spread of c*: the verdict there is uncertain
-        "uncertain_slices": int((margin.abs() <= 0.1 * (scores.max() - scores.min()).clamp_min(1e-12)).sum()),
+        # how often validation slices at the volume's score were unhealthy, and the slices whose verdict is a
+        # toss-up by that measure (None: the calibration predates it)
+        "unhealthy_probability": None if probability is None else round(float(probability.max()), 4),
+        "uncertain_slices": None if probability is None else int(((probability > low) & (probability < high)).sum()),
         "slices": {
             "segmented": len(geometry.slices),
             "unhealthy": int(unhealthy.sum()),
             "index": list(geometry.slices),
             "score": [round(float(v), 6) for v in scores],
             "unhealthy_flag": [bool(v) for v in unhealthy],
+            "unhealthy_probability": None if probability is None else [round(float(v), 4) for v in probability],
             "threshold": [float(v) for v in thresholds],
             "end_step": {name: [int(v) for v in stats.end_steps[:, i]] for i, name in enumerate(MAP_SEQUENCES)},
         },
