@@ -91,6 +91,14 @@ def test_report_gives_each_slice_the_validation_frequency_at_its_score(model, tm
                                                             abs=1e-4)
     assert len(set(expected)) == 3 and not report["warnings"]
 
+    always = _with_calibration(model, tmp_path, cosine_threshold=1.0, unhealthy_frequency=table)
+    kept = segment_volume(always, make_volume_pair(), InferenceOptions(min_lesion_mm3=0, median_kernel=1))
+    mask = np.asanyarray(kept.mask.dataobj) > 0  # make_volume_pair's axial planes are the model slices
+    planes = set(np.flatnonzero(mask.any(axis=(0, 1))))
+    by_plane = dict(zip(kept.report["slices"]["index"], kept.report["slices"]["unhealthy_probability"], strict=True))
+    assert kept.report["lesions"] and max(row["unhealthy_probability"] for row in kept.report["lesions"]) == \
+        pytest.approx(max(by_plane[z] for z in planes), abs=1e-4)
+
 
 def test_overrides_warn_and_unknown_mode_is_an_error(model):
     result = segment_volume(model, make_volume_pair(), InferenceOptions(stride=20))

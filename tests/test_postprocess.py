@@ -46,3 +46,9 @@ def test_lesion_table_volume_centroid_and_scores():
     assert rows[0]["peak_anomaly"] == 2.0
     assert rows[0]["mean_anomaly"] == pytest.approx((63 * 0.5 + 2.0) / 64)
     assert lesion_table(np.zeros_like(mask), scores, affine) == []
+    assert "unhealthy_probability" not in rows[0]
+    probability = np.broadcast_to(np.linspace(0.0, 0.9, 10, dtype=np.float32), mask.shape)  # by the last axis
+    rows = lesion_table(mask, scores, affine, probability)
+    assert [r["unhealthy_probability"] for r in rows] == [0.9, pytest.approx(0.3, abs=1e-4)]  # z up to 9 and 3
+    with pytest.raises(ValueError, match="unhealthy probability"):
+        lesion_table(mask, scores, affine, probability[:5])

@@ -234,15 +234,17 @@ def segment_volume(
     stats, geometry = outputs.stats, outputs.geometry
     start = time.perf_counter()
     decided = decide_slices(model, outputs, options)
+    probability = outputs.calibration.unhealthy_probability(stats.scores)
     _, mask_input, map_input, lesions, removed = finish_on_input_grid(
-        decided.filtered_map, decided.candidate, geometry, options.min_lesion_mm3
+        decided.filtered_map, decided.candidate, geometry, options.min_lesion_mm3, probability
     )
     timings = {**outputs.timings, "postprocess_s": time.perf_counter() - start}
 
     mask_image = image_like(images[MAP_SEQUENCES[0]], mask_input, np.uint8)
     map_image = image_like(images[MAP_SEQUENCES[0]], map_input, np.float32)
-    report = _report(model, options, outputs.forward, outputs.calibration, geometry, stats.scores, decided.unhealthy,
-                     decided.thresholds, stats, lesions, removed, decided.median_kernel, outputs.warnings, timings)
+    report = _report(model, options, outputs.forward, outputs.calibration, geometry, stats.scores, probability,
+                     decided.unhealthy, decided.thresholds, stats, lesions, removed, decided.median_kernel,
+                     outputs.warnings, timings)
     model_grid = ModelGridOutputs(outputs.slices, decided.raw_map.transpose(2, 0, 1), stats.scores.numpy(),
                                   decided.unhealthy.numpy(), decided.thresholds.numpy(), geometry)
     return SegmentationResult(mask=mask_image, anomaly_map=map_image, report=report, model_grid=model_grid)
@@ -283,7 +285,11 @@ def decide_slices(model: LoadedModel, outputs: ForwardOutputs, options: Inferenc
 
 
 def finish_on_input_grid(
-    filtered: np.ndarray, candidate: np.ndarray, geometry: VolumeGeometry, min_lesion_mm3: float
+    filtered: np.ndarray,
+    candidate: np.ndarray,
+    geometry: VolumeGeometry,
+    min_lesion_mm3: float,
+    unhealthy_probability: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]], int]:
     """Component filter on the model grid, then mask and map onto the input grid, and the lesion table.
 
@@ -292,6 +298,8 @@ def finish_on_input_grid(
         candidate: S x S x N thresholded (and, for AnoFPDM, verdict-gated) mask.
         geometry: the volume's model-grid mapping.
         min_lesion_mm3: components of at most this volume are removed.
+        unhealthy_probability: optional N per-slice unhealthy probabilities: each lesion then gets the highest
+            of its slices.
 
     Returns:
         The filtered model-grid mask, the input-grid mask (bool) and map, the lesion table, and the
@@ -300,7 +308,12 @@ def finish_on_input_grid(
     mask, removed = remove_small_components(candidate, geometry.spacing_mm, min_lesion_mm3)
     mask_input = to_input_grid(mask.astype(np.float32), geometry) >= 0.5
     map_input = to_input_grid(filtered, geometry)
-    return mask, mask_input, map_input, lesion_table(mask_input, map_input, geometry.affine), removed
+    probability_input = None
+    if unhealthy_probability is not None:  # constant per slice, so each input plane gets its slice's value
+        planes = np.broadcast_to(unhealthy_probability.numpy().astype(np.float32), filtered.shape)
+        probability_input = to_input_grid(np.ascontiguousarray(planes), geometry)
+    lesions = lesion_table(mask_input, map_input, geometry.affine, probability_input)
+    return mask, mask_input, map_input, lesions, removed
 
 
 def image_like(reference: nib.spatialimages.SpatialImage, data: np.ndarray, dtype: type) -> nib.Nifti1Image:
@@ -326,6 +339,7 @@ def _report(
     calibration: Calibration,
     geometry: VolumeGeometry,
     scores: torch.Tensor,
+    probability: torch.Tensor | None,
     unhealthy: torch.Tensor,
     thresholds: torch.Tensor,
     stats: SliceStatistics,
@@ -337,7 +351,6 @@ def _report(
 ) -> dict[str, Any]:
     """The JSON-ready description of one segmentation."""
     total_ml = round(sum(row["volume_ml"] for row in lesions), 3)
-    probability = calibration.unhealthy_probability(scores)
     low, high = UNCERTAIN_PROBABILITY
     return {
         "verdict": "unhealthy" if lesions else "healthy",

@@ -53,13 +53,24 @@ def remove_small_components(
     return keep[labels], int(count - keep[1:].sum())
 
 
-def lesion_table(mask: np.ndarray, anomaly_map: np.ndarray, affine: np.ndarray) -> list[dict[str, object]]:
+def lesion_table(
+    mask: np.ndarray, anomaly_map: np.ndarray, affine: np.ndarray, unhealthy_probability: np.ndarray | None = None
+) -> list[dict[str, object]]:
     """One row per connected lesion: volume (mL), centroid (world mm), mean and peak anomaly score.
+
+    Args:
+        mask: binary mask whose 26-connected components are the lesions.
+        anomaly_map: anomaly scores on the mask's grid.
+        affine: the grid's voxel-to-world affine.
+        unhealthy_probability: optional per-voxel unhealthy probability of the voxel's slice; each row then
+            also gives the highest over the lesion.
 
     Rows are sorted by volume, largest first.
     """
     if mask.shape != anomaly_map.shape:
         raise ValueError(f"mask {mask.shape} and anomaly map {anomaly_map.shape} differ in shape")
+    if unhealthy_probability is not None and unhealthy_probability.shape != mask.shape:
+        raise ValueError(f"mask {mask.shape} and unhealthy probability {unhealthy_probability.shape} differ in shape")
     labels, count = _components(mask.astype(bool))
     voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
     rows = []
@@ -76,4 +87,6 @@ def lesion_table(mask: np.ndarray, anomaly_map: np.ndarray, affine: np.ndarray) 
                 "peak_anomaly": float(scores.max()),
             }
         )
+        if unhealthy_probability is not None:
+            rows[-1]["unhealthy_probability"] = round(float(unhealthy_probability[region][inside].max()), 4)
     return sorted(rows, key=lambda row: -row["volume_ml"])
