@@ -569,14 +569,15 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
     if reliable:
         low, high = UNCERTAIN_PROBABILITY
         header = ("| method | slices | uncertain share | verdict acc., confident slices "
-                  "| verdict acc., uncertain slices | Brier score |")
-        notes += ["", header, "|---|---|---|---|---|---|"]
+                  "| verdict acc., uncertain slices | Brier score | Brier score, constant |")
+        notes += ["", header, "|---|---|---|---|---|---|---|"]
         notes += [(f"| {method} | {r['n_slices']} | {_percent(r['uncertain_share'])} | "
-                   f"{_percent(r['confident_accuracy'])} | {_percent(r['uncertain_accuracy'])} | {r['brier']:.3f} |")
-                  for method, r in reliable.items()]
+                   f"{_percent(r['confident_accuracy'])} | {_percent(r['uncertain_accuracy'])} | {r['brier']:.3f} | "
+                   f"{r['brier_constant']:.3f} |") for method, r in reliable.items()]
         notes += ["", (f"Verdict reliability: a slice is uncertain when the calibration's unhealthy probability at its "
-                       f"score lies between {low} and {high}; accuracies in %, Brier score of the probability against "
-                       "whether the slice holds tumour (0.25 for a constant 0.5).")]
+                       f"score lies between {low} and {high}; accuracies in %; Brier score of the probability against "
+                       "whether the slice holds tumour, beside that of a constant probability equal to the share of "
+                       "tumour slices (lower is better).")]
     return "\n".join(lines + notes) + "\n"
 
 

@@ -268,8 +268,8 @@ def verdict_reliability(
         uncertain: the open probability interval reported as uncertain.
 
     Returns:
-        Counts and sums to pool over volumes: n_slices, n_uncertain, confident_correct, uncertain_correct and
-        squared_error (the Brier score's sum of (probability - truth)^2).
+        Counts and sums to pool over volumes: n_slices, n_tumour_slices, n_uncertain, confident_correct,
+        uncertain_correct and squared_error (the Brier score's sum of (probability - truth)^2).
     """
     probability = np.asarray(probability, dtype=np.float64)
     unhealthy, tumour = np.asarray(unhealthy).astype(bool), np.asarray(tumour).astype(bool)
@@ -281,6 +281,7 @@ def verdict_reliability(
     correct = unhealthy == tumour
     return {
         "n_slices": int(probability.size),
+        "n_tumour_slices": int(tumour.sum()),
         "n_uncertain": int(is_uncertain.sum()),
         "confident_correct": int((correct & ~is_uncertain).sum()),
         "uncertain_correct": int((correct & is_uncertain).sum()),
@@ -290,16 +291,19 @@ def verdict_reliability(
 
 def aggregate_reliability(cases: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Pool ``verdict_reliability`` over volumes: the uncertain share of slices, the verdict accuracy of the
-    confident and of the uncertain slices (None without any), and the Brier score."""
+    confident and of the uncertain slices (None without any), the Brier score, and the Brier score of a constant
+    probability equal to the share of tumour slices (what a probability must beat to carry information)."""
     total = {key: sum(case[key] for case in cases) for key in
-             ("n_slices", "n_uncertain", "confident_correct", "uncertain_correct", "squared_error")}
+             ("n_slices", "n_tumour_slices", "n_uncertain", "confident_correct", "uncertain_correct", "squared_error")}
     if not total["n_slices"]:
         raise ValueError("no slices to pool")
     confident = total["n_slices"] - total["n_uncertain"]
+    tumour_share = total["n_tumour_slices"] / total["n_slices"]
     return {
         "n_slices": total["n_slices"],
         "uncertain_share": total["n_uncertain"] / total["n_slices"],
         "confident_accuracy": total["confident_correct"] / confident if confident else None,
         "uncertain_accuracy": total["uncertain_correct"] / total["n_uncertain"] if total["n_uncertain"] else None,
         "brier": total["squared_error"] / total["n_slices"],
+        "brier_constant": tumour_share * (1.0 - tumour_share),
     }
