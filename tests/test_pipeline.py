@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 
 from anofpdm.model import load_model, save_checkpoint
-from anofpdm.pipeline import InferenceOptions, segment_volume
+from anofpdm.pipeline import InferenceOptions, finish_on_input_grid, segment_volume
+from anofpdm.volume import to_model_slices
 from anofpdm.volume import InputError
 
-from conftest import make_volume_pair, tiny_calibration
+from conftest import TINY, make_volume_pair, tiny_calibration
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +130,18 @@ def test_an_early_stop_calibration_from_the_batch_wide_forward_process_is_refuse
     # without early stop only the noise draws changed, which a calibration does not depend on
     images = make_volume_pair()
     assert segment_volume(old, images, InferenceOptions(mode="full")).mask.shape == images["flair"].shape
+
+
+def test_a_lesion_cut_by_the_field_of_view_is_held_to_the_minimum_on_the_input_grid():
+    _, geometry, _ = to_model_slices(make_volume_pair(), TINY.sequences, TINY.image_size, TINY.field_of_view_mm)
+    model_voxel_mm3 = float(np.prod(geometry.spacing_mm))  # 15 x 15 x 5 mm: the model window is wider than the input
+    input_voxel_mm3 = 4.0 * 4.0 * 5.0
+    for pixel, kept in (((2, 2), False), ((3, 3), True)):  # (2, 2) lies mostly outside the input's field of view
+        candidate = np.zeros((TINY.image_size, TINY.image_size, len(geometry.slices)), dtype=bool)
+        candidate[pixel[0], pixel[1], 4] = True
+        mask, mask_input, _, lesions, removed = finish_on_input_grid(candidate.astype(np.float32), candidate,
+                                                                     geometry, min_lesion_mm3=500)
+        assert model_voxel_mm3 > 500 and mask.sum() == 1  # kept on the model grid
+        assert bool(lesions) == kept and removed == (0 if kept else 1)
+        assert mask_input.sum() * input_voxel_mm3 > 500 if kept else not mask_input.any()
+        assert all(row["volume_ml"] * 1000 > 500 for row in lesions)

@@ -306,14 +306,19 @@ def finish_on_input_grid(
         number of components removed.
     """
     mask, removed = remove_small_components(candidate, geometry.spacing_mm, min_lesion_mm3)
-    mask_input = to_input_grid(mask.astype(np.float32), geometry) >= 0.5
+    # resampling can leave a kept component smaller (cut by the field of view) or split off pieces of it: the
+    # lesions the user gets are held to the same minimum on the input grid
+    mask_input, fragments = remove_small_components(
+        to_input_grid(mask.astype(np.float32), geometry) >= 0.5, nib.affines.voxel_sizes(geometry.affine),
+        min_lesion_mm3,
+    )
     map_input = to_input_grid(filtered, geometry)
     probability_input = None
     if unhealthy_probability is not None:  # constant per slice, so each input plane gets its slice's value
         planes = np.broadcast_to(unhealthy_probability.numpy().astype(np.float32), filtered.shape)
         probability_input = to_input_grid(np.ascontiguousarray(planes), geometry)
     lesions = lesion_table(mask_input, map_input, geometry.affine, probability_input)
-    return mask, mask_input, map_input, lesions, removed
+    return mask, mask_input, map_input, lesions, removed + fragments
 
 
 def image_like(reference: nib.spatialimages.SpatialImage, data: np.ndarray, dtype: type) -> nib.Nifti1Image:
