@@ -23,6 +23,7 @@ from anofpdm.evaluate import (
     run_key,
     run_method,
     score_result,
+    source_digest,
     tune_thresholds,
 )
 from anofpdm.cli import main as cli_main
@@ -195,6 +196,22 @@ def test_run_key_follows_model_methods_and_scoring_settings(tiny_model_path, tmp
     other = tmp_path / "other.pt"
     other.write_bytes(tiny_model_path.read_bytes() + b"\0")
     assert run_key(other, ["flair-threshold"], settings) != key
+
+
+def test_run_key_follows_the_library_code(tiny_model_path, tmp_path, monkeypatch):
+    import shutil
+
+    import anofpdm.evaluate as evaluate_module
+
+    copy = tmp_path / "anofpdm"
+    shutil.copytree(evaluate_module.PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert source_digest(copy) == source_digest(evaluate_module.PACKAGE_ROOT)
+    (copy / "pipeline.py").write_text((copy / "pipeline.py").read_text() + "\n# changed\n")
+    changed = source_digest(copy)
+    assert changed != source_digest(evaluate_module.PACKAGE_ROOT)
+    key = run_key(tiny_model_path, ["flair-threshold"], EvaluationSettings())
+    monkeypatch.setattr(evaluate_module, "source_digest", lambda: changed)
+    assert run_key(tiny_model_path, ["flair-threshold"], EvaluationSettings()) != key
 
 
 def test_truth_as_prediction_scores_one(tiny_model_path, data_dir):

@@ -91,6 +91,7 @@ __all__ = [
     "score_result",
     "run_method",
     "tune_thresholds",
+    "source_digest",
     "run_key",
     "split_case_ids",
     "markdown_table",
@@ -106,6 +107,7 @@ PAPER_MIN_AREA_PX = 40.0  # the authors drop 2-D components of at most 40 px at 
 TRUTH_LEVEL = 0.5  # labels are resized, then thresholded at 0.5 (SPEC section 1)
 RESULTS_JSON, RESULTS_MD, OVERLAY_DIR, CASE_DIR = "results.json", "results.md", "overlays", "cases"
 TUNING_JSON = "tuning.json"  # the tuned baseline thresholds, reused by --resume
+PACKAGE_ROOT = Path(__file__).resolve().parent  # the anofpdm sources, part of the resume key
 DEFAULT_OVERLAY_CASES = 3
 OVERLAY_DPI = 90
 OVERLAY_TILE_INCHES = 2.6
@@ -448,10 +450,20 @@ def _evaluate_case(
     return record, (_overlay_payload(case, results) if overlay else None)
 
 
+def source_digest(root: Path = PACKAGE_ROOT) -> str:
+    """A digest of the library's Python sources under ``root`` (names and bytes)."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def run_key(model_path: Path, methods: Sequence[str], settings: EvaluationSettings) -> str:
-    """What a stored case result depends on besides the case: the model file's bytes, the methods and the
-    settings (the tuned thresholds included)."""
+    """What a stored case result depends on besides the case: the model file's bytes, the methods, the
+    settings (the tuned thresholds included) and the library's code (a changed method must not be mixed with
+    results of the old one)."""
     digest = hashlib.sha256(model_path.read_bytes())
+    digest.update(source_digest().encode())
     scoring = asdict(replace(settings, overlay_cases=0))  # which cases are drawn changes no number
     digest.update(json.dumps({"methods": list(methods), "settings": scoring}, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
@@ -784,7 +796,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help="slice protocol: drop 2-D components of at most this area (default: 40 px at 128, scaled)")
     parser.add_argument("--overlays", type=int, default=DEFAULT_OVERLAY_CASES, help="cases drawn as PNG overlays")
     parser.add_argument("--resume", action="store_true",
-                        help="reuse the case results an earlier run with the same model and settings stored in --out")
+                        help="reuse the case results an earlier run with the same model, settings and code stored in --out")
     return parser
 
 
