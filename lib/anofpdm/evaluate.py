@@ -796,7 +796,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help="slice protocol: drop 2-D components of at most this area (default: 40 px at 128, scaled)")
     parser.add_argument("--overlays", type=int, default=DEFAULT_OVERLAY_CASES, help="cases drawn as PNG overlays")
     parser.add_argument("--resume", action="store_true",
-                        help="reuse the case results an earlier run with the same model, settings and code stored in --out")
+                        help="reuse the case results stored in --out by an earlier run with the same model, "
+                        "settings and code")
     return parser
 
 
