@@ -159,14 +159,15 @@ def test_verdict_reliability_by_hand_and_pooled_over_volumes():
     unhealthy = [True, True, False, False, True]
     tumour = [True, False, False, True, False]
     # uncertain: 0.5 and 0.7 (wrong, wrong); confident: 0.9 right, 0.1 right, 0.05 wrong
-    first = verdict_reliability(probability, unhealthy, tumour, (0.2, 0.8))
+    uncertain = [False, True, False, True, False]
+    first = verdict_reliability(probability, unhealthy, tumour, uncertain)
     assert first == {"n_slices": 5, "n_tumour_slices": 2, "n_uncertain": 2, "confident_correct": 2,
                      "uncertain_correct": 0, "squared_error": pytest.approx(0.01 + 0.25 + 0.01 + 0.09 + 0.0025)}
-    second = verdict_reliability([0.3], [True], [True], (0.2, 0.8))  # uncertain, right
+    second = verdict_reliability([0.3], [True], [True], [True])  # uncertain, right
     pooled = aggregate_reliability([first, second])
     assert pooled == {"n_slices": 6, "uncertain_share": pytest.approx(3 / 6),
                       "confident_accuracy": pytest.approx(2 / 3), "uncertain_accuracy": pytest.approx(1 / 3),
                       "brier": pytest.approx((0.3625 + 0.49) / 6), "brier_constant": pytest.approx(0.5 * 0.5)}
     assert aggregate_reliability([second])["confident_accuracy"] is None
-    with pytest.raises(ValueError, match="one probability, verdict and truth per slice"):
-        verdict_reliability([0.5, 0.5], [True], [True], (0.2, 0.8))
+    with pytest.raises(ValueError, match="one probability, verdict, truth and uncertainty flag per slice"):
+        verdict_reliability([0.5, 0.5], [True], [True], [True])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 __all__ = [
     "FORWARD_PROCESS_VERSION",
     "UNCERTAIN_PROBABILITY",
+    "is_uncertain",
     "Calibration",
     "QuantileRule",
     "cosine_scores",
@@ -33,6 +34,12 @@ FORWARD_PROCESS_VERSION = 2
 # A slice's verdict is reported as uncertain when the validation slices at its cosine score were between
 # 20 % and 80 % unhealthy (Calibration.unhealthy_probability)
 UNCERTAIN_PROBABILITY = (0.2, 0.8)
+
+
+def is_uncertain(probability: Any) -> Any:
+    """Per slice (tensor or array), whether its unhealthy probability lies strictly inside ``UNCERTAIN_PROBABILITY``."""
+    low, high = UNCERTAIN_PROBABILITY
+    return (probability > low) & (probability < high)
 
 
 @dataclass(frozen=True)

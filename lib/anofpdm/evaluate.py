@@ -56,7 +56,7 @@ from anofpdm.baselines import (
 from anofpdm.calibration import MODES
 from anofpdm.data.brats import CaseFiles, find_cases, load_case
 from anofpdm.data.slices import MANIFEST_NAME
-from anofpdm.decisions import UNCERTAIN_PROBABILITY, median_filter_2d
+from anofpdm.decisions import UNCERTAIN_PROBABILITY, is_uncertain, median_filter_2d
 from anofpdm.metrics import (
     MM3_PER_ML,
     aggregate_cases,
@@ -288,7 +288,7 @@ def score_result(result: SegmentationResult, case: EvaluationCase, protocol: Sli
     scores = np.asanyarray(result.anomaly_map.dataobj)
     probability = result.report.get("slices", {}).get("unhealthy_probability")
     reliability = None if probability is None else verdict_reliability(
-        probability, grid.unhealthy, case.truth_slices.any(axis=(1, 2)), UNCERTAIN_PROBABILITY)
+        probability, grid.unhealthy, case.truth_slices.any(axis=(1, 2)), is_uncertain(np.asarray(probability)))
     return {"slice": slices, "volume": volume_metrics(mask, scores, case.truth, case.brain, case.voxel_mm3),
             "reliability": reliability}
 
@@ -533,7 +533,7 @@ def _aggregate(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> dic
     summary = {}
     for method in methods:
         per_case = [r["methods"][method] for r in scored]
-        reliability = [c["reliability"] for c in per_case if c.get("reliability") is not None]
+        reliability = [c["reliability"] for c in per_case if c["reliability"] is not None]
         summary[method] = {
             "description": METHODS[method],
             **(aggregate_cases(per_case) if per_case else {"cases": 0}),
@@ -577,7 +577,7 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
         "over all cases. Baselines have no slice classifier: a slice is unhealthy when its final mask is not empty.",
     ]
     reliable = {method: result["verdict_reliability"] for method, result in summary.items()
-                if result.get("verdict_reliability")}
+                if result["verdict_reliability"]}
     if reliable:
         low, high = UNCERTAIN_PROBABILITY
         header = ("| method | slices | uncertain share | verdict acc., confident slices "

@@ -257,7 +257,7 @@ def aggregate_cases(cases: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[st
 
 
 def verdict_reliability(
-    probability: Sequence[float], unhealthy: Sequence[bool], tumour: Sequence[bool], uncertain: tuple[float, float]
+    probability: Sequence[float], unhealthy: Sequence[bool], tumour: Sequence[bool], uncertain: Sequence[bool]
 ) -> dict[str, Any]:
     """How one volume's slice verdicts fare where the reported unhealthy probability was decided or a toss-up.
 
@@ -265,7 +265,7 @@ def verdict_reliability(
         probability: per slice, the calibration's unhealthy probability at its score.
         unhealthy: per slice, the verdict.
         tumour: per slice, whether the truth holds tumour.
-        uncertain: the open probability interval reported as uncertain.
+        uncertain: per slice, whether its verdict was reported as uncertain.
 
     Returns:
         Counts and sums to pool over volumes: n_slices, n_tumour_slices, n_uncertain, confident_correct,
@@ -273,11 +273,10 @@ def verdict_reliability(
     """
     probability = np.asarray(probability, dtype=np.float64)
     unhealthy, tumour = np.asarray(unhealthy).astype(bool), np.asarray(tumour).astype(bool)
-    if not probability.shape == unhealthy.shape == tumour.shape or probability.ndim != 1:
-        raise ValueError(f"need one probability, verdict and truth per slice, got shapes {probability.shape}, "
-                         f"{unhealthy.shape}, {tumour.shape}")
-    low, high = uncertain
-    is_uncertain = (probability > low) & (probability < high)
+    is_uncertain = np.asarray(uncertain).astype(bool)
+    if not probability.shape == unhealthy.shape == tumour.shape == is_uncertain.shape or probability.ndim != 1:
+        raise ValueError(f"need one probability, verdict, truth and uncertainty flag per slice, got shapes "
+                         f"{probability.shape}, {unhealthy.shape}, {tumour.shape}, {is_uncertain.shape}")
     correct = unhealthy == tumour
     return {
         "n_slices": int(probability.size),

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from anofpdm.decisions import (
-    UNCERTAIN_PROBABILITY,
     Calibration,
     QuantileRule,
     combine_maps,
+    is_uncertain,
     slice_thresholds,
 )
 from anofpdm.forward_process import ForwardProcessConfig, SliceStatistics, run_on_slices
@@ -356,7 +356,6 @@ def _report(
 ) -> dict[str, Any]:
     """The JSON-ready description of one segmentation."""
     total_ml = round(sum(row["volume_ml"] for row in lesions), 3)
-    low, high = UNCERTAIN_PROBABILITY
     return {
         "verdict": "unhealthy" if lesions else "healthy",
         # the most anomalous slice's cosine score; slices at or below the threshold are unhealthy
@@ -365,7 +364,7 @@ def _report(
         # how often validation slices at the volume's score were unhealthy, and the slices whose verdict is a
         # toss-up by that measure (None: the calibration predates it)
         "unhealthy_probability": None if probability is None else round(float(probability.max()), 4),
-        "uncertain_slices": None if probability is None else int(((probability > low) & (probability < high)).sum()),
+        "uncertain_slices": None if probability is None else int(is_uncertain(probability).sum()),
         "slices": {
             "segmented": len(geometry.slices),
             "unhealthy": int(unhealthy.sum()),
