@@ -289,6 +289,12 @@ def bad_inputs(pair: dict[str, nib.Nifti1Image]) -> dict[str, tuple[nib.Nifti1Im
                      r"t2 grid \(40, 44, 10\) does not match flair grid"),
         "shifted": (pair["flair"], nib.Nifti1Image(t2.get_fdata(dtype=np.float32), SHIFTED),
                     "t2 affine differs from flair affine"),
+        "z_scored": (nib.Nifti1Image((flair - flair.mean()) / flair.std(), AFFINE), t2,
+                     "flair has 55% negative voxels"),  # the background: 11600 of 21120 voxels
+        "not_skull_stripped": (nib.Nifti1Image(flair + 1.0, AFFINE * [[2], [2], [2], [1]]), t2,
+                               "flair has 13517 mL of nonzero voxels"),  # 21120 voxels of 640 mm^3
+        "misaligned": (pair["flair"], nib.Nifti1Image(np.roll(t2.get_fdata(dtype=np.float32), 20, axis=1), AFFINE),
+                       r"brain regions \(nonzero voxels\) of t2 and flair overlap with Dice 0\.71"),  # 24 of 34 columns
     }
 
 

@@ -124,6 +124,7 @@ def bad_cases(pair: dict[str, nib.Nifti1Image], studies: Path) -> dict[str, tupl
         "flat": nib.Nifti1Image(flair[:, :, 5], AFFINE),
         "nan": nib.Nifti1Image(nan, AFFINE),
         "zero": nib.Nifti1Image(np.zeros_like(flair), AFFINE),
+        "z_scored": nib.Nifti1Image((flair - flair.mean()) / flair.std(), AFFINE),
         "mismatch": pair["flair"],
         "missing_t2": pair["flair"],
     }
@@ -139,6 +140,7 @@ def bad_cases(pair: dict[str, nib.Nifti1Image], studies: Path) -> dict[str, tupl
         "flat": ("has shape (40, 44): expected a 3-D FLAIR",),
         "nan": ("flair contains 1 NaN/Inf voxels",),
         "zero": ("flair is empty",),
+        "z_scored": ("flair has 55% negative voxels", "z-scored"),  # the background: 11600 of 21120 voxels
         "mismatch": ("t2 grid (40, 44, 10) does not match flair grid (40, 44, 12)",
                      str(studies / "t2" / "mismatch.nii.gz")),
         "missing_t2": ("T2 for datastore image 'missing_t2' not found", str(studies / "t2" / "missing_t2.nii.gz")),

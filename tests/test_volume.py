@@ -4,7 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from anofpdm.volume import InputError, check_inputs, to_input_grid, to_model_slices
+from anofpdm.volume import MAX_BRAIN_ML, InputError, check_inputs, to_input_grid, to_model_slices
 
 from conftest import make_volume_pair
 
@@ -77,3 +77,32 @@ def test_input_errors_name_the_problem():
     empty = nib.Nifti1Image(np.zeros(pair["flair"].shape, np.float32), affine)
     with pytest.raises(InputError, match="flair is empty"):
         check_inputs({"flair": empty, "t2": pair["t2"]}, ("flair", "t2"))
+
+
+def test_inputs_unlike_a_skull_stripped_brain_are_refused():
+    """Z-scored intensities, a noisy background (not skull-stripped) and misaligned sequences are errors;
+    interpolation ringing, a stripped brain on the same coarse grid and a one-voxel offset are not."""
+    coarse = np.diag([-6.0, -6.0, 8.0, 1.0])  # 288 mm^3 voxels: the 40 x 44 x 12 grid spans 6.1 L, its brain 2.7 L
+    pair = make_volume_pair(affine=coarse)
+    flair, t2 = (pair[name].get_fdata(dtype=np.float32) for name in ("flair", "t2"))
+    assert (flair > 0).sum() * 0.288 < MAX_BRAIN_ML < flair.size * 0.288  # the test spans the bound (mL)
+    check_inputs(pair, ("flair", "t2"))
+
+    def check(flair_data, t2_data):
+        check_inputs({"flair": nib.Nifti1Image(flair_data, coarse), "t2": nib.Nifti1Image(t2_data, coarse)},
+                     ("flair", "t2"))
+
+    rng = np.random.default_rng(1)
+    noisy = flair + rng.uniform(1.0, 5.0, flair.shape).astype(np.float32)
+    with pytest.raises(InputError, match=r"flair has 6083 mL of nonzero voxels, more than any skull-stripped brain"):
+        check(noisy, t2)
+    z_scored = (t2 - t2.mean()) / t2.std()
+    with pytest.raises(InputError, match=r"t2 has 55% negative voxels .*z-scored"):  # its background: 11600 of 21120
+        check(flair, z_scored)
+    ringing = t2.copy()
+    ringing.flat[np.flatnonzero(t2)[:50]] = -3.0  # 50 of 9520 brain voxels
+    check(flair, ringing)
+    # shifted by 15 of the brain's 28 columns, 13 + 3 (wrapped round) still overlap: Dice 16 / 28
+    with pytest.raises(InputError, match=r"brain regions \(nonzero voxels\) of t2 and flair overlap with Dice 0\.57"):
+        check(flair, np.roll(t2, 15, axis=0))
+    check(flair, np.roll(t2, 1, axis=0))

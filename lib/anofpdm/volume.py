@@ -33,6 +33,10 @@ __all__ = [
 RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
 MIN_BRAIN_AREA_MM2 = 100.0  # axial planes with less brain than this are not segmented
 AFFINE_TOLERANCE_MM = 1e-3
+# Plausibility of skull-stripped, co-registered inputs as BraTS ships them (the model knows nothing else):
+MAX_BRAIN_ML = 3000.0  # intracranial volumes are ~1.1-1.9 L; a head with skull and scalp or a noisy background is more
+MAX_NEGATIVE_SHARE = 0.05  # of the nonzero voxels; interpolation ringing stays far below, z-scored volumes far above
+MIN_BRAIN_OVERLAP = 0.8  # Dice of two sequences' nonzero regions; one brain mask on all sequences gives 1
 BACKGROUND = -1.0  # value of non-brain after percentile normalisation
 
 
@@ -95,7 +99,8 @@ def check_inputs(images: Mapping[str, nib.spatialimages.SpatialImage], required:
         required: sequence names the model needs (e.g. ("flair", "t2")); the first is the reference grid.
 
     Raises:
-        InputError: a sequence is missing, not 3-D, off the reference grid, non-finite or empty.
+        InputError: a sequence is missing, not 3-D, off the reference grid, non-finite, empty, negative
+            (z-scored), not skull-stripped, or not the same brain as the reference.
     """
     missing = [name for name in required if name not in images]
     if missing:
@@ -121,8 +126,39 @@ def check_inputs(images: Mapping[str, nib.spatialimages.SpatialImage], required:
             raise InputError(f"{name} contains {bad} NaN/Inf voxels")
         if not (data > 0).any():
             raise InputError(f"{name} is empty: no voxel is above zero")
+        _check_brain_like(name, data, image.affine)
         arrays[name] = data
+    for name in required[1:]:
+        _check_same_brain(name, arrays[name], reference, arrays[reference])
     return arrays
+
+
+def _check_brain_like(name: str, data: np.ndarray, affine: np.ndarray) -> None:
+    """Refuse intensities and extents that no skull-stripped brain volume has (see ``MAX_BRAIN_ML``)."""
+    negative, nonzero = int((data < 0).sum()), int((data != 0).sum())
+    if negative > MAX_NEGATIVE_SHARE * nonzero:
+        raise InputError(
+            f"{name} has {negative / nonzero:.0%} negative voxels (minimum {data.min():.4g}): the model expects "
+            "intensities as scanners and BraTS store them, non-negative with background 0; z-scored or shifted "
+            "volumes cannot be normalised as in training"
+        )
+    brain_ml = float((data > 0).sum()) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    if brain_ml > MAX_BRAIN_ML:
+        raise InputError(
+            f"{name} has {brain_ml:.0f} mL of nonzero voxels, more than any skull-stripped brain ({MAX_BRAIN_ML:.0f} "
+            "mL at most): skull-strip the volumes (background exactly 0) before segmenting"
+        )
+
+
+def _check_same_brain(name: str, data: np.ndarray, reference: str, reference_data: np.ndarray) -> None:
+    """Refuse sequences whose brain regions do not coincide (not co-registered, or another patient)."""
+    brain, reference_brain = data > 0, reference_data > 0
+    overlap = 2.0 * float((brain & reference_brain).sum()) / float(brain.sum() + reference_brain.sum())
+    if overlap < MIN_BRAIN_OVERLAP:
+        raise InputError(
+            f"the brain regions (nonzero voxels) of {name} and {reference} overlap with Dice {overlap:.2f} only "
+            f"(at least {MIN_BRAIN_OVERLAP} expected): co-register the sequences and apply one brain mask to all"
+        )
 
 
 def plan_geometry(reference: nib.spatialimages.SpatialImage, brain_ras: np.ndarray, image_size: int, field_of_view_mm: float) -> VolumeGeometry:
