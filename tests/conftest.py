@@ -75,3 +75,16 @@ def make_volume_pair(shape=(40, 44, 12), affine=None, seed=0, lesion=True) -> di
         flair[15:25, 15:25, 4:8] *= 2.0
         t2[15:25, 15:25, 4:8] *= 2.0
     return {"flair": nib.Nifti1Image(flair, affine), "t2": nib.Nifti1Image(t2, affine)}
+
+
+def check_label_values(labels: np.ndarray, report: dict) -> None:
+    """The label map holds the values ``label_names`` names, no others (Slicer names its segments by it, in
+    value order), and a lesion is 2, "tumour (uncertain)", exactly when marking is on and its unhealthy
+    probability is below 0.8."""
+    present = set(np.unique(labels).tolist()) - {0}
+    names = {1: "tumour", 2: "tumour (uncertain)"}
+    assert report["label_names"] == {names[value]: value for value in sorted(present or {1})}
+    assert {row["label"] for row in report["lesions"]} == present
+    for row in report["lesions"]:
+        uncertain = report["settings"]["mark_uncertain"] and row["unhealthy_probability"] < 0.8
+        assert row["label"] == (2 if uncertain else 1), row

@@ -21,7 +21,7 @@ import torch
 from anofpdm.diffusion import ScheduleConfig
 from anofpdm.model import build_network, save_checkpoint
 from anofpdm.volume import InputError
-from conftest import TINY, make_volume_pair, tiny_calibration
+from conftest import TINY, check_label_values, make_volume_pair, tiny_calibration
 from monailabel.utils.sessions import Sessions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,8 @@ AFFINE = np.array([[0.0, 0.0, 5.0, -30.0], [-4.0, 0.0, 0.0, 80.0], [0.0, 4.0, 0.
 SHIFTED = AFFINE + np.array([[0, 0, 0, 2.0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])  # 2 mm off
 SHAPE = (40, 44, 12)
 SHOW_LESIONS = {"median_kernel": 1, "min_lesion_mm3": 0}
-OPTIONS = {"device", "mode", "forward_steps", "stride", "guidance", "encoding", "min_lesion_mm3", "seed"}
+OPTIONS = {"device", "mode", "forward_steps", "stride", "guidance", "encoding", "min_lesion_mm3", "seed",
+           "mark_uncertain"}
 
 
 @pytest.fixture(autouse=True)
@@ -91,15 +92,15 @@ def check_result(label_file: str, result: dict, flair: nib.Nifti1Image) -> np.nd
     label = nib.load(label_file)
     mask = np.asanyarray(label.dataobj)
     assert label.shape == flair.shape and np.array_equal(label.affine, flair.affine)
-    assert label.get_data_dtype() == np.uint8 and set(np.unique(mask)) <= {0, 1}
-    assert result["label_names"] == {"tumour": 1}
+    assert label.get_data_dtype() == np.uint8
+    check_label_values(mask, result)
     assert {"verdict", "score", "cosine_threshold", "unhealthy_probability", "uncertain_slices", "lesions",
             "total_volume_ml", "network_evaluations", "settings"} <= set(result)
     assert len(result["slices"]["unhealthy_probability"]) == result["slices"]["segmented"]
     assert set(result["slices"]["end_step"]) == {"flair", "t2"}
     assert {"preprocess_s", "network_s", "postprocess_s", "write_s", "total_s"} <= set(result["timings_s"])
     voxel_ml = abs(np.linalg.det(flair.affine[:3, :3])) / 1000.0
-    assert result["total_volume_ml"] == pytest.approx(mask.sum() * voxel_ml, abs=1e-3)
+    assert result["total_volume_ml"] == pytest.approx(np.count_nonzero(mask) * voxel_ml, abs=1e-3)
     assert result["lesion_count"] == len(result["lesions"])
     assert result["verdict"] == ("unhealthy" if mask.any() else "healthy")
     anomaly = nib.load(result["anomaly_map"])
@@ -171,7 +172,8 @@ def test_datastore_does_not_list_the_t2_folder(tmp_path, tiny_model_path, pair):
     app = app_instance(str(APP_DIR), str(tmp_path / "studies"), {"model_path": str(tiny_model_path)})
     assert sorted(app.datastore().list_images()) == ["case1", "case2"]
     info = app.info()
-    assert info["models"]["anofpdm"]["labels"] == {"tumour": 1} and info["labels"] == ["tumour"]
+    assert info["models"]["anofpdm"]["labels"] == {"tumour": 1, "tumour (uncertain)": 2}
+    assert info["labels"] == ["tumour", "tumour (uncertain)"]
     result = app.infer({"model": "anofpdm", "image": "case2"})
     assert result["params"]["inputs"]["t2"] == str((tmp_path / "studies" / "t2" / "case2.nii.gz").resolve())
     assert nib.load(result["file"]).shape == SHAPE
@@ -183,6 +185,7 @@ def test_config_lists_the_options_slicer_shows(tiny_model_path):
     assert set(config) == OPTIONS
     assert config["mode"] == ["fast", "fast-ddpm", "full", "full-ddpm"] and config["device"][0] == "cpu"
     assert config["encoding"] == ["calibrated", "ddim", "ddpm"] and config["forward_steps"] == "calibrated"
+    assert config["mark_uncertain"] is True  # a checkbox in Slicer, ticked
 
 
 def test_request_options_override_the_calibration(tmp_path, tiny_model_path, pair):
@@ -209,7 +212,8 @@ def test_request_options_override_the_calibration(tmp_path, tiny_model_path, pai
                          ({"stride": 2.5}, "stride=2.5 is not a valid int"),
                          ({"mode": "slow"}, "no calibration for mode 'slow'"),
                          ({"device": "abacus"}, "device 'abacus'"),
-                         ({"result_extension": ".mha"}, "result_extension '.mha' is not supported")):
+                         ({"result_extension": ".mha"}, "result_extension '.mha' is not supported"),
+                         ({"mark_uncertain": "maybe"}, "mark_uncertain='maybe' is not a valid bool")):
         with pytest.raises(InputError, match=message):
             task({**request, **bad})
 
@@ -341,3 +345,19 @@ def test_default_weights_are_the_repository_model_file(tmp_path):
     task = app._infers["anofpdm"]
     assert task.path == REPO / "model" / "anofpdm.pt"
     assert task.is_valid() == task.path.is_file()
+
+
+def test_uncertain_lesions_are_a_second_segment_unless_turned_off(tmp_path, unhealthy_model, pair):
+    """The tiny calibration gives every slice an unhealthy probability of 0.6 or 0.1, so every lesion is uncertain
+    (2, its own Slicer segment); turned off, as REST users may send it, the same voxels come back as tumour (1)."""
+    request = {"image": str(write_studies(tmp_path / "studies", pair)), **SHOW_LESIONS}
+    task = make_task(unhealthy_model, tmp_path / "studies")
+    label_file, marked = task(request)
+    labels = check_result(label_file, marked, pair["flair"])
+    assert set(np.unique(labels)) == {0, 2} and marked["label_names"] == {"tumour (uncertain)": 2}
+    assert all(row["unhealthy_probability"] in (0.6, 0.1) for row in marked["lesions"])
+    for off in (False, "false", "0"):
+        label_file, binary = task({**request, "mark_uncertain": off})
+        assert np.array_equal(check_result(label_file, binary, pair["flair"]), (labels > 0).astype(np.uint8))
+        assert binary["label_names"] == {"tumour": 1} and binary["lesions"] == [
+            {**row, "label": 1} for row in marked["lesions"]]

@@ -32,6 +32,11 @@ def test_segment_writes_mask_map_and_report(tiny_model_path, volume_files, tmp_p
         assert image.shape == flair.shape
         np.testing.assert_array_equal(image.affine, flair.affine)
     assert json.loads(report.read_text())["slices"]["segmented"] == 10
+    assert json.loads(report.read_text())["settings"]["mark_uncertain"] is True
+    assert main(["segment", "--model", str(tiny_model_path), "--flair", str(volume_files["flair"]),
+                 "--t2", str(volume_files["t2"]), "--out", str(out), "--report", str(report),
+                 "--no-mark-uncertain"]) == 0
+    assert json.loads(report.read_text())["settings"]["mark_uncertain"] is False
 
 
 def test_segment_reports_missing_and_corrupt_files(tiny_model_path, volume_files, tmp_path, capsys):

@@ -2,13 +2,14 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from anofpdm.model import load_model, save_checkpoint
 from anofpdm.pipeline import InferenceOptions, finish_on_input_grid, segment_volume
 from anofpdm.volume import to_model_slices
 from anofpdm.volume import InputError
 
-from conftest import TINY, make_volume_pair, tiny_calibration
+from conftest import TINY, check_label_values, make_volume_pair, tiny_calibration
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,8 @@ def test_result_is_on_the_exact_input_grid_with_a_full_report(model):
     np.testing.assert_array_equal(result.mask.affine, flair.affine)
     np.testing.assert_array_equal(result.anomaly_map.affine, flair.affine)
     assert result.mask.get_data_dtype() == np.uint8
-    assert set(np.unique(np.asanyarray(result.mask.dataobj))) <= {0, 1}
     report = result.report
+    check_label_values(np.asanyarray(result.mask.dataobj), report)
     segmented = report["slices"]["segmented"]
     assert segmented == 10  # the make_volume_pair brain spans z = 1..10
     assert report["network_evaluations"] == 2 * segmented * 4  # 4 visited steps: 0, 10, 20, 30
@@ -58,18 +59,19 @@ def test_verdict_gates_the_mask_and_small_components_are_removed(model, tmp_path
     never = _with_calibration(model, tmp_path, cosine_threshold=-1.0)
     result = segment_volume(never, make_volume_pair(), InferenceOptions())
     assert result.report["verdict"] == "healthy"
-    assert np.asanyarray(result.mask.dataobj).sum() == 0
+    assert not np.asanyarray(result.mask.dataobj).any()
     assert np.asanyarray(result.anomaly_map.dataobj).max() > 0  # the map is still returned
 
     always = _with_calibration(model, tmp_path, cosine_threshold=1.0)
     kept = segment_volume(always, make_volume_pair(), InferenceOptions(min_lesion_mm3=0, median_kernel=1))
     assert kept.report["slices"]["unhealthy"] == kept.report["slices"]["segmented"]
-    assert np.asanyarray(kept.mask.dataobj).sum() > 0
+    kept_voxels = np.count_nonzero(np.asanyarray(kept.mask.dataobj))
+    assert kept_voxels > 0
     total_ml = sum(row["volume_ml"] for row in kept.report["lesions"])
     voxel_ml = abs(np.linalg.det(kept.mask.affine[:3, :3])) / 1000
-    assert total_ml == pytest.approx(np.asanyarray(kept.mask.dataobj).sum() * voxel_ml, rel=1e-3)
+    assert total_ml == pytest.approx(kept_voxels * voxel_ml, rel=1e-3)
     dropped = segment_volume(always, make_volume_pair(), InferenceOptions(min_lesion_mm3=1e9, median_kernel=1))
-    assert np.asanyarray(dropped.mask.dataobj).sum() == 0 and dropped.report["components_removed"] > 0
+    assert not np.asanyarray(dropped.mask.dataobj).any() and dropped.report["components_removed"] > 0
 
 
 def test_report_gives_each_slice_the_validation_frequency_at_its_score(model, tmp_path):
@@ -99,6 +101,17 @@ def test_report_gives_each_slice_the_validation_frequency_at_its_score(model, tm
     by_plane = dict(zip(kept.report["slices"]["index"], kept.report["slices"]["unhealthy_probability"], strict=True))
     assert kept.report["lesions"] and max(row["unhealthy_probability"] for row in kept.report["lesions"]) == \
         pytest.approx(max(by_plane[z] for z in planes), abs=1e-4)
+    labels = np.asanyarray(kept.mask.dataobj)
+    check_label_values(labels, kept.report)
+    # each lesion is 1 or 2 by the highest probability of the planes it spans, checked here plane by plane
+    components, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    peaks = [max(by_plane[z] for z in np.flatnonzero((components == c).any(axis=(0, 1)))) for c in range(1, count + 1)]
+    assert [int(labels[components == c].max()) for c in range(1, count + 1)] == [1 if p >= 0.8 else 2 for p in peaks]
+    assert set(np.unique(labels)) == {0, 1, 2}  # both kinds of lesion occur here
+    binary = segment_volume(always, make_volume_pair(), InferenceOptions(min_lesion_mm3=0, median_kernel=1,
+                                                                         mark_uncertain=False))
+    assert np.array_equal(np.asanyarray(binary.mask.dataobj), mask.astype(np.uint8))
+    assert binary.report["label_names"] == {"tumour": 1} and binary.report["settings"]["mark_uncertain"] is False
 
 
 def test_overrides_warn_and_unknown_mode_is_an_error(model):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from anofpdm.postprocess import lesion_table, median_filter_3d, remove_small_components
+from anofpdm.postprocess import lesion_table, mark_uncertain_lesions, median_filter_3d, remove_small_components
 
 
 def test_median_filter_removes_isolated_voxel_keeps_block():
@@ -42,6 +42,7 @@ def test_lesion_table_volume_centroid_and_scores():
     affine[:3, 3] = [-10, 0, 5]
     rows = lesion_table(mask, scores, affine)
     assert [r["volume_ml"] for r in rows] == [0.512, 0.064]  # 64 and 8 voxels of 8 mm^3
+    assert [r["label"] for r in rows] == [1, 1]
     assert rows[0]["centroid_mm"] == [-10 + 2 * 7.5, 2 * 7.5, 5 + 2 * 7.5]
     assert rows[0]["peak_anomaly"] == 2.0
     assert rows[0]["mean_anomaly"] == pytest.approx((63 * 0.5 + 2.0) / 64)
@@ -52,3 +53,21 @@ def test_lesion_table_volume_centroid_and_scores():
     assert [r["unhealthy_probability"] for r in rows] == [0.9, pytest.approx(0.3, abs=1e-4)]  # z up to 9 and 3
     with pytest.raises(ValueError, match="unhealthy probability"):
         lesion_table(mask, scores, affine, probability[:5])
+
+
+def test_lesions_below_the_confident_probability_are_marked_uncertain():
+    """Each lesion takes the highest probability of its voxels' slices; from ``confident`` on it is tumour (1)."""
+    mask = np.zeros((12, 12, 8), dtype=bool)
+    probability = np.zeros(mask.shape, dtype=np.float32)
+    for x, peak in zip((0, 3, 6, 9), (0.85, 0.5, 0.8, 0.1)):  # four separate lesions, two slices each
+        mask[x : x + 2, 0:2, 2:4] = True
+        probability[x : x + 2, :, 2] = peak
+        probability[x : x + 2, :, 3] = peak / 2  # a lesion's lower slice does not demote it
+    labels = mark_uncertain_lesions(mask, probability, confident=0.8)
+    assert labels.dtype == np.uint8 and np.array_equal(labels > 0, mask)
+    assert [int(labels[x, 0, 2]) for x in (0, 3, 6, 9)] == [1, 2, 1, 2]
+    rows = lesion_table(labels, probability, np.eye(4), probability)
+    assert sorted((r["unhealthy_probability"], r["label"]) for r in rows) == [(0.1, 2), (0.5, 2), (0.8, 1), (0.85, 1)]
+    assert not mark_uncertain_lesions(np.zeros_like(mask), probability, 0.8).any()
+    with pytest.raises(ValueError, match="unhealthy probability"):
+        mark_uncertain_lesions(mask, probability[:5], 0.8)

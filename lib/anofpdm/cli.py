@@ -97,13 +97,14 @@ def _segment(args: argparse.Namespace) -> int:
     from anofpdm.inputs import read_nifti, split_channels
     from anofpdm.model import load_model
     from anofpdm.pipeline import InferenceOptions, segment_volume
+    from anofpdm.postprocess import UNCERTAIN_TUMOUR
     from anofpdm.volume import InputError
 
     model = load_model(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     options = InferenceOptions(
         mode=args.mode, guidance=args.guidance, forward_steps=args.steps, stride=args.stride,
         encoding=args.encoding, early_stop=args.early_stop, seed=args.seed, min_lesion_mm3=args.min_lesion_mm3,
-        bf16=args.bf16,
+        bf16=args.bf16, mark_uncertain=args.mark_uncertain,
     )
     images = split_channels(read_nifti(args.flair, "FLAIR (or multi-channel)"), str(args.flair)).images
     if args.t2 is not None:
@@ -121,7 +122,9 @@ def _segment(args: argparse.Namespace) -> int:
     certainty = "" if report["uncertain_slices"] is None else (
         f"; validation slices at that score {report['unhealthy_probability']:.0%} unhealthy, "
         f"{report['uncertain_slices']} uncertain slice(s)")
-    print(f"{report['verdict']}: {report['lesion_count']} lesion(s), {report['total_volume_ml']} mL "
+    uncertain = sum(row["label"] == UNCERTAIN_TUMOUR for row in report["lesions"])
+    print(f"{report['verdict']}: {report['lesion_count']} lesion(s) ({uncertain} marked uncertain), "
+          f"{report['total_volume_ml']} mL "
           f"(score {report['score']:.5f}, c* {report['cosine_threshold']:.5f}{certainty}) -> {args.out}")
     for warning in report["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
@@ -198,10 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--flair", type=Path, required=True,
                          help="FLAIR NIfTI, or one 4-D image: 2 channels (FLAIR, T2) or 4 (MSD Task01 order)")
     segment.add_argument("--t2", type=Path, help="T2 NIfTI on the FLAIR grid (not needed for a multi-channel image)")
-    segment.add_argument("--out", type=Path, required=True, help="tumour mask NIfTI (uint8, tumour = 1)")
+    segment.add_argument("--out", type=Path, required=True,
+                         help="label map NIfTI (uint8: tumour = 1, tumour (uncertain) = 2)")
     segment.add_argument("--map", type=Path, help="also write the anomaly map NIfTI")
     segment.add_argument("--report", type=Path, help="also write the JSON report")
     _add_inference_options(segment)
+    segment.add_argument("--mark-uncertain", action=argparse.BooleanOptionalAction, default=True,
+                         help="label lesions whose unhealthy probability stays below the confident level (0.8) as 2")
     segment.set_defaults(run=_segment)
 
     evaluate = commands.add_parser("evaluate", help="AnoFPDM variants and baselines on volume folders: metrics, tables, overlays")

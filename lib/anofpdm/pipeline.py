@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from anofpdm.decisions import (
+    UNCERTAIN_PROBABILITY,
     Calibration,
     QuantileRule,
     combine_maps,
@@ -25,7 +26,14 @@ from anofpdm.decisions import (
 )
 from anofpdm.forward_process import ForwardProcessConfig, SliceStatistics, run_on_slices
 from anofpdm.model import MAP_SEQUENCES, LoadedModel
-from anofpdm.postprocess import lesion_table, median_filter_3d, remove_small_components
+from anofpdm.postprocess import (
+    LABEL_NAMES,
+    TUMOUR,
+    lesion_table,
+    mark_uncertain_lesions,
+    median_filter_3d,
+    remove_small_components,
+)
 from anofpdm.volume import InputError, VolumeGeometry, to_input_grid, to_model_slices
 
 __all__ = ["InferenceOptions", "InputError", "ModelGridOutputs", "SegmentationResult", "ForwardOutputs", "run_forward",
@@ -53,6 +61,9 @@ class InferenceOptions:
         bf16: run the network under bfloat16 autocast (fast on recent GPUs; calibrated in float32).
         map_variant: "mean" (SPEC: mean error over the steps before t_e) or "end_step" (the paper's
             S_te variant: the error at t_e alone).
+        mark_uncertain: label lesions whose unhealthy probability stays below the confident level
+            (``UNCERTAIN_PROBABILITY[1]``) as "tumour (uncertain)" (2) instead of "tumour" (1); needs a
+            calibration with unhealthy probabilities.
     """
 
     mode: str = "fast"
@@ -67,6 +78,7 @@ class InferenceOptions:
     batch_size: int | None = None
     bf16: bool = False
     map_variant: str = "mean"
+    mark_uncertain: bool = True
 
     def __post_init__(self) -> None:
         if self.map_variant not in MAP_VARIANTS:
@@ -224,7 +236,8 @@ def segment_volume(
             variant of the same options); None computes it.
 
     Returns:
-        mask (uint8, tumour = 1) and anomaly map (float32) on the FLAIR grid, and the report.
+        label map (uint8: tumour = 1, tumour (uncertain) = 2) and anomaly map (float32) on the FLAIR grid,
+        and the report.
 
     Raises:
         InputError: the inputs cannot be segmented (missing sequence, grid mismatch, NaN, empty...).
@@ -235,12 +248,12 @@ def segment_volume(
     start = time.perf_counter()
     decided = decide_slices(model, outputs, options)
     probability = outputs.calibration.unhealthy_probability(stats.scores)
-    _, mask_input, map_input, lesions, removed = finish_on_input_grid(
-        decided.filtered_map, decided.candidate, geometry, options.min_lesion_mm3, probability
+    _, labels_input, map_input, lesions, removed = finish_on_input_grid(
+        decided.filtered_map, decided.candidate, geometry, options.min_lesion_mm3, probability, options.mark_uncertain
     )
     timings = {**outputs.timings, "postprocess_s": time.perf_counter() - start}
 
-    mask_image = image_like(images[MAP_SEQUENCES[0]], mask_input, np.uint8)
+    mask_image = image_like(images[MAP_SEQUENCES[0]], labels_input, np.uint8)
     map_image = image_like(images[MAP_SEQUENCES[0]], map_input, np.float32)
     report = _report(model, options, outputs.forward, outputs.calibration, geometry, stats.scores, probability,
                      decided.unhealthy, decided.thresholds, stats, lesions, removed, decided.median_kernel,
@@ -290,8 +303,9 @@ def finish_on_input_grid(
     geometry: VolumeGeometry,
     min_lesion_mm3: float,
     unhealthy_probability: torch.Tensor | None = None,
+    mark_uncertain: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]], int]:
-    """Component filter on the model grid, then mask and map onto the input grid, and the lesion table.
+    """Component filter on the model grid, then label map and map onto the input grid, and the lesion table.
 
     Args:
         filtered: S x S x N median-filtered anomaly map.
@@ -300,10 +314,12 @@ def finish_on_input_grid(
         min_lesion_mm3: components of at most this volume are removed.
         unhealthy_probability: optional N per-slice unhealthy probabilities: each lesion then gets the highest
             of its slices.
+        mark_uncertain: with ``unhealthy_probability``, label lesions below the confident level
+            ``UNCERTAIN_PROBABILITY[1]`` as ``UNCERTAIN_TUMOUR``.
 
     Returns:
-        The filtered model-grid mask, the input-grid mask (bool) and map, the lesion table, and the
-        number of components removed.
+        The filtered model-grid mask, the input-grid label map (uint8, ``TUMOUR`` or ``UNCERTAIN_TUMOUR``)
+        and map, the lesion table, and the number of components removed.
     """
     mask, removed = remove_small_components(candidate, geometry.spacing_mm, min_lesion_mm3)
     # resampling can leave a kept component smaller (cut by the field of view) or split off pieces of it: the
@@ -313,12 +329,15 @@ def finish_on_input_grid(
         min_lesion_mm3,
     )
     map_input = to_input_grid(filtered, geometry)
+    labels_input = mask_input.astype(np.uint8) * TUMOUR
     probability_input = None
     if unhealthy_probability is not None:  # constant per slice, so each input plane gets its slice's value
         planes = np.broadcast_to(unhealthy_probability.numpy().astype(np.float32), filtered.shape)
         probability_input = to_input_grid(np.ascontiguousarray(planes), geometry)
-    lesions = lesion_table(mask_input, map_input, geometry.affine, probability_input)
-    return mask, mask_input, map_input, lesions, removed + fragments
+        if mark_uncertain:
+            labels_input = mark_uncertain_lesions(mask_input, probability_input, UNCERTAIN_PROBABILITY[1])
+    lesions = lesion_table(labels_input, map_input, geometry.affine, probability_input)
+    return mask, labels_input, map_input, lesions, removed + fragments
 
 
 def image_like(reference: nib.spatialimages.SpatialImage, data: np.ndarray, dtype: type) -> nib.Nifti1Image:
@@ -356,7 +375,10 @@ def _report(
 ) -> dict[str, Any]:
     """The JSON-ready description of one segmentation."""
     total_ml = round(sum(row["volume_ml"] for row in lesions), 3)
+    present = {row["label"] for row in lesions} or {TUMOUR}
     return {
+        # the label map's values, only those it holds: Slicer names its segments by this, in value order
+        "label_names": {name: value for name, value in LABEL_NAMES.items() if value in present},
         "verdict": "unhealthy" if lesions else "healthy",
         # the most anomalous slice's cosine score; slices at or below the threshold are unhealthy
         "score": float(scores.min()),
@@ -385,6 +407,7 @@ def _report(
             **asdict(forward),
             "mode": options.mode,
             "map_variant": options.map_variant,
+            "mark_uncertain": options.mark_uncertain and probability is not None,
             "visited_steps": stats.visited_steps,
             "min_lesion_mm3": options.min_lesion_mm3,
             "median_kernel": kernel,

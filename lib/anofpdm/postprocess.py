@@ -7,9 +7,12 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["median_filter_3d", "remove_small_components", "lesion_table"]
+__all__ = ["TUMOUR", "UNCERTAIN_TUMOUR", "LABEL_NAMES", "median_filter_3d", "remove_small_components",
+           "mark_uncertain_lesions", "lesion_table"]
 
 MM3_PER_ML = 1000.0
+TUMOUR, UNCERTAIN_TUMOUR = 1, 2  # values of the returned label map
+LABEL_NAMES = {"tumour": TUMOUR, "tumour (uncertain)": UNCERTAIN_TUMOUR}
 
 
 def median_filter_3d(volume: np.ndarray, kernel_size: int) -> np.ndarray:
@@ -53,13 +56,30 @@ def remove_small_components(
     return keep[labels], int(count - keep[1:].sum())
 
 
-def lesion_table(
-    mask: np.ndarray, anomaly_map: np.ndarray, affine: np.ndarray, unhealthy_probability: np.ndarray | None = None
-) -> list[dict[str, object]]:
-    """One row per connected lesion: volume (mL), centroid (world mm), mean and peak anomaly score.
+def mark_uncertain_lesions(mask: np.ndarray, unhealthy_probability: np.ndarray, confident: float) -> np.ndarray:
+    """The label map of ``mask``: ``TUMOUR`` for lesions whose slices reach an unhealthy probability of
+    ``confident``, ``UNCERTAIN_TUMOUR`` for the others.
 
     Args:
         mask: binary mask whose 26-connected components are the lesions.
+        unhealthy_probability: per-voxel unhealthy probability of the voxel's slice, on the mask's grid.
+        confident: the probability from which a lesion counts as a confident finding.
+    """
+    if unhealthy_probability.shape != mask.shape:
+        raise ValueError(f"mask {mask.shape} and unhealthy probability {unhealthy_probability.shape} differ in shape")
+    labels, count = _components(mask.astype(bool))
+    peak = np.asarray(ndimage.maximum(unhealthy_probability, labels, index=np.arange(1, count + 1)))
+    values = np.concatenate([[0], np.where(peak >= confident, TUMOUR, UNCERTAIN_TUMOUR)]).astype(np.uint8)
+    return values[labels]
+
+
+def lesion_table(
+    mask: np.ndarray, anomaly_map: np.ndarray, affine: np.ndarray, unhealthy_probability: np.ndarray | None = None
+) -> list[dict[str, object]]:
+    """One row per connected lesion: label value, volume (mL), centroid (world mm), mean and peak anomaly score.
+
+    Args:
+        mask: binary mask or label map whose 26-connected nonzero components are the lesions.
         anomaly_map: anomaly scores on the mask's grid.
         affine: the grid's voxel-to-world affine.
         unhealthy_probability: optional per-voxel unhealthy probability of the voxel's slice; each row then
@@ -81,6 +101,7 @@ def lesion_table(
         scores = anomaly_map[region][inside]
         rows.append(
             {
+                "label": int(mask[region][inside].max()),
                 "volume_ml": round(inside.sum() * voxel_mm3 / MM3_PER_ML, 3),
                 "centroid_mm": [round(float(c), 1) for c in centroid],
                 "mean_anomaly": float(scores.mean()),

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import lib.infers
+from anofpdm.postprocess import LABEL_NAMES
 from lib.serving import anomaly_map_url
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -22,7 +23,7 @@ class AnoFPDM(TaskConfig):
 
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs: Any) -> None:
         super().init(name, model_dir, conf, planner, **kwargs)
-        self.labels = {"tumour": 1}
+        self.labels = dict(LABEL_NAMES)  # "tumour" 1; "tumour (uncertain)" 2 unless the request turns it off
         self.path = os.path.realpath(conf.get("model_path") or os.path.join(model_dir, f"{name}.pt"))
 
     def infer(self) -> InferTask:

@@ -45,7 +45,9 @@ OPTION_TYPES: dict[str, type] = {
     "min_lesion_mm3": float,
     "median_kernel": int,
     "batch_size": int,
+    "mark_uncertain": bool,
 }
+BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 class ModelUnavailableError(RuntimeError):
@@ -72,6 +74,12 @@ def _parse_option(name: str, value: Any) -> Any:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", CALIBRATED)):
         return None
     kind = OPTION_TYPES[name]
+    if kind is bool:  # Slicer sends JSON booleans; REST users may send text
+        if isinstance(value, bool):
+            return value
+        if str(value).strip().lower() not in BOOLEANS:
+            raise InputError(f"option {name}={value!r} is not a valid bool (true or false)")
+        return BOOLEANS[str(value).strip().lower()]
     try:
         if kind is int:
             number = float(value)
@@ -156,6 +164,7 @@ class AnoFPDM(InferTask):
             "encoding": [CALIBRATED, "ddim", "ddpm"],
             "min_lesion_mm3": float(defaults.min_lesion_mm3),
             "seed": int(defaults.seed),
+            "mark_uncertain": defaults.mark_uncertain,
         }
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -179,7 +188,6 @@ class AnoFPDM(InferTask):
         logger.info(f"anofpdm: {report['verdict']}, {report['lesion_count']} lesion(s), "
                     f"{report['total_volume_ml']} mL in {report['timings_s']['total_s']} s -> {label_path}")
         return str(label_path), {
-            "label_names": dict(self.labels),
             **report,
             "anomaly_map": str(map_path),
             **({"anomaly_map_url": f"{self.map_url}/{map_path.name}"} if self.map_url else {}),
