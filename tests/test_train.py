@@ -113,6 +113,23 @@ def test_time_limit_stops_saved_and_the_run_resumes_exactly(data: Path, straight
     assert all(torch.equal(resumed["ema"][name], t) for name, t in straight["ema"].items())
 
 
+def test_the_record_counts_the_iterations_each_device_ran(data: Path, straight_run: Path, tmp_path: Path) -> None:
+    """A resumed run adds its iterations to the device that ran them; a state from before devices were recorded
+    says so for its iterations; a session that only exports (no new iteration) adds nothing."""
+    run = tmp_path / "run"
+    train(tiny_config(data, iterations=2), run, progress=False)
+    train(tiny_config(data, iterations=4), run, resume=True, progress=False)
+    assert load_state(run)["devices"] == [["cpu", 4]]
+    state = load_state(run)
+    del state["devices"]  # as the H200 state of checkpoints/h200 was saved
+    torch.save(state, run / "state.pt")
+    model = train(tiny_config(data, iterations=6), run, resume=True, progress=False)
+    assert load_model(model).training["devices"] == [["not recorded", 4], ["cpu", 2]]
+    model = train(tiny_config(data, iterations=6), run, resume=True, progress=False)  # export only
+    assert load_model(model).training["devices"] == [["not recorded", 4], ["cpu", 2]]
+    assert load_model(model).training["iterations"] == 6
+
+
 def test_resume_finds_the_data_by_content_not_by_path(data: Path, tmp_path: Path) -> None:
     """A run moved to another machine resumes on the same slices at another path, not on other slices."""
     first = tmp_path / "first"
@@ -158,7 +175,7 @@ def test_exported_model_holds_the_ema_weights_and_a_record(straight_run: Path) -
     assert record["iterations"] == 6 and record["batch_size"] == 4 and record["seed"] == 0
     assert record["data"]["train_slices"] == 8 and record["data"]["train_unhealthy"] == 4
     assert record["data"]["splits"]["train"] == {"cases": 2, "slices": 8, "healthy": 4, "unhealthy": 4}
-    assert record["device"] == "cpu" and record["torch_version"] == torch.__version__
+    assert record["devices"] == [["cpu", 6]] and record["torch_version"] == torch.__version__
     assert record["wall_time_s"] > 0
     assert (straight_run / "loss.png").stat().st_size > 0
 

@@ -76,6 +76,7 @@ LOSS_CSV = "loss.csv"
 LOSS_PLOT = "loss.png"
 TRAIN_SPLIT = "train"
 STATE_FORMAT = "anofpdm-train-state-v1"
+UNRECORDED_DEVICE = "not recorded"  # iterations of a state saved before devices were recorded
 CSV_FIELDS = ("iteration", "loss", "smoothed_loss", "iterations_per_s", "elapsed_s")
 LOSS_SMOOTHING = 0.01  # per-iteration weight of new losses in the smoothed curve (a ~100-iteration horizon)
 EMA_HORIZONS = 5.0  # warn when a run is shorter than this many EMA time constants 1 / (1 - decay)
@@ -646,7 +647,12 @@ def _atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
 
 
 def _training_record(
-    config: TrainConfig, data: dict[str, Any], ctx: Distributed, iteration: int, elapsed_s: float
+    config: TrainConfig,
+    data: dict[str, Any],
+    ctx: Distributed,
+    iteration: int,
+    elapsed_s: float,
+    devices: list[list[Any]],
 ) -> dict[str, Any]:
     return {
         "data": data,
@@ -660,7 +666,7 @@ def _training_record(
         "seed": config.seed,
         "bf16": config.bf16,
         "wall_time_s": round(elapsed_s, 3),
-        "device": describe_device(ctx.device),
+        "devices": devices,  # [device, iterations it ran], in order: a run may resume on other hardware
         "world_size": ctx.world_size,
         "torch_version": str(torch.__version__),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -705,9 +711,12 @@ class _Run:
             run_dir.mkdir(parents=True, exist_ok=True)
         self.trainer = Trainer(config, network_config, ctx)
         self.start, self.elapsed_before, smoothed = 0, 0.0, None
+        self.earlier_devices: list[list[Any]] = []
         if state is not None:
             self.trainer.load_state_dict(state)
             self.start, self.elapsed_before, smoothed = state["iteration"], state["elapsed_s"], state["smoothed_loss"]
+            unrecorded = [[UNRECORDED_DEVICE, self.start]] if self.start else []
+            self.earlier_devices = [list(entry) for entry in state.get("devices", unrecorded)]
         self.log = LossLog(run_dir, ctx, self.start, smoothed)
         self.clock = time.monotonic()
 
@@ -715,17 +724,29 @@ class _Run:
         """Wall time of the whole run, earlier sessions included."""
         return self.elapsed_before + time.monotonic() - self.clock
 
+    def devices(self, iteration: int) -> list[list[Any]]:
+        """[device, iterations] of the whole run up to ``iteration``; a session that trained nothing adds nothing."""
+        devices = [list(entry) for entry in self.earlier_devices]
+        done, device = iteration - self.start, describe_device(self.ctx.device)
+        device = device if self.ctx.world_size == 1 else f"{self.ctx.world_size} x {device}"
+        if done and devices and devices[-1][0] == device:
+            devices[-1][1] += done
+        elif done:
+            devices.append([device, done])
+        return devices
+
     def save(self, iteration: int) -> None:
         """Write ``state.pt``, ``model.pt`` (EMA weights) and ``loss.png`` (main rank only)."""
         if not self.ctx.is_main:
             return
-        seconds = self.elapsed()
+        seconds, devices = self.elapsed(), self.devices(iteration)
         _atomic_torch_save(
             {
                 "format": STATE_FORMAT,
                 "iteration": iteration,
                 "elapsed_s": seconds,
                 "smoothed_loss": self.log.smoothed,
+                "devices": devices,
                 "invariants": self.invariants,
                 "config": self.config.to_dict(),
                 **self.trainer.state_dict(),
@@ -737,7 +758,7 @@ class _Run:
             self.network_config,
             self.trainer.ema.module.state_dict(),
             self.config.schedule.to_dict(),
-            training=_training_record(self.config, self.data, self.ctx, iteration, seconds),
+            training=_training_record(self.config, self.data, self.ctx, iteration, seconds, devices),
         )
         self.log.plot()
 
