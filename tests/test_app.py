@@ -19,7 +19,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from anofpdm.diffusion import ScheduleConfig
-from anofpdm.model import build_network, save_checkpoint
+from anofpdm.model import build_network, load_model, save_checkpoint
 from anofpdm.volume import InputError
 from conftest import TINY, check_label_values, make_volume_pair, tiny_calibration
 from monailabel.utils.sessions import Sessions
@@ -338,6 +338,15 @@ def test_no_weights_no_model(tmp_path, pair):
     write_studies(tmp_path / "studies", pair)
     app = app_instance(str(APP_DIR), str(tmp_path / "studies"), {"model_path": str(tmp_path / "missing.pt")})
     assert app.info()["models"] == {} and app.info()["labels"] == []
+
+
+def test_the_interim_network_the_readme_offers_is_servable():
+    """README: ``--conf model_path checkpoints/h200/anofpdm_interim.pt`` serves a trained (interim) network."""
+    path = REPO / "checkpoints" / "h200" / "anofpdm_interim.pt"
+    task = make_task(path)
+    assert task.is_valid() and task.config()["mode"] == ["fast"]
+    model = load_model(path, "cpu")
+    assert model.training["iterations"] == 5127 and model.calibration["fast"]["unhealthy_frequency"]
 
 
 def test_default_weights_are_the_repository_model_file(tmp_path):
