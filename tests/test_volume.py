@@ -106,3 +106,6 @@ def test_inputs_unlike_a_skull_stripped_brain_are_refused():
     with pytest.raises(InputError, match=r"brain regions \(nonzero voxels\) of t2 and flair overlap with Dice 0\.57"):
         check(flair, np.roll(t2, 15, axis=0))
     check(flair, np.roll(t2, 1, axis=0))
+    segmentation = np.where(flair > 150, 2.0, 0.0).astype(np.float32)  # the lesion of make_volume_pair
+    with pytest.raises(InputError, match=r"Dice 0\.08.*segmentation loaded as an image"):  # 800 / (400 + 9520)
+        check(segmentation, t2)

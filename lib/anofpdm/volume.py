@@ -157,7 +157,8 @@ def _check_same_brain(name: str, data: np.ndarray, reference: str, reference_dat
     if overlap < MIN_BRAIN_OVERLAP:
         raise InputError(
             f"the brain regions (nonzero voxels) of {name} and {reference} overlap with Dice {overlap:.2f} only "
-            f"(at least {MIN_BRAIN_OVERLAP} expected): co-register the sequences and apply one brain mask to all"
+            f"(at least {MIN_BRAIN_OVERLAP} expected): co-register the sequences and apply one brain mask to all "
+            "(or was a segmentation loaded as an image?)"
         )
 
 
