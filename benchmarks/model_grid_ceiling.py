@@ -8,10 +8,14 @@ Then SPEC section 4's threshold (Algorithm 1: tau = the q-quantile of the map ov
 decaying with the distance to it outside: every pixel ranked, the nearest to the tumour first) with an ideal
 slice verdict, at q = 0.98 (the smallest masks the rule makes) and q = 0.90: the most AnoFPDM's masks could
 reach with a perfect network. The rule masks at least 2 % of every unhealthy slice, so tumour cross-sections
-smaller than that are over-segmented whatever the network. Healthy cases are skipped. Prints figures; asserts
-nothing. Example:
+smaller than that are over-segmented whatever the network. Healthy cases are skipped. With ``--flair-model``
+the FLAIR-percentile baseline (``anofpdm evaluate``'s ``flair-threshold`` at ``--flair-quantile``, the value its
+validation tuning chose) is scored beside them on that model's grid, and ``--size-bins`` groups every row by the
+cases' tumour volume. Prints figures; asserts nothing. Example:
 
     PYTHONPATH=lib python benchmarks/model_grid_ceiling.py --data data/synth --prepared data/slices64
+    PYTHONPATH=lib python benchmarks/model_grid_ceiling.py --data data/synth --prepared data/slices64 \
+        --split train,test --sizes 64 --flair-model M --flair-quantile 0.98 --size-bins 10,25,50,100
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
 
+from anofpdm.baselines import BaselineOptions, FixedThreshold, run_baseline
 from anofpdm.data.brats import find_cases
 from anofpdm.decisions import row_quantiles
 from anofpdm.evaluate import EvaluationCase, prepare_case, split_case_ids
 from anofpdm.metrics import dice
-from anofpdm.model import PRESETS
+from anofpdm.model import PRESETS, load_model
 from anofpdm.pipeline import default_median_kernel
 from anofpdm.postprocess import median_filter_3d
 from anofpdm.volume import to_input_grid
@@ -62,33 +67,66 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="labelled cases")
     parser.add_argument("--prepared", help="prepared slices folder: take the cases of its --split")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="split(s) of --prepared, comma-separated")
     parser.add_argument("--max-cases", type=int)
     parser.add_argument("--sizes", default="64,96,128", help="network image sizes")
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    parser.add_argument("--flair-model", help="also score the FLAIR-percentile baseline on this model's grid")
+    parser.add_argument("--flair-quantile", type=float, default=0.98, help="the baseline's tuned brain quantile")
+    parser.add_argument("--size-bins", help="tumour-volume bin edges in mL (e.g. 10,25,50,100): a table by size")
     args = parser.parse_args()
+    flair_model = load_model(args.flair_model, "cpu") if args.flair_model else None
+    flair_options = BaselineOptions(threshold=FixedThreshold(quantile=args.flair_quantile))
 
     cases = find_cases(args.data)
     if args.prepared:
-        wanted = set(split_case_ids(args.prepared, args.split))
+        wanted = {case for split in args.split.split(",") for case in split_case_ids(args.prepared, split)}
         cases = [c for c in cases if c.case_id in wanted]
     cases = cases[: args.max_cases]
     print("| image size | pixel (mm) | mask | cases with tumour | 3-D Dice per case | mean |")
     print("|---|---|---|---|---|---|")
+    tables = []
     for size in (int(v) for v in args.sizes.split(",")):
         config = replace(PRESETS[args.preset], image_size=size)
+        flair = flair_model if flair_model is not None and flair_model.config.image_size == size else None
         rows: dict[str, dict[str, float]] = {"grid": {}, **{f"Algorithm 1, q = {q}": {} for q in QUANTILES}}
+        if flair is not None:
+            rows[f"FLAIR percentile, q = {args.flair_quantile}"] = {}
+        volumes_ml: dict[str, float] = {}
         for files in cases:
             case = prepare_case(files, config)
             if not case.truth.any():
                 continue
+            volumes_ml[case.case_id] = float(case.truth.sum()) * case.voxel_mm3 / 1000.0
             rows["grid"][case.case_id] = _grid_dice(case, case.truth_slices)
             for q in QUANTILES:
                 rows[f"Algorithm 1, q = {q}"][case.case_id] = _grid_dice(case, ideal_algorithm1_mask(case.truth_slices, q))
+            if flair is not None:
+                mask = np.asanyarray(run_baseline("flair-threshold", flair, case.images, flair_options).mask.dataobj)
+                rows[f"FLAIR percentile, q = {args.flair_quantile}"][case.case_id] = dice(mask > 0, case.truth)
         for mask, scores in rows.items():
             listed = ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
             mean = f"{np.mean(list(scores.values())):.3f}" if scores else "-"
             print(f"| {size} | {config.field_of_view_mm / size:.2f} | {mask} | {len(scores)} | {listed} | {mean} |")
+        tables.append((size, rows, volumes_ml))
+    if args.size_bins:
+        _print_by_size(tables, [float(v) for v in args.size_bins.split(",")])
+
+
+def _print_by_size(tables: list[tuple[int, dict[str, dict[str, float]], dict[str, float]]], edges: list[float]) -> None:
+    """Mean 3-D Dice of every row per tumour-volume bin."""
+    bounds = [0.0, *edges, float("inf")]
+    print("\n| image size | mask | " + " | ".join(
+        f"{low:g}-{high:g} mL" if high < float("inf") else f">= {low:g} mL" for low, high in zip(bounds, bounds[1:]))
+        + " |")
+    print("|---|---|" + "---|" * (len(bounds) - 1))
+    for size, rows, volumes_ml in tables:
+        for mask, scores in rows.items():
+            cells = []
+            for low, high in zip(bounds, bounds[1:]):
+                chosen = [scores[c] for c, ml in volumes_ml.items() if low <= ml < high and c in scores]
+                cells.append(f"{np.mean(chosen):.3f} (n = {len(chosen)})" if chosen else "-")
+            print(f"| {size} | {mask} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
