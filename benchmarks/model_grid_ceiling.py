@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -117,13 +118,13 @@ def _print_by_size(tables: list[tuple[int, dict[str, dict[str, float]], dict[str
     """Mean 3-D Dice of every row per tumour-volume bin."""
     bounds = [0.0, *edges, float("inf")]
     print("\n| image size | mask | " + " | ".join(
-        f"{low:g}-{high:g} mL" if high < float("inf") else f">= {low:g} mL" for low, high in zip(bounds, bounds[1:]))
+        f"{low:g}-{high:g} mL" if high < float("inf") else f">= {low:g} mL" for low, high in pairwise(bounds))
         + " |")
     print("|---|---|" + "---|" * (len(bounds) - 1))
     for size, rows, volumes_ml in tables:
         for mask, scores in rows.items():
             cells = []
-            for low, high in zip(bounds, bounds[1:]):
+            for low, high in pairwise(bounds):
                 chosen = [scores[c] for c, ml in volumes_ml.items() if low <= ml < high and c in scores]
                 cells.append(f"{np.mean(chosen):.3f} (n = {len(chosen)})" if chosen else "-")
             print(f"| {size} | {mask} | " + " | ".join(cells) + " |")
