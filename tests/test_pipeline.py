@@ -79,6 +79,11 @@ def test_report_gives_each_slice_the_validation_frequency_at_its_score(model, tm
                                 InferenceOptions()).report
     assert unrecorded["uncertain_slices"] is None and unrecorded["slices"]["unhealthy_probability"] is None
     assert any("recalibrate" in w for w in unrecorded["warnings"])
+    unmarked = segment_volume(_with_calibration(model, tmp_path, cosine_threshold=1.0, unhealthy_frequency=()),
+                              make_volume_pair(), InferenceOptions(min_lesion_mm3=0, median_kernel=1))
+    assert unmarked.report["lesions"] and unmarked.report["settings"]["mark_uncertain"] is False  # nothing to mark by
+    assert set(np.unique(np.asanyarray(unmarked.mask.dataobj))) == {0, 1}
+    assert unmarked.report["label_names"] == {"tumour": 1}
 
     ranked = sorted(unrecorded["slices"]["score"])  # group bounds midway between this volume's slice scores
     low, high = (ranked[2] + ranked[3]) / 2, (ranked[6] + ranked[7]) / 2
