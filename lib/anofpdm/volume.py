@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from anofpdm.intensity import percentile_normalise
+from anofpdm.metrics import dice
 
 __all__ = [
     "InputError",
@@ -152,8 +153,7 @@ def _check_brain_like(name: str, data: np.ndarray, affine: np.ndarray) -> None:
 
 def _check_same_brain(name: str, data: np.ndarray, reference: str, reference_data: np.ndarray) -> None:
     """Refuse sequences whose brain regions do not coincide (not co-registered, or another patient)."""
-    brain, reference_brain = data > 0, reference_data > 0
-    overlap = 2.0 * float((brain & reference_brain).sum()) / float(brain.sum() + reference_brain.sum())
+    overlap = dice(data > 0, reference_data > 0)
     if overlap < MIN_BRAIN_OVERLAP:
         raise InputError(
             f"the brain regions (nonzero voxels) of {name} and {reference} overlap with Dice {overlap:.2f} only "

@@ -75,11 +75,10 @@ def _parse_option(name: str, value: Any) -> Any:
         return None
     kind = OPTION_TYPES[name]
     if kind is bool:  # Slicer sends JSON booleans; REST users may send text
-        if isinstance(value, bool):
-            return value
-        if str(value).strip().lower() not in BOOLEANS:
+        text = str(value).strip().lower()
+        if text not in BOOLEANS:
             raise InputError(f"option {name}={value!r} is not a valid bool (true or false)")
-        return BOOLEANS[str(value).strip().lower()]
+        return BOOLEANS[text]
     try:
         if kind is int:
             number = float(value)
