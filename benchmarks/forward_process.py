@@ -20,6 +20,7 @@ import torch
 from anofpdm.diffusion import NoiseSchedule
 from anofpdm.forward_process import ForwardProcessConfig, run_forward_process
 from anofpdm.model import PRESETS, build_network
+from anofpdm.runtime import reuse_heap_memory
 
 
 class Counter(torch.nn.Module):
@@ -95,16 +96,21 @@ def main() -> None:
     parser.add_argument("--overhead-steps", type=int, default=30)
     parser.add_argument("--memory-steps", type=int, nargs="+", default=[50, 500])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--glibc-default-heap", action="store_true",
+                        help="leave glibc's allocator as it is, without the CLI's and app's reuse_heap_memory")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not args.glibc_default_heap:
+        reuse_heap_memory()
     if args.child is not None:
         print(json.dumps(peak_memory_child(args.preset, args.batch, args.child, args.device)))
         return
-    print(f"preset={args.preset} batch={args.batch} device={args.device} threads={torch.get_num_threads()}")
+    heap = "glibc default" if args.glibc_default_heap else "reused"
+    print(f"preset={args.preset} batch={args.batch} device={args.device} threads={torch.get_num_threads()} heap={heap}")
     print(json.dumps(overhead(args.preset, args.batch, args.overhead_steps, args.device), indent=2))
     for steps in args.memory_steps:
         command = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch),
-                   "--device", args.device, "--child", str(steps)]
+                   "--device", args.device, "--child", str(steps)] + ["--glibc-default-heap"] * args.glibc_default_heap
         out = subprocess.run(command, capture_output=True, text=True, check=True)
         print(out.stdout.strip())
 

@@ -34,6 +34,7 @@ from anofpdm.evaluate import SliceProtocol, prepare_case, score_result, split_ca
 from anofpdm.metrics import aggregate_cases
 from anofpdm.model import LoadedModel, load_model
 from anofpdm.pipeline import InferenceOptions, default_batch_size, segment_volume
+from anofpdm.runtime import reuse_heap_memory
 
 NO_EARLY_STOP = "none"
 OWN_CALIBRATION = "setting"  # the mode name a setting's own calibration is stored under
@@ -96,6 +97,7 @@ def main() -> None:
     parser.add_argument("--calibrate-split", help="calibrate each setting on this split of --prepared (e.g. val)")
     parser.add_argument("--calibration-slices", type=int, help="with --calibrate-split: a seeded random subset")
     args = parser.parse_args()
+    reuse_heap_memory()  # as the CLI and the app do: the seconds per case are theirs
     if args.calibrate_split and not args.prepared:
         parser.error("--calibrate-split needs --prepared")
 

@@ -23,6 +23,7 @@ import torch
 from anofpdm.data.brats import find_cases, load_case
 from anofpdm.model import load_model
 from anofpdm.pipeline import InferenceOptions, resolve_options, segment_volume
+from anofpdm.runtime import reuse_heap_memory
 
 STAGES = ("load_s", "preprocess_s", "network_s", "postprocess_s", "write_s")
 
@@ -92,7 +93,11 @@ def main() -> None:
                         help="run the full mode to this many forward steps only and extrapolate its network time")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16 (bf16: autocast, for GPUs)")
+    parser.add_argument("--glibc-default-heap", action="store_true",
+                        help="leave glibc's allocator as it is, without the CLI's and app's reuse_heap_memory")
     args = parser.parse_args()
+    if not args.glibc_default_heap:
+        reuse_heap_memory()
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     if not precisions or set(precisions) - {"fp32", "bf16"}:
         raise SystemExit(f"--precisions takes fp32 and/or bf16, got {args.precisions!r}")

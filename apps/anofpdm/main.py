@@ -11,6 +11,7 @@ import sys
 
 import anofpdm
 import lib.configs
+from anofpdm.runtime import reuse_heap_memory
 from lib.serving import serve_anomaly_maps, serve_infer_in_worker_threads
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
@@ -22,6 +23,7 @@ class AnoFPDMApp(MONAILabelApp):
     """One infer task per config module in ``lib.configs``; weights default to the repository's ``model/``."""
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        reuse_heap_memory()  # process-wide: network buffers stay in the heap instead of paging in afresh
         model_dir = os.path.realpath(os.path.join(app_dir, "..", "..", "model"))
         self.models: dict[str, TaskConfig] = {}
         for class_path in get_class_names(lib.configs, "TaskConfig"):

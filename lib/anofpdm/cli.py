@@ -223,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 reports progress
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(levelname)s %(message)s")
+    from anofpdm.runtime import reuse_heap_memory
+
+    reuse_heap_memory()  # large-batch network calls on the CPU page in fresh memory otherwise (anofpdm.runtime)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as exc:  # bad input or settings (InputError is a ValueError)

@@ -6,6 +6,12 @@ tensors stayed at a few MB (benchmarks/forward_process.py before the trimming).
 ``release_free_memory`` (``malloc_trim``) hands the free pages back; the forward process calls it
 every few dozen steps. (Fixing glibc's mmap threshold also keeps memory flat, but every tensor buffer
 then becomes a fresh mmap whose pages fault in on each call: 2.7 times slower on a 2-core CPU.)
+
+The opposite trouble comes with large batches: glibc serves every allocation above its mmap ceiling
+(32 MB on 64-bit) with a fresh mapping, and a CPU training step at batch 256 allocates and frees
+hundreds of such activation buffers, each paging in zeroed memory again: 43 % of the run's CPU time
+went to the kernel. ``reuse_heap_memory`` makes glibc keep them in its heap for reuse (CPU
+preset at batch 256 on 2 cores: 0.04 -> 0.09 iterations/s). The process's entry points call it.
 """
 
 from __future__ import annotations
@@ -16,23 +22,39 @@ import functools
 
 import torch
 
-__all__ = ["describe_device", "release_free_memory"]
+__all__ = ["describe_device", "release_free_memory", "reuse_heap_memory"]
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_KEEP_FREED_BYTES = 2**31 - 1  # the largest value mallopt takes: only malloc_trim returns freed heap memory
 
 
 @functools.cache
-def _malloc_trim():
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    return getattr(libc, "malloc_trim", None)
+def _libc_function(name: str):
+    library = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(library) if library else None
+    return getattr(libc, name, None)
 
 
 def release_free_memory() -> bool:
     """Return the C heap's free pages to the system; False where the C library has no ``malloc_trim`` (not glibc)."""
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim")
     if trim is None:
         return False
     trim(0)
     return True
+
+
+def reuse_heap_memory() -> bool:
+    """Serve all allocations, large ones included, from the C heap and keep freed memory there for reuse.
+
+    Process-wide; memory goes back to the system only through ``release_free_memory``. False where
+    the C library has no ``mallopt`` (not glibc) or refuses a setting.
+    """
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES))
 
 
 def describe_device(device: torch.device) -> str:
