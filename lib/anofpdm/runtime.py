@@ -9,7 +9,7 @@ then becomes a fresh mmap whose pages fault in on each call: 2.7 times slower on
 
 The opposite trouble comes with large batches: glibc serves every allocation above its mmap ceiling
 (32 MB on 64-bit) with a fresh mapping, and a CPU training step at batch 256 allocates and frees
-hundreds of such activation buffers, each paging in zeroed memory again: 43 % of the run's CPU time
+hundreds of such activation buffers, each paging in zeroed memory again: 44 % of the run's CPU time
 went to the kernel. ``reuse_heap_memory`` makes glibc keep them in its heap for reuse (CPU
 preset at batch 256 on 2 cores: 0.04 -> 0.09 iterations/s). The process's entry points call it.
 """
