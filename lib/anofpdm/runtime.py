@@ -26,7 +26,7 @@ __all__ = ["describe_device", "release_free_memory", "reuse_heap_memory"]
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_KEEP_FREED_BYTES = 2**31 - 1  # the largest value mallopt takes: only malloc_trim returns freed heap memory
+_KEEP_FREED_BYTES = 2**31 - 1  # the largest value mallopt takes: free space at the heap's top is kept up to 2 GB
 
 
 @functools.cache
@@ -48,8 +48,9 @@ def release_free_memory() -> bool:
 def reuse_heap_memory() -> bool:
     """Serve all allocations, large ones included, from the C heap and keep freed memory there for reuse.
 
-    Process-wide; memory goes back to the system only through ``release_free_memory``. False where
-    the C library has no ``mallopt`` (not glibc) or refuses a setting.
+    Process-wide; memory goes back to the system only through ``release_free_memory`` (or once over
+    2 GB lie free at the heap's top). False where the C library has no ``mallopt`` (not glibc) or
+    refuses a setting.
     """
     mallopt = _libc_function("mallopt")
     if mallopt is None:
