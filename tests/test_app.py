@@ -38,7 +38,7 @@ SHIFTED = AFFINE + np.array([[0, 0, 0, 2.0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 
 SHAPE = (40, 44, 12)
 SHOW_LESIONS = {"median_kernel": 1, "min_lesion_mm3": 0}
 OPTIONS = {"device", "mode", "forward_steps", "stride", "guidance", "encoding", "min_lesion_mm3", "seed",
-           "mark_uncertain"}
+           "mark_uncertain", "t2"}
 
 
 @pytest.fixture(autouse=True)
@@ -186,6 +186,7 @@ def test_config_lists_the_options_slicer_shows(tiny_model_path):
     assert config["mode"] == ["fast", "fast-ddpm", "full", "full-ddpm"] and config["device"][0] == "cpu"
     assert config["encoding"] == ["calibrated", "ddim", "ddpm"] and config["forward_steps"] == "calibrated"
     assert config["mark_uncertain"] is True  # a checkbox in Slicer, ticked
+    assert config["t2"] == ""  # a text cell in Slicer: the T2's path on the server
 
 
 def test_request_options_override_the_calibration(tmp_path, tiny_model_path, pair):
@@ -266,8 +267,8 @@ def test_missing_t2_names_the_paths_tried(tmp_path, tiny_model_path, pair):
         task({"image": str(studies / "lonely.nii.gz")})
     assert f"looked for {studies / 't2' / 'lonely.nii.gz'}, {studies / 't2' / 'lonely.nii'}" in str(error.value)
     nib.save(pair["flair"], tmp_path / "upload.nii.gz")
-    with pytest.raises(InputError, match='"t2": "<path on the server>"'):
-        task({"image": str(tmp_path / "upload.nii.gz")})
+    with pytest.raises(InputError, match=r'"t2": "<path on the server>"\} \(in 3D Slicer: Options, t2\)'):
+        task({"image": str(tmp_path / "upload.nii.gz"), "t2": ""})  # Slicer sends the untouched text cell: ""
     with pytest.raises(InputError, match="T2 file not found: /no/such/t2.nii.gz"):
         task({"image": str(tmp_path / "upload.nii.gz"), "t2": "/no/such/t2.nii.gz"})
     nib.save(multichannel(pair, 2), tmp_path / "multi.nii.gz")
@@ -299,6 +300,7 @@ def bad_inputs(pair: dict[str, nib.Nifti1Image]) -> dict[str, tuple[nib.Nifti1Im
                                "flair has 13517 mL of nonzero voxels"),  # 21120 voxels of 640 mm^3
         "misaligned": (pair["flair"], nib.Nifti1Image(np.roll(t2.get_fdata(dtype=np.float32), 20, axis=1), AFFINE),
                        r"brain regions \(nonzero voxels\) of t2 and flair overlap with Dice 0\.71"),  # 24 of 34 columns
+        "same_volume": (pair["flair"], pair["flair"], "t2 and flair are the same volume, voxel for voxel"),
     }
 
 

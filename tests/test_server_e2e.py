@@ -240,7 +240,7 @@ def test_model_is_listed_and_t2_folder_is_not_an_image(served):
     model = info["models"]["anofpdm"]
     assert model["labels"] == {"tumour": 1, "tumour (uncertain)": 2} and model["type"] == "segmentation"
     assert set(model["config"]) == {"device", "mode", "forward_steps", "stride", "guidance", "encoding",
-                                    "min_lesion_mm3", "seed", "mark_uncertain"}
+                                    "min_lesion_mm3", "seed", "mark_uncertain", "t2"}
     objects = MONAILabelClient(url).datastore()["objects"]
     assert set(objects) == {"brain", "other", "multi2", "multi4", *served["bad"]}
 
@@ -314,6 +314,28 @@ def test_uploads_without_the_datastore(served, tmp_path):
     label, result = client.infer("anofpdm", "", dict(SHOW_LESIONS), file=str(files / "two_channels.nii.gz"))
     assert np.array_equal(check_label(label, result, served["pair"]["flair"]), reference)
     assert datastore_state(studies) == before
+
+
+def test_a_volume_loaded_in_slicer_with_the_t2_path_in_options(served, tmp_path):
+    """What Slicer's module does with a volume it did not get from the server: it uploads the scene's first
+    volume as a session and infers on it with the Options table's values, so the T2 comes as a path there."""
+    url, files = served["server"].url, served["files"]
+    client = MONAILabelClient(url, tmpdir=str(tmp_path))
+    config = client.info()["models"]["anofpdm"]["config"]
+    params = {name: value[0] if isinstance(value, list) else value for name, value in config.items()}
+    params.update(SHOW_LESIONS)
+    session_id = client.create_session(str(files / "case_flair.nii.gz"))["session_id"]
+    with pytest.raises(MONAILabelClientException) as error:  # the T2 cell left empty
+        client.infer("anofpdm", "case_flair", params, session_id=session_id)
+    assert "Status: 422" in error.value.msg and "(in 3D Slicer: Options, t2)" in error.value.msg
+    label, result = client.infer("anofpdm", "case_flair", {**params, "t2": str(files / "case_t2.nii.gz")},
+                                 session_id=session_id)
+    reference = check_label(*parse_multipart(post_infer(url, "brain", SHOW_LESIONS), tmp_path), served["pair"]["flair"])
+    assert np.array_equal(check_label(label, result, served["pair"]["flair"]), reference)
+    with pytest.raises(MONAILabelClientException) as error:  # the FLAIR's own path typed as the T2
+        client.infer("anofpdm", "case_flair", {**params, "t2": str(files / "case_flair.nii.gz")}, session_id=session_id)
+    assert "Status: 422" in error.value.msg and "t2 and flair are the same volume" in error.value.msg
+    info_answers(url)
 
 
 def test_upload_image_then_save_label_through_the_datastore(served, tmp_path):

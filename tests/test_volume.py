@@ -80,8 +80,9 @@ def test_input_errors_name_the_problem():
 
 
 def test_inputs_unlike_a_skull_stripped_brain_are_refused():
-    """Z-scored intensities, a noisy background (not skull-stripped) and misaligned sequences are errors;
-    interpolation ringing, a stripped brain on the same coarse grid and a one-voxel offset are not."""
+    """Z-scored intensities, a noisy background (not skull-stripped), misaligned sequences and one volume given
+    as both sequences are errors; interpolation ringing, a stripped brain on the same coarse grid, a one-voxel
+    offset and another volume on the same brain mask are not."""
     coarse = np.diag([-6.0, -6.0, 8.0, 1.0])  # 288 mm^3 voxels: the 40 x 44 x 12 grid spans 6.1 L, its brain 2.7 L
     pair = make_volume_pair(affine=coarse)
     flair, t2 = (pair[name].get_fdata(dtype=np.float32) for name in ("flair", "t2"))
@@ -106,6 +107,9 @@ def test_inputs_unlike_a_skull_stripped_brain_are_refused():
     with pytest.raises(InputError, match=r"brain regions \(nonzero voxels\) of t2 and flair overlap with Dice 0\.57"):
         check(flair, np.roll(t2, 15, axis=0))
     check(flair, np.roll(t2, 1, axis=0))
+    with pytest.raises(InputError, match=r"t2 and flair are the same volume, voxel for voxel"):
+        check(flair, flair.copy())
+    check(flair, np.where(flair > 0, flair + 1.0, 0.0).astype(np.float32))  # the FLAIR's brain, other values
     segmentation = np.where(flair > 150, 2.0, 0.0).astype(np.float32)  # the lesion of make_volume_pair
     with pytest.raises(InputError, match=r"Dice 0\.08.*segmentation loaded as an image"):  # 800 / (400 + 9520)
         check(segmentation, t2)

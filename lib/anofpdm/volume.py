@@ -101,7 +101,7 @@ def check_inputs(images: Mapping[str, nib.spatialimages.SpatialImage], required:
 
     Raises:
         InputError: a sequence is missing, not 3-D, off the reference grid, non-finite, empty, negative
-            (z-scored), not skull-stripped, or not the same brain as the reference.
+            (z-scored), not skull-stripped, not the same brain as the reference, or the reference itself.
     """
     missing = [name for name in required if name not in images]
     if missing:
@@ -152,7 +152,12 @@ def _check_brain_like(name: str, data: np.ndarray, affine: np.ndarray) -> None:
 
 
 def _check_same_brain(name: str, data: np.ndarray, reference: str, reference_data: np.ndarray) -> None:
-    """Refuse sequences whose brain regions do not coincide (not co-registered, or another patient)."""
+    """Refuse sequences whose brain regions do not coincide (not co-registered, or another patient) and a
+    sequence that is the reference volume itself (one file given twice)."""
+    if np.array_equal(data, reference_data):
+        raise InputError(
+            f"{name} and {reference} are the same volume, voxel for voxel: one file was given for both sequences"
+        )
     overlap = dice(data > 0, reference_data > 0)
     if overlap < MIN_BRAIN_OVERLAP:
         raise InputError(

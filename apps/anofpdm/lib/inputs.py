@@ -114,7 +114,8 @@ def resolve_inputs(
         else:
             raise InputError(
                 f"no {name.upper()} for the image {image_path.name}: give the request parameter "
-                f'{{"{name}": "<path on the server>"}} or {{"{name}_session": "<session id>"}}, upload a 2- or '
-                f"4-channel image, or create one session with the FLAIR and {name.upper()} files"
+                f'{{"{name}": "<path on the server>"}} (in 3D Slicer: Options, {name}) or '
+                f'{{"{name}_session": "<session id>"}}, upload a 2- or 4-channel image, or create one session with '
+                f"the FLAIR and {name.upper()} files"
             )
     return resolved

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import nibabel as nib
 import SimpleITK as sitk
@@ -48,6 +48,15 @@ OPTION_TYPES: dict[str, type] = {
     "mark_uncertain": bool,
 }
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+class _CheckpointCheck(NamedTuple):
+    """What the model file said when it was last read (it is read again when its mtime changes)."""
+
+    mtime: float
+    reason: str | None  # why the model cannot be served; None when it can
+    modes: tuple[str, ...] = ()
+    sequences: tuple[str, ...] = ()  # the network's input sequences, the FLAIR (reference grid) first
 
 
 class ModelUnavailableError(RuntimeError):
@@ -135,7 +144,7 @@ class AnoFPDM(InferTask):
         self._default_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._check_lock = threading.Lock()  # separate locks: /info/ must not wait for a model to load
         self._load_lock = threading.Lock()
-        self._checked: tuple[float, str | None, list[str]] | None = None  # (mtime, why invalid, modes)
+        self._checked: _CheckpointCheck | None = None
         self._models: dict[str, tuple[float, LoadedModel]] = {}
         reason = self.unavailable_reason()
         if reason:
@@ -147,7 +156,11 @@ class AnoFPDM(InferTask):
         return self.unavailable_reason() is None
 
     def config(self) -> dict[str, Any]:
-        """Options shown in Slicer; lists offer choices (first = default); "calibrated" = the mode's value."""
+        """Options shown in Slicer; lists offer choices (first = default); "calibrated" = the mode's value.
+
+        Each sequence besides the FLAIR (``t2``) is a text option for its path on the server: for a volume
+        loaded in Slicer, the module sends only the first volume of the scene.
+        """
         devices = device_list()
         if self._default_device not in devices:
             devices.insert(0, self._default_device)
@@ -164,6 +177,7 @@ class AnoFPDM(InferTask):
             "min_lesion_mm3": float(defaults.min_lesion_mm3),
             "seed": int(defaults.seed),
             "mark_uncertain": defaults.mark_uncertain,
+            **{name: "" for name in self._other_sequences()},
         }
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -200,22 +214,28 @@ class AnoFPDM(InferTask):
             return f"model weights not found at {self.path} (train and calibrate one, or pass --conf model_path PATH)"
         mtime = self.path.stat().st_mtime
         with self._check_lock:
-            if self._checked is None or self._checked[0] != mtime:
-                self._checked = (mtime, *self._check_checkpoint())
-            return self._checked[1]
+            if self._checked is None or self._checked.mtime != mtime:
+                self._checked = self._check_checkpoint(mtime)
+            return self._checked.reason
 
-    def _check_checkpoint(self) -> tuple[str | None, list[str]]:
+    def _check_checkpoint(self, mtime: float) -> _CheckpointCheck:
         try:
-            calibration = load_checkpoint(self.path).get("calibration")
+            payload = load_checkpoint(self.path)
         except (FileNotFoundError, ValueError) as exc:
-            return str(exc), []
+            return _CheckpointCheck(mtime, str(exc))
+        calibration = payload.get("calibration")
         if not calibration:
-            return f"{self.path} has no calibration (run anofpdm calibrate)", []
-        return None, sorted(calibration, key=lambda mode: (mode != "fast", mode))
+            return _CheckpointCheck(mtime, f"{self.path} has no calibration (run anofpdm calibrate)")
+        modes = sorted(calibration, key=lambda mode: (mode != "fast", mode))
+        return _CheckpointCheck(mtime, None, tuple(modes), tuple(payload["network"]["sequences"]))
 
     def _modes(self) -> list[str]:
         """The checkpoint's calibrated modes, "fast" first (none when the model is unavailable)."""
-        return list(self._checked[2]) if self.is_valid() and self._checked else []
+        return list(self._checked.modes) if self.is_valid() and self._checked else []
+
+    def _other_sequences(self) -> list[str]:
+        """The sequences the model needs besides the FLAIR, the request's image (none when unavailable)."""
+        return list(self._checked.sequences[1:]) if self.is_valid() and self._checked else []
 
     def _device(self, requested: Any) -> str:
         name = requested[0] if isinstance(requested, list) and requested else requested
