@@ -276,6 +276,23 @@ def test_missing_t2_names_the_paths_tried(tmp_path, tiny_model_path, pair):
         task({"image": str(tmp_path / "multi.nii.gz"), "t2": str(tmp_path / "upload.nii.gz")})
 
 
+def test_sequences_named_as_swapped_are_refused(tmp_path, tiny_model_path, pair):
+    """The request's 3-D image and the t2 path are judged by their names; the image by the name its client gave
+    it (``image_name``: the upload's file name, or the volume's name in Slicer) when there is one."""
+    task = make_task(tiny_model_path)
+    for name in ("case_flair", "case_t2", "upload"):
+        nib.save(pair["t2" if name == "case_t2" else "flair"], tmp_path / f"{name}.nii.gz")
+    flair, t2 = str(tmp_path / "case_flair.nii.gz"), str(tmp_path / "case_t2.nii.gz")
+    with pytest.raises(InputError, match="the file given as the FLAIR is named 'case_t2.nii.gz', which says T2"):
+        task({"image": t2, "t2": flair})
+    with pytest.raises(InputError, match="the file given as the T2 is named 'case_flair.nii.gz', which says FLAIR"):
+        task({"image": str(tmp_path / "upload.nii.gz"), "t2": flair})
+    with pytest.raises(InputError, match="the file given as the FLAIR is named 'BraTS_001_t2', which says T2"):
+        task({"image": str(tmp_path / "upload.nii.gz"), "image_name": "BraTS_001_t2", "t2": t2})
+    _, result = task({"image": str(tmp_path / "upload.nii.gz"), "image_name": "AX T2 FLAIR", "t2": t2})
+    assert result["inputs"] == {"flair": str(tmp_path / "upload.nii.gz"), "t2": t2}
+
+
 def bad_inputs(pair: dict[str, nib.Nifti1Image]) -> dict[str, tuple[nib.Nifti1Image | bytes, nib.Nifti1Image, str]]:
     """name -> (FLAIR image or raw bytes, T2 image, expected message)."""
     flair, t2 = pair["flair"].get_fdata(dtype=np.float32), pair["t2"]

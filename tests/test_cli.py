@@ -50,6 +50,18 @@ def test_segment_reports_missing_and_corrupt_files(tiny_model_path, volume_files
     assert not (tmp_path / "m.nii.gz").exists()
 
 
+def test_segment_refuses_swapped_or_doubled_sequences(tiny_model_path, volume_files, tmp_path, capsys):
+    out = tmp_path / "m.nii.gz"
+    args = ["segment", "--model", str(tiny_model_path), "--out", str(out)]
+    assert main([*args, "--flair", str(volume_files["t2"]), "--t2", str(volume_files["flair"])]) == 2
+    assert "the file given as the FLAIR is named 't2.nii.gz', which says T2" in capsys.readouterr().err
+    copy = tmp_path / "second.nii.gz"
+    copy.write_bytes(volume_files["flair"].read_bytes())
+    assert main([*args, "--flair", str(volume_files["flair"]), "--t2", str(copy)]) == 2
+    assert "t2 and flair are the same volume, voxel for voxel" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_bad_settings_are_a_one_line_error_and_nothing_is_written(tmp_path, capsys):
     out = tmp_path / "synth"
     assert main(["synth", "--out", str(out), "--cases", "1", "--tumour-volume-ml", "50,10"]) == 2

@@ -126,11 +126,11 @@ def bad_cases(pair: dict[str, nib.Nifti1Image], studies: Path) -> dict[str, tupl
         "zero": nib.Nifti1Image(np.zeros_like(flair), AFFINE),
         "z_scored": nib.Nifti1Image((flair - flair.mean()) / flair.std(), AFFINE),
         "mismatch": pair["flair"],
-        "missing_t2": pair["flair"],
+        "alone": pair["flair"],  # a FLAIR without its T2
     }
     for name, image in images.items():
         nib.save(image, studies / f"{name}.nii.gz")
-        if name != "missing_t2":
+        if name != "alone":
             nib.save(pair["t2"] if name != "mismatch" else nib.Nifti1Image(np.ones((40, 44, 10), np.float32), AFFINE),
                      studies / "t2" / f"{name}.nii.gz")
     (studies / "corrupt.nii.gz").write_bytes(b"\x1f\x8b\x08\x00 not a NIfTI file")
@@ -143,7 +143,7 @@ def bad_cases(pair: dict[str, nib.Nifti1Image], studies: Path) -> dict[str, tupl
         "z_scored": ("flair has 55% negative voxels", "z-scored"),  # the background: 11600 of 21120 voxels
         "mismatch": ("t2 grid (40, 44, 10) does not match flair grid (40, 44, 12)",
                      str(studies / "t2" / "mismatch.nii.gz")),
-        "missing_t2": ("T2 for datastore image 'missing_t2' not found", str(studies / "t2" / "missing_t2.nii.gz")),
+        "alone": ("T2 for datastore image 'alone' not found", str(studies / "t2" / "alone.nii.gz")),
     }
 
 
@@ -334,7 +334,15 @@ def test_a_volume_loaded_in_slicer_with_the_t2_path_in_options(served, tmp_path)
     assert np.array_equal(check_label(label, result, served["pair"]["flair"]), reference)
     with pytest.raises(MONAILabelClientException) as error:  # the FLAIR's own path typed as the T2
         client.infer("anofpdm", "case_flair", {**params, "t2": str(files / "case_flair.nii.gz")}, session_id=session_id)
+    assert "Status: 422" in error.value.msg and "the file given as the T2 is named 'case_flair.nii.gz'" in error.value.msg
+    copy = tmp_path / "copy.nii.gz"  # a name that says nothing: the voxels tell
+    copy.write_bytes((files / "case_flair.nii.gz").read_bytes())
+    with pytest.raises(MONAILabelClientException) as error:
+        client.infer("anofpdm", "case_flair", {**params, "t2": str(copy)}, session_id=session_id)
     assert "Status: 422" in error.value.msg and "t2 and flair are the same volume" in error.value.msg
+    with pytest.raises(MONAILabelClientException) as error:  # the T2 loaded first: its name comes with the session
+        client.infer("anofpdm", "case_t2", {**params, "t2": str(files / "case_t2.nii.gz")}, session_id=session_id)
+    assert "the file given as the FLAIR is named 'case_t2', which says T2" in error.value.msg
     info_answers(url)
 
 
@@ -367,6 +375,12 @@ def test_bad_inputs_are_clear_errors_and_change_nothing(served, tmp_path):
     assert unknown.status_code == 422 and "names no image file" in unknown.json()["detail"]
     no_t2 = post_infer(url, files={"file": ("flair.nii.gz", (served["files"] / "case_flair.nii.gz").read_bytes())})
     assert no_t2.status_code == 422 and '{"t2": "<path on the server>"}' in no_t2.json()["detail"]
+    swapped = post_infer(url, params={"t2": str(served["files"] / "case_flair.nii.gz")},
+                         files={"file": ("case_t2.nii.gz", (served["files"] / "case_t2.nii.gz").read_bytes())})
+    assert swapped.status_code == 422 and "named 'case_t2.nii.gz', which says T2" in swapped.json()["detail"]
+    not_json = requests.post(f"{url}/infer/anofpdm", params={"image": "brain"}, data={"params": "{mode: fast"},
+                             timeout=30)
+    assert not_json.status_code == 422 and "params is not valid JSON" in not_json.json()["detail"]
     bad_option = post_infer(url, "brain", {"mode": "slow"})
     assert bad_option.status_code == 422 and "no calibration for mode 'slow'" in bad_option.json()["detail"]
     with pytest.raises(MONAILabelClientException) as error:

@@ -2,10 +2,13 @@
 
 A request may hold a 3-D FLAIR, or one 4-D image with channels last: 2 channels (FLAIR, T2) or 4 in
 the MSD Task01 order (FLAIR, T1w, T1gd, T2w). Every failure is an ``InputError`` naming the file.
+A file whose name says it is another sequence than the one it is given as (``case_t2.nii.gz`` as the
+FLAIR) is refused: segmenting swapped sequences gives a mask that looks like a result.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,11 +18,29 @@ import numpy as np
 from anofpdm.data.brats import MSD_CHANNELS
 from anofpdm.volume import InputError
 
-__all__ = ["NIFTI_SUFFIXES", "CHANNEL_LAYOUTS", "ResolvedInputs", "strip_nifti_suffix", "read_nifti", "split_channels"]
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "CHANNEL_LAYOUTS",
+    "SEQUENCE_ALIASES",
+    "ResolvedInputs",
+    "strip_nifti_suffix",
+    "read_nifti",
+    "split_channels",
+    "named_sequences",
+    "check_sequence_name",
+]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CHANNEL_LAYOUTS: dict[int, tuple[str, ...]] = {2: ("flair", "t2"), 4: MSD_CHANNELS}
 REFERENCE = "flair"
+# words that name a sequence in file and volume names: BraTS21 (_flair, _t1ce), BraTS 2023 (-t2f, -t1n, -t1c, -t2w),
+# MSD (T1w, T1gd, T2w) and scanner series names (Siemens' FLAIR is "t2_tirm_tra_dark-fluid")
+SEQUENCE_ALIASES: dict[str, tuple[str, ...]] = {
+    "flair": ("flair", "t2f", "tirm", "fluid"),
+    "t1": ("t1", "t1w", "t1n"),
+    "t1ce": ("t1ce", "t1gd", "t1c"),
+    "t2": ("t2", "t2w"),
+}
 
 
 @dataclass
@@ -79,3 +100,25 @@ def split_channels(image: nib.spatialimages.SpatialImage, source: str) -> Resolv
     return resolved
 
 
+
+
+def named_sequences(name: str) -> set[str]:
+    """The sequences a file or volume name names by its words: ``BraTS2021_00001_t2.nii.gz`` -> {"t2"}.
+
+    A name that names a FLAIR is a FLAIR whatever else it holds (``AX_T2_FLAIR`` is a T2-weighted FLAIR);
+    a name without such words (``SYN_00000``, an upload's temporary name) names none.
+    """
+    words = set(re.split(r"[^a-z0-9]+", name.lower()))
+    named = {sequence for sequence, aliases in SEQUENCE_ALIASES.items() if words & set(aliases)}
+    return {REFERENCE} if REFERENCE in named else named
+
+
+def check_sequence_name(sequence: str, name: str) -> None:
+    """Refuse a file given as ``sequence`` whose name names other sequences only (swapped inputs)."""
+    named = named_sequences(name)
+    if named and sequence not in named:
+        others = " or ".join(other.upper() for other in sorted(named))
+        raise InputError(
+            f"the file given as the {sequence.upper()} is named {name!r}, which says {others}: are the sequences "
+            f"swapped? Give each file as its own sequence (if it is the {sequence.upper()}, rename it)"
+        )

@@ -11,24 +11,31 @@ Three conventions, tried in this order for every sequence the model needs beside
 
 A MONAI Label session made of several files (``PUT /session/`` with FLAIR and T2) arrives as a folder;
 its files are matched by the sequence name in the file name (``case_flair.nii.gz``, ``case_t2.nii.gz``).
+A file whose name says it is another sequence (the request's 3-D image named ``case_t2``, a ``t2`` path named
+``case_flair``) is refused as swapped. The request's image is judged by the name its client gave it,
+``image_name`` (set by ``lib.serving``: an upload's file name, or the image id sent with a session, which
+is the volume's name in Slicer), since MONAI Label stores both under temporary names.
 Every failure is an ``InputError`` that names the paths it looked at.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from anofpdm.inputs import NIFTI_SUFFIXES, ResolvedInputs, read_nifti, split_channels, strip_nifti_suffix
+from anofpdm.inputs import (
+    NIFTI_SUFFIXES,
+    SEQUENCE_ALIASES,
+    ResolvedInputs,
+    check_sequence_name,
+    named_sequences,
+    read_nifti,
+    split_channels,
+    strip_nifti_suffix,
+)
 from anofpdm.volume import InputError
 
-SEQUENCE_ALIASES: dict[str, tuple[str, ...]] = {
-    "flair": ("flair",),
-    "t1": ("t1", "t1w"),
-    "t1ce": ("t1ce", "t1gd", "t1c"),
-    "t2": ("t2", "t2w"),
-}
+IMAGE_NAME = "image_name"  # request key: the name the client gave the image (see the module docstring)
 
 SessionLookup = Callable[[str], Path]
 
@@ -38,12 +45,12 @@ def _session_files(folder: Path, sequences: Sequence[str]) -> ResolvedInputs:
     files = sorted(p for p in folder.iterdir() if p.is_file())
     resolved = ResolvedInputs()
     for name in sequences:
-        aliases = set(SEQUENCE_ALIASES.get(name, (name,)))
-        matches = [p for p in files if aliases & set(re.split(r"[^a-z0-9]+", p.name.lower()))]
+        matches = [p for p in files if name in named_sequences(p.name)]
         if len(matches) != 1:
             raise InputError(
                 f"session folder {folder} holds {[p.name for p in files]}: expected exactly one file named "
-                f"with {name!r} (one of {sorted(aliases)}), e.g. case_{name}.nii.gz; found {len(matches)}"
+                f"with {name!r} (one of {sorted(SEQUENCE_ALIASES.get(name, (name,)))}), e.g. case_{name}.nii.gz; "
+                f"found {len(matches)}"
             )
         resolved.add(name, read_nifti(matches[0], name.upper()), str(matches[0]))
     return resolved
@@ -68,7 +75,8 @@ def resolve_inputs(
     Args:
         image: the request's image: a NIfTI file (FLAIR or multi-channel) or a multi-file session folder.
         sequences: the model's sequences; ``flair`` is the reference grid.
-        params: request parameters; ``<sequence>`` (a server path) or ``<sequence>_session`` (a session id).
+        params: request parameters; ``<sequence>`` (a server path) or ``<sequence>_session`` (a session id),
+            and ``image_name``, the name the client gave the image.
         studies: the local datastore folder, or None (its ``<sequence>/`` sub-folders are searched only
             for images that lie in it).
         session_image: session id -> the file of that session's image (raises ``InputError`` if unknown).
@@ -83,6 +91,8 @@ def resolve_inputs(
         resolved = _session_files(image_path, sequences)
     else:
         resolved = split_channels(read_nifti(image_path, "image (FLAIR or multi-channel)"), str(image_path))
+        if len(resolved.images) == 1:  # a 3-D image; a multi-channel image's channels have no names of their own
+            check_sequence_name(*resolved.images, str(params.get(IMAGE_NAME) or image_path.name))
     in_datastore = (
         studies is not None and Path(studies).is_dir() and image_path.parent.resolve() == Path(studies).resolve()
     )
@@ -98,9 +108,11 @@ def resolve_inputs(
             raise InputError(f"give either {name} or {name}_session, not both")
         if path_param:
             path = Path(str(path_param))
+            check_sequence_name(name, path.name)
             resolved.add(name, read_nifti(path, name.upper()), str(path))
         elif session_param:
             path = session_image(str(session_param))
+            check_sequence_name(name, path.name)
             resolved.add(name, read_nifti(path, name.upper()), f"{path} (session {session_param})")
         elif in_datastore:
             candidates = _datastore_sibling(image_path, name)

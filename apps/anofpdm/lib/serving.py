@@ -7,7 +7,9 @@ thread pool, but the event loop still waits on that pool's future. This module r
 route with a plain (synchronous) endpoint, which FastAPI runs in its worker threads; the event loop
 stays free, several inferences can run at once, and ``MONAI_LABEL_INFER_CONCURRENCY=N`` (a MONAI
 Label setting) still caps how many run together. The endpoint also maps errors to status codes with
-the message in the body: ``InputError`` -> 422, model unavailable -> 503, anything else -> 500.
+the message in the body: ``InputError`` -> 422, model unavailable -> 503, anything else -> 500. It passes
+the name the client gave the image to the task as ``image_name`` (an upload's file name, or the image id
+sent with a session: the volume's name in Slicer), which MONAI Label would replace by a temporary path.
 
 It also adds ``GET /infer/{model}/anomaly_maps/{name}``: the anomaly map an inference result names
 (``anomaly_map_url``), for clients that do not share the server's file system (Slicer on a workstation,
@@ -16,6 +18,7 @@ the server on a GPU machine).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +29,7 @@ from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadF
 from fastapi.responses import FileResponse
 from fastapi.routing import APIRoute
 from lib.infers.anofpdm import MAP_SUFFIX, ModelUnavailableError
+from lib.inputs import IMAGE_NAME
 from monailabel.config import settings
 from monailabel.endpoints import infer as infer_endpoint
 from monailabel.endpoints.user.auth import RBAC, User
@@ -56,7 +60,17 @@ def api_run_inference_in_thread(
 ) -> Any:
     """MONAI Label's ``/infer/{model}`` (same parameters), run by FastAPI in a worker thread."""
     try:
-        return infer_endpoint.run_inference(background_tasks, model, image, session_id, params, file, label, output)
+        request_params = json.loads(params) if params else {}
+    except json.JSONDecodeError as exc:
+        raise HTTPException(status_code=422, detail=f"params is not valid JSON: {exc}") from exc
+    if not isinstance(request_params, dict):
+        raise HTTPException(status_code=422, detail=f"params must be a JSON object, got {params!r}")
+    image_name = file.filename if file is not None and file.filename else (image if session_id else "")
+    if image_name:
+        request_params.setdefault(IMAGE_NAME, image_name)
+    try:
+        return infer_endpoint.run_inference(background_tasks, model, image, session_id, json.dumps(request_params),
+                                            file, label, output)
     except HTTPException:
         raise
     except InputError as exc:
