@@ -62,6 +62,18 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def unhealthy_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny network with a calibration that calls every slice unhealthy (non-empty masks)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "unhealthy.pt"
+    calibration = {"fast": tiny_calibration(cosine_threshold=2.0),
+                   "full": tiny_calibration(cosine_threshold=2.0, stride=1, forward_steps=12)}
+    save_checkpoint(path, TINY, build_network(TINY).state_dict(), ScheduleConfig().to_dict(),
+                    {"data_description": "random weights (test)"}, calibration)
+    return path
+
+
 def make_volume_pair(shape=(40, 44, 12), affine=None, seed=0, lesion=True) -> dict[str, nib.Nifti1Image]:
     """A blocky 'brain' with an optional bright FLAIR/T2 lesion, on a BraTS-like LPS affine."""
     rng = np.random.default_rng(seed)

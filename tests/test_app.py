@@ -17,7 +17,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 from anofpdm.diffusion import ScheduleConfig
 from anofpdm.model import build_network, load_model, save_checkpoint
 from anofpdm.volume import InputError
@@ -45,18 +44,6 @@ OPTIONS = {"device", "mode", "forward_steps", "stride", "guidance", "encoding", 
 def results_in_tmp_path(tmp_path, monkeypatch):
     """The task writes its results to the temp folder: keep them in the test's own folder."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-
-
-@pytest.fixture(scope="module")
-def unhealthy_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny network with a calibration that calls every slice unhealthy (non-empty masks)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "unhealthy.pt"
-    calibration = {"fast": tiny_calibration(cosine_threshold=2.0),
-                   "full": tiny_calibration(cosine_threshold=2.0, stride=1, forward_steps=12)}
-    save_checkpoint(path, TINY, build_network(TINY).state_dict(), ScheduleConfig().to_dict(),
-                    {"data_description": "random weights (test)"}, calibration)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +244,23 @@ def test_nrrd_result_for_slicer_keeps_the_geometry(tmp_path, tiny_model_path, pa
     assert np.allclose(label.GetSpacing(), flair.GetSpacing())
 
 
+def test_nrrd_volumes_segment_as_their_nifti(tmp_path, unhealthy_model, pair):
+    """A datastore of NRRD files (3D Slicer's format; MONAI Label lists them as images), the T2 at t2/<id>.nrrd:
+    the same mask as from the NIfTI files they were converted from, on the same grid."""
+    studies = tmp_path / "studies"
+    (studies / "t2").mkdir(parents=True)
+    for name, folder in (("flair", studies), ("t2", studies / "t2")):
+        nib.save(pair[name], tmp_path / f"{name}.nii.gz")
+        sitk.WriteImage(sitk.ReadImage(str(tmp_path / f"{name}.nii.gz")), str(folder / "case.nrrd"))
+    task = make_task(unhealthy_model, studies)
+    reference, _ = task({"image": str(tmp_path / "flair.nii.gz"), "t2": str(tmp_path / "t2.nii.gz"), **SHOW_LESIONS})
+    label, result = task({"image": str(studies / "case.nrrd"), **SHOW_LESIONS})
+    assert result["inputs"] == {"flair": str(studies / "case.nrrd"), "t2": str(studies / "t2" / "case.nrrd")}
+    mask = np.asanyarray(nib.load(label).dataobj)
+    assert mask.any() and np.array_equal(mask, np.asanyarray(nib.load(reference).dataobj))
+    np.testing.assert_allclose(nib.load(label).affine, pair["flair"].affine, atol=1e-5)
+
+
 # ---- errors ----------------------------------------------------------------------------------------------
 def test_missing_t2_names_the_paths_tried(tmp_path, tiny_model_path, pair):
     studies = tmp_path / "studies"
@@ -336,8 +340,8 @@ def test_bad_inputs_are_clear_input_errors(tmp_path, tiny_model_path, pair):
             task({"image": str(path)})
     with pytest.raises(InputError, match=str(studies / "t2" / "mismatch.nii.gz")):  # a mismatch names the T2 used
         task({"image": str(studies / "mismatch.nii.gz")})
-    with pytest.raises(InputError, match="only NIfTI"):
-        task({"image": str(tmp_path / "volume.nrrd")})
+    with pytest.raises(InputError, match=r"volume.mgz: only NIfTI \(.nii.gz, .nii\) and NRRD / MetaImage"):
+        task({"image": str(tmp_path / "volume.mgz")})
     with pytest.raises(InputError, match="names no image file"):
         task({"image": ""})
 

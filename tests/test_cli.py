@@ -50,6 +50,26 @@ def test_segment_reports_missing_and_corrupt_files(tiny_model_path, volume_files
     assert not (tmp_path / "m.nii.gz").exists()
 
 
+def test_segment_reads_nrrd_as_its_nifti(tiny_model_path, volume_files, tmp_path):
+    """The same volumes as NRRD (3D Slicer's format) give the same anomaly map and mask on the same grid."""
+    import SimpleITK as sitk
+
+    outputs = {}
+    for suffix in (".nii.gz", ".nrrd"):
+        files = {name: tmp_path / f"{name}{suffix}" for name in ("flair", "t2")}
+        for name, path in files.items():
+            sitk.WriteImage(sitk.ReadImage(str(volume_files[name])), str(path))
+        mask, heat = tmp_path / f"mask_{suffix[1:]}.nii.gz", tmp_path / f"map_{suffix[1:]}.nii.gz"
+        assert main(["segment", "--model", str(tiny_model_path), "--flair", str(files["flair"]), "--t2",
+                     str(files["t2"]), "--out", str(mask), "--map", str(heat)]) == 0
+        outputs[suffix] = [nib.load(mask), nib.load(heat)]
+    reference_map = outputs[".nii.gz"][1].get_fdata()
+    assert reference_map.std() > 0
+    for reference, image in zip(outputs[".nii.gz"], outputs[".nrrd"]):
+        assert np.array_equal(image.affine, nib.load(volume_files["flair"]).affine)
+        assert np.array_equal(np.asanyarray(image.dataobj), np.asanyarray(reference.dataobj))
+
+
 def test_segment_refuses_swapped_or_doubled_sequences(tiny_model_path, volume_files, tmp_path, capsys):
     out = tmp_path / "m.nii.gz"
     args = ["segment", "--model", str(tiny_model_path), "--out", str(out)]

@@ -24,10 +24,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
-import torch
-from anofpdm.diffusion import ScheduleConfig
-from anofpdm.model import build_network, save_checkpoint
-from conftest import TINY, check_label_values, make_volume_pair, tiny_calibration
+import SimpleITK as sitk
+from conftest import check_label_values, make_volume_pair
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 from requests_toolbelt.multipart.decoder import MultipartDecoder
@@ -101,14 +99,6 @@ class Server:
             self.process.wait(timeout=30)
 
 
-def make_model(path: Path) -> Path:
-    torch.manual_seed(0)
-    calibration = {"fast": tiny_calibration(cosine_threshold=2.0),
-                   "full": tiny_calibration(cosine_threshold=2.0, stride=1, forward_steps=12)}
-    return save_checkpoint(path, TINY, build_network(TINY).state_dict(), ScheduleConfig().to_dict(),
-                           {"data_description": "random weights (test)"}, calibration)
-
-
 def stack(pair: dict[str, nib.Nifti1Image], channels: int) -> nib.Nifti1Image:
     flair, t2 = pair["flair"].get_fdata(dtype=np.float32), pair["t2"].get_fdata(dtype=np.float32)
     planes = [flair, t2] if channels == 2 else [flair, 0.5 * flair, 0.7 * t2, t2]
@@ -148,7 +138,7 @@ def bad_cases(pair: dict[str, nib.Nifti1Image], studies: Path) -> dict[str, tupl
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def served(tmp_path_factory: pytest.TempPathFactory, unhealthy_model: Path) -> dict:
     root = tmp_path_factory.mktemp("e2e").resolve()
     studies, files = root / "studies", root / "files"
     (studies / "t2").mkdir(parents=True)
@@ -159,6 +149,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
         nib.save(volumes["t2"], studies / "t2" / f"{name}.nii.gz")
     nib.save(stack(pair, 2), studies / "multi2.nii.gz")
     nib.save(stack(pair, 4), studies / "multi4.nii.gz")
+    for folder in (studies, studies / "t2"):  # NRRD, as 3D Slicer saves volumes
+        sitk.WriteImage(sitk.ReadImage(str(folder / "brain.nii.gz")), str(folder / "saved_by_slicer.nrrd"))
     bad = bad_cases(pair, studies)
     for name in ("flair", "t2"):
         nib.save(pair[name], files / f"case_{name}.nii.gz")
@@ -171,7 +163,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
     (root / "served").mkdir()
     (root / "unserved").mkdir()
     with ExitStack() as servers:  # both start at once; each is stopped at teardown, whatever happens
-        server = Server(studies, make_model(root / "tiny_unhealthy.pt"), root / "served")
+        server = Server(studies, unhealthy_model, root / "served")
         servers.callback(server.stop)
         no_weights = Server(empty_studies, root / "missing.pt", root / "unserved")
         servers.callback(no_weights.stop)
@@ -242,7 +234,7 @@ def test_model_is_listed_and_t2_folder_is_not_an_image(served):
     assert set(model["config"]) == {"device", "mode", "forward_steps", "stride", "guidance", "encoding",
                                     "min_lesion_mm3", "seed", "mark_uncertain", "t2"}
     objects = MONAILabelClient(url).datastore()["objects"]
-    assert set(objects) == {"brain", "other", "multi2", "multi4", *served["bad"]}
+    assert set(objects) == {"brain", "other", "multi2", "multi4", "saved_by_slicer", *served["bad"]}
 
 
 def test_rest_infer_datastore_image(served, tmp_path):
@@ -276,10 +268,11 @@ def test_anomaly_map_is_served_over_http(served, tmp_path):
 def test_client_infer_each_datastore_convention(served, tmp_path):
     client = MONAILabelClient(served["server"].url, tmpdir=str(tmp_path))
     masks = {}
-    for image_id in ("brain", "multi2", "multi4"):
+    for image_id in ("brain", "multi2", "multi4", "saved_by_slicer"):
         label, result = client.infer("anofpdm", image_id, dict(SHOW_LESIONS))
         masks[image_id] = check_label(label, result, served["pair"]["flair"])
-    assert np.array_equal(masks["brain"], masks["multi2"]) and np.array_equal(masks["brain"], masks["multi4"])
+    assert all(np.array_equal(masks["brain"], mask) for mask in masks.values())
+    assert result["inputs"]["t2"] == str(served["studies"] / "t2" / "saved_by_slicer.nrrd")
     label, result = client.infer("anofpdm", "other", dict(SHOW_LESIONS))
     assert check_label(label, result, served["other"]["flair"]).shape == OTHER_SHAPE
 

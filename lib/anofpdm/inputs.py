@@ -1,4 +1,4 @@
-"""Reading input volumes with clear errors: NIfTI files and multi-channel images (app and CLI).
+"""Reading input volumes with clear errors: NIfTI, NRRD and MetaImage files, multi-channel images (app, CLI).
 
 A request may hold a 3-D FLAIR, or one 4-D image with channels last: 2 channels (FLAIR, T2) or 4 in
 the MSD Task01 order (FLAIR, T1w, T1gd, T2w). Every failure is an ``InputError`` naming the file.
@@ -14,23 +14,29 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 
 from anofpdm.data.brats import MSD_CHANNELS
 from anofpdm.volume import InputError
 
 __all__ = [
     "NIFTI_SUFFIXES",
+    "ITK_SUFFIXES",
+    "VOLUME_SUFFIXES",
     "CHANNEL_LAYOUTS",
     "SEQUENCE_ALIASES",
     "ResolvedInputs",
-    "strip_nifti_suffix",
-    "read_nifti",
+    "split_volume_suffix",
+    "read_volume",
     "split_channels",
     "named_sequences",
     "check_sequence_name",
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")  # read with SimpleITK; 3D Slicer saves volumes as .nrrd
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 CHANNEL_LAYOUTS: dict[int, tuple[str, ...]] = {2: ("flair", "t2"), 4: MSD_CHANNELS}
 REFERENCE = "flair"
 # words that name a sequence in file and volume names: BraTS21 (_flair, _t1ce), BraTS 2023 (-t2f, -t1n, -t1c, -t2w),
@@ -59,25 +65,46 @@ class ResolvedInputs:
         return ", ".join(f"{name}={source}" for name, source in self.sources.items())
 
 
-def strip_nifti_suffix(name: str) -> str:
-    """``case.nii.gz`` -> ``case``; raises ``InputError`` for other formats."""
-    for suffix in NIFTI_SUFFIXES:
+def split_volume_suffix(name: str) -> tuple[str, str]:
+    """``case.nii.gz`` -> (``case``, ``.nii.gz``); raises ``InputError`` for formats other than ``VOLUME_SUFFIXES``."""
+    for suffix in VOLUME_SUFFIXES:
         if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    raise InputError(f"{name}: only NIfTI images ({', '.join(NIFTI_SUFFIXES)}) are supported")
+            return name[: -len(suffix)], suffix
+    raise InputError(f"{name}: only NIfTI ({', '.join(NIFTI_SUFFIXES)}) and NRRD / MetaImage "
+                     f"({', '.join(ITK_SUFFIXES)}) volumes are supported")
 
 
-def read_nifti(path: Path, what: str) -> nib.spatialimages.SpatialImage:
-    """Read a NIfTI file fully into memory, naming the sequence and the file in any error."""
-    strip_nifti_suffix(path.name)
+def read_volume(path: Path, what: str) -> nib.spatialimages.SpatialImage:
+    """Read a volume fully into memory as NIfTI (an NRRD or MetaImage file gets the NIfTI affine of its grid).
+
+    Raises:
+        InputError: the format is not supported, the file is missing or unreadable; the message names
+            ``what`` (the sequence) and the file.
+    """
+    suffix = split_volume_suffix(path.name)[1]
     if not path.is_file():
         raise InputError(f"{what} file not found: {path}")
     try:
-        image = nib.load(path)
-        data = np.asanyarray(image.dataobj)  # reads everything now: a truncated file fails here
-    except Exception as exc:  # nibabel, gzip and zlib raise many types for corrupt files
+        if suffix in NIFTI_SUFFIXES:
+            image = nib.load(path)
+            data = np.asanyarray(image.dataobj)  # reads everything now: a truncated file fails here
+            return type(image)(data, image.affine, image.header)
+        itk_image = sitk.ReadImage(str(path))
+    except Exception as exc:  # nibabel, gzip, zlib and ITK raise many types for corrupt files
         raise InputError(f"cannot read {what} file {path}: {exc}") from exc
-    return type(image)(data, image.affine, image.header)
+    return _itk_to_nifti(itk_image, f"{what} file {path}")
+
+
+def _itk_to_nifti(image: sitk.Image, what: str) -> nib.Nifti1Image:
+    """An ITK image (LPS physical space, components last) as NIfTI: voxel axes x, y, z[, component]."""
+    if image.GetDimension() != 3:
+        raise InputError(f"{what} has {image.GetDimension()} dimensions {image.GetSize()}; expected a 3-D volume")
+    data = sitk.GetArrayFromImage(image)  # (z, y, x[, component])
+    data = data.transpose(2, 1, 0, *range(3, data.ndim))
+    affine = np.eye(4)
+    affine[:3, :3] = np.reshape(image.GetDirection(), (3, 3)) * np.asarray(image.GetSpacing())
+    affine[:3, 3] = image.GetOrigin()
+    return nib.Nifti1Image(data, LPS_TO_RAS @ affine)
 
 
 def split_channels(image: nib.spatialimages.SpatialImage, source: str) -> ResolvedInputs:

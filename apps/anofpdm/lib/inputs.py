@@ -2,12 +2,15 @@
 
 Three conventions, tried in this order for every sequence the model needs besides the FLAIR:
 
-1. a multi-channel image: 4-D NIfTI, channels last, 2 channels (FLAIR, T2) or 4 in the MSD Task01
+1. a multi-channel image: 4-D NIfTI (or a vector NRRD), channels last, 2 channels (FLAIR, T2) or 4 in the MSD Task01
    order (FLAIR, T1w, T1gd, T2w);
 2. request parameters: ``{"t2": "<path on the server>"}`` or ``{"t2_session": "<session id>"}``
    (a MONAI Label session whose image is the T2);
-3. a datastore image ``<studies>/<id>.nii.gz`` has its T2 at ``<studies>/t2/<id>.nii.gz``
-   (MONAI Label's local datastore lists only the top level of ``<studies>``, so ``t2/`` is not an image).
+3. a datastore image ``<studies>/<id>.nii.gz`` has its T2 at ``<studies>/t2/<id>.nii.gz`` (or ``.nii``,
+   ``.nrrd``...; MONAI Label's local datastore lists only the top level of ``<studies>``, so ``t2/`` is not
+   an image).
+
+Volumes are NIfTI, NRRD (3D Slicer's format) or MetaImage files (``anofpdm.inputs.read_volume``).
 
 A MONAI Label session made of several files (``PUT /session/`` with FLAIR and T2) arrives as a folder;
 its files are matched by the sequence name in the file name (``case_flair.nii.gz``, ``case_t2.nii.gz``).
@@ -24,14 +27,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from anofpdm.inputs import (
-    NIFTI_SUFFIXES,
     SEQUENCE_ALIASES,
+    VOLUME_SUFFIXES,
     ResolvedInputs,
     check_sequence_name,
     named_sequences,
-    read_nifti,
+    read_volume,
     split_channels,
-    strip_nifti_suffix,
+    split_volume_suffix,
 )
 from anofpdm.volume import InputError
 
@@ -52,15 +55,15 @@ def _session_files(folder: Path, sequences: Sequence[str]) -> ResolvedInputs:
                 f"with {name!r} (one of {sorted(SEQUENCE_ALIASES.get(name, (name,)))}), e.g. case_{name}.nii.gz; "
                 f"found {len(matches)}"
             )
-        resolved.add(name, read_nifti(matches[0], name.upper()), str(matches[0]))
+        resolved.add(name, read_volume(matches[0], name.upper()), str(matches[0]))
     return resolved
 
 
 def _datastore_sibling(image_path: Path, name: str) -> list[Path]:
-    """Where a datastore image's ``name`` sequence may lie: ``<studies>/<name>/<id>.nii.gz`` then ``.nii``."""
-    stem = strip_nifti_suffix(image_path.name)
-    first = image_path.parent / name / image_path.name
-    return [first] + [image_path.parent / name / f"{stem}{s}" for s in NIFTI_SUFFIXES if f"{stem}{s}" != first.name]
+    """Where a datastore image's ``name`` sequence may lie: ``<studies>/<name>/<id>`` with the image's own
+    suffix first, then the other volume suffixes (``.nii.gz``, ``.nii``, ``.nrrd``...)."""
+    stem, own = split_volume_suffix(image_path.name)
+    return [image_path.parent / name / f"{stem}{suffix}" for suffix in (own, *(s for s in VOLUME_SUFFIXES if s != own))]
 
 
 def resolve_inputs(
@@ -73,7 +76,7 @@ def resolve_inputs(
     """Read every sequence the model needs for one request.
 
     Args:
-        image: the request's image: a NIfTI file (FLAIR or multi-channel) or a multi-file session folder.
+        image: the request's image: a volume file (FLAIR or multi-channel) or a multi-file session folder.
         sequences: the model's sequences; ``flair`` is the reference grid.
         params: request parameters; ``<sequence>`` (a server path) or ``<sequence>_session`` (a session id),
             and ``image_name``, the name the client gave the image.
@@ -90,7 +93,7 @@ def resolve_inputs(
     if image_path.is_dir():
         resolved = _session_files(image_path, sequences)
     else:
-        resolved = split_channels(read_nifti(image_path, "image (FLAIR or multi-channel)"), str(image_path))
+        resolved = split_channels(read_volume(image_path, "image (FLAIR or multi-channel)"), str(image_path))
         if len(resolved.images) == 1:  # a 3-D image; a multi-channel image's channels have no names of their own
             check_sequence_name(*resolved.images, str(params.get(IMAGE_NAME) or image_path.name))
     in_datastore = (
@@ -109,20 +112,20 @@ def resolve_inputs(
         if path_param:
             path = Path(str(path_param))
             check_sequence_name(name, path.name)
-            resolved.add(name, read_nifti(path, name.upper()), str(path))
+            resolved.add(name, read_volume(path, name.upper()), str(path))
         elif session_param:
             path = session_image(str(session_param))
             check_sequence_name(name, path.name)
-            resolved.add(name, read_nifti(path, name.upper()), f"{path} (session {session_param})")
+            resolved.add(name, read_volume(path, name.upper()), f"{path} (session {session_param})")
         elif in_datastore:
             candidates = _datastore_sibling(image_path, name)
             found = next((p for p in candidates if p.is_file()), None)
             if found is None:
                 raise InputError(
-                    f"{name.upper()} for datastore image {strip_nifti_suffix(image_path.name)!r} not found: looked for "
+                    f"{name.upper()} for datastore image {split_volume_suffix(image_path.name)[0]!r} not found: looked for "
                     f"{', '.join(str(p) for p in candidates)}; or give a 2- or 4-channel image"
                 )
-            resolved.add(name, read_nifti(found, name.upper()), str(found))
+            resolved.add(name, read_volume(found, name.upper()), str(found))
         else:
             raise InputError(
                 f"no {name.upper()} for the image {image_path.name}: give the request parameter "
