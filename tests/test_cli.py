@@ -70,6 +70,23 @@ def test_segment_reads_nrrd_as_its_nifti(tiny_model_path, volume_files, tmp_path
         assert np.array_equal(np.asanyarray(image.dataobj), np.asanyarray(reference.dataobj))
 
 
+def test_segment_batch_size_and_median_kernel(tiny_model_path, volume_files, tmp_path, capsys):
+    """The batch changes speed and memory only (each slice draws its own noise), up to float rounding; the median
+    kernel is used."""
+    args = ["segment", "--model", str(tiny_model_path), "--flair", str(volume_files["flair"]), "--t2",
+            str(volume_files["t2"])]
+    maps = {}
+    for batch in ("8", "3"):
+        heat, report = tmp_path / f"map{batch}.nii.gz", tmp_path / f"report{batch}.json"
+        assert main([*args, "--out", str(tmp_path / "m.nii.gz"), "--map", str(heat), "--report", str(report),
+                     "--batch-size", batch, "--median-kernel", "1"]) == 0
+        maps[batch] = nib.load(heat).get_fdata()
+        assert json.loads(report.read_text())["settings"]["median_kernel"] == 1
+    np.testing.assert_allclose(maps["3"], maps["8"], rtol=1e-4, atol=1e-9)  # convolutions sum in another order
+    assert main([*args, "--out", str(tmp_path / "m.nii.gz"), "--median-kernel", "4"]) == 2
+    assert "median_kernel must be odd and positive, got 4" in capsys.readouterr().err
+
+
 def test_segment_refuses_swapped_or_doubled_sequences(tiny_model_path, volume_files, tmp_path, capsys):
     out = tmp_path / "m.nii.gz"
     args = ["segment", "--model", str(tiny_model_path), "--out", str(out)]

@@ -104,7 +104,7 @@ def _segment(args: argparse.Namespace) -> int:
     options = InferenceOptions(
         mode=args.mode, guidance=args.guidance, forward_steps=args.steps, stride=args.stride,
         encoding=args.encoding, early_stop=args.early_stop, seed=args.seed, min_lesion_mm3=args.min_lesion_mm3,
-        bf16=args.bf16, mark_uncertain=args.mark_uncertain,
+        median_kernel=args.median_kernel, batch_size=args.batch_size, bf16=args.bf16, mark_uncertain=args.mark_uncertain,
     )
     images = split_channels(read_volume(args.flair, "FLAIR (or multi-channel)"), str(args.flair)).images
     if len(images) == 1:  # a 3-D FLAIR; a multi-channel image's channels have no names of their own
@@ -149,6 +149,10 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--early-stop", type=int, help="stop n visited steps after the divergence peak")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-lesion-mm3", type=float, default=500.0, help="drop components of at most this volume")
+    parser.add_argument("--median-kernel", type=int,
+                        help="odd 3-D median filter size in voxels (default: the paper's 5 px at 128 px, scaled)")
+    parser.add_argument("--batch-size", type=int,
+                        help="slices per network batch: speed and memory only (default: 8 on a CPU, 64 on CUDA)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the network (for GPUs)")
 
@@ -202,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment = commands.add_parser("segment", help="segment one FLAIR + T2 volume")
     segment.add_argument("--model", type=Path, required=True)
     segment.add_argument("--flair", type=Path, required=True,
-                         help="FLAIR NIfTI, or one 4-D image: 2 channels (FLAIR, T2) or 4 (MSD Task01 order)")
-    segment.add_argument("--t2", type=Path, help="T2 NIfTI on the FLAIR grid (not needed for a multi-channel image)")
+                         help="FLAIR volume (NIfTI, NRRD or MetaImage), or one multi-channel image: 2 channels "
+                              "(FLAIR, T2) or 4 (MSD Task01 order)")
+    segment.add_argument("--t2", type=Path, help="T2 volume on the FLAIR grid (not needed for a multi-channel image)")
     segment.add_argument("--out", type=Path, required=True,
                          help="label map NIfTI (uint8: tumour = 1, tumour (uncertain) = 2)")
     segment.add_argument("--map", type=Path, help="also write the anomaly map NIfTI")
