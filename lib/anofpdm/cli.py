@@ -141,7 +141,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", default="fast", help="calibrated mode: fast (CPU default) or full (600 steps)")
+    parser.add_argument("--mode", default="fast", help="calibrated mode: fast (the default) or full (600 steps)")
     parser.add_argument("--guidance", type=float, help="guidance weight w (default: the mode's calibrated one)")
     parser.add_argument("--steps", type=int, help="forward steps T_f (default: the mode's)")
     parser.add_argument("--stride", type=int, help="visit every n-th step (default: the mode's)")
