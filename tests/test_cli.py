@@ -132,6 +132,18 @@ def test_calibrate_stores_each_mode_in_the_model_file(tiny_model_path, tmp_path)
     frequency = calibration["unhealthy_frequency"]  # 6 slices, fewer than a group's 20: one group, 3 of 6 unhealthy
     assert len(frequency) == 1 and frequency[0][1] == 0.5
 
+    # every report says which model made it and how its verdict did on the calibration's validation slices
+    volumes = tmp_path / "volumes"
+    volumes.mkdir()
+    for name, image in make_volume_pair().items():
+        nib.save(image, volumes / f"{name}.nii.gz")
+    report = tmp_path / "report.json"
+    assert main(["segment", "--model", str(model_path), "--flair", str(volumes / "flair.nii.gz"), "--t2",
+                 str(volumes / "t2.nii.gz"), "--out", str(tmp_path / "mask.nii.gz"), "--report", str(report)]) == 0
+    provenance = json.loads(report.read_text())["model"]
+    assert provenance["path"] == str(model_path) and provenance["training_iterations"] is None  # no training record
+    assert provenance["calibration_validation"] == {"slices": 6, "accuracy": counts["accuracy"], "device": "cpu"}
+
 
 def test_segment_accepts_one_two_channel_image(tiny_model_path, tmp_path):
     pair = make_volume_pair()

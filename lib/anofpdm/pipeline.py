@@ -421,6 +421,10 @@ def _report(
             "sequences": list(model.config.sequences),
             "image_size": model.config.image_size,
             "training_data": model.training.get("data_description", model.training.get("data")),
+            "training_iterations": model.training.get("iterations"),
+            # how well this mode's verdict did on the calibration's validation slices (None: not recorded)
+            "calibration_validation": {key: calibration.validation.get(key)
+                                       for key in ("slices", "accuracy", "device")},
         },
         "warnings": warnings,
         "notice": "Research software, not for clinical use. Assumes skull-stripped, co-registered FLAIR and T2.",
