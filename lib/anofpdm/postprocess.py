@@ -67,10 +67,15 @@ def mark_uncertain_lesions(mask: np.ndarray, unhealthy_probability: np.ndarray, 
     """
     if unhealthy_probability.shape != mask.shape:
         raise ValueError(f"mask {mask.shape} and unhealthy probability {unhealthy_probability.shape} differ in shape")
-    labels, count = _components(mask.astype(bool))
-    peak = np.asarray(ndimage.maximum(unhealthy_probability, labels, index=np.arange(1, count + 1)))
-    values = np.concatenate([[0], np.where(peak >= confident, TUMOUR, UNCERTAIN_TUMOUR)]).astype(np.uint8)
-    return values[labels]
+    labels, _ = _components(mask.astype(bool))
+    marked = np.zeros(mask.shape, dtype=np.uint8)
+    # lesion by lesion within its bounding box: whole-volume lookups copied the labels as int64 (the traced peak of a
+    # 0.5 mm volume's post-processing was 2.6 GB with them, 1.6 GB without)
+    for index, region in enumerate(ndimage.find_objects(labels), start=1):
+        inside = labels[region] == index
+        confident_lesion = unhealthy_probability[region][inside].max() >= confident
+        marked[region][inside] = TUMOUR if confident_lesion else UNCERTAIN_TUMOUR
+    return marked
 
 
 def lesion_table(
@@ -91,7 +96,7 @@ def lesion_table(
         raise ValueError(f"mask {mask.shape} and anomaly map {anomaly_map.shape} differ in shape")
     if unhealthy_probability is not None and unhealthy_probability.shape != mask.shape:
         raise ValueError(f"mask {mask.shape} and unhealthy probability {unhealthy_probability.shape} differ in shape")
-    labels, count = _components(mask.astype(bool))
+    labels, _ = _components(mask.astype(bool))
     voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
     rows = []
     for index, region in enumerate(ndimage.find_objects(labels), start=1):
