@@ -94,7 +94,7 @@ def _segment(args: argparse.Namespace) -> int:
     import nibabel as nib
     import torch
 
-    from anofpdm.inputs import check_sequence_name, read_volume, split_channels
+    from anofpdm.inputs import read_image, read_sequence
     from anofpdm.model import load_model
     from anofpdm.pipeline import InferenceOptions, segment_volume
     from anofpdm.postprocess import UNCERTAIN_TUMOUR
@@ -106,14 +106,11 @@ def _segment(args: argparse.Namespace) -> int:
         encoding=args.encoding, early_stop=args.early_stop, seed=args.seed, min_lesion_mm3=args.min_lesion_mm3,
         median_kernel=args.median_kernel, batch_size=args.batch_size, bf16=args.bf16, mark_uncertain=args.mark_uncertain,
     )
-    images = split_channels(read_volume(args.flair, "FLAIR (or multi-channel)"), str(args.flair)).images
-    if len(images) == 1:  # a 3-D FLAIR; a multi-channel image's channels have no names of their own
-        check_sequence_name("flair", args.flair.name)
+    images = read_image(args.flair).images
     if args.t2 is not None:
         if "t2" in images:
             raise InputError(f"T2 given twice: as a channel of {args.flair} and as --t2 {args.t2}")
-        check_sequence_name("t2", args.t2.name)
-        images["t2"] = read_volume(args.t2, "T2")
+        images["t2"] = read_sequence("t2", args.t2)
     result = segment_volume(model, images, options, progress=progress_bar("forward process"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     nib.save(result.mask, args.out)

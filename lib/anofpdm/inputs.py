@@ -28,6 +28,8 @@ __all__ = [
     "ResolvedInputs",
     "split_volume_suffix",
     "read_volume",
+    "read_image",
+    "read_sequence",
     "split_channels",
     "named_sequences",
     "check_sequence_name",
@@ -149,3 +151,18 @@ def check_sequence_name(sequence: str, name: str) -> None:
             f"the file given as the {sequence.upper()} is named {name!r}, which says {others}: are the sequences "
             f"swapped? Give each file as its own sequence (if it is the {sequence.upper()}, rename it)"
         )
+
+
+def read_image(path: Path, name: str = "") -> ResolvedInputs:
+    """A request's image as sequences: a 3-D FLAIR, judged by ``name`` (default: its file name) as
+    :func:`check_sequence_name` does, or the channels of a multi-channel image (which have no names to judge)."""
+    resolved = split_channels(read_volume(path, "image (FLAIR or multi-channel)"), str(path))
+    if len(resolved.images) == 1:
+        check_sequence_name(REFERENCE, name or path.name)
+    return resolved
+
+
+def read_sequence(sequence: str, path: Path) -> nib.spatialimages.SpatialImage:
+    """The volume of one sequence, refused when its file name says it is another sequence."""
+    check_sequence_name(sequence, path.name)
+    return read_volume(path, sequence.upper())

@@ -30,10 +30,10 @@ from anofpdm.inputs import (
     SEQUENCE_ALIASES,
     VOLUME_SUFFIXES,
     ResolvedInputs,
-    check_sequence_name,
     named_sequences,
+    read_image,
+    read_sequence,
     read_volume,
-    split_channels,
     split_volume_suffix,
 )
 from anofpdm.volume import InputError
@@ -93,9 +93,7 @@ def resolve_inputs(
     if image_path.is_dir():
         resolved = _session_files(image_path, sequences)
     else:
-        resolved = split_channels(read_volume(image_path, "image (FLAIR or multi-channel)"), str(image_path))
-        if len(resolved.images) == 1:  # a 3-D image; a multi-channel image's channels have no names of their own
-            check_sequence_name(*resolved.images, str(params.get(IMAGE_NAME) or image_path.name))
+        resolved = read_image(image_path, str(params.get(IMAGE_NAME) or ""))
     in_datastore = (
         studies is not None and Path(studies).is_dir() and image_path.parent.resolve() == Path(studies).resolve()
     )
@@ -111,12 +109,10 @@ def resolve_inputs(
             raise InputError(f"give either {name} or {name}_session, not both")
         if path_param:
             path = Path(str(path_param))
-            check_sequence_name(name, path.name)
-            resolved.add(name, read_volume(path, name.upper()), str(path))
+            resolved.add(name, read_sequence(name, path), str(path))
         elif session_param:
             path = session_image(str(session_param))
-            check_sequence_name(name, path.name)
-            resolved.add(name, read_volume(path, name.upper()), f"{path} (session {session_param})")
+            resolved.add(name, read_sequence(name, path), f"{path} (session {session_param})")
         elif in_datastore:
             candidates = _datastore_sibling(image_path, name)
             found = next((p for p in candidates if p.is_file()), None)
