@@ -57,14 +57,13 @@ def remove_small_components(
         raise ValueError(f"min_size_mm3 must be >= 0, got {min_size_mm3}")
     if len(spacing_mm) != mask.ndim:
         raise ValueError(f"spacing {tuple(spacing_mm)} does not match a {mask.ndim}-D mask")
-    labels, count = _components(mask.astype(bool))
-    if count == 0:
-        return np.zeros(mask.shape, dtype=bool), 0
     voxel_mm3 = float(np.prod(spacing_mm))
-    sizes = np.bincount(labels.ravel(), minlength=count + 1) * voxel_mm3
-    keep = sizes > min_size_mm3
-    keep[0] = False
-    return keep[labels], int(count - keep[1:].sum())
+    kept, removed = mask.astype(bool), 0
+    for region, inside in _lesions(kept):
+        if inside.sum() * voxel_mm3 <= min_size_mm3:
+            kept[region][inside] = False
+            removed += 1
+    return kept, removed
 
 
 def mark_uncertain_lesions(mask: np.ndarray, unhealthy_probability: np.ndarray, confident: float) -> np.ndarray:
