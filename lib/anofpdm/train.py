@@ -483,10 +483,10 @@ class LossLog:
     def __init__(self, run_dir: Path, ctx: Distributed, resume_from: int, smoothed: float | None) -> None:
         self.csv_path, self.plot_path, self.ctx = run_dir / LOSS_CSV, run_dir / LOSS_PLOT, ctx
         self.smoothed = smoothed
-        self.rows: list[dict[str, float]] = []
+        self.rows: list[dict[str, float]] = []  # "iteration" an int
         if resume_from and self.csv_path.is_file():
             with self.csv_path.open(newline="") as f:
-                rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+                rows = [{k: int(v) if k == "iteration" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
             self.rows = [row for row in rows if row["iteration"] <= resume_from]
         if ctx.is_main:
             with self.csv_path.open("w", newline="") as f:
