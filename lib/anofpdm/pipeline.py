@@ -353,7 +353,7 @@ def image_like(reference: nib.spatialimages.SpatialImage, data: np.ndarray, dtyp
 
 def default_batch_size(device: torch.device) -> int:
     """Slices per network batch when the request names none."""
-    # 2-core CPU, one volume's network time: batch 8 92-99 s, 32 88-89 s (README), for ~0.7 GB more memory
+    # 2-core CPU, one volume's network time: batch 8 85-99 s, 32 88-89 s (README), for ~0.7 GB more memory
     return 64 if device.type == "cuda" else 8
 
 
