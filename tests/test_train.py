@@ -55,8 +55,9 @@ def tiny_config(data: Path, **overrides) -> TrainConfig:
 
 
 def read_loss_csv(run_dir: Path) -> list[dict[str, float]]:
+    """The loss log, its iterations required to be written as integers (``int("3.0")`` fails)."""
     with (run_dir / "loss.csv").open(newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: int(v) if k == "iteration" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def load_state(run_dir: Path) -> dict:
@@ -100,8 +101,6 @@ def test_stop_and_resume_reaches_the_same_weights(data: Path, straight_run: Path
     # the same losses at every iteration, each logged once
     resumed_rows, straight_rows = read_loss_csv(tmp_path), read_loss_csv(straight_run)
     assert [row["iteration"] for row in resumed_rows] == [1, 2, 3, 4, 5, 6]
-    rewritten = [line.split(",")[0] for line in (tmp_path / "loss.csv").read_text().splitlines()[1:]]
-    assert rewritten == ["1", "2", "3", "4", "5", "6"]  # rows kept from before the stop are written as integers
     for column in ("loss", "smoothed_loss"):
         assert [row[column] for row in resumed_rows] == [row[column] for row in straight_rows]
 
@@ -167,8 +166,6 @@ def test_crash_after_a_checkpoint_resumes_from_it(data: Path, straight_run: Path
     assert all(torch.equal(resumed["ema"][name], t) for name, t in straight["ema"].items())
     resumed_rows, straight_rows = read_loss_csv(tmp_path), read_loss_csv(straight_run)
     assert [row["iteration"] for row in resumed_rows] == [1, 2, 3, 4, 5, 6]
-    rewritten = [line.split(",")[0] for line in (tmp_path / "loss.csv").read_text().splitlines()[1:]]
-    assert rewritten == ["1", "2", "3", "4", "5", "6"]  # rows kept from before the stop are written as integers
     assert [row["smoothed_loss"] for row in resumed_rows] == [row["smoothed_loss"] for row in straight_rows]
 
 

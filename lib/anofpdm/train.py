@@ -485,11 +485,9 @@ class LossLog:
         self.smoothed = smoothed
         self.rows: list[dict[str, float]] = []  # "iteration" an int
         if resume_from and self.csv_path.is_file():
-            with self.csv_path.open(newline="") as f:
-                # read as floats first: a resume before this fix rewrote iterations as "5120.0"
+            with self.csv_path.open(newline="") as f:  # floats first: earlier resumes wrote iterations as "5120.0"
                 rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-            rows = [{**row, "iteration": int(row["iteration"])} for row in rows]
-            self.rows = [row for row in rows if row["iteration"] <= resume_from]
+            self.rows = [{**row, "iteration": int(row["iteration"])} for row in rows if row["iteration"] <= resume_from]
         if ctx.is_main:
             with self.csv_path.open("w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
