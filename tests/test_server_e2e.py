@@ -162,6 +162,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, unhealthy_model: Path) -> d
 
     (root / "served").mkdir()
     (root / "unserved").mkdir()
+    # start_server makes these app folders when missing, by check-then-makedirs: two servers starting at
+    # once from a clean checkout race, and the loser dies on FileExistsError (CI failed so in session 12)
+    for folder in ("model", "logs", "bin"):
+        (APP_DIR / folder).mkdir(exist_ok=True)
     with ExitStack() as servers:  # both start at once; each is stopped at teardown, whatever happens
         server = Server(studies, unhealthy_model, root / "served")
         servers.callback(server.stop)
