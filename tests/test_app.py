@@ -363,13 +363,15 @@ def test_no_weights_no_model(tmp_path, pair):
     assert app.info()["models"] == {} and app.info()["labels"] == []
 
 
-def test_the_interim_network_the_readme_offers_is_servable():
-    """README: ``--conf model_path checkpoints/h200/anofpdm_interim.pt`` serves a trained (interim) network."""
-    path = REPO / "checkpoints" / "h200" / "anofpdm_interim.pt"
+def test_the_trained_network_the_readme_offers_is_servable():
+    """README: ``--conf model_path checkpoints/h200/anofpdm_7191.pt`` serves the demo run's trained network."""
+    readme = (REPO / "README.md").read_text()
+    assert "--conf model_path checkpoints/h200/anofpdm_7191.pt" in readme
+    path = REPO / "checkpoints" / "h200" / "anofpdm_7191.pt"
     task = make_task(path)
     assert task.is_valid() and task.config()["mode"] == ["fast"]
     model = load_model(path, "cpu")
-    assert model.training["iterations"] == 5127 and model.calibration["fast"]["unhealthy_frequency"]
+    assert model.training["iterations"] == 7191 and model.calibration["fast"]["unhealthy_frequency"]
 
 
 def test_default_weights_are_the_repository_model_file(tmp_path):
