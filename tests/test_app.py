@@ -364,14 +364,14 @@ def test_no_weights_no_model(tmp_path, pair):
 
 
 def test_the_trained_network_the_readme_offers_is_servable():
-    """README: ``--conf model_path checkpoints/h200/anofpdm_7191.pt`` serves the demo run's trained network."""
+    """README: ``--conf model_path checkpoints/h200/anofpdm_7870.pt`` serves the demo run's trained network."""
     readme = (REPO / "README.md").read_text()
-    assert "--conf model_path checkpoints/h200/anofpdm_7191.pt" in readme
-    path = REPO / "checkpoints" / "h200" / "anofpdm_7191.pt"
+    assert "--conf model_path checkpoints/h200/anofpdm_7870.pt" in readme
+    path = REPO / "checkpoints" / "h200" / "anofpdm_7870.pt"
     task = make_task(path)
     assert task.is_valid() and task.config()["mode"] == ["fast"]
     model = load_model(path, "cpu")
-    assert model.training["iterations"] == 7191 and model.calibration["fast"]["unhealthy_frequency"]
+    assert model.training["iterations"] == 7870 and model.calibration["fast"]["unhealthy_frequency"]
 
 
 def test_default_weights_are_the_repository_model_file(tmp_path):
