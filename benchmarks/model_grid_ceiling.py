@@ -14,7 +14,7 @@ validation tuning chose) is scored beside them on that model's grid, and ``--siz
 cases' tumour volume. Prints figures; asserts nothing. Example:
 
     PYTHONPATH=lib python benchmarks/model_grid_ceiling.py --data data/synth --prepared data/slices64
-    PYTHONPATH=lib python benchmarks/model_grid_ceiling.py --data data/synth --prepared data/slices64 \
+    PYTHONPATH=lib python benchmarks/model_grid_ceiling.py --data data/synth --prepared data/slices64 \\
         --split train,test --sizes 64 --flair-model M --flair-quantile 0.98 --size-bins 10,25,50,100
 """
 

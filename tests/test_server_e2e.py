@@ -12,6 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +35,7 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "apps" / "anofpdm"
-MONAILABEL = Path(sys.executable).parent / "monailabel"
+ACTIVATE = Path(sys.prefix) / "bin" / "activate"
 STARTUP_DEADLINE_S = 180.0
 POLL_TIMEOUT_S = 1.0
 INFO_LATENCY_LIMIT_S = 1.0
@@ -51,24 +54,33 @@ def free_port() -> int:
 
 
 class Server:
-    """``monailabel start_server`` as a subprocess; ``stop`` terminates, then kills."""
+    """A shell command that starts ``monailabel start_server`` on ``port``; ``stop`` terminates, then kills.
 
-    def __init__(self, studies: Path, model_path: Path, workdir: Path) -> None:
-        port = free_port()
+    The shell activates the venv first, as the README does: monailabel's launcher runs the ``python`` on PATH.
+    """
+
+    def __init__(self, command: str, port: int, workdir: Path) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = workdir / "server.log"
         env = {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "lib"), os.environ.get("PYTHONPATH", "")) if p),
-            "MONAILABEL_PYEXE": sys.executable,
             "OMP_NUM_THREADS": "1",
             "MONAI_LABEL_SESSION_PATH": str(workdir / "sessions"),
             "TMPDIR": str(workdir),  # results (label, anomaly map) and uploads land here, not in /tmp
         }
-        command = [str(MONAILABEL), "start_server", "--app", str(APP_DIR), "--studies", str(studies),
-                   "--conf", "model_path", str(model_path), "--host", "127.0.0.1", "--port", str(port)]
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        env.pop("MONAILABEL_PYEXE", None)
+        with open(self.log_path, "w") as log:  # its own process group: stop reaches the server under the shell
+            self.process = subprocess.Popen(["bash", "-c", command], stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, cwd=REPO, start_new_session=True)
+
+    @classmethod
+    def start(cls, studies: Path, model_path: Path, workdir: Path) -> Server:
+        """The README's start command on ``studies``, serving ``model_path``."""
+        port = free_port()
+        arguments = ["--app", APP_DIR, "--studies", studies, "--conf", "model_path", model_path,
+                     "--host", "127.0.0.1", "--port", port]
+        return cls(f". {shlex.quote(str(ACTIVATE))} && monailabel start_server {shlex.join(map(str, arguments))}",
+                   port, workdir)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -91,11 +103,13 @@ class Server:
         raise TimeoutError(f"server not ready after {STARTUP_DEADLINE_S} s ({last_error}):\n{self.log()[-4000:]}")
 
     def stop(self) -> None:
-        self.process.terminate()
+        if self.process.poll() is not None:  # it exited already (a failed start): nothing to stop
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
 
 
@@ -167,9 +181,9 @@ def served(tmp_path_factory: pytest.TempPathFactory, unhealthy_model: Path) -> d
     for folder in ("model", "logs", "bin"):
         (APP_DIR / folder).mkdir(exist_ok=True)
     with ExitStack() as servers:  # both start at once; each is stopped at teardown, whatever happens
-        server = Server(studies, unhealthy_model, root / "served")
+        server = Server.start(studies, unhealthy_model, root / "served")
         servers.callback(server.stop)
-        no_weights = Server(empty_studies, root / "missing.pt", root / "unserved")
+        no_weights = Server.start(empty_studies, root / "missing.pt", root / "unserved")
         servers.callback(no_weights.stop)
         server.wait_ready()
         no_weights.wait_ready()
@@ -429,3 +443,26 @@ def test_no_weights_server_lists_no_model_and_says_why(served):
     assert response.status_code == 503
     assert f"model weights not found at {served['root'] / 'missing.pt'}" in response.json()["detail"]
     assert "model 'anofpdm' is not offered" in served["no_weights"].log()
+
+
+def test_the_readme_first_command_serves_the_demo_studies(tmp_path):
+    """The README's first command as written, less the venv creation and install the test command did."""
+    line = next(line.strip() for line in (REPO / "README.md").read_text().splitlines()
+                if "monailabel start_server" in line)
+    run = [step for step in line.split(" && ") if not step.startswith("python3 -m venv ") and "pip install" not in step]
+    studies = tmp_path / "studies"  # start_server writes its datastore index into the studies folder
+    shutil.copytree(REPO / "demo" / "studies", studies)
+    port = free_port()
+    command = " && ".join(run).replace(".venv/", f"{shlex.quote(sys.prefix)}/")  # the venv running this test
+    for old, new in (("--studies demo/studies", f"--studies {shlex.quote(str(studies))}"), ("--port 8000", f"--port {port}")):
+        assert command.count(old) == 1, (old, line)
+        command = command.replace(old, new)
+    server = Server(command, port, tmp_path)
+    try:
+        server.wait_ready()
+        info = requests.get(f"{server.url}/info/", timeout=5).json()
+        objects = MONAILabelClient(server.url).datastore()["objects"]
+    finally:
+        server.stop()
+    assert set(objects) == {"SYN_00000", "SYN_00001", "SYN_00002"}  # the T2 folder is not listed as images
+    assert ("anofpdm" in info["models"]) == (REPO / "model" / "anofpdm.pt").is_file()  # none until one ships
