@@ -364,13 +364,13 @@ def test_no_weights_no_model(tmp_path, pair):
 
 
 def test_the_trained_network_the_readme_offers_is_servable():
-    """README: ``--conf model_path checkpoints/h200/anofpdm_10613.pt`` serves the demo run's trained network."""
-    path = REPO / "checkpoints" / "h200" / "anofpdm_10613.pt"
+    """README: ``--conf model_path checkpoints/h200/anofpdm_11513.pt`` serves the demo run's trained network."""
+    path = REPO / "checkpoints" / "h200" / "anofpdm_11513.pt"
     assert f"--conf model_path {path.relative_to(REPO)}" in (REPO / "README.md").read_text()
     task = make_task(path)
     assert task.is_valid() and task.config()["mode"] == ["fast"]
     model = load_model(path, "cpu")
-    assert model.training["iterations"] == 10613 and model.calibration["fast"]["unhealthy_frequency"]
+    assert model.training["iterations"] == 11513 and model.calibration["fast"]["unhealthy_frequency"]
 
 
 def test_default_weights_are_the_repository_model_file(tmp_path):
