@@ -23,6 +23,7 @@ ITERATIONS=${ITERATIONS:-30000}
 BATCH=${BATCH:-64}
 NUM_WORKERS=${NUM_WORKERS:-0}
 LR=${LR:-3e-4}
+LR_DECAY_FROM=${LR_DECAY_FROM:-}   # iteration from which the learning rate falls linearly to 0 at ITERATIONS
 EMA=${EMA:-0.999}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-500}
 TIME_LIMIT_MIN=${TIME_LIMIT_MIN:-}
@@ -56,6 +57,7 @@ if stage train; then
                 --iterations "$ITERATIONS" --lr "$LR" --ema-decay "$EMA" --checkpoint-every "$CHECKPOINT_EVERY"
                 --num-workers "$NUM_WORKERS" --seed 0 --no-progress)
     [[ -f $WORK/run/state.pt ]] && train_args+=(--resume)
+    [[ -n $LR_DECAY_FROM ]] && train_args+=(--lr-decay-from "$LR_DECAY_FROM")
     [[ -n $TIME_LIMIT_MIN ]] && train_args+=(--time-limit-min "$TIME_LIMIT_MIN")
     [[ -n $BF16 ]] && train_args+=(--bf16)
     run $ANOFPDM train "${train_args[@]}"

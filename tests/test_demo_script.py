@@ -40,11 +40,13 @@ def test_demo_script_makes_a_calibrated_evaluated_model_and_resumes(tmp_path: Pa
     assert set(results["summary"]) == set(METHODS) and len(results["cases"]) == 1
     assert (tmp_path / "evaluation" / "results.md").is_file()
 
-    second = run_script(tmp_path, ITERATIONS="5", STAGES="data,train")  # a later session, a longer run
+    # a later session, a longer run ending in a learning-rate decay
+    second = run_script(tmp_path, ITERATIONS="5", LR_DECAY_FROM="4", STAGES="data,train")
     assert second.returncode == 0, second.stderr[-3000:]
     assert " synth " not in second.stderr and " prepare " not in second.stderr  # the data exist: not remade
     assert "iterations 3 -> 5" in second.stderr
-    assert load_model(tmp_path / "run" / "model.pt").training["iterations"] == 5
+    record = load_model(tmp_path / "run" / "model.pt").training
+    assert record["iterations"] == 5 and record["lr_decay_from"] == 4
 
 
 def test_demo_script_rejects_an_unknown_stage(tmp_path: Path) -> None:

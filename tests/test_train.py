@@ -216,6 +216,34 @@ def test_global_batches_are_shuffled_epochs_split_across_ranks() -> None:
     assert [a + b for a, b in zip(*ranks)] == stream[8:].reshape(4, 4).tolist()
 
 
+def test_a_learning_rate_decay_added_on_resume_trains_as_one_set_from_the_start(
+    data: Path, straight_run: Path, tmp_path: Path
+) -> None:
+    """The decay falls linearly from lr at lr_decay_from towards 0 at the last iteration; it may be added to a
+    constant-rate run at an iteration it has not trained yet, never moved into iterations already trained."""
+    assert [tiny_config(data, lr_decay_from=2).learning_rate(i) for i in range(6)] == pytest.approx(
+        [1e-3, 1e-3, 1e-3, 0.75e-3, 0.5e-3, 0.25e-3]
+    )
+    model = train(tiny_config(data, lr_decay_from=3), tmp_path / "set", progress=False)
+    train(tiny_config(data, iterations=3), tmp_path / "added", progress=False)
+    with pytest.raises(ValueError, match="lr_decay_from 2 is before iteration 3"):
+        train(tiny_config(data, lr_decay_from=2), tmp_path / "added", resume=True, progress=False)
+    train(tiny_config(data, lr_decay_from=3), tmp_path / "added", resume=True, progress=False)
+    decayed, added, constant = load_state(tmp_path / "set"), load_state(tmp_path / "added"), load_state(straight_run)
+    for part in ("model", "ema"):
+        assert all(torch.equal(added[part][name], t) for name, t in decayed[part].items()), part
+    assert any(not torch.equal(constant["model"][name], t) for name, t in decayed["model"].items())
+    losses = [row["loss"] for row in read_loss_csv(tmp_path / "set")]
+    assert losses[:5] == [row["loss"] for row in read_loss_csv(straight_run)][:5]  # the 5th step is the first slowed
+    assert load_model(model).training["lr_decay_from"] == 3
+    with pytest.raises(ValueError, match="decay from 3 to 6"):
+        train(tiny_config(data, lr_decay_from=3, iterations=8), tmp_path / "set", resume=True, progress=False)
+    with pytest.raises(ValueError, match="decay from 3 to 6"):
+        train(tiny_config(data), tmp_path / "set", resume=True, progress=False)
+    with pytest.raises(ValueError, match="lr_decay_from must be in"):
+        tiny_config(data, lr_decay_from=6)
+
+
 def test_resume_refuses_a_changed_setup(data: Path, straight_run: Path) -> None:
     with pytest.raises(ValueError, match="batch_size"):
         train(tiny_config(data, batch_size=2, iterations=8), straight_run, resume=True, progress=False)

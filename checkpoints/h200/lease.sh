@@ -27,6 +27,7 @@ fi
 export PYTHONPATH=$PWD/lib:/tmp/site PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 export WORK=${WORK:-/tmp/demo} ANOFPDM="$PY -m anofpdm.cli"
 export CASES=${CASES:-80} BATCH=${BATCH:-256} LR=${LR:-5e-4} EMA=${EMA:-0.999} CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-2000}
+export ITERATIONS=${ITERATIONS:-15000} LR_DECAY_FROM=${LR_DECAY_FROM:-12982}   # the run's planned end and its decay
 NUM_WORKERS=${NUM_WORKERS:-4}
 shm_mb=$(df -m --output=size /dev/shm 2>/dev/null | tail -1)
 (( ${shm_mb:-0} >= 1024 )) || NUM_WORKERS=0   # DataLoader workers hand batches over through /dev/shm
@@ -39,7 +40,7 @@ export EVAL_OUT=$RESULTS/evaluation
 mkdir -p "$RESULTS"
 publish() { tar -cf "$OUT/lease.tar.part" -C "$RESULTS" . && mv "$OUT/lease.tar.part" "$OUT/lease.tar"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tail -1
-env | grep -E '^(CASES|BATCH|LR|EMA|NUM_WORKERS|INFER_BATCH|CALIBRATION_MODES|EVAL_CASES|EVAL_METHODS)=' | sort
+env | grep -E '^(CASES|BATCH|LR|LR_DECAY_FROM|ITERATIONS|EMA|NUM_WORKERS|INFER_BATCH|CALIBRATION_MODES|EVAL_CASES|EVAL_METHODS)=' | sort
 if [[ ! -f $WORK/run/state.pt && -f checkpoints/h200/state.pt ]]; then
     mkdir -p "$WORK/run" && cp checkpoints/h200/state.pt checkpoints/h200/loss.csv "$WORK/run/"
 fi

@@ -110,6 +110,9 @@ class TrainConfig:
         sequences: the prepared sequences to train on, in channel order; default: the network's.
         batch_size: global batch (all ranks together); the paper's is 64.
         lr: AdamW learning rate.
+        lr_decay_from: from this iteration on the learning rate falls linearly from ``lr`` towards 0 at
+            ``iterations`` (a cool-down at the end of a run); None keeps it constant. A resumed run may add
+            or move it, to an iteration it has not trained yet.
         weight_decay: AdamW weight decay (the authors' code uses none).
         ema_decay: EMA decay per step; 0.9999 needs tens of thousands of steps, short runs need less.
         null_label_probability: chance that a slice's label is replaced by the null label.
@@ -128,6 +131,7 @@ class TrainConfig:
     sequences: tuple[str, ...] | None = None
     batch_size: int = 64
     lr: float = 1e-4
+    lr_decay_from: int | None = None
     weight_decay: float = 0.0
     ema_decay: float = 0.9999
     null_label_probability: float = 0.1
@@ -156,6 +160,8 @@ class TrainConfig:
             raise ValueError(f"seed and num_workers must be non-negative, got {self.seed}, {self.num_workers}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        if self.lr_decay_from is not None and not 0 <= self.lr_decay_from < self.iterations:
+            raise ValueError(f"lr_decay_from must be in [0, iterations={self.iterations}), got {self.lr_decay_from}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.null_label_probability < 1:
@@ -171,6 +177,12 @@ class TrainConfig:
                 "carry much of the random initialisation; lower ema_decay for short runs",
                 stacklevel=2,
             )
+
+    def learning_rate(self, iteration: int) -> float:
+        """The learning rate of the optimiser step taken at ``iteration`` (0-based, before the step)."""
+        if self.lr_decay_from is None or iteration < self.lr_decay_from:
+            return self.lr
+        return self.lr * (self.iterations - iteration) / (self.iterations - self.lr_decay_from)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-type view (for ``state.pt`` and the training record)."""
@@ -595,6 +607,8 @@ class Trainer:
         loss = F.mse_loss(predicted.float(), draw.noise)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.learning_rate(iteration)
         self.optimizer.step()
         self.ema.update()
         return loss.detach()
@@ -640,6 +654,24 @@ def _load_state(run_dir: Path, resume: bool, invariants: dict[str, Any], device:
     return state
 
 
+def _check_lr_history(state: dict[str, Any], config: TrainConfig) -> None:
+    """Refuse a learning-rate decay that would change the rate of iterations the run has already trained."""
+    start, saved = state["iteration"], state["config"]
+    saved_from = saved.get("lr_decay_from")  # None in states saved before the decay existed
+    if saved_from is not None and saved_from < start:
+        if (config.lr_decay_from, config.iterations) != (saved_from, saved["iterations"]):
+            raise ValueError(
+                f"cannot resume {start} iterations into a learning-rate decay from {saved_from} to "
+                f"{saved['iterations']} with another one: resume with lr_decay_from {saved_from} and iterations "
+                f"{saved['iterations']}"
+            )
+    elif config.lr_decay_from is not None and config.lr_decay_from < start:
+        raise ValueError(
+            f"lr_decay_from {config.lr_decay_from} is before iteration {start}, which the run has reached at a "
+            f"constant learning rate; start the decay at {start} or later"
+        )
+
+
 def _atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
@@ -660,6 +692,7 @@ def _training_record(
         "iterations": iteration,
         "batch_size": config.batch_size,
         "lr": config.lr,
+        "lr_decay_from": config.lr_decay_from,
         "weight_decay": config.weight_decay,
         "ema_decay": config.ema_decay,
         "null_label_probability": config.null_label_probability,
@@ -839,7 +872,8 @@ def train(
         config: what to train and how.
         run_dir: the run folder (created); only the main rank writes to it.
         resume: continue from ``run_dir/state.pt``; a changed network, data, batch size, optimiser setting
-            or seed is an error, a larger ``iterations`` extends the run.
+            or seed is an error, as is a learning-rate decay that would change iterations already trained;
+            a larger ``iterations`` extends the run.
         progress: show a progress bar (main rank, terminal only).
         on_iteration: called on every rank with the iteration count once each iteration is complete
             (logged and, when due, saved).
@@ -866,6 +900,8 @@ def train(
         if config.bf16 and ctx.device.type != "cuda":
             raise ValueError(f"bf16 autocast is for CUDA only; the device is {ctx.device}")
         state = _load_state(run_dir, resume, invariants, ctx.device)
+        if state is not None:
+            _check_lr_history(state, config)
         _Run(config, network_config, data, invariants, ctx, run_dir, state).fit(dataset, progress, on_iteration, time_limit_s)
     return run_dir / MODEL_FILE
 
@@ -887,6 +923,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, required=True, help="total optimiser steps")
     parser.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="global batch (all GPUs)")
     parser.add_argument("--lr", type=float, default=defaults["lr"])
+    parser.add_argument(
+        "--lr-decay-from",
+        type=int,
+        default=None,
+        help="from this iteration the learning rate falls linearly to 0 at --iterations (may be added on --resume)",
+    )
     parser.add_argument("--weight-decay", type=float, default=defaults["weight_decay"])
     parser.add_argument("--ema-decay", type=float, default=defaults["ema_decay"], help="lower it for short runs")
     parser.add_argument("--checkpoint-every", type=int, default=defaults["checkpoint_every"])
@@ -908,6 +950,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         sequences=args.sequences,
         batch_size=args.batch_size,
         lr=args.lr,
+        lr_decay_from=args.lr_decay_from,
         weight_decay=args.weight_decay,
         ema_decay=args.ema_decay,
         checkpoint_every=args.checkpoint_every,
