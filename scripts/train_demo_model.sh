@@ -24,6 +24,7 @@ BATCH=${BATCH:-64}
 NUM_WORKERS=${NUM_WORKERS:-0}
 LR=${LR:-3e-4}
 LR_DECAY_FROM=${LR_DECAY_FROM:-}   # iteration from which the learning rate falls linearly to 0 at ITERATIONS
+VALIDATE_EVERY=${VALIDATE_EVERY:-}   # iterations between validation losses; the lowest's network is run/best.pt
 EMA=${EMA:-0.999}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-500}
 TIME_LIMIT_MIN=${TIME_LIMIT_MIN:-}
@@ -58,6 +59,7 @@ if stage train; then
                 --num-workers "$NUM_WORKERS" --seed 0 --no-progress)
     [[ -f $WORK/run/state.pt ]] && train_args+=(--resume)
     [[ -n $LR_DECAY_FROM ]] && train_args+=(--lr-decay-from "$LR_DECAY_FROM")
+    [[ -n $VALIDATE_EVERY ]] && train_args+=(--validate-every "$VALIDATE_EVERY")
     [[ -n $TIME_LIMIT_MIN ]] && train_args+=(--time-limit-min "$TIME_LIMIT_MIN")
     [[ -n $BF16 ]] && train_args+=(--bf16)
     run $ANOFPDM train "${train_args[@]}"

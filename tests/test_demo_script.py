@@ -40,13 +40,16 @@ def test_demo_script_makes_a_calibrated_evaluated_model_and_resumes(tmp_path: Pa
     assert set(results["summary"]) == set(METHODS) and len(results["cases"]) == 1
     assert (tmp_path / "evaluation" / "results.md").is_file()
 
-    # a later session, a longer run ending in a learning-rate decay
-    second = run_script(tmp_path, ITERATIONS="5", LR_DECAY_FROM="4", STAGES="data,train")
+    # a later session, a longer run ending in a learning-rate decay, validated every iteration from now on
+    second = run_script(tmp_path, ITERATIONS="5", LR_DECAY_FROM="4", VALIDATE_EVERY="1", STAGES="data,train")
     assert second.returncode == 0, second.stderr[-3000:]
     assert " synth " not in second.stderr and " prepare " not in second.stderr  # the data exist: not remade
     assert "iterations 3 -> 5" in second.stderr
     record = load_model(tmp_path / "run" / "model.pt").training
     assert record["iterations"] == 5 and record["lr_decay_from"] == 4
+    logged = [line.split(",")[0] for line in (tmp_path / "run" / "validation.csv").read_text().split()[1:]]
+    assert logged == ["4", "5"]
+    assert load_model(tmp_path / "run" / "best.pt").training["iterations"] in (4, 5)
 
 
 def test_demo_script_rejects_an_unknown_stage(tmp_path: Path) -> None:

@@ -273,9 +273,12 @@ def test_config_errors_are_clear(data: Path, tmp_path: Path) -> None:
         tiny_config(data, ema_decay=0.9999)
 
 
-def test_two_rank_ddp_on_cpu_matches_one_process(data: Path, tmp_path: Path) -> None:
+def test_two_rank_ddp_on_cpu_matches_one_process(tmp_path: Path) -> None:
+    """Also the validation loss under DDP: the main rank alone measures it while the other waits for it."""
+    data = add_validation_split(make_prepared(tmp_path / "data"))
     args = ["--data", str(data), "--preset", "cpu", "--iterations", "2", "--batch-size", "4", "--ema-decay", "0.5",
-            "--checkpoint-every", "2", "--log-every", "1", "--device", "cpu", "--no-progress"]
+            "--checkpoint-every", "2", "--log-every", "1", "--device", "cpu", "--no-progress",
+            "--validate-every", "1", "--validation-timesteps", "25,100", "--validation-slices", "4"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(LIB), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
@@ -295,6 +298,10 @@ def test_two_rank_ddp_on_cpu_matches_one_process(data: Path, tmp_path: Path) -> 
     single_weights = single.network.state_dict()
     for name, tensor in ddp.network.state_dict().items():
         torch.testing.assert_close(tensor, single_weights[name], rtol=0, atol=1e-5, msg=name)
+    ddp_rows, single_rows = read_validation_csv(tmp_path / "ddp"), read_validation_csv(tmp_path / "single")
+    assert [iteration for iteration, _ in ddp_rows] == [iteration for iteration, _ in single_rows] == [1, 2]
+    assert [loss for _, loss in ddp_rows] == pytest.approx([loss for _, loss in single_rows], rel=1e-4)
+    assert load_model(tmp_path / "ddp" / "best.pt").training["selected_by"]["validation_timesteps"] == [25, 100]
 
 
 def test_train_command_stops_saved_on_sigterm_and_says_how_to_go_on(data: Path, tmp_path: Path) -> None:
@@ -313,3 +320,61 @@ def test_train_command_stops_saved_on_sigterm_and_says_how_to_go_on(data: Path, 
         assert run.wait(timeout=120) == 130, rest[-3000:]
     assert "SIGTERM received" in rest and "continue with --resume" in rest
     assert load_state(tmp_path)["iteration"] >= 1
+
+
+def add_validation_split(root: Path, count: int = 6) -> Path:
+    """Give a prepared folder a ``val`` split (random images, alternating labels), as ``prepare_dataset`` does."""
+    size = json.loads((root / "manifest.json").read_text())["size"]
+    images = np.random.default_rng(1).uniform(-1, 1, (count, len(PREPARED_SEQUENCES), size, size))
+    np.save(root / "val_images.npy", images.astype(np.float16))
+    np.save(root / "val_labels.npy", np.array([HEALTHY, UNHEALTHY] * (count // 2), dtype=np.uint8))
+    return root
+
+
+def read_validation_csv(run_dir: Path) -> list[tuple[int, float]]:
+    with (run_dir / "validation.csv").open(newline="") as f:
+        return [(int(row["iteration"]), float(row["validation_loss"])) for row in csv.DictReader(f)]
+
+
+def test_the_network_with_the_lowest_validation_loss_is_kept_as_best(tmp_path: Path) -> None:
+    """Every 2 iterations the validation loss is logged; ``best.pt`` holds the EMA weights of the lowest one, as a
+    run that ends at that iteration exports them, and its record says why. A crashed run resumes its log exactly."""
+    data = add_validation_split(make_prepared(tmp_path / "data"))
+    config = tiny_config(data, iterations=8, lr=3e-3, validate_every=2, validation_slices=4)
+    straight = tmp_path / "straight"
+    train(config, straight, progress=False)
+    rows = read_validation_csv(straight)
+    assert [iteration for iteration, _ in rows] == [2, 4, 6, 8] and len({loss for _, loss in rows}) == 4
+    best_iteration, best_loss = min(rows, key=lambda row: row[1])
+    best = load_model(straight / "best.pt")
+    assert best.training["iterations"] == best_iteration
+    assert best.training["selected_by"] == {
+        "validation_loss": best_loss, "validation_timesteps": [25, 50, 100, 200], "validation_slices": 4}
+    shorter = tmp_path / "shorter"
+    train(replace(config, iterations=best_iteration), shorter, progress=False)
+    exported = load_model(shorter / "model.pt").network.state_dict()
+    assert all(torch.equal(tensor, exported[name]) for name, tensor in best.network.state_dict().items())
+
+    def crash_at_seven(iteration: int) -> None:
+        if iteration == 7:
+            raise RuntimeError("simulated crash")
+
+    crashed = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config, crashed, progress=False, on_iteration=crash_at_seven)
+    assert [iteration for iteration, _ in read_validation_csv(crashed)] == [2, 4, 6]
+    with pytest.raises(ValueError, match=r"validation timesteps \[25\] on 4 slices: .* measured at \[25, 50, 100"):
+        train(replace(config, validation_timesteps=(25,)), crashed, resume=True, progress=False)
+    train(config, crashed, resume=True, progress=False)
+    assert read_validation_csv(crashed) == rows
+    assert load_model(crashed / "best.pt").training["selected_by"]["validation_loss"] == best_loss
+
+
+def test_a_validation_loss_needs_a_validation_split(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="a validation loss needs the 'val' split of"):
+        train(tiny_config(data, validate_every=2), tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="validate_every must be at least 1"):
+        tiny_config(data, validate_every=0)
+    validated = add_validation_split(make_prepared(tmp_path / "with_val"))
+    with pytest.raises(ValueError, match=r"validation timesteps must be in \[0, 1000\), got \[25, 1000\]"):
+        train(tiny_config(validated, validate_every=2, validation_timesteps=(25, 1000)), tmp_path / "r", progress=False)

@@ -55,6 +55,7 @@ from anofpdm.data.slices import MANIFEST_NAME, SliceDataset
 from anofpdm.diffusion import NoiseSchedule, ScheduleConfig
 from anofpdm.model import NULL_LABEL, PRESETS, NetworkConfig, build_network, save_checkpoint
 from anofpdm.runtime import describe_device
+from anofpdm.validation import ValidationLog, ValidationLoss
 
 __all__ = [
     "TrainConfig",
@@ -72,6 +73,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
+BEST_MODEL_FILE = "best.pt"  # the network with the lowest validation loss
 LOSS_CSV = "loss.csv"
 LOSS_PLOT = "loss.png"
 TRAIN_SPLIT = "train"
@@ -117,6 +119,10 @@ class TrainConfig:
         ema_decay: EMA decay per step; 0.9999 needs tens of thousands of steps, short runs need less.
         null_label_probability: chance that a slice's label is replaced by the null label.
         checkpoint_every: write ``state.pt``, ``model.pt`` and ``loss.png`` every this many iterations.
+        validate_every: every this many iterations, add the validation loss (:mod:`anofpdm.validation`) to
+            ``validation.csv`` and, when it is the lowest yet, export the network as ``best.pt``; None: never.
+        validation_timesteps: the noise levels the validation loss averages over (small ones: the fast mode's).
+        validation_slices: how many validation slices (a seeded subset) it uses.
         log_every: add a ``loss.csv`` row every this many iterations.
         seed: seeds the initial weights, the data order and every diffusion draw.
         num_workers: data-loading worker processes.
@@ -136,6 +142,9 @@ class TrainConfig:
     ema_decay: float = 0.9999
     null_label_probability: float = 0.1
     checkpoint_every: int = 1000
+    validate_every: int | None = None
+    validation_timesteps: tuple[int, ...] = (25, 50, 100, 200)
+    validation_slices: int = 256
     log_every: int = 10
     seed: int = 0
     num_workers: int = 0
@@ -145,6 +154,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
+        object.__setattr__(self, "validation_timesteps", tuple(self.validation_timesteps))
         if self.sequences is not None:
             object.__setattr__(self, "sequences", tuple(self.sequences))
             if not self.sequences or len(set(self.sequences)) != len(self.sequences):
@@ -153,13 +163,15 @@ class TrainConfig:
             raise ValueError(f"unknown network preset {self.network!r}; choose one of {sorted(PRESETS)}")
         if not isinstance(self.network, (str, NetworkConfig)):
             raise TypeError(f"network must be a preset name or a NetworkConfig, got {type(self.network)}")
-        for name in ("iterations", "batch_size", "checkpoint_every", "log_every"):
+        for name in ("iterations", "batch_size", "checkpoint_every", "log_every", "validation_slices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.seed < 0 or self.num_workers < 0:
             raise ValueError(f"seed and num_workers must be non-negative, got {self.seed}, {self.num_workers}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        if self.validate_every is not None and self.validate_every < 1:
+            raise ValueError(f"validate_every must be at least 1 (or None), got {self.validate_every}")
         if self.lr_decay_from is not None and not 0 <= self.lr_decay_from < self.iterations:
             raise ValueError(f"lr_decay_from must be in [0, iterations={self.iterations}), got {self.lr_decay_from}")
         if not 0 <= self.ema_decay < 1:
@@ -190,6 +202,7 @@ class TrainConfig:
         out["data"] = str(self.data)
         out["network"] = self.network if isinstance(self.network, str) else self.network.to_dict()
         out["sequences"] = None if self.sequences is None else list(self.sequences)
+        out["validation_timesteps"] = list(self.validation_timesteps)
         out["schedule"] = self.schedule.to_dict()
         return out
 
@@ -672,6 +685,20 @@ def _check_lr_history(state: dict[str, Any], config: TrainConfig) -> None:
         )
 
 
+def _check_validation_history(state: dict[str, Any], config: TrainConfig) -> None:
+    """Refuse validation settings other than those the run's ``validation.csv`` was measured with."""
+    saved = state["config"]
+    if saved.get("validate_every") is None or config.validate_every is None:
+        return
+    before = (list(saved["validation_timesteps"]), saved["validation_slices"])
+    now = (list(config.validation_timesteps), config.validation_slices)
+    if before != now:
+        raise ValueError(
+            f"cannot resume with validation timesteps {now[0]} on {now[1]} slices: the run's validation losses "
+            f"were measured at {before[0]} on {before[1]}; resume with those"
+        )
+
+
 def _atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
@@ -751,6 +778,11 @@ class _Run:
             unrecorded = [[UNRECORDED_DEVICE, self.start]] if self.start else []
             self.earlier_devices = [list(entry) for entry in state.get("devices", unrecorded)]
         self.log = LossLog(run_dir, ctx, self.start, smoothed)
+        self.validation: tuple[ValidationLoss, ValidationLog] | None = None
+        if config.validate_every is not None and ctx.is_main:
+            loss = ValidationLoss(config.data, network_config.sequences, config.validation_timesteps,
+                                  config.validation_slices, config.seed, self.trainer.schedule, ctx.device)
+            self.validation = (loss, ValidationLog(run_dir, self.start))
         self.clock = time.monotonic()
 
     def elapsed(self) -> float:
@@ -767,6 +799,25 @@ class _Run:
         elif done:
             devices.append([device, done])
         return devices
+
+    def _export(self, path: Path, iteration: int, **record: Any) -> None:
+        """Write the EMA weights as an inference checkpoint, its training record extended by ``record``."""
+        devices = self.devices(iteration)
+        training = _training_record(self.config, self.data, self.ctx, iteration, self.elapsed(), devices)
+        save_checkpoint(path, self.network_config, self.trainer.ema.module.state_dict(),
+                        self.config.schedule.to_dict(), training={**training, **record})
+
+    def validate(self, iteration: int) -> None:
+        """Log the EMA network's validation loss; export it as ``best.pt`` when the loss is the lowest yet."""
+        if self.validation is None:  # not asked for, or not the main rank
+            return
+        loss_of, log = self.validation
+        loss = loss_of(self.trainer.ema.module)
+        if log.add(iteration, loss):
+            selected = {"validation_loss": loss, "validation_timesteps": list(self.config.validation_timesteps),
+                        "validation_slices": len(loss_of.images)}
+            self._export(self.run_dir / BEST_MODEL_FILE, iteration, selected_by=selected)
+            logger.info("iteration %d: validation loss %.6f, the lowest yet: %s", iteration, loss, BEST_MODEL_FILE)
 
     def save(self, iteration: int) -> None:
         """Write ``state.pt``, ``model.pt`` (EMA weights) and ``loss.png`` (main rank only)."""
@@ -786,13 +837,7 @@ class _Run:
             },
             self.run_dir / STATE_FILE,
         )
-        save_checkpoint(
-            self.run_dir / MODEL_FILE,
-            self.network_config,
-            self.trainer.ema.module.state_dict(),
-            self.config.schedule.to_dict(),
-            training=_training_record(self.config, self.data, self.ctx, iteration, seconds, devices),
-        )
+        self._export(self.run_dir / MODEL_FILE, iteration)
         self.log.plot()
 
     def _announce(self, num_slices: int) -> None:
@@ -842,6 +887,8 @@ class _Run:
                 if checkpoint or iteration % config.log_every == 0:
                     row = self.log.flush(iteration, self.elapsed())
                     bar.set_postfix(loss=f"{row['loss']:.4f}", smoothed=f"{row['smoothed_loss']:.4f}")
+                if config.validate_every is not None and iteration % config.validate_every == 0:
+                    self.validate(iteration)
                 if checkpoint:
                     self.save(iteration)
                 if reason == STOP_REQUESTED:
@@ -902,12 +949,17 @@ def train(
         state = _load_state(run_dir, resume, invariants, ctx.device)
         if state is not None:
             _check_lr_history(state, config)
+            _check_validation_history(state, config)
         _Run(config, network_config, data, invariants, ctx, run_dir, state).fit(dataset, progress, on_iteration, time_limit_s)
     return run_dir / MODEL_FILE
 
 
 def _sequence_list(text: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(s) for s in _sequence_list(text))
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -932,6 +984,19 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=defaults["weight_decay"])
     parser.add_argument("--ema-decay", type=float, default=defaults["ema_decay"], help="lower it for short runs")
     parser.add_argument("--checkpoint-every", type=int, default=defaults["checkpoint_every"])
+    parser.add_argument(
+        "--validate-every",
+        type=int,
+        default=None,
+        help="log the validation loss every N iterations and keep the network with the lowest as best.pt",
+    )
+    parser.add_argument(
+        "--validation-timesteps",
+        type=_int_list,
+        default=defaults["validation_timesteps"],
+        help="comma-separated noise levels the validation loss averages over",
+    )
+    parser.add_argument("--validation-slices", type=int, default=defaults["validation_slices"])
     parser.add_argument("--log-every", type=int, default=defaults["log_every"])
     parser.add_argument("--seed", type=int, default=defaults["seed"])
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available)")
@@ -954,6 +1019,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         ema_decay=args.ema_decay,
         checkpoint_every=args.checkpoint_every,
+        validate_every=args.validate_every,
+        validation_timesteps=args.validation_timesteps,
+        validation_slices=args.validation_slices,
         log_every=args.log_every,
         seed=args.seed,
         num_workers=args.num_workers,
