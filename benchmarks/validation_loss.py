@@ -1,0 +1,43 @@
+"""The validation loss ``anofpdm train --validate-every`` logs, for saved networks: which one would it keep?
+
+Uses the training defaults (or the options given) and prints the loss and the seconds per pass of each model.
+Prints figures; asserts nothing. Example:
+
+    PYTHONPATH=lib python benchmarks/validation_loss.py --data data/slices64 \\
+        --models checkpoints/h200/anofpdm_9307.pt,checkpoints/h200/anofpdm_11513.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from anofpdm.diffusion import NoiseSchedule
+from anofpdm.model import load_model
+from anofpdm.train import TrainConfig
+from anofpdm.validation import ValidationLoss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="prepared slices folder with a val split")
+    parser.add_argument("--models", required=True, help="comma-separated model files")
+    parser.add_argument("--timesteps", default=",".join(map(str, TrainConfig.validation_timesteps)))
+    parser.add_argument("--slices", type=int, default=TrainConfig.validation_slices)
+    parser.add_argument("--seed", type=int, default=0, help="the training run's seed")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    timesteps = [int(t) for t in args.timesteps.split(",")]
+    print(f"| model | iterations | validation loss (t = {args.timesteps}, {args.slices} slices) | s per pass |")
+    print("|---|---|---|---|")
+    for path in args.models.split(","):
+        model = load_model(path, args.device)
+        loss_of = ValidationLoss(args.data, model.config.sequences, timesteps, args.slices, args.seed,
+                                 NoiseSchedule.from_dict(model.schedule), model.device)
+        start = time.perf_counter()
+        loss = loss_of(model.network.eval())
+        print(f"| {path} | {model.training.get('iterations')} | {loss:.6f} | {time.perf_counter() - start:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
