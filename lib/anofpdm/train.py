@@ -778,11 +778,14 @@ class _Run:
             unrecorded = [[UNRECORDED_DEVICE, self.start]] if self.start else []
             self.earlier_devices = [list(entry) for entry in state.get("devices", unrecorded)]
         self.log = LossLog(run_dir, ctx, self.start, smoothed)
-        self.validation: tuple[ValidationLoss, ValidationLog] | None = None
-        if config.validate_every is not None and ctx.is_main:
-            loss = ValidationLoss(config.data, network_config.sequences, config.validation_timesteps,
-                                  config.validation_slices, config.seed, self.trainer.schedule, ctx.device)
-            self.validation = (loss, ValidationLog(run_dir, self.start))
+        # every rank reads the validation slices, so bad validation input stops all of them at once; the main
+        # rank alone measures and logs
+        validating = config.validate_every is not None
+        self.validation_loss = ValidationLoss(
+            config.data, network_config.sequences, config.validation_timesteps, config.validation_slices,
+            config.seed, self.trainer.schedule, ctx.device,
+        ) if validating else None
+        self.validation_log = ValidationLog(run_dir, self.start) if validating and ctx.is_main else None
         self.clock = time.monotonic()
 
     def elapsed(self) -> float:
@@ -800,23 +803,22 @@ class _Run:
             devices.append([device, done])
         return devices
 
-    def _export(self, path: Path, iteration: int, **record: Any) -> None:
+    def _export(self, path: Path, iteration: int, seconds: float, devices: list[list[Any]], **record: Any) -> None:
         """Write the EMA weights as an inference checkpoint, its training record extended by ``record``."""
-        devices = self.devices(iteration)
-        training = _training_record(self.config, self.data, self.ctx, iteration, self.elapsed(), devices)
+        training = _training_record(self.config, self.data, self.ctx, iteration, seconds, devices)
         save_checkpoint(path, self.network_config, self.trainer.ema.module.state_dict(),
                         self.config.schedule.to_dict(), training={**training, **record})
 
     def validate(self, iteration: int) -> None:
         """Log the EMA network's validation loss; export it as ``best.pt`` when the loss is the lowest yet."""
-        if self.validation is None:  # not asked for, or not the main rank
+        if self.validation_loss is None or self.validation_log is None:  # not asked for, or not the main rank
             return
-        loss_of, log = self.validation
-        loss = loss_of(self.trainer.ema.module)
-        if log.add(iteration, loss):
+        loss = self.validation_loss(self.trainer.ema.module)
+        if self.validation_log.add(iteration, loss):
             selected = {"validation_loss": loss, "validation_timesteps": list(self.config.validation_timesteps),
-                        "validation_slices": len(loss_of.images)}
-            self._export(self.run_dir / BEST_MODEL_FILE, iteration, selected_by=selected)
+                        "validation_slices": len(self.validation_loss.images)}
+            self._export(self.run_dir / BEST_MODEL_FILE, iteration, self.elapsed(), self.devices(iteration),
+                         selected_by=selected)
             logger.info("iteration %d: validation loss %.6f, the lowest yet: %s", iteration, loss, BEST_MODEL_FILE)
 
     def save(self, iteration: int) -> None:
@@ -837,7 +839,7 @@ class _Run:
             },
             self.run_dir / STATE_FILE,
         )
-        self._export(self.run_dir / MODEL_FILE, iteration)
+        self._export(self.run_dir / MODEL_FILE, iteration, seconds, devices)
         self.log.plot()
 
     def _announce(self, num_slices: int) -> None:
