@@ -7,6 +7,7 @@ requests use ``median_kernel=1``, ``min_lesion_mm3=0`` so that the masks are not
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -363,14 +364,17 @@ def test_no_weights_no_model(tmp_path, pair):
     assert app.info()["models"] == {} and app.info()["labels"] == []
 
 
-def test_the_trained_network_the_readme_offers_is_servable():
-    """README: ``--conf model_path checkpoints/h200/anofpdm_11513.pt`` serves the demo run's trained network."""
-    path = REPO / "checkpoints" / "h200" / "anofpdm_11513.pt"
-    assert f"--conf model_path {path.relative_to(REPO)}" in (REPO / "README.md").read_text()
+def test_the_shipped_model_is_servable_and_its_card_describes_it():
+    """``model/anofpdm.pt`` is offered by the app, and ``model/README.md`` names its digest, iterations and c*."""
+    path = REPO / "model" / "anofpdm.pt"
     task = make_task(path)
-    assert task.is_valid() and task.config()["mode"] == ["fast"]
+    assert task.is_valid() and task.config()["mode"][0] == "fast"
     model = load_model(path, "cpu")
-    assert model.training["iterations"] == 11513 and model.calibration["fast"]["unhealthy_frequency"]
+    assert model.calibration["fast"]["unhealthy_frequency"]
+    card = (REPO / "model" / "README.md").read_text()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() in card
+    assert f"{model.training['iterations']} iterations" in card
+    assert f"c* = {model.calibration['fast']['cosine_threshold']:.6f}" in card
 
 
 def test_default_weights_are_the_repository_model_file(tmp_path):
