@@ -110,6 +110,21 @@ def test_datastore_convention_t2_folder(tmp_path, unhealthy_model, pair):
     assert result["inputs"] == {"flair": str(flair_path), "t2": str(tmp_path / "studies" / "t2" / "case1.nii.gz")}
 
 
+def test_the_task_on_the_demo_studies(unhealthy_model):
+    """The bundled demo studies (BraTS grid, convention 1) through the task: label and map on each FLAIR's grid,
+    label values and report fields, and the datastore left as it was."""
+    studies = REPO / "demo" / "studies"
+    before = {path: path.read_bytes() for path in sorted(studies.rglob("*")) if path.is_file()}
+    task = make_task(unhealthy_model, studies)
+    for case in ("SYN_00000", "SYN_00001", "SYN_00002"):
+        label_file, result = task({"image": str(studies / f"{case}.nii.gz"), **SHOW_LESIONS})
+        flair = nib.load(studies / f"{case}.nii.gz")
+        assert check_result(label_file, result, flair).any() and flair.shape == (240, 240, 155)
+        assert result["inputs"] == {"flair": str(studies / f"{case}.nii.gz"),
+                                    "t2": str(studies / "t2" / f"{case}.nii.gz")}
+    assert {path: path.read_bytes() for path in sorted(studies.rglob("*")) if path.is_file()} == before
+
+
 @pytest.mark.parametrize("channels", [2, 4])
 def test_multichannel_image_equals_separate_files(tmp_path, unhealthy_model, pair, channels):
     reference_label, _ = make_task(unhealthy_model, tmp_path / "studies")(

@@ -39,6 +39,30 @@ def test_segment_writes_mask_map_and_report(tiny_model_path, volume_files, tmp_p
     assert json.loads(report.read_text())["settings"]["mark_uncertain"] is False
 
 
+def test_segment_options_reach_the_forward_process_with_a_progress_bar(tiny_model_path, volume_files, tmp_path,
+                                                                       capsys):
+    """Every option the app exposes is a flag here too; overrides of the calibration are reported, and the seed
+    draws other noise."""
+    args = ["segment", "--model", str(tiny_model_path), "--flair", str(volume_files["flair"]), "--t2",
+            str(volume_files["t2"]), "--out", str(tmp_path / "m.nii.gz"), "--mode", "full", "--steps", "8",
+            "--stride", "2", "--guidance", "1.5", "--encoding", "ddpm", "--early-stop", "2", "--min-lesion-mm3", "0",
+            "--device", "cpu"]
+    maps = {}
+    for seed in ("3", "4"):
+        report = tmp_path / f"report{seed}.json"
+        assert main([*args, "--seed", seed, "--map", str(tmp_path / f"map{seed}.nii.gz"), "--report", str(report)]) == 0
+        maps[seed] = nib.load(tmp_path / f"map{seed}.nii.gz").get_fdata()
+        assert "forward process: 100%" in capsys.readouterr().err
+    result = json.loads(report.read_text())
+    assert {key: result["settings"][key] for key in ("mode", "forward_steps", "stride", "guidance", "encoding",
+                                                     "early_stop", "seed", "min_lesion_mm3", "device")} == {
+        "mode": "full", "forward_steps": 8, "stride": 2, "guidance": 1.5, "encoding": "ddpm", "early_stop": 2,
+        "seed": 4, "min_lesion_mm3": 0.0, "device": "cpu"}
+    assert result["settings"]["visited_steps"] <= 4
+    assert any(warning.startswith("guidance=1.5 differs") for warning in result["warnings"])
+    assert not np.allclose(maps["3"], maps["4"])
+
+
 def test_segment_reports_missing_and_corrupt_files(tiny_model_path, volume_files, tmp_path, capsys):
     args = ["segment", "--model", str(tiny_model_path), "--flair", str(volume_files["flair"]), "--out", str(tmp_path / "m.nii.gz")]
     assert main([*args, "--t2", str(tmp_path / "absent.nii.gz")]) == 2

@@ -123,31 +123,38 @@ def stack(pair: dict[str, nib.Nifti1Image], channels: int) -> nib.Nifti1Image:
 def bad_cases(pair: dict[str, nib.Nifti1Image], studies: Path) -> dict[str, tuple[str, ...]]:
     """Write the bad inputs into the datastore; id -> texts the error must hold."""
     flair = pair["flair"].get_fdata(dtype=np.float32)
-    nan = flair.copy()
-    nan[10, 10, 5] = np.nan
+    nan, inf = flair.copy(), flair.copy()
+    nan[10, 10, 5], inf[3, 3, 3] = np.nan, np.inf
     images = {
         "flat": nib.Nifti1Image(flair[:, :, 5], AFFINE),
+        "three_channels": nib.Nifti1Image(np.stack([flair] * 3, -1), AFFINE),
         "nan": nib.Nifti1Image(nan, AFFINE),
+        "inf": nib.Nifti1Image(inf, AFFINE),
         "zero": nib.Nifti1Image(np.zeros_like(flair), AFFINE),
         "z_scored": nib.Nifti1Image((flair - flair.mean()) / flair.std(), AFFINE),
         "mismatch": pair["flair"],
+        "shifted": pair["flair"],
         "alone": pair["flair"],  # a FLAIR without its T2
     }
+    t2s = {"mismatch": nib.Nifti1Image(np.ones((40, 44, 10), np.float32), AFFINE),
+           "shifted": nib.Nifti1Image(pair["t2"].get_fdata(dtype=np.float32), AFFINE + np.eye(4, k=3) * 6.0)}
     for name, image in images.items():
         nib.save(image, studies / f"{name}.nii.gz")
         if name != "alone":
-            nib.save(pair["t2"] if name != "mismatch" else nib.Nifti1Image(np.ones((40, 44, 10), np.float32), AFFINE),
-                     studies / "t2" / f"{name}.nii.gz")
+            nib.save(t2s.get(name, pair["t2"]), studies / "t2" / f"{name}.nii.gz")
     (studies / "corrupt.nii.gz").write_bytes(b"\x1f\x8b\x08\x00 not a NIfTI file")
     nib.save(pair["t2"], studies / "t2" / "corrupt.nii.gz")
     return {
         "corrupt": ("cannot read image", str(studies / "corrupt.nii.gz")),
         "flat": ("has shape (40, 44): expected a 3-D FLAIR",),
+        "three_channels": ("4-D image with channels last",),
         "nan": ("flair contains 1 NaN/Inf voxels",),
+        "inf": ("flair contains 1 NaN/Inf voxels",),
         "zero": ("flair is empty",),
         "z_scored": ("flair has 55% negative voxels", "z-scored"),  # the background: 11600 of 21120 voxels
         "mismatch": ("t2 grid (40, 44, 10) does not match flair grid (40, 44, 12)",
                      str(studies / "t2" / "mismatch.nii.gz")),
+        "shifted": ("t2 affine differs from flair affine", str(studies / "t2" / "shifted.nii.gz")),
         "alone": ("T2 for datastore image 'alone' not found", str(studies / "t2" / "alone.nii.gz")),
     }
 
@@ -170,6 +177,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, unhealthy_model: Path) -> d
     for name in ("flair", "t2"):
         nib.save(pair[name], files / f"case_{name}.nii.gz")
     nib.save(stack(pair, 2), files / "two_channels.nii.gz")
+    nib.save(stack(pair, 4), files / "four_channels.nii.gz")
     (files / "garbage.nii.gz").write_bytes(b"garbage")
     empty_studies = root / "empty_studies"
     empty_studies.mkdir()
@@ -259,10 +267,14 @@ def test_model_is_listed_and_t2_folder_is_not_an_image(served):
 def test_rest_infer_datastore_image(served, tmp_path):
     response = post_infer(served["server"].url, "brain", SHOW_LESIONS)
     label, result = parse_multipart(response, tmp_path)
-    check_label(label, result, served["pair"]["flair"])
+    reference = check_label(label, result, served["pair"]["flair"])
     assert result["inputs"] == {"flair": str(served["studies"] / "brain.nii.gz"),
                                 "t2": str(served["studies"] / "t2" / "brain.nii.gz")}
     assert Path(result["anomaly_map"]).name.endswith("_anomaly_map.nii.gz")
+    for channels in (2, 4):  # convention 2 over REST: one multi-channel datastore image
+        label, result = parse_multipart(post_infer(served["server"].url, f"multi{channels}", SHOW_LESIONS), tmp_path)
+        assert np.array_equal(check_label(label, result, served["pair"]["flair"]), reference)
+        assert result["inputs"]["t2"] == f"{served['studies'] / f'multi{channels}.nii.gz'} [channel {channels} of {channels}]"
 
 
 def test_anomaly_map_is_served_over_http(served, tmp_path):
@@ -322,8 +334,17 @@ def test_uploads_without_the_datastore(served, tmp_path):
     label, result = client.infer("anofpdm", "", dict(SHOW_LESIONS), session_id=both.json()["session_id"])
     assert np.array_equal(check_label(label, result, served["pair"]["flair"]), reference)
 
-    # a 2-channel image uploaded as the file needs nothing else
+    # a 2-channel image uploaded as the file needs nothing else (client), nor does an MSD 4-channel one (REST)
     label, result = client.infer("anofpdm", "", dict(SHOW_LESIONS), file=str(files / "two_channels.nii.gz"))
+    assert np.array_equal(check_label(label, result, served["pair"]["flair"]), reference)
+    four = {"file": ("four_channels.nii.gz", (files / "four_channels.nii.gz").read_bytes())}
+    label, result = parse_multipart(post_infer(url, params=SHOW_LESIONS, files=four), tmp_path)
+    assert np.array_equal(check_label(label, result, served["pair"]["flair"]), reference)
+    assert result["inputs"]["t2"].endswith("[channel 4 of 4]")
+
+    # the two-file session over REST too
+    label, result = parse_multipart(post_infer(url, params=SHOW_LESIONS, session_id=both.json()["session_id"]),
+                                    tmp_path)
     assert np.array_equal(check_label(label, result, served["pair"]["flair"]), reference)
     assert datastore_state(studies) == before
 
