@@ -274,7 +274,8 @@ def test_rest_infer_datastore_image(served, tmp_path):
     for channels in (2, 4):  # convention 2 over REST: one multi-channel datastore image
         label, result = parse_multipart(post_infer(served["server"].url, f"multi{channels}", SHOW_LESIONS), tmp_path)
         assert np.array_equal(check_label(label, result, served["pair"]["flair"]), reference)
-        assert result["inputs"]["t2"] == f"{served['studies'] / f'multi{channels}.nii.gz'} [channel {channels} of {channels}]"
+        image = served["studies"] / f"multi{channels}.nii.gz"
+        assert result["inputs"]["t2"] == f"{image} [channel {channels} of {channels}]"
 
 
 def test_anomaly_map_is_served_over_http(served, tmp_path):
