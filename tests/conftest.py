@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import nibabel as nib
@@ -100,3 +101,9 @@ def check_label_values(labels: np.ndarray, report: dict) -> None:
     for row in report["lesions"]:
         uncertain = report["settings"]["mark_uncertain"] and row["unhealthy_probability"] < 0.8
         assert row["label"] == (2 if uncertain else 1), row
+
+
+def datastore_state(studies: Path) -> dict[str, tuple[str, int]]:
+    """Every file of the datastore: content hash and modification time."""
+    return {str(p.relative_to(studies)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(studies.rglob("*")) if p.is_file() and p.name != ".lock"}

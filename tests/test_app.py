@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from anofpdm.diffusion import ScheduleConfig
 from anofpdm.model import build_network, load_model, save_checkpoint
 from anofpdm.volume import InputError
-from conftest import TINY, check_label_values, make_volume_pair, tiny_calibration
+from conftest import TINY, check_label_values, datastore_state, make_volume_pair, tiny_calibration
 from monailabel.utils.sessions import Sessions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def test_the_task_on_the_demo_studies(unhealthy_model):
     """The bundled demo studies (BraTS grid, convention 1) through the task: label and map on each FLAIR's grid,
     label values and report fields, and the datastore left as it was."""
     studies = REPO / "demo" / "studies"
-    before = {path: path.read_bytes() for path in sorted(studies.rglob("*")) if path.is_file()}
+    before = datastore_state(studies)
     task = make_task(unhealthy_model, studies)
     for case in ("SYN_00000", "SYN_00001", "SYN_00002"):
         label_file, result = task({"image": str(studies / f"{case}.nii.gz"), **SHOW_LESIONS})
@@ -122,7 +122,7 @@ def test_the_task_on_the_demo_studies(unhealthy_model):
         assert check_result(label_file, result, flair).any() and flair.shape == (240, 240, 155)
         assert result["inputs"] == {"flair": str(studies / f"{case}.nii.gz"),
                                     "t2": str(studies / "t2" / f"{case}.nii.gz")}
-    assert {path: path.read_bytes() for path in sorted(studies.rglob("*")) if path.is_file()} == before
+    assert datastore_state(studies) == before
 
 
 @pytest.mark.parametrize("channels", [2, 4])

@@ -9,7 +9,6 @@ cores without torch's spinning intra-op threads slowing each other down ~10x.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -29,7 +28,7 @@ import pytest
 import requests
 import SimpleITK as sitk
 from anofpdm.metrics import dice
-from conftest import check_label_values, make_volume_pair
+from conftest import check_label_values, datastore_state, make_volume_pair
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 from requests_toolbelt.multipart.decoder import MultipartDecoder
@@ -239,12 +238,6 @@ def check_label(label_file: Path | str, result: dict, flair: nib.Nifti1Image) ->
     anomaly = nib.load(result["anomaly_map"])  # the server runs on this machine: its path is readable here
     assert anomaly.shape == flair.shape and np.array_equal(anomaly.affine, flair.affine)
     return mask
-
-
-def datastore_state(studies: Path) -> dict[str, tuple[str, int]]:
-    """Every file of the datastore: content hash and modification time."""
-    return {str(p.relative_to(studies)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(studies.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def info_answers(url: str) -> None:
