@@ -25,8 +25,11 @@ __all__ = [
     "InputError",
     "VolumeGeometry",
     "check_inputs",
+    "check_same_brain",
+    "check_sequence",
     "plan_geometry",
     "ras_transform",
+    "same_grid",
     "to_model_slices",
     "to_input_grid",
 ]
@@ -112,26 +115,37 @@ def check_inputs(images: Mapping[str, nib.spatialimages.SpatialImage], required:
     for name in required:
         image = images[name]
         data = _as_3d(name, image)
-        if name != reference and data.shape != arrays[reference].shape:
+        if name != reference and not same_grid(image, ref_image):
             raise InputError(
-                f"{name} grid {data.shape} does not match {reference} grid {arrays[reference].shape}: "
-                "co-register and resample the sequences onto one grid first"
+                f"{name} grid {data.shape} does not match {reference} grid {arrays[reference].shape} (or their "
+                "affines differ): resample the sequences onto one grid first (anofpdm.alignment does)"
             )
-        if not np.allclose(image.affine, ref_image.affine, atol=AFFINE_TOLERANCE_MM):
-            raise InputError(
-                f"{name} affine differs from {reference} affine: the volumes are not on the same grid "
-                "(co-register and resample them first)"
-            )
-        bad = int(np.size(data) - np.isfinite(data).sum())
-        if bad:
-            raise InputError(f"{name} contains {bad} NaN/Inf voxels")
-        if not (data > 0).any():
-            raise InputError(f"{name} is empty: no voxel is above zero")
-        _check_brain_like(name, data, image.affine)
-        arrays[name] = data
+        arrays[name] = check_sequence(name, image)
     for name in required[1:]:
-        _check_same_brain(name, arrays[name], reference, arrays[reference])
+        check_same_brain(name, arrays[name], reference, arrays[reference])
     return arrays
+
+
+def same_grid(image: nib.spatialimages.SpatialImage, reference: nib.spatialimages.SpatialImage) -> bool:
+    """Whether ``image`` has the voxel grid of ``reference``: same 3-D shape and affine (within 1 um)."""
+    return tuple(image.shape[:3]) == tuple(reference.shape[:3]) and np.allclose(
+        image.affine, reference.affine, atol=AFFINE_TOLERANCE_MM)
+
+
+def check_sequence(name: str, image: nib.spatialimages.SpatialImage) -> np.ndarray:
+    """One sequence's array (float32), refused if not 3-D, non-finite, empty or unlike a skull-stripped brain.
+
+    Raises:
+        InputError: naming ``name`` and the problem.
+    """
+    data = _as_3d(name, image)
+    bad = int(np.size(data) - np.isfinite(data).sum())
+    if bad:
+        raise InputError(f"{name} contains {bad} NaN/Inf voxels")
+    if not (data > 0).any():
+        raise InputError(f"{name} is empty: no voxel is above zero")
+    _check_brain_like(name, data, image.affine)
+    return data
 
 
 def _check_brain_like(name: str, data: np.ndarray, affine: np.ndarray) -> None:
@@ -151,7 +165,7 @@ def _check_brain_like(name: str, data: np.ndarray, affine: np.ndarray) -> None:
         )
 
 
-def _check_same_brain(name: str, data: np.ndarray, reference: str, reference_data: np.ndarray) -> None:
+def check_same_brain(name: str, data: np.ndarray, reference: str, reference_data: np.ndarray) -> None:
     """Refuse sequences whose brain regions do not coincide (not co-registered, or another patient) and a
     sequence that is the reference volume itself (one file given twice)."""
     if np.array_equal(data, reference_data):
