@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--shrink-factors", type=int, nargs="+", default=list(RegistrationSettings.shrink_factors))
     parser.add_argument("--smoothing-mm", type=float, nargs="+",
                         default=list(RegistrationSettings.smoothing_sigmas_mm))
-    parser.add_argument("--sampling", type=float, default=RegistrationSettings.sampling_percentage)
+    parser.add_argument("--samples", type=int, default=RegistrationSettings.samples, help="metric samples per level")
     parser.add_argument("--iterations", type=int, default=RegistrationSettings.iterations)
     parser.add_argument("--model", type=Path, help="also segment --segment studies with this model")
     parser.add_argument("--segment", nargs="+", default=["SYN_00000"])
@@ -218,7 +218,7 @@ def main() -> None:
     args.cases = args.cases or sorted(p.name[: -len(".nii.gz")] for p in args.studies.glob("*.nii.gz"))
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     settings = RegistrationSettings(working_spacing_mm=args.working_spacing, shrink_factors=tuple(args.shrink_factors),
-                                    smoothing_sigmas_mm=tuple(args.smoothing_mm), sampling_percentage=args.sampling,
+                                    smoothing_sigmas_mm=tuple(args.smoothing_mm), samples=args.samples,
                                     iterations=args.iterations)
     with tempfile.TemporaryDirectory() as folder:
         if args.trials or args.magnitudes:

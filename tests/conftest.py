@@ -107,3 +107,54 @@ def datastore_state(studies: Path) -> dict[str, tuple[str, int]]:
     """Every file of the datastore: content hash and modification time."""
     return {str(p.relative_to(studies)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
             for p in sorted(studies.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+PHANTOM_CENTRE = np.array([2.0, -12.0, 14.0])  # RAS mm
+PHANTOM_RADII = np.array([52.0, 66.0, 42.0])  # mm: an ellipsoid 'brain' of 0.6 L
+
+
+def rigid_ras(rotation_deg: tuple[float, float, float] = (0.0, 0.0, 0.0), shift_mm=(0.0, 0.0, 0.0),
+              centre: np.ndarray = PHANTOM_CENTRE) -> np.ndarray:
+    """4 x 4 RAS matrix: rotations about the x, y, z axes through ``centre`` (degrees), then a shift (mm)."""
+    rx, ry, rz = np.radians(rotation_deg)
+    rotation = (np.array([[np.cos(rz), -np.sin(rz), 0], [np.sin(rz), np.cos(rz), 0], [0, 0, 1]])
+                @ np.array([[np.cos(ry), 0, np.sin(ry)], [0, 1, 0], [-np.sin(ry), 0, np.cos(ry)]])
+                @ np.array([[1, 0, 0], [0, np.cos(rx), -np.sin(rx)], [0, np.sin(rx), np.cos(rx)]]))
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation
+    matrix[:3, 3] = centre - rotation @ centre + np.asarray(shift_mm, dtype=float)
+    return matrix
+
+
+def phantom_grid(shape=(48, 56, 36), spacing=(3.0, 3.0, 3.0), tilt_deg=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """A NIfTI affine: an LPS-like grid (x towards the left) of ``spacing`` mm, axes rotated by ``tilt_deg``,
+    centred on the phantom."""
+    affine = rigid_ras(tilt_deg, centre=np.zeros(3)) @ np.diag([-spacing[0], spacing[1], spacing[2], 1.0])
+    affine[:3, 3] = PHANTOM_CENTRE - affine[:3, :3] @ ((np.asarray(shape) - 1) / 2.0)
+    return affine
+
+
+def make_phantom(sequence: str, shape=(48, 56, 36), affine=None, motion: np.ndarray | None = None) -> nib.Nifti1Image:
+    """An analytic skull-stripped head sampled at the voxel centres of a grid: an ellipsoid brain with smooth
+    texture, two ventricles (dark on FLAIR, bright on T2) and a lesion (bright on both).
+
+    Defined in world (RAS mm) coordinates, so a volume on any grid is the same brain there. ``motion`` (4 x 4)
+    maps each grid point to the phantom point sampled there: the head moved by its inverse.
+    """
+    affine = phantom_grid(shape) if affine is None else affine
+    index = np.stack(np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"), -1).reshape(-1, 3)
+    world = nib.affines.apply_affine(affine if motion is None else motion @ affine, index)
+    p = world - PHANTOM_CENTRE
+    brain = ((p / PHANTOM_RADII) ** 2).sum(1) <= 1.0
+    ventricles = [((p - [side * 11.0, 4.0, 6.0]) ** 2 / np.array([7.0, 22.0, 9.0]) ** 2).sum(1) <= 1.0
+                  for side in (-1.0, 1.0)]
+    lesion = np.linalg.norm(p - [24.0, 22.0, -8.0], axis=1) <= 11.0
+    if sequence == "flair":
+        value = 100.0 + 25.0 * np.sin(p[:, 0] / 9.0) * np.cos(p[:, 1] / 13.0) + 10.0 * np.sin(p[:, 2] / 7.0)
+        value = np.where(ventricles[0] | ventricles[1], 25.0, value)
+    else:
+        value = 80.0 + 20.0 * np.cos(p[:, 0] / 11.0 + p[:, 2] / 8.0) + 10.0 * np.sin(p[:, 1] / 6.0)
+        value = np.where(ventricles[0] | ventricles[1], 230.0, value)
+    value = np.where(lesion, 210.0, value)
+    data = np.where(brain, value, 0.0).astype(np.float32).reshape(shape)
+    return nib.Nifti1Image(data, affine)

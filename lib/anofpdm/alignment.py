@@ -14,7 +14,8 @@ resolution, Euler transform initialised on the brain centroids):
 
 A registration that lowers the overlap (by more than ``OVERLAP_LOSS_TOLERANCE``) is discarded: the sequence is
 then used resampled, with a warning.
-A pair whose overlap stays below ``MIN_BRAIN_OVERLAP`` is refused with the figures. The FLAIR grid is the
+A pair whose overlap stays below ``MIN_BRAIN_OVERLAP``, or that only a correction beyond head motion
+(``MAX_ROTATION_DEG``, ``MAX_TRANSLATION_MM``) would line up, is refused with the figures. The FLAIR grid is the
 output grid, unchanged; a sequence on exactly that grid is not resampled unless it is registered.
 """
 
@@ -57,6 +58,9 @@ OVERLAP_LOSS_TOLERANCE = 0.01
 # a correction beyond what head motion between two series of one examination usually is (a few mm or degrees)
 LARGE_ROTATION_DEG = 5.0
 LARGE_TRANSLATION_MM = 5.0
+# beyond this, a correction is no head motion: wrong headers, or volumes of two examinations (refused)
+MAX_ROTATION_DEG = 15.0
+MAX_TRANSLATION_MM = 20.0
 USED_AS_IS, RESAMPLED, REGISTERED = "used as is", "resampled", "registered"
 
 
@@ -69,7 +73,8 @@ class RegistrationSettings:
             about this voxel size, so that the pyramid and the metric's set-up handle few voxels.
         shrink_factors: per-level downsampling of the reduced images, coarse to fine.
         smoothing_sigmas_mm: per-level Gaussian smoothing (physical units).
-        sampling_percentage: fraction of the FLAIR's voxels the metric samples at random, per level.
+        samples: how many of the FLAIR's voxels the metric samples at random per level (all on small levels):
+            a number, not a fraction, so that a small volume is not registered on a handful of voxels.
         histogram_bins: Mattes mutual-information joint histogram bins.
         iterations: optimiser iterations per level, at most.
         seed: the metric sampling seed (one seed, one result).
@@ -78,7 +83,7 @@ class RegistrationSettings:
     working_spacing_mm: float = 2.0
     shrink_factors: tuple[int, ...] = (2, 1)
     smoothing_sigmas_mm: tuple[float, ...] = (2.0, 1.0)
-    sampling_percentage: float = 0.05
+    samples: int = 30_000
     histogram_bins: int = 32
     iterations: int = 100
     seed: int = 1
@@ -91,8 +96,8 @@ class RegistrationSettings:
             raise ValueError("shrink factors must be >= 1 and smoothing sigmas >= 0")
         if self.working_spacing_mm <= 0:
             raise ValueError(f"working_spacing_mm must be > 0, got {self.working_spacing_mm}")
-        if not 0.0 < self.sampling_percentage <= 1.0:
-            raise ValueError(f"sampling_percentage must be in (0, 1], got {self.sampling_percentage}")
+        if self.samples < 1000:
+            raise ValueError(f"samples must be >= 1000, got {self.samples}")
         if self.histogram_bins < 4 or self.iterations < 1:
             raise ValueError(f"need histogram_bins >= 4 and iterations >= 1, got {self.histogram_bins}, "
                              f"{self.iterations}")
@@ -199,10 +204,12 @@ def register_rigid(fixed: sitk.Image, moving: sitk.Image, settings: Registration
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=settings.histogram_bins)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(settings.sampling_percentage, settings.seed)
+    voxels = np.prod(fixed.GetSize())
+    method.SetMetricSamplingPercentagePerLevel(
+        [min(1.0, settings.samples * factor**3 / voxels) for factor in settings.shrink_factors], settings.seed)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=2.0, minStep=1e-3, numberOfIterations=settings.iterations, relaxationFactor=0.5,
+        learningRate=2.0, minStep=1e-4, numberOfIterations=settings.iterations, relaxationFactor=0.5,
         gradientMagnitudeTolerance=1e-6,
     )
     method.SetOptimizerScalesFromPhysicalShift()
@@ -241,8 +248,9 @@ def align_to_reference(
     says (see the module docstring); the input image itself when it is used as is.
 
     Raises:
-        InputError: either volume is not a valid brain volume, ``registration`` is unknown, or the brain
-            regions overlap less than ``MIN_BRAIN_OVERLAP`` (Dice) even after registration.
+        InputError: either volume is not a valid brain volume, ``registration`` is unknown, the brain regions
+            overlap less than ``MIN_BRAIN_OVERLAP`` (Dice) even after registration, or registration would move
+            the sequence further than a head moves.
     """
     if registration not in REGISTRATION_MODES:
         raise InputError(f"registration must be one of {REGISTRATION_MODES}, got {registration!r}")
@@ -264,9 +272,16 @@ def align_to_reference(
         transform = register_rigid(fixed, moving, settings)
         registered = _on_reference(moving, moving_mask, fixed, transform)
         overlap_after = dice(registered > 0, reference_mask)
+        matrix = rigid_matrix(transform)
+        angle, shift = rigid_motion(matrix, LPS_TO_RAS[:3, :3] @ np.asarray(transform.GetCenter()))
+        if angle > MAX_ROTATION_DEG or np.linalg.norm(shift) > MAX_TRANSLATION_MM:
+            raise InputError(
+                f"{name} and {reference_name} are not two series of one examination as their headers place them: "
+                f"their brain regions overlap with Dice {overlap:.2f} and lining them up takes {angle:.1f} degrees and "
+                f"{np.linalg.norm(shift):.1f} mm, more than a head moves between series (at most {MAX_ROTATION_DEG:.0f} "
+                f"degrees, {MAX_TRANSLATION_MM:.0f} mm): check that both are of one patient and their headers are right"
+            )
         if overlap_after >= overlap - OVERLAP_LOSS_TOLERANCE:
-            matrix = rigid_matrix(transform)
-            angle, shift = rigid_motion(matrix, LPS_TO_RAS[:3, :3] @ np.asarray(transform.GetCenter()))
             aligned, record.action, record.overlap_after = registered, REGISTERED, overlap_after
             record.rotation_deg, record.translation_mm = angle, float(np.linalg.norm(shift))
             record.translation_ras_mm, record.transform_ras = tuple(float(v) for v in shift), matrix.tolist()

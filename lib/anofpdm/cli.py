@@ -105,13 +105,17 @@ def _segment(args: argparse.Namespace) -> int:
         mode=args.mode, guidance=args.guidance, forward_steps=args.steps, stride=args.stride,
         encoding=args.encoding, early_stop=args.early_stop, seed=args.seed, min_lesion_mm3=args.min_lesion_mm3,
         median_kernel=args.median_kernel, batch_size=args.batch_size, bf16=args.bf16, mark_uncertain=args.mark_uncertain,
+        registration=args.registration,
     )
     images = read_image(args.flair).images
     if args.t2 is not None:
         if "t2" in images:
             raise InputError(f"T2 given twice: as a channel of {args.flair} and as --t2 {args.t2}")
         images["t2"] = read_sequence("t2", args.t2)
-    result = segment_volume(model, images, options, progress=progress_bar("forward process"))
+    try:
+        result = segment_volume(model, images, options, progress=progress_bar("forward process"))
+    except InputError as exc:  # name the files, as the app does
+        raise InputError(f"{exc} [inputs: flair={args.flair}, t2={args.t2 or args.flair}]") from exc
     args.out.parent.mkdir(parents=True, exist_ok=True)
     nib.save(result.mask, args.out)
     if args.map:
@@ -126,6 +130,11 @@ def _segment(args: argparse.Namespace) -> int:
     print(f"{report['verdict']}: {report['lesion_count']} lesion(s) ({uncertain} marked uncertain), "
           f"{report['total_volume_ml']} mL "
           f"(score {report['score']:.5f}, c* {report['cosine_threshold']:.5f}{certainty}) -> {args.out}")
+    for name, alignment in report["alignment"].items():
+        moved = "" if alignment["action"] != "registered" else (
+            f" by {alignment['rotation_deg']:.1f} degrees, {alignment['translation_mm']:.1f} mm")
+        print(f"{name}: {alignment['action']}{moved} (brain overlap with the FLAIR {alignment['overlap_before']:.3f}"
+              f" -> {alignment['overlap_after']:.3f}, {alignment['time_s']:.1f} s)")
     for warning in report["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
@@ -205,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--flair", type=Path, required=True,
                          help="FLAIR volume (NIfTI, NRRD or MetaImage), or one multi-channel image: 2 channels "
                               "(FLAIR, T2) or 4 (MSD Task01 order)")
-    segment.add_argument("--t2", type=Path, help="T2 volume on the FLAIR grid (not needed for a multi-channel image)")
+    segment.add_argument("--t2", type=Path, help="T2 volume, on any grid: resampled onto the FLAIR's (not needed for a "
+                                                 "multi-channel image)")
     segment.add_argument("--out", type=Path, required=True,
                          help="label map NIfTI (uint8: tumour = 1, tumour (uncertain) = 2)")
     segment.add_argument("--map", type=Path, help="also write the anomaly map NIfTI")
@@ -213,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_options(segment)
     segment.add_argument("--mark-uncertain", action=argparse.BooleanOptionalAction, default=True,
                          help="label lesions whose unhealthy probability stays below the confident level (0.8) as 2")
+    from anofpdm.alignment import REGISTRATION_MODES
+
+    segment.add_argument("--registration", choices=REGISTRATION_MODES, default=REGISTRATION_MODES[0],
+                         help="rigid registration of the T2 to the FLAIR: when their brain regions do not line up "
+                              "(auto, the default), always, or never")
     segment.set_defaults(run=_segment)
 
     evaluate = commands.add_parser("evaluate", help="AnoFPDM variants and baselines on volume folders: metrics, tables, overlays")

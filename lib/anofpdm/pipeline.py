@@ -1,6 +1,7 @@
 """One volume in, tumour mask + anomaly map + report out: the code path of the app, the CLI and evaluation.
 
-Steps: input checks and slicing (``volume``), the forward process on all brain slices in chunks
+Steps: the other sequences onto the FLAIR grid (``alignment``: resampled, registered when they do not line up),
+input checks and slicing (``volume``), the forward process on all brain slices in chunks
 (``forward_process``), the per-slice decisions (``decisions``), restacking with the 3-D median and
 connected-component filters (``postprocess``), and the inverse mapping onto the input grid.
 """
@@ -16,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from anofpdm.alignment import REGISTRATION_MODES, Alignment, align_sequences
 from anofpdm.decisions import (
     UNCERTAIN_PROBABILITY,
     Calibration,
@@ -64,6 +66,9 @@ class InferenceOptions:
         mark_uncertain: label lesions whose unhealthy probability stays below the confident level
             (``UNCERTAIN_PROBABILITY[1]``) as "tumour (uncertain)" (2) instead of "tumour" (1); needs a
             calibration with unhealthy probabilities.
+        registration: rigid registration of the T2 (and other sequences) to the FLAIR: "auto" (when their
+            brain regions do not line up), "always" or "never" (``anofpdm.alignment``); a sequence on another
+            grid is resampled onto the FLAIR's in every case.
     """
 
     mode: str = "fast"
@@ -79,8 +84,11 @@ class InferenceOptions:
     bf16: bool = False
     map_variant: str = "mean"
     mark_uncertain: bool = True
+    registration: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.registration not in REGISTRATION_MODES:
+            raise InputError(f"registration must be one of {REGISTRATION_MODES}, got {self.registration!r}")
         if self.map_variant not in MAP_VARIANTS:
             raise InputError(f"map_variant must be one of {MAP_VARIANTS}, got {self.map_variant!r}")
         if self.min_lesion_mm3 < 0:
@@ -178,8 +186,9 @@ class ForwardOutputs:
         forward: the forward-process settings used.
         calibration: the mode's calibration.
         stats: the forward process's per-slice statistics.
-        warnings: warnings about overridden settings.
-        timings: "preprocess_s" and "network_s".
+        warnings: warnings about overridden settings and large alignment corrections.
+        timings: "alignment_s", "preprocess_s" and "network_s".
+        alignment: what was done to each sequence besides the FLAIR to put it on the FLAIR grid.
     """
 
     slices: np.ndarray
@@ -189,6 +198,7 @@ class ForwardOutputs:
     stats: SliceStatistics
     warnings: list[str]
     timings: dict[str, float]
+    alignment: dict[str, Alignment] = field(default_factory=dict)
 
 
 def run_forward(
@@ -197,7 +207,7 @@ def run_forward(
     options: InferenceOptions,
     progress: ProgressCallback | None = None,
 ) -> ForwardOutputs:
-    """Input checks, slicing and the forward process of ``segment_volume``: everything but the decisions.
+    """Alignment, input checks, slicing and the forward process of ``segment_volume``: everything but the decisions.
 
     ``options.map_variant`` plays no part here, so the map variants of one setting can share the result.
     """
@@ -207,6 +217,10 @@ def run_forward(
         raise ValueError(f"model sequences {config.sequences} lack {missing_maps} needed for the anomaly maps")
     forward, calibration, warnings = resolve_options(model, options)
     start = time.perf_counter()
+    images, alignment = align_sequences(images, config.sequences, options.registration)
+    warnings += [warning for record in alignment.values() for warning in record.warnings]
+    alignment_s = time.perf_counter() - start
+    start = time.perf_counter()
     slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm)
     preprocess_s = time.perf_counter() - start
 
@@ -214,8 +228,8 @@ def run_forward(
     batch = options.batch_size or default_batch_size(model.device)
     report_step = None if progress is None else (lambda done, total: progress("forward process", done, total))
     stats = run_on_slices(model, slices, forward, batch, report_step, bf16=options.bf16)
-    timings = {"preprocess_s": preprocess_s, "network_s": time.perf_counter() - start}
-    return ForwardOutputs(slices, geometry, forward, calibration, stats, warnings, timings)
+    timings = {"alignment_s": alignment_s, "preprocess_s": preprocess_s, "network_s": time.perf_counter() - start}
+    return ForwardOutputs(slices, geometry, forward, calibration, stats, warnings, timings, alignment)
 
 
 def segment_volume(
@@ -225,11 +239,12 @@ def segment_volume(
     progress: ProgressCallback | None = None,
     forward_outputs: ForwardOutputs | None = None,
 ) -> SegmentationResult:
-    """Segment the tumour in one co-registered, skull-stripped FLAIR + T2 (+ other) volume set.
+    """Segment the tumour in one skull-stripped FLAIR + T2 (+ other) volume set.
 
     Args:
         model: a calibrated model (``anofpdm.model.load_model``).
-        images: sequence name -> image on one grid; must hold the model's sequences.
+        images: sequence name -> image; must hold the model's sequences. The FLAIR's grid is the output grid;
+            the others are resampled onto it and registered to it as ``options.registration`` says.
         options: mode and overrides.
         progress: called with (stage, done, total) as the forward process advances.
         forward_outputs: ``run_forward(model, images, options)`` already computed (e.g. for another map
@@ -240,7 +255,7 @@ def segment_volume(
         and the report.
 
     Raises:
-        InputError: the inputs cannot be segmented (missing sequence, grid mismatch, NaN, empty...).
+        InputError: the inputs cannot be segmented (missing sequence, NaN, empty, not overlapping...).
     """
     options = options or InferenceOptions()
     outputs = forward_outputs or run_forward(model, images, options, progress)
@@ -257,7 +272,7 @@ def segment_volume(
     map_image = image_like(images[MAP_SEQUENCES[0]], map_input, np.float32)
     report = _report(model, options, outputs.forward, outputs.calibration, geometry, stats.scores, probability,
                      decided.unhealthy, decided.thresholds, stats, lesions, removed, decided.median_kernel,
-                     outputs.warnings, timings)
+                     outputs.warnings, timings, outputs.alignment)
     model_grid = ModelGridOutputs(outputs.slices, decided.raw_map.transpose(2, 0, 1), stats.scores.numpy(),
                                   decided.unhealthy.numpy(), decided.thresholds.numpy(), geometry)
     return SegmentationResult(mask=mask_image, anomaly_map=map_image, report=report, model_grid=model_grid)
@@ -373,6 +388,7 @@ def _report(
     kernel: int,
     warnings: list[str],
     timings: dict[str, float],
+    alignment: Mapping[str, Alignment],
 ) -> dict[str, Any]:
     """The JSON-ready description of one segmentation."""
     total_ml = round(sum(row["volume_ml"] for row in lesions), 3)
@@ -404,11 +420,14 @@ def _report(
         "components_removed": removed,
         "network_evaluations": stats.network_evaluations,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        # per sequence besides the FLAIR: used as is, resampled or registered onto the FLAIR grid, and how much
+        "alignment": {name: record.to_dict() for name, record in alignment.items()},
         "settings": {
             **asdict(forward),
             "mode": options.mode,
             "map_variant": options.map_variant,
             "mark_uncertain": options.mark_uncertain and probability is not None,
+            "registration": options.registration,
             "visited_steps": stats.visited_steps,
             "min_lesion_mm3": options.min_lesion_mm3,
             "median_kernel": kernel,
@@ -427,5 +446,5 @@ def _report(
                                        for key in ("slices", "accuracy", "device")},
         },
         "warnings": warnings,
-        "notice": "Research software, not for clinical use. Assumes skull-stripped, co-registered FLAIR and T2.",
+        "notice": "Research software, not for clinical use. Assumes skull-stripped FLAIR and T2 of one examination.",
     }

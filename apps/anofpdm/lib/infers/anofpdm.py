@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import nibabel as nib
 import SimpleITK as sitk
 import torch
+from anofpdm.alignment import REGISTRATION_MODES
 from anofpdm.model import LoadedModel, load_checkpoint, load_model
 from anofpdm.pipeline import InferenceOptions, SegmentationResult, resolve_options, segment_volume
 from anofpdm.volume import InputError
@@ -46,6 +47,7 @@ OPTION_TYPES: dict[str, type] = {
     "median_kernel": int,
     "batch_size": int,
     "mark_uncertain": bool,
+    "registration": str,
 }
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -177,6 +179,8 @@ class AnoFPDM(InferTask):
             "min_lesion_mm3": float(defaults.min_lesion_mm3),
             "seed": int(defaults.seed),
             "mark_uncertain": defaults.mark_uncertain,
+            # the T2 onto the FLAIR grid: rigid registration when they do not line up (auto), always or never
+            "registration": [defaults.registration, *(m for m in REGISTRATION_MODES if m != defaults.registration)],
             **{name: "" for name in self._other_sequences()},
         }
 
