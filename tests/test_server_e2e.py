@@ -28,7 +28,7 @@ import pytest
 import requests
 import SimpleITK as sitk
 from anofpdm.metrics import dice
-from conftest import check_label_values, datastore_state, make_volume_pair
+from conftest import check_label_values, datastore_state, make_phantom, make_volume_pair, phantom_grid, rigid_ras
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 from requests_toolbelt.multipart.decoder import MultipartDecoder
@@ -45,6 +45,7 @@ SHAPE = (40, 44, 12)
 OTHER_SHAPE, OTHER_AFFINE = (36, 40, 10), np.diag([-3.0, -3.0, 4.0, 1.0])
 SHOW_LESIONS = {"median_kernel": 1, "min_lesion_mm3": 0}
 SLOW = {"mode": "full", "forward_steps": 60, **SHOW_LESIONS}  # 60 steps x 2 evaluations: a few seconds
+PHANTOM_MOTION = rigid_ras((4.0, -3.0, 3.0), (3.0, -2.0, 2.0))  # the head between the series: 5.8 degrees, 4.1 mm
 
 
 def free_port() -> int:
@@ -132,11 +133,9 @@ def bad_cases(pair: dict[str, nib.Nifti1Image], studies: Path) -> dict[str, tupl
         "zero": nib.Nifti1Image(np.zeros_like(flair), AFFINE),
         "z_scored": nib.Nifti1Image((flair - flair.mean()) / flair.std(), AFFINE),
         "mismatch": pair["flair"],
-        "shifted": pair["flair"],
         "alone": pair["flair"],  # a FLAIR without its T2
     }
-    t2s = {"mismatch": nib.Nifti1Image(np.ones((40, 44, 10), np.float32), AFFINE),
-           "shifted": nib.Nifti1Image(pair["t2"].get_fdata(dtype=np.float32), AFFINE + np.eye(4, k=3) * 6.0)}
+    t2s = {"mismatch": nib.Nifti1Image(np.ones((40, 44, 10), np.float32), AFFINE)}  # a block, not a brain
     for name, image in images.items():
         nib.save(image, studies / f"{name}.nii.gz")
         if name != "alone":
@@ -151,10 +150,35 @@ def bad_cases(pair: dict[str, nib.Nifti1Image], studies: Path) -> dict[str, tupl
         "inf": ("flair contains 1 NaN/Inf voxels",),
         "zero": ("flair is empty",),
         "z_scored": ("flair has 55% negative voxels", "z-scored"),  # the background: 11600 of 21120 voxels
-        "mismatch": ("t2 grid (40, 44, 10) does not match flair grid (40, 44, 12)",
-                     str(studies / "t2" / "mismatch.nii.gz")),
-        "shifted": ("t2 affine differs from flair affine", str(studies / "t2" / "shifted.nii.gz")),
+        "mismatch": ("t2 and flair do not overlap: Dice 0.63 on the flair grid (at least 0.8 needed)",
+                     str(studies / "mismatch.nii.gz"), str(studies / "t2" / "mismatch.nii.gz")),
         "alone": ("T2 for datastore image 'alone' not found", str(studies / "t2" / "alone.nii.gz")),
+    }
+
+
+def alignment_cases(pair: dict[str, nib.Nifti1Image], studies: Path, files: Path) -> dict[str, tuple[str, ...]]:
+    """Write T2s from other series into the datastore: one phantom brain (``conftest.make_phantom``) on other
+    grids, moved, or far away, and the box pair's T2 with a header shifted 6 mm; id -> what the T2 is.
+    The refused pair (``phantom_far``) and its expected error texts are added to the bad cases by the fixture."""
+    grids = {"phantom_coarse": ((24, 28, 36), phantom_grid((24, 28, 36), (6.0, 6.0, 3.0))),
+             "phantom_oblique": ((80, 70, 20), phantom_grid((80, 70, 20), (2.0, 2.4, 6.0), tilt_deg=(18.0, -7.0, 25.0)))}
+    t2s = {"phantom": make_phantom("t2"), **{name: make_phantom("t2", *grid) for name, grid in grids.items()},
+           "phantom_moved": make_phantom("t2", motion=PHANTOM_MOTION),
+           "phantom_far": make_phantom("t2", motion=rigid_ras(shift_mm=(0.0, 0.0, -90.0)))}
+    for name, t2 in t2s.items():
+        nib.save(make_phantom("flair"), studies / f"{name}.nii.gz")
+        if name == "phantom_oblique":  # as 3D Slicer saves it
+            nib.save(t2, files / f"{name}.nii.gz")
+            sitk.WriteImage(sitk.ReadImage(str(files / f"{name}.nii.gz")), str(studies / "t2" / f"{name}.nrrd"))
+        else:
+            nib.save(t2, studies / "t2" / f"{name}.nii.gz")
+    nib.save(pair["flair"], studies / "shifted.nii.gz")
+    nib.save(nib.Nifti1Image(pair["t2"].get_fdata(dtype=np.float32), AFFINE + np.eye(4, k=3) * 6.0),
+             studies / "t2" / "shifted.nii.gz")
+    return {
+        "phantom_far": ("t2 and flair are not two series of one examination as their headers place them: their brain "
+                        "regions overlap with Dice 0.00", "(at most 15 degrees, 20 mm)",
+                        str(studies / "phantom_far.nii.gz"), str(studies / "t2" / "phantom_far.nii.gz")),
     }
 
 
@@ -173,6 +197,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, unhealthy_model: Path) -> d
     for folder in (studies, studies / "t2"):  # NRRD, as 3D Slicer saves volumes
         sitk.WriteImage(sitk.ReadImage(str(folder / "brain.nii.gz")), str(folder / "saved_by_slicer.nrrd"))
     bad = bad_cases(pair, studies)
+    bad |= alignment_cases(pair, studies, files)
     for name in ("flair", "t2"):
         nib.save(pair[name], files / f"case_{name}.nii.gz")
     nib.save(stack(pair, 2), files / "two_channels.nii.gz")
@@ -252,9 +277,11 @@ def test_model_is_listed_and_t2_folder_is_not_an_image(served):
     model = info["models"]["anofpdm"]
     assert model["labels"] == {"tumour": 1, "tumour (uncertain)": 2} and model["type"] == "segmentation"
     assert set(model["config"]) == {"device", "mode", "forward_steps", "stride", "guidance", "encoding",
-                                    "min_lesion_mm3", "seed", "mark_uncertain", "t2"}
+                                    "min_lesion_mm3", "seed", "mark_uncertain", "registration", "t2"}
+    assert model["config"]["registration"] == ["auto", "always", "never"]  # Slicer offers the first as the default
     objects = MONAILabelClient(url).datastore()["objects"]
-    assert set(objects) == {"brain", "other", "multi2", "multi4", "saved_by_slicer", *served["bad"]}
+    assert set(objects) == {"brain", "other", "multi2", "multi4", "saved_by_slicer", "shifted", "phantom",
+                            "phantom_coarse", "phantom_oblique", "phantom_moved", *served["bad"]}
 
 
 def test_rest_infer_datastore_image(served, tmp_path):
@@ -415,6 +442,50 @@ def test_bad_inputs_are_clear_errors_and_change_nothing(served, tmp_path):
     assert "Status: 422" in error.value.msg and "flair is empty" in error.value.msg
     info_answers(url)
     assert datastore_state(studies) == before
+
+
+def test_a_t2_from_another_series_is_resampled_and_registered(served, tmp_path):
+    """T2s on a coarser grid, on an oblique NRRD grid, and moved against the FLAIR answer 200 with a label on the
+    FLAIR grid; the result says what was done to the T2 (used as is, resampled, registered: how far, how long)
+    and warns of a large correction. The option comes over REST and through the client. The datastore is
+    untouched."""
+    url, studies = served["server"].url, served["studies"]
+    before = datastore_state(studies)
+    flair = make_phantom("flair")
+    alignment = {}
+    for image_id in ("phantom", "phantom_coarse", "phantom_oblique", "phantom_moved", "shifted"):
+        label, result = parse_multipart(post_infer(url, image_id, SHOW_LESIONS), tmp_path)
+        check_label(label, result, served["pair"]["flair"] if image_id == "shifted" else flair)
+        alignment[image_id] = result["alignment"]["t2"]
+        assert result["settings"]["registration"] == "auto" and "alignment_s" in result["timings_s"]
+        large = [w for w in result["warnings"] if "t2 was registered to flair by a large correction" in w]
+        assert bool(large) == (image_id in ("phantom_moved", "shifted")), (image_id, result["warnings"])
+        assert datastore_state(studies) == before
+    assert alignment["phantom"]["action"] == "used as is" and alignment["phantom"]["overlap_before"] == 1.0
+    assert alignment["phantom_coarse"]["source_shape"] == [24, 28, 36]
+    assert alignment["phantom_oblique"]["source_spacing_mm"] == [2.0, 2.4, 6.0]
+    for image_id in ("phantom_coarse", "phantom_oblique"):  # one patient space: resampled, and at most a touch more
+        assert alignment[image_id]["action"] in ("resampled", "registered"), alignment[image_id]
+        assert alignment[image_id]["rotation_deg"] < 1.0 and alignment[image_id]["translation_mm"] < 1.0
+        assert alignment[image_id]["overlap_after"] > 0.95
+    moved = alignment["phantom_moved"]
+    true_angle = np.degrees(np.arccos((np.trace(PHANTOM_MOTION[:3, :3]) - 1.0) / 2.0))
+    assert moved["action"] == "registered" and moved["rotation_deg"] == pytest.approx(true_angle, abs=1.0)
+    assert moved["translation_mm"] == pytest.approx(np.linalg.norm([3.0, -2.0, 2.0]), abs=1.0)
+    assert moved["overlap_after"] > moved["overlap_before"] + 0.03
+    assert alignment["shifted"]["action"] == "registered"  # a header 6 mm off: the same voxels, moved back
+    assert alignment["shifted"]["translation_mm"] == pytest.approx(6.0, abs=0.5)
+
+    _, never = parse_multipart(post_infer(url, "phantom_moved", {"registration": "never", **SHOW_LESIONS}), tmp_path)
+    assert never["alignment"]["t2"]["action"] == "used as is" and never["settings"]["registration"] == "never"
+    client = MONAILabelClient(url, tmpdir=str(tmp_path))
+    label, always = client.infer("anofpdm", "phantom", {"registration": "always", **SHOW_LESIONS})
+    check_label(label, always, flair)
+    assert always["alignment"]["t2"]["action"] == "registered" and always["alignment"]["t2"]["rotation_deg"] < 0.5
+    bad = post_infer(url, "phantom", {"registration": "sometimes"})
+    assert bad.status_code == 422 and "registration must be one of ('auto', 'always', 'never')" in bad.json()["detail"]
+    assert datastore_state(studies) == before
+    info_answers(url)
 
 
 def test_info_answers_during_two_concurrent_inferences(served, tmp_path):

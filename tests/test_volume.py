@@ -68,7 +68,7 @@ def test_input_errors_name_the_problem():
     with pytest.raises(InputError, match="t2 grid .* does not match flair grid"):
         check_inputs({"flair": pair["flair"], "t2": small}, ("flair", "t2"))
     shifted = nib.Nifti1Image(pair["t2"].get_fdata(), affine + np.eye(4) * 0.5)
-    with pytest.raises(InputError, match="affine differs"):
+    with pytest.raises(InputError, match=r"does not match flair grid \(40, 44, 12\) \(or their affines differ\)"):
         check_inputs({"flair": pair["flair"], "t2": shifted}, ("flair", "t2"))
     data = pair["t2"].get_fdata()
     data[0, 0, 0] = np.nan

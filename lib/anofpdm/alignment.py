@@ -236,6 +236,61 @@ def rigid_motion(matrix: np.ndarray, centre: np.ndarray) -> tuple[float, np.ndar
     return float(angle), matrix[:3, :3] @ centre + matrix[:3, 3] - centre
 
 
+def _register_onto(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    moving_mask: sitk.Image,
+    reference_mask: np.ndarray,
+    unregistered: np.ndarray,
+    record: Alignment,
+    names: tuple[str, str],
+    settings: RegistrationSettings,
+) -> np.ndarray:
+    """Register ``moving`` to ``fixed`` and return it on the fixed grid, filling in ``record``; ``unregistered``
+    (with a warning in ``record``) when the registration fails or lowers the brain overlap.
+
+    Raises:
+        InputError: lining the two up takes more than head motion between series.
+    """
+    name, reference_name = names
+    overlap = record.overlap_before
+    try:
+        transform = register_rigid(fixed, moving, settings)
+    except RuntimeError as exc:  # ITK refuses e.g. a constant image (no intensity range for the histogram)
+        reason = str(exc).strip().splitlines()[-1]
+        record.warnings.append(f"rigid registration of {name} to {reference_name} failed ({reason}): {name} is "
+                               f"used {record.action}, as it came")
+        return unregistered
+    matrix = rigid_matrix(transform)
+    angle, shift = rigid_motion(matrix, LPS_TO_RAS[:3, :3] @ np.asarray(transform.GetCenter()))
+    distance = float(np.linalg.norm(shift))
+    if angle > MAX_ROTATION_DEG or distance > MAX_TRANSLATION_MM:
+        raise InputError(
+            f"{name} and {reference_name} are not two series of one examination as their headers place them: "
+            f"their brain regions overlap with Dice {overlap:.2f} and lining them up takes {angle:.1f} degrees and "
+            f"{distance:.1f} mm, more than a head moves between series (at most {MAX_ROTATION_DEG:.0f} degrees, "
+            f"{MAX_TRANSLATION_MM:.0f} mm): check that both are of one patient and their headers are right"
+        )
+    registered = _on_reference(moving, moving_mask, fixed, transform)
+    overlap_after = dice(registered > 0, reference_mask)
+    if overlap_after < overlap - OVERLAP_LOSS_TOLERANCE:
+        record.warnings.append(
+            f"registering {name} to {reference_name} lowered their brain overlap ({overlap:.3f} -> "
+            f"{overlap_after:.3f}): the registration failed and {name} is used {record.action}, as it came"
+        )
+        return unregistered
+    record.action, record.overlap_after, record.rotation_deg, record.translation_mm = (
+        REGISTERED, overlap_after, angle, distance)
+    record.translation_ras_mm, record.transform_ras = tuple(float(v) for v in shift), matrix.tolist()
+    if angle > LARGE_ROTATION_DEG or distance > LARGE_TRANSLATION_MM:
+        record.warnings.append(
+            f"{name} was registered to {reference_name} by a large correction ({angle:.1f} degrees, {distance:.1f} "
+            f"mm; brain overlap {overlap:.3f} -> {overlap_after:.3f}): check that {name} lines up with "
+            f"{reference_name} on the result"
+        )
+    return registered
+
+
 def align_to_reference(
     image: nib.spatialimages.SpatialImage,
     reference: nib.spatialimages.SpatialImage,
@@ -269,33 +324,8 @@ def align_to_reference(
                        tuple(float(s) for s in moving.GetSpacing()), overlap, overlap)
     identical = on_grid and np.array_equal(data, reference_data)  # one file given twice: check_inputs says so
     if not identical and (registration == "always" or (registration == "auto" and overlap < AUTO_REGISTRATION_OVERLAP)):
-        transform = register_rigid(fixed, moving, settings)
-        registered = _on_reference(moving, moving_mask, fixed, transform)
-        overlap_after = dice(registered > 0, reference_mask)
-        matrix = rigid_matrix(transform)
-        angle, shift = rigid_motion(matrix, LPS_TO_RAS[:3, :3] @ np.asarray(transform.GetCenter()))
-        if angle > MAX_ROTATION_DEG or np.linalg.norm(shift) > MAX_TRANSLATION_MM:
-            raise InputError(
-                f"{name} and {reference_name} are not two series of one examination as their headers place them: "
-                f"their brain regions overlap with Dice {overlap:.2f} and lining them up takes {angle:.1f} degrees and "
-                f"{np.linalg.norm(shift):.1f} mm, more than a head moves between series (at most {MAX_ROTATION_DEG:.0f} "
-                f"degrees, {MAX_TRANSLATION_MM:.0f} mm): check that both are of one patient and their headers are right"
-            )
-        if overlap_after >= overlap - OVERLAP_LOSS_TOLERANCE:
-            aligned, record.action, record.overlap_after = registered, REGISTERED, overlap_after
-            record.rotation_deg, record.translation_mm = angle, float(np.linalg.norm(shift))
-            record.translation_ras_mm, record.transform_ras = tuple(float(v) for v in shift), matrix.tolist()
-            if angle > LARGE_ROTATION_DEG or record.translation_mm > LARGE_TRANSLATION_MM:
-                record.warnings.append(
-                    f"{name} was registered to {reference_name} by a large correction ({angle:.1f} degrees, "
-                    f"{record.translation_mm:.1f} mm; brain overlap {overlap:.3f} -> {overlap_after:.3f}): check "
-                    f"that {name} lines up with {reference_name} on the result"
-                )
-        else:
-            record.warnings.append(
-                f"registering {name} to {reference_name} lowered their brain overlap ({overlap:.3f} -> "
-                f"{overlap_after:.3f}): the registration failed and {name} is used {record.action}, as it came"
-            )
+        aligned = _register_onto(fixed, moving, moving_mask, reference_mask, aligned, record, (name, reference_name),
+                                 settings)
     record.time_s = time.perf_counter() - start
     if record.overlap_after < MIN_BRAIN_OVERLAP:
         hint = ("registration is off (registration=never): try auto" if registration == "never" else
