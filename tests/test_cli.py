@@ -9,7 +9,7 @@ import pytest
 from anofpdm.cli import main
 from anofpdm.model import load_checkpoint, load_model
 
-from conftest import make_volume_pair
+from conftest import make_phantom, make_volume_pair, phantom_grid, rigid_ras
 
 
 @pytest.fixture()
@@ -61,6 +61,31 @@ def test_segment_options_reach_the_forward_process_with_a_progress_bar(tiny_mode
     assert result["settings"]["visited_steps"] <= 4
     assert any(warning.startswith("guidance=1.5 differs") for warning in result["warnings"])
     assert not np.allclose(maps["3"], maps["4"])
+
+
+def test_segment_aligns_a_t2_from_another_series(tiny_model_path, tmp_path, capsys):
+    """``--t2`` on a coarser grid and moved: the CLI says what it did (and the report holds it); ``--registration
+    never`` leaves the moved T2 as it is; a T2 90 mm away is an error naming both files and the overlap."""
+    flair, t2 = tmp_path / "flair.nii.gz", tmp_path / "t2.nii.gz"
+    nib.save(make_phantom("flair"), flair)
+    coarse = ((24, 28, 36), phantom_grid((24, 28, 36), (6.0, 6.0, 3.0)))
+    nib.save(make_phantom("t2", *coarse, motion=rigid_ras((0.0, 0.0, 6.0), (4.0, 0.0, 0.0))), t2)
+    args = ["segment", "--model", str(tiny_model_path), "--flair", str(flair), "--t2", str(t2),
+            "--out", str(tmp_path / "mask.nii.gz"), "--report", str(tmp_path / "report.json")]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    alignment = json.loads((tmp_path / "report.json").read_text())["alignment"]["t2"]
+    assert alignment["action"] == "registered" and alignment["source_shape"] == [24, 28, 36]
+    assert alignment["rotation_deg"] == pytest.approx(6.0, abs=1.0)
+    assert f"t2: registered by {alignment['rotation_deg']:.1f} degrees, {alignment['translation_mm']:.1f} mm" in out.out
+    assert "t2 was registered to flair by a large correction" in out.err  # 6 degrees: a warning
+    assert nib.load(tmp_path / "mask.nii.gz").shape == make_phantom("flair").shape
+    assert main([*args, "--registration", "never"]) == 0
+    assert "t2: resampled (brain overlap with the FLAIR" in capsys.readouterr().out
+    nib.save(make_phantom("t2", motion=rigid_ras(shift_mm=(0.0, 0.0, -90.0))), t2)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "overlap with Dice 0.00" in err and f"[inputs: flair={flair}, t2={t2}]" in err
 
 
 def test_segment_reports_missing_and_corrupt_files(tiny_model_path, volume_files, tmp_path, capsys):
