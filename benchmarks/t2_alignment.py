@@ -11,9 +11,10 @@ T2 is moved by known rigid transforms (rotation about a random axis through the 
 Each file is read back as the app reads it and aligned with ``align_to_reference`` (``--registration``,
 default ``auto``); the script prints, per pair, the recovered transform's error (rotation in degrees, and the
 displacement error at the brain centre and, worst, at the corners of the brain's bounding box, in mm), the
-overlap before/after, the wall time and the CPU time of all threads (wall time on a shared machine overstates it). ``--model`` also segments each ``--segment`` study three times (aligned
-input, the T2 on the coarse grid, the T2 moved by ``--segment-rotation``/``--segment-shift`` on the FLAIR
-grid) and prints the Dice of each mask against the aligned-input mask. Prints figures; asserts nothing.
+overlap before/after, the wall time and the CPU time of all threads (wall time on a shared machine overstates
+it). ``--model`` also segments each ``--segment`` study three times (aligned input, the T2 on the coarse grid,
+the T2 moved by ``--segment-rotation``/``--segment-shift`` on the FLAIR grid) and prints the Dice of each mask
+against the aligned-input mask. Prints figures; asserts nothing.
 
     PYTHONPATH=lib python benchmarks/t2_alignment.py --studies demo/studies --trials 4
     PYTHONPATH=lib python benchmarks/t2_alignment.py --registration never --magnitudes 0 0.5 1 2 3

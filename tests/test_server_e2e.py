@@ -160,8 +160,9 @@ def alignment_cases(pair: dict[str, nib.Nifti1Image], studies: Path, files: Path
     """Write T2s from other series into the datastore: one phantom brain (``conftest.make_phantom``) on other
     grids, moved, or far away, and the box pair's T2 with a header shifted 6 mm; id -> what the T2 is.
     The refused pair (``phantom_far``) and its expected error texts are added to the bad cases by the fixture."""
+    oblique = phantom_grid((80, 70, 20), (2.0, 2.4, 6.0), tilt_deg=(18.0, -7.0, 25.0))
     grids = {"phantom_coarse": ((24, 28, 36), phantom_grid((24, 28, 36), (6.0, 6.0, 3.0))),
-             "phantom_oblique": ((80, 70, 20), phantom_grid((80, 70, 20), (2.0, 2.4, 6.0), tilt_deg=(18.0, -7.0, 25.0)))}
+             "phantom_oblique": ((80, 70, 20), oblique)}
     t2s = {"phantom": make_phantom("t2"), **{name: make_phantom("t2", *grid) for name, grid in grids.items()},
            "phantom_moved": make_phantom("t2", motion=PHANTOM_MOTION),
            "phantom_far": make_phantom("t2", motion=rigid_ras(shift_mm=(0.0, 0.0, -90.0)))}

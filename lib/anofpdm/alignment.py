@@ -52,8 +52,8 @@ REGISTRATION_MODES = ("auto", "always", "never")
 # one grid gives 1.0, a T2 moved by 0.5 mm and 0.5 degrees 0.98 already, and an aligned T2 resampled from another
 # grid 0.98-0.99, which the overlap cannot tell from a moved one: such a T2 is registered (the error is ~0.2 mm)
 AUTO_REGISTRATION_OVERLAP = 0.99
-# a registration is discarded when it lowers the overlap by more than this (a failed one loses far more; a right one
-# may lose a little: the overlap measures the masks' edges, blurred by resampling, not the alignment itself)
+# a registration is discarded when it lowers the overlap by more than this (a right one may lower it a little: the
+# overlap measures the masks' edges, which resampling blurs, not the alignment itself)
 OVERLAP_LOSS_TOLERANCE = 0.01
 # a correction beyond what head motion between two series of one examination usually is (a few mm or degrees)
 LARGE_ROTATION_DEG = 5.0
