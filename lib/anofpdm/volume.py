@@ -25,7 +25,6 @@ __all__ = [
     "InputError",
     "VolumeGeometry",
     "check_inputs",
-    "check_same_brain",
     "check_sequence",
     "plan_geometry",
     "ras_transform",
@@ -113,16 +112,14 @@ def check_inputs(images: Mapping[str, nib.spatialimages.SpatialImage], required:
     ref_image = images[reference]
     arrays: dict[str, np.ndarray] = {}
     for name in required:
-        image = images[name]
-        data = _as_3d(name, image)
-        if name != reference and not same_grid(image, ref_image):
+        arrays[name] = check_sequence(name, images[name])
+        if name != reference and not same_grid(images[name], ref_image):
             raise InputError(
-                f"{name} grid {data.shape} does not match {reference} grid {arrays[reference].shape} (or their "
-                "affines differ): resample the sequences onto one grid first (anofpdm.alignment does)"
+                f"{name} grid {arrays[name].shape} does not match {reference} grid {arrays[reference].shape} (or "
+                "their affines differ): resample the sequences onto one grid first (anofpdm.alignment does)"
             )
-        arrays[name] = check_sequence(name, image)
     for name in required[1:]:
-        check_same_brain(name, arrays[name], reference, arrays[reference])
+        _check_same_brain(name, arrays[name], reference, arrays[reference])
     return arrays
 
 
@@ -165,7 +162,7 @@ def _check_brain_like(name: str, data: np.ndarray, affine: np.ndarray) -> None:
         )
 
 
-def check_same_brain(name: str, data: np.ndarray, reference: str, reference_data: np.ndarray) -> None:
+def _check_same_brain(name: str, data: np.ndarray, reference: str, reference_data: np.ndarray) -> None:
     """Refuse sequences whose brain regions do not coincide (not co-registered, or another patient) and a
     sequence that is the reference volume itself (one file given twice)."""
     if np.array_equal(data, reference_data):
