@@ -180,11 +180,10 @@ def _resample(moving: sitk.Image, reference: sitk.Image, transform: sitk.Transfo
     return _to_array(sitk.Resample(moving, reference, transform, interpolator, 0.0, moving.GetPixelID()))
 
 
-def _on_reference(moving: sitk.Image, moving_mask: sitk.Image, reference: sitk.Image,
-                  transform: sitk.Transform) -> np.ndarray:
-    """The sequence on the reference grid: linear intensities inside its own brain mask (nearest-neighbour
-    resampled, so the mask's edge does not grow by the interpolation's reach), background exactly 0."""
-    return _resample(moving, reference, transform, False) * (_resample(moving_mask, reference, transform, True) > 0)
+def _mask_on_reference(moving: sitk.Image, reference: sitk.Image, transform: sitk.Transform) -> np.ndarray:
+    """The sequence's brain mask (nonzero voxels) on the reference grid, nearest-neighbour resampled: its edge
+    does not grow by the reach of a linear interpolation."""
+    return _resample(sitk.Cast(moving > 0, sitk.sitkUInt8), reference, transform, True) > 0
 
 
 def _reduce(image: sitk.Image, spacing_mm: float) -> sitk.Image:
@@ -239,15 +238,13 @@ def rigid_motion(matrix: np.ndarray, centre: np.ndarray) -> tuple[float, np.ndar
 def _register_onto(
     fixed: sitk.Image,
     moving: sitk.Image,
-    moving_mask: sitk.Image,
     reference_mask: np.ndarray,
-    unregistered: np.ndarray,
     record: Alignment,
     names: tuple[str, str],
     settings: RegistrationSettings,
-) -> np.ndarray:
-    """Register ``moving`` to ``fixed`` and return it on the fixed grid, filling in ``record``; ``unregistered``
-    (with a warning in ``record``) when the registration fails or lowers the brain overlap.
+) -> sitk.Transform | None:
+    """Register ``moving`` to ``fixed``, filling in ``record``; None (with a warning in ``record``) when the
+    registration fails or lowers the brain overlap.
 
     Raises:
         InputError: lining the two up takes more than head motion between series.
@@ -260,7 +257,7 @@ def _register_onto(
         reason = str(exc).strip().splitlines()[-1]
         record.warnings.append(f"rigid registration of {name} to {reference_name} failed ({reason}): {name} is "
                                f"used {record.action}, as it came")
-        return unregistered
+        return None
     matrix = rigid_matrix(transform)
     angle, shift = rigid_motion(matrix, LPS_TO_RAS[:3, :3] @ np.asarray(transform.GetCenter()))
     distance = float(np.linalg.norm(shift))
@@ -271,14 +268,13 @@ def _register_onto(
             f"{distance:.1f} mm, more than a head moves between series (at most {MAX_ROTATION_DEG:.0f} degrees, "
             f"{MAX_TRANSLATION_MM:.0f} mm): check that both are of one patient and their headers are right"
         )
-    registered = _on_reference(moving, moving_mask, fixed, transform)
-    overlap_after = dice(registered > 0, reference_mask)
+    overlap_after = dice(_mask_on_reference(moving, fixed, transform), reference_mask)
     if overlap_after < overlap - OVERLAP_LOSS_TOLERANCE:
         record.warnings.append(
             f"registering {name} to {reference_name} lowered their brain overlap ({overlap:.3f} -> "
             f"{overlap_after:.3f}): the registration failed and {name} is used {record.action}, as it came"
         )
-        return unregistered
+        return None
     record.action, record.overlap_after, record.rotation_deg, record.translation_mm = (
         REGISTERED, overlap_after, angle, distance)
     record.translation_ras_mm, record.transform_ras = tuple(float(v) for v in shift), matrix.tolist()
@@ -288,7 +284,7 @@ def _register_onto(
             f"mm; brain overlap {overlap:.3f} -> {overlap_after:.3f}): check that {name} lines up with "
             f"{reference_name} on the result"
         )
-    return registered
+    return transform
 
 
 def align_to_reference(
@@ -315,18 +311,15 @@ def align_to_reference(
     reference_mask = reference_data > 0
     fixed = nifti_to_itk(reference_data, reference.affine, reference_name)
     moving = nifti_to_itk(data, image.affine, name)
-    moving_mask = sitk.Cast(moving > 0, sitk.sitkUInt8)
     on_grid = same_grid(image, reference)
-    identity = sitk.Euler3DTransform()
-    aligned = data if on_grid else _on_reference(moving, moving_mask, fixed, identity)
-    overlap = dice(aligned > 0, reference_mask)
+    transform: sitk.Transform = sitk.Euler3DTransform()  # identity
+    overlap = dice(data > 0 if on_grid else _mask_on_reference(moving, fixed, transform), reference_mask)
     record = Alignment(USED_AS_IS if on_grid else RESAMPLED, registration, tuple(int(n) for n in data.shape),
                        tuple(float(s) for s in moving.GetSpacing()), overlap, overlap)
     identical = on_grid and np.array_equal(data, reference_data)  # one file given twice: check_inputs says so
     if not identical and (registration == "always" or (registration == "auto" and overlap < AUTO_REGISTRATION_OVERLAP)):
-        aligned = _register_onto(fixed, moving, moving_mask, reference_mask, aligned, record, (name, reference_name),
-                                 settings)
-    record.time_s = time.perf_counter() - start
+        registered = _register_onto(fixed, moving, reference_mask, record, (name, reference_name), settings)
+        transform = transform if registered is None else registered
     if record.overlap_after < MIN_BRAIN_OVERLAP:
         hint = ("registration is off (registration=never): try auto" if registration == "never" else
                 "are they two series of one examination, of one patient?")
@@ -337,7 +330,11 @@ def align_to_reference(
             + f" (at least {MIN_BRAIN_OVERLAP} needed): {hint}"
         )
     if record.action == USED_AS_IS:
+        record.time_s = time.perf_counter() - start
         return image, record
+    # linear intensities inside the nearest-neighbour mask: background exactly 0, as skull-stripped volumes have it
+    aligned = _resample(moving, fixed, transform, False) * _mask_on_reference(moving, fixed, transform)
+    record.time_s = time.perf_counter() - start
     return nib.Nifti1Image(aligned.astype(np.float32), reference.affine), record
 
 
