@@ -34,7 +34,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
-from anofpdm.alignment import REGISTRATION_MODES, RegistrationSettings, align_to_reference, nifti_to_itk
+from anofpdm.alignment import REGISTRATION_MODES, RegistrationSettings, align_to_reference, nifti_to_itk, rigid_motion
 from anofpdm.inputs import LPS_TO_RAS, read_volume
 from anofpdm.metrics import dice
 
@@ -72,7 +72,7 @@ def grid_like(flair: nib.Nifti1Image, kind: str, brain_ras: np.ndarray) -> sitk.
     affine = np.eye(4)
     affine[:3, :3] = rotation * spacing
     affine[:3, 3] = rotation @ local.min(axis=0)
-    return nifti_to_itk(np.zeros(tuple(shape[::1]), np.float32), affine, "grid")
+    return nifti_to_itk(np.zeros(tuple(shape), np.float32), affine, "grid")
 
 
 def moved_t2(t2: nib.Nifti1Image, grid: sitk.Image, truth_ras: np.ndarray) -> sitk.Image:
@@ -87,7 +87,7 @@ def transform_error(truth_ras: np.ndarray, recovered_ras: np.ndarray, points: np
     """Rotation error (degrees) of truth o recovered (identity when exact), and its displacement at the first
     point (the brain centre) and the largest over all ``points`` (mm)."""
     residual = truth_ras @ recovered_ras
-    angle = np.degrees(np.arccos(np.clip((np.trace(residual[:3, :3]) - 1.0) / 2.0, -1.0, 1.0)))
+    angle, _ = rigid_motion(residual, points[0])
     moved = points @ residual[:3, :3].T + residual[:3, 3]
     errors = np.linalg.norm(moved - points, axis=1)
     return float(angle), float(errors[0]), float(errors.max())
