@@ -27,7 +27,7 @@ def _floats(value: str) -> tuple[float, ...]:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from anofpdm.data.synth import TUMOUR_VOLUME_ML, generate_cases, render_preview
+    from anofpdm.data.synth import generate_cases, render_preview
 
     if args.preview and not args.out:
         case_dirs = sorted(p for p in args.cases_dir.iterdir() if p.is_dir() and p.name != "studies")
@@ -35,7 +35,7 @@ def _synth(args: argparse.Namespace) -> int:
         return 0
     manifest = generate_cases(args.out, args.cases, args.seed, args.healthy_fraction,
                               progress=progress_bar("synth", unit="case"), workers=args.workers,
-                              tumour_volume_ml=args.tumour_volume_ml or TUMOUR_VOLUME_ML)
+                              tumour_volume_ml=args.tumour_volume_ml, domain=args.domain)
     if args.preview:
         case_dirs = [args.out / case["case"] for case in manifest["cases"][: args.preview_cases]]
         render_preview(case_dirs, args.preview)
@@ -165,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--healthy-fraction", type=float, default=0.2)
     synth.add_argument("--tumour-volume-ml", type=_floats, metavar="LOW,HIGH",
                        help="range of the nominal whole-tumour volume in mL, drawn log-uniformly (default: the "
-                            "generator's, 8,250; written to manifest.json)")
+                            "domain's, 8,250 for training; written to manifest.json)")
+    synth.add_argument("--domain", choices=("training", "shifted"), default="training",
+                       help="training: the cases models are trained on; shifted: a test domain outside every "
+                            "training range (anatomy, contrast, noise, grids), never for training or calibration")
     synth.add_argument("--workers", type=int, default=1, help="cases generated in parallel (same output)")
     synth.add_argument("--preview", type=Path, help="also render a PNG of the first cases")
     synth.add_argument("--preview-cases", type=int, default=4)
