@@ -283,7 +283,7 @@ def score_result(result: SegmentationResult, case: EvaluationCase, protocol: Sli
     raw_map = torch.from_numpy(np.ascontiguousarray(grid.raw_map, dtype=np.float32))
     anomaly_map = median_filter_2d(raw_map, kernel).numpy()
     ungated = _drop_small_areas(anomaly_map >= grid.thresholds[:, None, None], min_area)
-    slices = slice_protocol(ungated, anomaly_map, grid.unhealthy, case.truth_slices, case.brain_slices)
+    slices = slice_protocol(ungated, anomaly_map, grid.unhealthy, case.truth_slices, case.brain_slices, grid.scores)
     mask = np.asanyarray(result.mask.dataobj) > 0
     scores = np.asanyarray(result.anomaly_map.dataobj)
     probability = result.report.get("slices", {}).get("unhealthy_probability")
@@ -551,8 +551,8 @@ def _percent(value: float | None) -> str:
 def markdown_table(summary: Mapping[str, Any]) -> str:
     """The aggregated results as a Markdown table (overlap metrics in %)."""
     header = ("| method | mixed Dice | mixed IoU | mixed AUPRC | unhealthy Dice | unhealthy IoU | unhealthy AUPRC "
-              "| slice acc. | 3-D Dice | 3-D precision | 3-D recall | abs. volume error (mL) | volume acc. "
-              "| s / case |")
+              "| slice acc. | slice AUROC | 3-D Dice | 3-D precision | 3-D recall | abs. volume error (mL) "
+              "| volume acc. | healthy FP (mL) | healthy called healthy | s / case |")
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for method, result in summary.items():
         if not result["cases"]:
@@ -565,16 +565,18 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
             return "n/a" if entry["mean"] is None else f"{scale * entry['mean']:.1f} ± {scale * entry['std']:.1f}"
 
         cells = [_percent(s[k]) for k in ("mixed_dice", "mixed_iou", "mixed_auprc", "unhealthy_dice", "unhealthy_iou",
-                                            "unhealthy_auprc", "slice_accuracy")]
+                                            "unhealthy_auprc", "slice_accuracy", "slice_auroc")]
         cells += [spread("dice"), spread("precision"), spread("recall"), spread("abs_volume_error_ml", 1.0),
-                  _percent(v["volume_accuracy"]["mean"]), f"{result['seconds_per_case']:.1f}"]
+                  _percent(v["volume_accuracy"]["mean"]), spread("healthy_false_positive_ml", 1.0),
+                  _percent(v["healthy_called_healthy"]["mean"]), f"{result['seconds_per_case']:.1f}"]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     notes = [
         "",
         "Slice protocol (model grid, paper): Dice / IoU averaged over all slices (mixed, gated by the slice verdict) "
         "or tumour slices (unhealthy, ungated); AUPRC over brain pixels, mean over cases with tumour; slice acc. = "
-        "verdict accuracy. 3-D metrics: per volume on the input grid, mean ± std over cases with tumour; volume acc. "
-        "over all cases. Baselines have no slice classifier: a slice is unhealthy when its final mask is not empty.",
+        "verdict accuracy; slice AUROC = how well the slice scores rank a volume's tumour slices first, mean over "
+        "volumes with both kinds of slice. 3-D metrics: per volume on the input grid, mean ± std over cases with tumour; volume acc. "
+        "over all cases; healthy FP = mask volume on cases without tumour. Baselines have no slice classifier: a slice is unhealthy when its final mask is not empty.",
     ]
     reliable = {method: result["verdict_reliability"] for method, result in summary.items()
                 if result["verdict_reliability"]}

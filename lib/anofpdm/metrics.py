@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import average_precision_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 __all__ = [
     "MM3_PER_ML",
@@ -47,7 +47,7 @@ POOLED_SLICE_METRICS = {
     "unhealthy_iou": "n_tumour_slices",
     "slice_accuracy": "n_slices",
 }
-CASE_MEAN_SLICE_METRICS = ("mixed_auprc", "unhealthy_auprc")
+CASE_MEAN_SLICE_METRICS = ("mixed_auprc", "unhealthy_auprc", "slice_auroc")
 
 
 def _check_pair(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -171,8 +171,24 @@ def volume_metrics(
     }
 
 
+def slice_score_auroc(scores: np.ndarray, tumour: np.ndarray) -> float | None:
+    """How well one volume's slice scores rank its tumour slices first: AUROC of ``-score`` (a low cosine score
+    means unhealthy). None without scores (NaN: a method with no slice classifier) or without both kinds of slice."""
+    scores, tumour = np.asarray(scores, dtype=np.float64), np.asarray(tumour).astype(bool)
+    if scores.shape != tumour.shape:
+        raise ValueError(f"need one score per slice, got {scores.shape} for {tumour.shape} slices")
+    if np.isnan(scores).any() or tumour.all() or not tumour.any():
+        return None
+    return float(roc_auc_score(tumour, -scores))
+
+
 def slice_protocol(
-    ungated: np.ndarray, anomaly_map: np.ndarray, unhealthy: np.ndarray, truth: np.ndarray, brain: np.ndarray
+    ungated: np.ndarray,
+    anomaly_map: np.ndarray,
+    unhealthy: np.ndarray,
+    truth: np.ndarray,
+    brain: np.ndarray,
+    scores: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The paper's slice-level metrics of one volume's N model-grid slices.
 
@@ -182,12 +198,14 @@ def slice_protocol(
         unhealthy: N slice verdicts; the mixed protocol empties the masks of slices called healthy.
         truth: N x H x W binary truth.
         brain: N x H x W brain pixels (AUPRC counts these only).
+        scores: optional N slice scores, low = unhealthy (``slice_score_auroc``).
 
     Returns:
         n_slices, n_tumour_slices; mixed_dice / mixed_iou (means over all slices, gated); unhealthy_dice /
         unhealthy_iou (means over tumour slices, ungated; None without any); mixed_auprc /
         unhealthy_auprc (the map over brain pixels of all / tumour slices; None without tumour);
-        slice_accuracy (a slice's verdict is right when it says whether the slice holds tumour).
+        slice_accuracy (a slice's verdict is right when it says whether the slice holds tumour); slice_auroc
+        (``slice_score_auroc`` of ``scores``; None without them).
     """
     ungated, truth = _check_pair(ungated, truth)
     anomaly_map = np.asarray(anomaly_map, dtype=np.float64)
@@ -213,6 +231,7 @@ def slice_protocol(
         "mixed_auprc": average_precision(anomaly_map, truth, brain),
         "unhealthy_auprc": average_precision(anomaly_map[tumour], truth[tumour], brain[tumour]),
         "slice_accuracy": float((unhealthy == tumour).mean()),
+        "slice_auroc": None if scores is None else slice_score_auroc(scores, tumour),
     }
 
 
@@ -230,7 +249,8 @@ def aggregate_cases(cases: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[st
     slices of all volumes, i.e. per-case means weighted by their slice counts); AUPRC is the mean of the
     per-case values over cases with tumour (the pooled-pixel AUPRC would need every pixel of the data set).
     Per-volume: overlap metrics, AUPRC and volume errors are mean +- std (population) over the cases with
-    tumour; ``volume_accuracy`` is over all cases.
+    tumour; ``volume_accuracy`` is over all cases; ``healthy_false_positive_ml`` (the mask volume) and
+    ``healthy_called_healthy`` (an empty mask) over the cases without tumour.
 
     Returns:
         {"cases", "tumour_cases", "slice_protocol": {name: pooled value, ...}, "volume": {name: {mean, std, n}}}
@@ -253,6 +273,9 @@ def aggregate_cases(cases: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[st
         volume[name] = _mean_std([v[name] for v in with_tumour if v[name] is not None])
     volume["abs_volume_error_ml"] = _mean_std([abs(v["volume_error_ml"]) for v in with_tumour])
     volume["volume_accuracy"] = _mean_std([float(case["volume"]["verdict_correct"]) for case in cases])
+    healthy = [case["volume"] for case in cases if case["volume"]["truth_ml"] == 0]
+    volume["healthy_false_positive_ml"] = _mean_std([v["predicted_ml"] for v in healthy])
+    volume["healthy_called_healthy"] = _mean_std([float(v["predicted_ml"] == 0) for v in healthy])
     return {"cases": len(cases), "tumour_cases": len(with_tumour), "slice_protocol": pooled, "volume": volume}
 
 
