@@ -57,6 +57,7 @@ from anofpdm.calibration import MODES
 from anofpdm.data.brats import CaseFiles, find_cases, load_case
 from anofpdm.data.slices import MANIFEST_NAME
 from anofpdm.decisions import UNCERTAIN_PROBABILITY, is_uncertain, median_filter_2d
+from anofpdm.distributed import distributed_context
 from anofpdm.metrics import (
     MM3_PER_ML,
     aggregate_cases,
@@ -78,7 +79,6 @@ from anofpdm.pipeline import (
 )
 from anofpdm.postprocess import remove_small_components
 from anofpdm.progress import progress_bar
-from anofpdm.train import distributed_context
 from anofpdm.volume import VolumeGeometry, to_model_slices
 
 __all__ = [
