@@ -10,11 +10,12 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Distributed", "choose_device", "distributed_context"]
+__all__ = ["Distributed", "broadcast_from_main", "choose_device", "distributed_context", "gather_to_main"]
 
 
 @dataclass(frozen=True)
@@ -67,3 +68,21 @@ def distributed_context(device: str | None) -> Iterator[Distributed]:
     finally:
         if started_here:
             dist.destroy_process_group()
+
+
+def gather_to_main(local: list[Any], world_size: int, is_main: bool) -> list[Any]:
+    """Every rank's list, concatenated on rank 0 (``[]`` elsewhere)."""
+    if world_size == 1:
+        return local
+    parts: list[Any] | None = [None] * world_size if is_main else None
+    dist.gather_object(local, parts, dst=0)
+    return [item for part in parts for item in part] if is_main else []
+
+
+def broadcast_from_main(value: Any, world_size: int) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    if world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
