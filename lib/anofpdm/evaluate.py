@@ -296,8 +296,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--tune-quantiles", type=_floats, default=list(DEFAULT_TUNE_QUANTILES))
     parser.add_argument("--max-cases", type=int, help="only the first N cases in case-id order")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-lesion-mm3", type=float, default=InferenceOptions.min_lesion_mm3)
+    parser.add_argument("--seed", type=int, default=EvaluationSettings.seed)
+    parser.add_argument("--min-lesion-mm3", type=float, default=EvaluationSettings.min_lesion_mm3)
     parser.add_argument("--batch-size", type=int, help="slices per network batch")
     parser.add_argument("--baseline-stride", type=int, default=DEFAULT_DECODING_STRIDE,
                         help="DDIM step of the network baselines")

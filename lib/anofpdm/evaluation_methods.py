@@ -63,7 +63,7 @@ class EvaluationSettings:
         overlay_cases: overlays are drawn for this many cases (the first in case-id order).
     """
 
-    seed: int = 0
+    seed: int = InferenceOptions.seed
     min_lesion_mm3: float = InferenceOptions.min_lesion_mm3
     batch_size: int | None = None
     baseline_stride: int = DEFAULT_DECODING_STRIDE
