@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from anofpdm.case_scoring import prepare_case
 from anofpdm.data.brats import find_cases
-from anofpdm.evaluate import prepare_case, split_case_ids
+from anofpdm.evaluate import split_case_ids
 from anofpdm.metrics import dice
 from anofpdm.model import load_model
 from anofpdm.pipeline import InferenceOptions, decide_slices, default_median_kernel, finish_on_input_grid, run_forward

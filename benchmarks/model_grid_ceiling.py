@@ -29,9 +29,10 @@ import torch
 from scipy.ndimage import distance_transform_edt
 
 from anofpdm.baselines import BaselineOptions, FixedThreshold, run_baseline
+from anofpdm.case_scoring import EvaluationCase, prepare_case
 from anofpdm.data.brats import find_cases
 from anofpdm.decisions import row_quantiles
-from anofpdm.evaluate import EvaluationCase, prepare_case, split_case_ids
+from anofpdm.evaluate import split_case_ids
 from anofpdm.metrics import dice
 from anofpdm.model import PRESETS, load_model
 from anofpdm.pipeline import default_median_kernel

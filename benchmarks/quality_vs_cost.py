@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from anofpdm.calibration import MODES, calibrate_mode
+from anofpdm.case_scoring import SliceProtocol, prepare_case, score_result
 from anofpdm.data.brats import find_cases
 from anofpdm.data.slices import SliceDataset
-from anofpdm.evaluate import SliceProtocol, prepare_case, score_result, split_case_ids
+from anofpdm.evaluate import split_case_ids
 from anofpdm.metrics import aggregate_cases
 from anofpdm.model import LoadedModel, load_model
 from anofpdm.pipeline import InferenceOptions, default_batch_size, segment_volume

@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 
 from anofpdm.data.slices import SliceDataset
+from anofpdm.distributed import Distributed
 from anofpdm.runtime import describe_device, reuse_heap_memory
-from anofpdm.train import Distributed, TrainConfig, Trainer, read_manifest, resolve_network
+from anofpdm.train import Trainer
+from anofpdm.train_config import TrainConfig, read_manifest, resolve_network
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import time
 
 from anofpdm.diffusion import NoiseSchedule
 from anofpdm.model import load_model
-from anofpdm.train import TrainConfig
+from anofpdm.train_config import TrainConfig
 from anofpdm.validation import ValidationLoss
 
 

@@ -21,7 +21,8 @@ from sklearn.metrics import average_precision_score
 from anofpdm.calibration import calibrate_mode
 from anofpdm.forward_process import ForwardProcessConfig, run_on_slices
 from anofpdm.model import HEALTHY, UNHEALTHY, NetworkConfig, load_model
-from anofpdm.train import TrainConfig, train
+from anofpdm.train import train
+from anofpdm.train_config import TrainConfig
 
 SIZE = 32
 NETWORK = NetworkConfig(sequences=("flair", "t2"), image_size=SIZE, channels=(16, 32), attention_levels=(False, False),

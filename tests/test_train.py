@@ -17,13 +17,10 @@ import torch
 
 from anofpdm.cli import main as cli_main
 from anofpdm.model import HEALTHY, NULL_LABEL, UNHEALTHY, load_model
-from anofpdm.train import (
-    GlobalBatchSampler,
-    TrainConfig,
-    TrainingInterrupted,
-    draw_diffusion_inputs,
-    train,
-)
+from anofpdm.stop_request import TrainingInterrupted
+from anofpdm.train import train
+from anofpdm.train_config import TrainConfig
+from anofpdm.train_sampling import GlobalBatchSampler, draw_diffusion_inputs
 
 from conftest import TINY
 

@@ -33,6 +33,7 @@ from anofpdm.diffusion import NoiseSchedule, SliceNoise
 from anofpdm.model import MAP_SEQUENCES, NULL_LABEL, LoadedModel
 from anofpdm.forward_process import guided_and_null_noise
 from anofpdm.pipeline import (
+    InferenceOptions,
     ModelGridOutputs,
     SegmentationResult,
     default_median_kernel,
@@ -118,8 +119,8 @@ class BaselineOptions:
     noise_level: int | None = None
     stride: int = DEFAULT_DECODING_STRIDE
     guidance: float = DEFAULT_GUIDANCE
-    seed: int = 0
-    min_lesion_mm3: float = 500.0
+    seed: int = InferenceOptions.seed
+    min_lesion_mm3: float = InferenceOptions.min_lesion_mm3
     median_kernel: int | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
 

@@ -138,20 +138,29 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", default="fast", help="calibrated mode: fast (the default) or full (600 steps)")
+    from anofpdm.decisions import UNCERTAIN_PROBABILITY
+    from anofpdm.pipeline import InferenceOptions
+
+    defaults = InferenceOptions()
+    parser.add_argument("--mode", default=defaults.mode,
+                        help=f"calibrated mode: {defaults.mode} (the default) or full (600 steps)")
     parser.add_argument("--guidance", type=float, help="guidance weight w (default: the mode's calibrated one)")
     parser.add_argument("--steps", type=int, help="forward steps T_f (default: the mode's)")
     parser.add_argument("--stride", type=int, help="visit every n-th step (default: the mode's)")
     parser.add_argument("--encoding", choices=("ddim", "ddpm"), help="forward encoding (default: the mode's)")
     parser.add_argument("--early-stop", type=int, help="stop n visited steps after the divergence peak")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-lesion-mm3", type=float, default=500.0, help="drop components of at most this volume")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--min-lesion-mm3", type=float, default=defaults.min_lesion_mm3,
+                        help="drop components of at most this volume")
     parser.add_argument("--median-kernel", type=int,
                         help="odd 3-D median filter size in voxels (default: the paper's 5 px at 128 px, scaled)")
     parser.add_argument("--batch-size", type=int,
                         help="slices per network batch: speed and memory only (default: 8 on a CPU, 64 on CUDA)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the network (for GPUs)")
+    parser.add_argument("--mark-uncertain", action=argparse.BooleanOptionalAction, default=defaults.mark_uncertain,
+                        help="label lesions whose unhealthy probability stays below the confident level "
+                        f"({UNCERTAIN_PROBABILITY[1]}) as 2")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare", help="volumes -> normalised training slices with a split")
     prepare.add_argument("--data", type=Path, required=True, help="BraTS21 / BraTS2023 / MSD Task01 / synth folder")
     prepare.add_argument("--out", type=Path, required=True)
-    prepare.add_argument("--sequences", type=_csv, default=("flair", "t1", "t1ce", "t2"))
+    from anofpdm.sequences import SEQUENCES
+
+    prepare.add_argument("--sequences", type=_csv, default=SEQUENCES)
     prepare.add_argument("--size", type=int, default=128)
     prepare.add_argument("--seed", type=int, default=0)
     prepare.add_argument("--workers", type=int, default=1, help="cases read in parallel (same output)")
@@ -214,8 +225,6 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--map", type=Path, help="also write the anomaly map NIfTI")
     segment.add_argument("--report", type=Path, help="also write the JSON report")
     _add_inference_options(segment)
-    segment.add_argument("--mark-uncertain", action=argparse.BooleanOptionalAction, default=True,
-                         help="label lesions whose unhealthy probability stays below the confident level (0.8) as 2")
     segment.set_defaults(run=_segment)
 
     evaluate = commands.add_parser("evaluate", help="AnoFPDM variants and baselines on volume folders: metrics, tables, overlays")

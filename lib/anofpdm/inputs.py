@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from anofpdm.data.brats import MSD_CHANNELS
+from anofpdm.sequences import MSD_CHANNELS
 from anofpdm.volume import InputError
 
 __all__ = [

@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-__all__ = ["progress_bar"]
+__all__ = ["ProgressCallback", "progress_bar"]
+
+ProgressCallback = Callable[[int, int], None]  # (done, total), the library's progress callbacks
 
 
 def progress_bar(description: str, unit: str = "step") -> Callable[..., None]:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from anofpdm.intensity import percentile_normalise
-from anofpdm.metrics import dice
+from anofpdm.overlap import dice
 
 __all__ = [
     "InputError",
