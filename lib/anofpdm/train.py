@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from anofpdm.augment import augment_batch
 from anofpdm.data.slices import SliceDataset
 from anofpdm.diffusion import NoiseSchedule
 from anofpdm.distributed import Distributed, distributed_context
@@ -61,6 +62,7 @@ from anofpdm.train_resume import (
     resume_invariants,
 )
 from anofpdm.train_sampling import (
+    AUGMENT_STREAM,
     DIFFUSION_STREAM,
     INIT_STREAM,
     DiffusionDraw,
@@ -137,6 +139,9 @@ class Trainer:
         ).shard(self.ctx.rank, self.ctx.world_size)
         images = images.to(self.ctx.device, non_blocking=True)
         labels = labels.to(self.ctx.device, non_blocking=True)
+        if self.config.augment:
+            self.generator.manual_seed(stream_seed(self.config.seed, AUGMENT_STREAM, iteration))
+            images = augment_batch(images, self.generator, self.config.batch_size, self.ctx.rank, self.ctx.world_size)
         noised = self.schedule.add_noise(images, draw.noise, draw.timesteps)
         with self._autocast():
             predicted = self.model(noised, timesteps=draw.timesteps, class_labels=draw.conditioning(labels))
@@ -440,6 +445,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
     parser.add_argument("--num-workers", type=int, default=defaults["num_workers"])
+    parser.add_argument("--augment", action="store_true",
+                        help="random spatial and intensity augmentation of every slice (anofpdm.augment)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--time-limit-min", type=float, help="stop (saved, exit 0) after this many minutes of training")
 
@@ -463,6 +470,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         seed=args.seed,
         num_workers=args.num_workers,
+        augment=args.augment,
         bf16=args.bf16,
         device=args.device,
     )

@@ -45,6 +45,8 @@ class TrainConfig:
         log_every: add a ``loss.csv`` row every this many iterations.
         seed: seeds the initial weights, the data order and every diffusion draw.
         num_workers: data-loading worker processes.
+        augment: draw every training slice anew with random spatial and intensity transforms
+            (``anofpdm.augment``), for a network that generalises beyond its training anatomy and scanner.
         bf16: bfloat16 autocast of the network (CUDA only); weights, optimiser and loss stay fp32.
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; default ``cuda:LOCAL_RANK`` if available, else CPU.
         schedule: the diffusion noise schedule.
@@ -67,6 +69,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     num_workers: int = 0
+    augment: bool = False
     bf16: bool = False
     device: str | None = None
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -163,4 +166,7 @@ def resolve_network(config: TrainConfig, manifest: dict[str, Any]) -> NetworkCon
     absent = [s for s in sequences if s not in prepared]
     if absent:
         raise ValueError(f"sequences {absent} are not in the prepared data {config.data} (it has {list(prepared)})")
-    return replace(base, sequences=sequences)
+    # the network sees the slices as prepared: their histogram standardisation, if any, is the model's
+    landmarks = manifest.get("intensity_landmarks") or {}
+    return replace(base, sequences=sequences,
+                   intensity_landmarks=tuple(tuple(landmarks[s]) for s in sequences) if landmarks else ())

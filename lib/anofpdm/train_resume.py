@@ -33,7 +33,10 @@ RESUME_INVARIANTS = (
     "null_label_probability",
     "seed",
     "schedule",
+    "augment",
 )
+# what a state saved before an invariant existed trained with
+LEGACY_INVARIANTS = {"augment": False}
 
 
 def resume_invariants(config: TrainConfig, network_config: NetworkConfig, data: dict[str, Any]) -> dict[str, Any]:
@@ -56,9 +59,9 @@ def load_state(run_dir: Path, resume: bool, invariants: dict[str, Any], device: 
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"{path} is not an anofpdm training state ({STATE_FORMAT})")
     changed = [
-        f"{key}: run has {state['invariants'].get(key)!r}, now {value!r}"
+        f"{key}: run has {state['invariants'].get(key, LEGACY_INVARIANTS.get(key))!r}, now {value!r}"
         for key, value in invariants.items()
-        if state["invariants"].get(key) != value
+        if state["invariants"].get(key, LEGACY_INVARIANTS.get(key)) != value
     ]
     if changed:
         raise ValueError(f"cannot resume {run_dir} with a different setup:\n  " + "\n  ".join(changed))

@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 # independent random streams, each seeded by (seed, stream, counter)
-DATA_STREAM, DIFFUSION_STREAM, INIT_STREAM = 0, 1, 2
+DATA_STREAM, DIFFUSION_STREAM, INIT_STREAM, AUGMENT_STREAM = 0, 1, 2, 3
 
 
 def stream_seed(seed: int, stream: int, counter: int) -> int:
