@@ -335,7 +335,8 @@ def baseline_maps(
         raise ValueError(f"unknown baseline {method!r}; known: {', '.join(BASELINES)}")
     config = model.config
     start = time.perf_counter()
-    slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm)
+    slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm,
+                                          landmarks=config.landmarks)
     preprocess_s = time.perf_counter() - start
     start = time.perf_counter()
     raw_map, evaluations, settings = BASELINES[method](model, slices, options)

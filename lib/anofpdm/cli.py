@@ -47,7 +47,8 @@ def _prepare(args: argparse.Namespace) -> int:
     from anofpdm.data.slices import prepare_dataset
 
     manifest = prepare_dataset(args.data, args.out, sequences=args.sequences, size=args.size, seed=args.seed,
-                               progress=progress_bar("prepare", unit="case"), workers=args.workers)
+                               progress=progress_bar("prepare", unit="case"), workers=args.workers,
+                               standardise=args.intensity == "standardised")
     print(json.dumps(manifest["splits"], indent=2))
     return 0
 
@@ -193,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--size", type=int, default=128)
     prepare.add_argument("--seed", type=int, default=0)
     prepare.add_argument("--workers", type=int, default=1, help="cases read in parallel (same output)")
+    prepare.add_argument("--intensity", choices=("standardised", "percentile"), default="standardised",
+                         help="standardised: histogram standardisation onto the training split's landmarks, carried "
+                              "into the model (robust to another scanner's contrast); percentile: the paper's "
+                              "99th-percentile scaling only")
     prepare.set_defaults(run=_prepare)
 
     train = commands.add_parser("train", help="classifier-free-guidance training (torchrun for several GPUs)")

@@ -207,7 +207,8 @@ def run_forward(
         raise ValueError(f"model sequences {config.sequences} lack {missing_maps} needed for the anomaly maps")
     forward, calibration, warnings = resolve_options(model, options)
     start = time.perf_counter()
-    slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm)
+    slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm,
+                                          landmarks=config.landmarks)
     preprocess_s = time.perf_counter() - start
 
     start = time.perf_counter()

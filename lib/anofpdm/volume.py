@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anofpdm.intensity import percentile_normalise
+from anofpdm.intensity import normalise
 from anofpdm.overlap import dice
 
 __all__ = [
@@ -220,6 +220,7 @@ def to_model_slices(
     image_size: int,
     field_of_view_mm: float,
     extra: Mapping[str, np.ndarray] | None = None,
+    landmarks: Mapping[str, Sequence[float]] | None = None,
 ) -> tuple[np.ndarray, VolumeGeometry, dict[str, np.ndarray]]:
     """Normalise, reorient and resample input volumes to the network's slices.
 
@@ -230,6 +231,8 @@ def to_model_slices(
         field_of_view_mm: in-plane extent of a network slice.
         extra: other arrays on the input grid to resample the same way (e.g. a label mask; linear
             interpolation, returned as floats).
+        landmarks: sequence -> the model's histogram-standardisation landmarks (``anofpdm.intensity``);
+            None: percentile scaling only.
 
     Returns:
         slices N x C x S x S in [-1, 1] (N brain slices, C = len(sequences)), the geometry, and the
@@ -245,7 +248,9 @@ def to_model_slices(
     if not geometry.slices:
         raise InputError(f"no axial slice holds {MIN_BRAIN_AREA_MM2} mm^2 of brain: is this a brain MRI?")
     size = (image_size, image_size)
-    channels = [_resize_planes(_crop(percentile_normalise(ras[name]), geometry, BACKGROUND), size) for name in sequences]
+    landmarks = landmarks or {}
+    channels = [_resize_planes(_crop(normalise(ras[name], landmarks.get(name)), geometry, BACKGROUND), size)
+                for name in sequences]
     slices = np.stack(channels, axis=0).transpose(3, 0, 1, 2)
     resampled = {}
     for name, array in (extra or {}).items():
