@@ -47,7 +47,7 @@ def network():
 
 
 def brute_force(network, x0, schedule, config):
-    """SPEC section 3-4 done naively: keep every step's predictions, then decide."""
+    """docs/method.md sections 3-4 done naively: keep every step's predictions, then decide."""
     steps = config.visited_steps
     b = x0.shape[0]
     # slice i draws from its own generator (SliceNoise)

@@ -1,4 +1,4 @@
-"""Evaluate AnoFPDM variants and baselines on labelled volumes (SPEC.md section 6).
+"""Evaluate AnoFPDM variants and baselines on labelled volumes (docs/method.md section 6).
 
 For every case (BraTS21, BraTS 2023, MSD Task01 or synthetic folders; truth = whole tumour, label > 0)
 and method, this computes the paper's slice protocol on the model grid (per-slice Dice / IoU, "mixed"
@@ -104,7 +104,7 @@ __all__ = [
 
 ProgressCallback = Callable[[int, int], None]
 PAPER_MIN_AREA_PX = 40.0  # the authors drop 2-D components of at most 40 px at 128 x 128
-TRUTH_LEVEL = 0.5  # labels are resized, then thresholded at 0.5 (SPEC section 1)
+TRUTH_LEVEL = 0.5  # labels are resized, then thresholded at 0.5 (docs/method.md section 1)
 RESULTS_JSON, RESULTS_MD, OVERLAY_DIR, CASE_DIR = "results.json", "results.md", "overlays", "cases"
 TUNING_JSON = "tuning.json"  # the tuned baseline thresholds, reused by --resume
 PACKAGE_ROOT = Path(__file__).resolve().parent  # the anofpdm sources, part of the resume key

@@ -1,4 +1,4 @@
-"""Intensity normalisation shared by data preparation and inference (SPEC.md section 1)."""
+"""Intensity normalisation shared by data preparation and inference (docs/method.md section 1)."""
 
 from __future__ import annotations
 

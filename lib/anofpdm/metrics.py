@@ -1,4 +1,4 @@
-"""Segmentation metrics and the paper's slice-level evaluation protocol (SPEC.md section 6).
+"""Segmentation metrics and the paper's slice-level evaluation protocol (docs/method.md section 6).
 
 Overlap metrics (Dice, IoU, precision, recall) count true positives TP, false positives FP and false
 negatives FN of a binary prediction against the truth: Dice = 2 TP / (2 TP + FP + FN),

@@ -1,4 +1,4 @@
-"""Training slices from BraTS-style volumes (SPEC.md section 1) and a Dataset over them.
+"""Training slices from BraTS-style volumes (docs/method.md section 1) and a Dataset over them.
 
 ``prepare_dataset`` turns a folder of cases into compact per-split arrays:
 
