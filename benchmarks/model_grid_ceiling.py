@@ -101,7 +101,8 @@ def main() -> None:
             volumes_ml[case.case_id] = float(case.truth.sum()) * case.voxel_mm3 / 1000.0
             rows["grid"][case.case_id] = _grid_dice(case, case.truth_slices)
             for q in QUANTILES:
-                rows[f"Algorithm 1, q = {q}"][case.case_id] = _grid_dice(case, ideal_algorithm1_mask(case.truth_slices, q))
+                ideal = ideal_algorithm1_mask(case.truth_slices, q)
+                rows[f"Algorithm 1, q = {q}"][case.case_id] = _grid_dice(case, ideal)
             if flair is not None:
                 mask = np.asanyarray(run_baseline("flair-threshold", flair, case.images, flair_options).mask.dataobj)
                 rows[f"FLAIR percentile, q = {args.flair_quantile}"][case.case_id] = dice(mask > 0, case.truth)

@@ -122,7 +122,9 @@ class SegmentationResult:
     model_grid: ModelGridOutputs | None = None
 
 
-def resolve_options(model: LoadedModel, options: InferenceOptions) -> tuple[ForwardProcessConfig, Calibration, list[str]]:
+def resolve_options(
+    model: LoadedModel, options: InferenceOptions
+) -> tuple[ForwardProcessConfig, Calibration, list[str]]:
     """The forward-process settings and calibration for ``options``, and warnings about overrides."""
     modes = model.calibration or {}
     if options.mode not in modes:

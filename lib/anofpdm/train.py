@@ -952,7 +952,8 @@ def train(
         if state is not None:
             _check_lr_history(state, config)
             _check_validation_history(state, config)
-        _Run(config, network_config, data, invariants, ctx, run_dir, state).fit(dataset, progress, on_iteration, time_limit_s)
+        run = _Run(config, network_config, data, invariants, ctx, run_dir, state)
+        run.fit(dataset, progress, on_iteration, time_limit_s)
     return run_dir / MODEL_FILE
 
 

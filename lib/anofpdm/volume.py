@@ -92,7 +92,9 @@ def _as_3d(name: str, image: nib.spatialimages.SpatialImage) -> np.ndarray:
     return data.astype(np.float32, copy=False)
 
 
-def check_inputs(images: Mapping[str, nib.spatialimages.SpatialImage], required: Sequence[str]) -> dict[str, np.ndarray]:
+def check_inputs(
+    images: Mapping[str, nib.spatialimages.SpatialImage], required: Sequence[str]
+) -> dict[str, np.ndarray]:
     """Validate co-registered input volumes and return their arrays (float32, input orientation).
 
     Args:
@@ -167,7 +169,9 @@ def _check_same_brain(name: str, data: np.ndarray, reference: str, reference_dat
         )
 
 
-def plan_geometry(reference: nib.spatialimages.SpatialImage, brain_ras: np.ndarray, image_size: int, field_of_view_mm: float) -> VolumeGeometry:
+def plan_geometry(
+    reference: nib.spatialimages.SpatialImage, brain_ras: np.ndarray, image_size: int, field_of_view_mm: float
+) -> VolumeGeometry:
     """Place the network's square field of view on each axial plane, centred on the brain.
 
     Args:
@@ -245,7 +249,8 @@ def to_model_slices(
     if not geometry.slices:
         raise InputError(f"no axial slice holds {MIN_BRAIN_AREA_MM2} mm^2 of brain: is this a brain MRI?")
     size = (image_size, image_size)
-    channels = [_resize_planes(_crop(percentile_normalise(ras[name]), geometry, BACKGROUND), size) for name in sequences]
+    channels = [_resize_planes(_crop(percentile_normalise(ras[name]), geometry, BACKGROUND), size)
+                for name in sequences]
     slices = np.stack(channels, axis=0).transpose(3, 0, 1, 2)
     resampled = {}
     for name, array in (extra or {}).items():

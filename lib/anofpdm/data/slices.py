@@ -239,7 +239,8 @@ def prepare_dataset(
         "field_of_view_mm": field_of_view_mm,
         "min_brain_area_mm2": MIN_BRAIN_AREA_MM2,
         "image_dtype": np.dtype(IMAGE_DTYPE).name,
-        "orientation": "RAS; axial planes volume[:, :, k] as (x, y); a square field of view centred on the brain (anofpdm.volume.to_model_slices)",
+        "orientation": "RAS; axial planes volume[:, :, k] as (x, y); a square field of view centred on the brain "
+                       "(anofpdm.volume.to_model_slices)",
         "normalisation": "per volume and sequence: anofpdm.intensity.percentile_normalise "
         "(99th percentile of nonzero voxels -> [-1, 1])",
         "splits": summary,
