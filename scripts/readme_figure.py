@@ -2,8 +2,8 @@
 
 Runs the library's pipeline (``anofpdm.pipeline.segment_volume``, the code path of the app and of ``anofpdm
 segment``) in the model's default mode, then draws the axial plane with the most tumour in the demo truth:
-the FLAIR, the anomaly map over it, and the returned mask with the truth's outline. About a minute on a 2-core
-CPU. From the repository root:
+the FLAIR, the anomaly map over it, and the returned mask with the truth's outline. About a minute on an idle
+2-core CPU. From the repository root:
 
     PYTHONPATH=lib python scripts/readme_figure.py            # writes docs/demo_result.png
 """
@@ -22,6 +22,7 @@ from anofpdm.inputs import read_image, read_sequence
 from anofpdm.metrics import dice
 from anofpdm.model import load_model
 from anofpdm.pipeline import InferenceOptions, segment_volume
+from anofpdm.progress import progress_bar
 from anofpdm.runtime import reuse_heap_memory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def main() -> int:
     model = load_model(args.model, args.device)
     images = read_image(args.studies / f"{args.case}.nii.gz").images
     images["t2"] = read_sequence("t2", args.studies / "t2" / f"{args.case}.nii.gz")
-    result = segment_volume(model, images, InferenceOptions())
+    result = segment_volume(model, images, InferenceOptions(), progress=progress_bar("forward process"))
     report = result.report
 
     flair = canonical(images["flair"])
