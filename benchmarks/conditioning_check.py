@@ -39,7 +39,8 @@ def main() -> None:
     dataset = SliceDataset(args.data, args.split, sequences=model.config.sequences)
     masks = np.load(f"{args.data}/{args.split}_masks.npy", mmap_mode="r")
     unhealthy = np.flatnonzero(dataset.labels == UNHEALTHY)
-    chosen = np.sort(np.random.default_rng(args.seed).choice(unhealthy, min(args.slices, len(unhealthy)), replace=False))
+    rng = np.random.default_rng(args.seed)
+    chosen = np.sort(rng.choice(unhealthy, min(args.slices, len(unhealthy)), replace=False))
     x0 = torch.stack([dataset[int(i)][0] for i in chosen])
     truth = np.asarray(masks[chosen]) > 0
     brain = (x0 > BACKGROUND + 1e-3).any(dim=1).numpy()

@@ -66,7 +66,8 @@ def main() -> None:
             gated = decided.candidate
             row = {"case": case_id, "tumour": bool(case.truth.any())}
             for text, kernel in kernels.items():
-                mask = gated if kernel is None else ndimage.median_filter(gated.astype(np.uint8), size=kernel, mode="nearest") > 0
+                mask = gated if kernel is None else (
+                    ndimage.median_filter(gated.astype(np.uint8), size=kernel, mode="nearest") > 0)
                 _, mask_input, _, _, _ = finish_on_input_grid(decided.filtered_map, mask, outputs.geometry,
                                                               options.min_lesion_mm3)
                 row[text] = dice(mask_input, case.truth) if row["tumour"] else float(not mask_input.any())

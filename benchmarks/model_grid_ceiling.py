@@ -1,9 +1,9 @@
-"""The best 3-D Dice a mask made on the model grid can reach, and the best that SPEC's threshold rule allows.
+"""The best 3-D Dice a mask made on the model grid can reach, and the best the threshold rule allows.
 
 For labelled cases (BraTS / MSD / synthetic folders) and each network image size, the whole-tumour truth is
 resampled to the model's slices exactly as the methods' inputs are, thresholded at the evaluation's truth
 level, mapped back to the input grid as the methods' masks are, and compared with the truth ("grid").
-Then SPEC section 4's threshold (Algorithm 1: tau = the q-quantile of the map over the whole slice, q between
+Then docs/method.md section 4's threshold (Algorithm 1: tau = the q-quantile of the map over the whole slice, q between
 0.90 and 0.98) is applied, as the pipeline applies it, to an ideal anomaly map (1 on the model-grid truth,
 decaying with the distance to it outside: every pixel ranked, the nearest to the tumour first) with an ideal
 slice verdict, at q = 0.98 (the smallest masks the rule makes) and q = 0.90: the most AnoFPDM's masks could
@@ -102,7 +102,8 @@ def main() -> None:
             volumes_ml[case.case_id] = float(case.truth.sum()) * case.voxel_mm3 / 1000.0
             rows["grid"][case.case_id] = _grid_dice(case, case.truth_slices)
             for q in QUANTILES:
-                rows[f"Algorithm 1, q = {q}"][case.case_id] = _grid_dice(case, ideal_algorithm1_mask(case.truth_slices, q))
+                ideal = ideal_algorithm1_mask(case.truth_slices, q)
+                rows[f"Algorithm 1, q = {q}"][case.case_id] = _grid_dice(case, ideal)
             if flair is not None:
                 mask = np.asanyarray(run_baseline("flair-threshold", flair, case.images, flair_options).mask.dataobj)
                 rows[f"FLAIR percentile, q = {args.flair_quantile}"][case.case_id] = dice(mask > 0, case.truth)

@@ -4,7 +4,7 @@ Uses the training defaults (or the options given) and prints the loss and the se
 Prints figures; asserts nothing. Example:
 
     PYTHONPATH=lib python benchmarks/validation_loss.py --data data/slices64 \\
-        --models checkpoints/h200/anofpdm_9307.pt,checkpoints/h200/anofpdm_11513.pt
+        --models anofpdm_9307.pt,anofpdm_11513.pt   # the demo run's steps: docs/training.md
 """
 
 from __future__ import annotations

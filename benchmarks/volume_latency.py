@@ -57,7 +57,8 @@ def measure(model, case, mode: str, forward_steps: int | None, batch_size: int |
         nib.save(result.anomaly_map, Path(folder) / "map.nii.gz")
     write_s = time.perf_counter() - start
     report = result.report
-    figures = {"mode": mode, "precision": "bf16" if bf16 else "fp32", "shape": list(volume.images[model.config.sequences[0]].shape),
+    figures = {"mode": mode, "precision": "bf16" if bf16 else "fp32",
+               "shape": list(volume.images[model.config.sequences[0]].shape),
                "slices": report["slices"]["segmented"], "visited_steps": report["settings"]["visited_steps"],
                "network_evaluations": report["network_evaluations"], "load_s": load_s, **report["timings_s"],
                "write_s": write_s, "extrapolated": False}

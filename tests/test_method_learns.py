@@ -4,7 +4,7 @@ on validation slices, then check on held-out slices that the verdict and the ano
 Slices are textured ellipses ("brains"); an unhealthy slice carries a bright disc ("tumour") at a random
 place. No pixel label is used until scoring. Elsewhere the suite checks that the method runs as specified;
 here it has to work: a model trained by `anofpdm.train` must give verdicts and anomaly maps that find the
-discs (the real synthetic brains need far longer training, see checkpoints/README.md).
+discs (the real synthetic brains need far longer training, see docs/training.md).
 """
 
 from __future__ import annotations

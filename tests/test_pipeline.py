@@ -30,7 +30,8 @@ def _with_calibration(model, tmp_path, **overrides):
 def test_result_is_on_the_exact_input_grid_with_a_full_report(model):
     images = make_volume_pair()
     steps = []
-    result = segment_volume(model, images, InferenceOptions(), progress=lambda stage, done, total: steps.append((done, total)))
+    result = segment_volume(model, images, InferenceOptions(),
+                            progress=lambda stage, done, total: steps.append((done, total)))
     flair = images["flair"]
     assert result.mask.shape == flair.shape and result.anomaly_map.shape == flair.shape
     np.testing.assert_array_equal(result.mask.affine, flair.affine)

@@ -361,7 +361,8 @@ def test_a_volume_loaded_in_slicer_with_the_t2_path_in_options(served, tmp_path)
     assert np.array_equal(check_label(label, result, served["pair"]["flair"]), reference)
     with pytest.raises(MONAILabelClientException) as error:  # the FLAIR's own path typed as the T2
         client.infer("anofpdm", "case_flair", {**params, "t2": str(files / "case_flair.nii.gz")}, session_id=session_id)
-    assert "Status: 422" in error.value.msg and "the file given as the T2 is named 'case_flair.nii.gz'" in error.value.msg
+    assert "Status: 422" in error.value.msg
+    assert "the file given as the T2 is named 'case_flair.nii.gz'" in error.value.msg
     copy = tmp_path / "copy.nii.gz"  # a name that says nothing: the voxels tell
     copy.write_bytes((files / "case_flair.nii.gz").read_bytes())
     with pytest.raises(MONAILabelClientException) as error:
@@ -471,7 +472,8 @@ def test_the_readme_first_command_serves_the_demo_studies(tmp_path):
     shutil.copytree(REPO / "demo" / "studies", studies)
     port = free_port()
     command = " && ".join(run).replace(".venv/", f"{shlex.quote(sys.prefix)}/")  # the venv running this test
-    for old, new in (("--studies demo/studies", f"--studies {shlex.quote(str(studies))}"), ("--port 8000", f"--port {port}")):
+    for old, new in (("--studies demo/studies", f"--studies {shlex.quote(str(studies))}"),
+                     ("--port 8000", f"--port {port}")):
         assert command.count(old) == 1, (old, line)
         command = command.replace(old, new)
     server = Server(command, port, tmp_path)

@@ -1,4 +1,4 @@
-"""Baselines on the same model, data and post-processing as AnoFPDM (SPEC.md section 6).
+"""Baselines on the same model, data and post-processing as AnoFPDM (docs/method.md section 6).
 
 - "flair-threshold": no network. The normalised FLAIR on the model grid is the anomaly map.
 - "anoddpm-reconstruction" (AnoDDPM-style, Gaussian noise): noise every slice to one fixed step t,

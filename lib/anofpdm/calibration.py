@@ -1,4 +1,4 @@
-"""Label-free calibration of c* and Dmax on validation slices (SPEC.md section 4).
+"""Label-free calibration of c* and Dmax on validation slices (docs/method.md section 4).
 
 Only image-level labels (healthy / unhealthy slice) are used: Dmax[m] is the largest peak divergence
 of modality m over unhealthy slices, and c* the cosine threshold with the fewest misclassified

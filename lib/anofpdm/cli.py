@@ -105,7 +105,8 @@ def _segment(args: argparse.Namespace) -> int:
     options = InferenceOptions(
         mode=args.mode, guidance=args.guidance, forward_steps=args.steps, stride=args.stride,
         encoding=args.encoding, early_stop=args.early_stop, seed=args.seed, min_lesion_mm3=args.min_lesion_mm3,
-        median_kernel=args.median_kernel, batch_size=args.batch_size, bf16=args.bf16, mark_uncertain=args.mark_uncertain,
+        median_kernel=args.median_kernel, batch_size=args.batch_size, bf16=args.bf16,
+        mark_uncertain=args.mark_uncertain,
     )
     images = read_image(args.flair).images
     if args.t2 is not None:
@@ -232,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_options(segment)
     segment.set_defaults(run=_segment)
 
-    evaluate = commands.add_parser("evaluate", help="AnoFPDM variants and baselines on volume folders: metrics, tables, overlays")
+    evaluate = commands.add_parser(
+        "evaluate", help="AnoFPDM variants and baselines on volume folders: metrics, tables, overlays")
     from anofpdm.evaluate import add_evaluate_arguments
 
     add_evaluate_arguments(evaluate)

@@ -1,4 +1,4 @@
-"""Per-slice decisions without pixel labels (SPEC.md section 4).
+"""Per-slice decisions without pixel labels (docs/method.md section 4).
 
 From the forward-process statistics of a slice: the healthy/unhealthy verdict (cosine similarity of
 the MSE curves against the calibrated c*), the quantile threshold of Algorithm 1 (driven by the peak

@@ -1,4 +1,4 @@
-"""Noise schedule, forward noising, clean-image prediction and DDIM inversion (SPEC.md sections 2-3).
+"""Noise schedule, forward noising, clean-image prediction and DDIM inversion (docs/method.md sections 2-3).
 
 Timesteps are 0-based: step ``t`` has cumulative signal fraction ``alpha_bar[t]``.
 """

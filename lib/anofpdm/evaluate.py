@@ -11,7 +11,8 @@ per-volume quantiles can be tuned on its validation split first (best mean 3-D D
 keep their fixed defaults. AnoFPDM needs no tuning here: its c* and Dmax come from the model's calibration.
 
 Each case's result is also stored as soon as it is done (``cases/<case>.json``, tagged with a key of the
-model file, the methods, the settings and the library's code), so a long run that stops loses at most the case in progress:
+model file, the methods, the settings and the library's code), so a long run that stops loses at most the case in
+progress:
 ``resume=True`` (``--resume``) reuses the stored cases whose key matches and computes the rest.
 
 Under torchrun (WORLD_SIZE > 1) the cases are sharded over the ranks (rank r takes cases r::world),

@@ -76,7 +76,8 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
         "or tumour slices (unhealthy, ungated); AUPRC over brain pixels, mean over cases with tumour; slice acc. = "
         "verdict accuracy; slice AUROC = how well the slice scores rank a volume's tumour slices first, mean over "
         "volumes with both kinds of slice. 3-D metrics: per volume on the input grid, mean ± std over cases with "
-        "tumour; volume acc. over all cases; healthy FP = mask volume on cases without tumour. Baselines have no slice classifier: a slice is unhealthy when its final mask is not empty.",
+        "tumour; volume acc. over all cases; healthy FP = mask volume on cases without tumour. Baselines have no "
+        "slice classifier: a slice is unhealthy when its final mask is not empty.",
     ]
     reliable = {method: result["verdict_reliability"] for method, result in summary.items()
                 if result["verdict_reliability"]}

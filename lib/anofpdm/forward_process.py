@@ -1,4 +1,4 @@
-"""The forward process of AnoFPDM on a batch of slices, with streaming statistics (SPEC.md section 3).
+"""The forward process of AnoFPDM on a batch of slices, with streaming statistics (docs/method.md section 3).
 
 At each visited step t the noised input z_t is evaluated twice, in one batched network call: with
 the healthy label and with the null label. From these come the healthy-guided clean-image prediction

@@ -1,4 +1,4 @@
-"""Segmentation metrics and the paper's slice-level evaluation protocol (SPEC.md section 6).
+"""Segmentation metrics and the paper's slice-level evaluation protocol (docs/method.md section 6).
 
 The overlap metrics (Dice, IoU, precision, recall) are :mod:`anofpdm.overlap`'s.
 

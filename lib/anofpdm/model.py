@@ -1,4 +1,4 @@
-"""The noise-prediction network and its self-describing checkpoint (SPEC.md section 2).
+"""The noise-prediction network and its self-describing checkpoint (docs/method.md section 2).
 
 A checkpoint is a plain dict of tensors and simple types, loadable with
 ``torch.load(..., weights_only=True)``. It carries the network config, the diffusion schedule, the

@@ -59,7 +59,7 @@ class InferenceOptions:
         median_kernel: odd 3-D median kernel in voxels (None: the paper's 5 px at 128 px, scaled).
         batch_size: slices per network batch (None: 8 on CPU, 64 on CUDA).
         bf16: run the network under bfloat16 autocast (fast on recent GPUs; calibrated in float32).
-        map_variant: "mean" (SPEC: mean error over the steps before t_e) or "end_step" (the paper's
+        map_variant: "mean" (docs/method.md section 4: mean error before t_e) or "end_step" (the paper's
             S_te variant: the error at t_e alone).
         mark_uncertain: label lesions whose unhealthy probability stays below the confident level
             (``UNCERTAIN_PROBABILITY[1]``) as "tumour (uncertain)" (2) instead of "tumour" (1); needs a
@@ -122,7 +122,9 @@ class SegmentationResult:
     model_grid: ModelGridOutputs | None = None
 
 
-def resolve_options(model: LoadedModel, options: InferenceOptions) -> tuple[ForwardProcessConfig, Calibration, list[str]]:
+def resolve_options(
+    model: LoadedModel, options: InferenceOptions
+) -> tuple[ForwardProcessConfig, Calibration, list[str]]:
     """The forward-process settings and calibration for ``options``, and warnings about overrides."""
     modes = model.calibration or {}
     if options.mode not in modes:
@@ -286,7 +288,7 @@ class SliceDecisions:
 
 
 def decide_slices(model: LoadedModel, outputs: ForwardOutputs, options: InferenceOptions) -> SliceDecisions:
-    """Verdicts, thresholds and the gated mask from a forward process (SPEC.md section 4, then the 3-D median)."""
+    """Verdicts, thresholds and the gated mask from a forward process (docs/method.md section 4, 3-D median)."""
     stats, calibration = outputs.stats, outputs.calibration
     unhealthy = stats.scores <= calibration.cosine_threshold
     maps = stats.anomaly_maps if options.map_variant == "mean" else stats.end_step_maps
@@ -354,7 +356,7 @@ def image_like(reference: nib.spatialimages.SpatialImage, data: np.ndarray, dtyp
 
 def default_batch_size(device: torch.device) -> int:
     """Slices per network batch when the request names none."""
-    # 2-core CPU, one volume's network time: batch 8 85-99 s, 32 88-89 s (README), for ~0.7 GB more memory
+    # 2-core CPU, one volume's network time: batch 8 85-99 s, 32 88-89 s (docs/performance.md), for ~0.7 GB more memory
     return 64 if device.type == "cuda" else 8
 
 

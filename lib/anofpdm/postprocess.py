@@ -1,4 +1,4 @@
-"""3-D post-processing of a restacked volume and the lesion table (SPEC.md section 5)."""
+"""3-D post-processing of a restacked volume and the lesion table (docs/method.md section 5)."""
 
 from __future__ import annotations
 

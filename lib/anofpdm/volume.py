@@ -92,7 +92,9 @@ def _as_3d(name: str, image: nib.spatialimages.SpatialImage) -> np.ndarray:
     return data.astype(np.float32, copy=False)
 
 
-def check_inputs(images: Mapping[str, nib.spatialimages.SpatialImage], required: Sequence[str]) -> dict[str, np.ndarray]:
+def check_inputs(
+    images: Mapping[str, nib.spatialimages.SpatialImage], required: Sequence[str]
+) -> dict[str, np.ndarray]:
     """Validate co-registered input volumes and return their arrays (float32, input orientation).
 
     Args:
@@ -167,7 +169,9 @@ def _check_same_brain(name: str, data: np.ndarray, reference: str, reference_dat
         )
 
 
-def plan_geometry(reference: nib.spatialimages.SpatialImage, brain_ras: np.ndarray, image_size: int, field_of_view_mm: float) -> VolumeGeometry:
+def plan_geometry(
+    reference: nib.spatialimages.SpatialImage, brain_ras: np.ndarray, image_size: int, field_of_view_mm: float
+) -> VolumeGeometry:
     """Place the network's square field of view on each axial plane, centred on the brain.
 
     Args:

@@ -118,7 +118,8 @@ def resolve_inputs(
             found = next((p for p in candidates if p.is_file()), None)
             if found is None:
                 raise InputError(
-                    f"{name.upper()} for datastore image {split_volume_suffix(image_path.name)[0]!r} not found: looked for "
+                    f"{name.upper()} for datastore image {split_volume_suffix(image_path.name)[0]!r} not found: "
+                    "looked for "
                     f"{', '.join(str(p) for p in candidates)}; or give a 2- or 4-channel image"
                 )
             resolved.add(name, read_volume(found, name.upper()), str(found))

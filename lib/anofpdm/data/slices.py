@@ -1,4 +1,4 @@
-"""Training slices from BraTS-style volumes (SPEC.md section 1) and a Dataset over them.
+"""Training slices from BraTS-style volumes (docs/method.md section 1) and a Dataset over them.
 
 ``prepare_dataset`` turns a folder of cases into compact per-split arrays:
 
@@ -283,9 +283,11 @@ def prepare_dataset(
         "field_of_view_mm": field_of_view_mm,
         "min_brain_area_mm2": MIN_BRAIN_AREA_MM2,
         "image_dtype": np.dtype(IMAGE_DTYPE).name,
-        "orientation": "RAS; axial planes volume[:, :, k] as (x, y); a square field of view centred on the brain (anofpdm.volume.to_model_slices)",
+        "orientation": "RAS; axial planes volume[:, :, k] as (x, y); a square field of view centred on the brain "
+                       "(anofpdm.volume.to_model_slices)",
         "normalisation": "per volume and sequence: anofpdm.intensity.normalise (99th percentile of nonzero voxels "
-        + ("-> 1, histogram standardisation onto intensity_landmarks" if standardise else "-> 1") + ", [0, 1] -> [-1, 1])",
+        + ("-> 1, histogram standardisation onto intensity_landmarks" if standardise else "-> 1")
+        + ", [0, 1] -> [-1, 1])",
         "intensity_landmarks": landmarks,
         "splits": summary,
         "skipped": skipped,

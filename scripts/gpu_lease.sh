@@ -11,10 +11,10 @@
 # replaced atomically, so a lease killed mid-way still returns the last bundle):
 #   figures.txt quality_vs_cost.png evaluation/{results.md,results.json,cases/,overlays/}
 #
-#   bash checkpoints/h200/lease.sh 2>&1 | tee $OUT/log.txt        # from the repository root, wheels in .whl/
+#   bash scripts/gpu_lease.sh 2>&1 | tee $OUT/log.txt        # from the repository root, wheels in .whl/ (docs/training.md)
 #
 # Earlier forms of this script trained the demo run: 5127 iterations in 279 s on an H200 (2026-11-28), the rest of
-# the run went on on the CPU (checkpoints/README.md).
+# the run went on on the CPU (docs/training.md, "The demo run behind the shipped model").
 set -uo pipefail
 END=${END:-570}            # seconds after start by which everything must be done
 PY=${PY:-python3}
