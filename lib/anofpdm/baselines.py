@@ -41,14 +41,13 @@ from anofpdm.pipeline import (
     image_like,
 )
 from anofpdm.postprocess import median_filter_3d
-from anofpdm.volume import BACKGROUND, VolumeGeometry, to_model_slices
+from anofpdm.volume import BACKGROUND, VolumeGeometry, brain_pixels, to_model_slices
 
 __all__ = [
     "BASELINES",
     "FixedThreshold",
     "BaselineOptions",
     "BaselineMaps",
-    "brain_pixels",
     "decoding_steps",
     "ddim_encode",
     "ddim_decode",
@@ -59,7 +58,6 @@ __all__ = [
     "run_baseline",
 ]
 
-BRAIN_TOLERANCE = 1e-4  # model-grid pixels above BACKGROUND by more than this hold brain
 DEFAULT_QUANTILE = 0.99  # the FLAIR baseline's usual 99th percentile; tune on validation cases
 ANODDPM_NOISE_LEVEL = 250  # AnoDDPM's noise level: 250 of 1000 steps
 CFG_NOISE_LEVEL = 500  # a setting for the CFG baseline, not from the paper: tune on validation cases
@@ -139,11 +137,6 @@ class BaselineOptions:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-
-
-def brain_pixels(slices: np.ndarray) -> np.ndarray:
-    """N x S x S brain pixels of N x C x S x S model-grid slices: any sequence above the background."""
-    return (slices > BACKGROUND + BRAIN_TOLERANCE).any(axis=1)
 
 
 def decoding_steps(noise_level: int, stride: int) -> list[int]:

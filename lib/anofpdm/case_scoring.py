@@ -14,14 +14,13 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from anofpdm.baselines import brain_pixels
 from anofpdm.data.brats import CaseFiles, load_case
 from anofpdm.decisions import is_uncertain, median_filter_2d
 from anofpdm.metrics import slice_protocol, verdict_reliability, volume_metrics
 from anofpdm.model import NetworkConfig
 from anofpdm.pipeline import PAPER_IMAGE_SIZE, SegmentationResult, default_median_kernel
 from anofpdm.postprocess import remove_small_components
-from anofpdm.volume import VolumeGeometry, to_model_slices
+from anofpdm.volume import VolumeGeometry, brain_pixels, to_model_slices
 
 __all__ = ["SliceProtocol", "EvaluationCase", "prepare_case", "score_result"]
 

@@ -106,7 +106,7 @@ def _segment(args: argparse.Namespace) -> int:
         mode=args.mode, guidance=args.guidance, forward_steps=args.steps, stride=args.stride,
         encoding=args.encoding, early_stop=args.early_stop, seed=args.seed, min_lesion_mm3=args.min_lesion_mm3,
         median_kernel=args.median_kernel, batch_size=args.batch_size, bf16=args.bf16,
-        mark_uncertain=args.mark_uncertain,
+        mark_uncertain=args.mark_uncertain, decision_rule=args.decision_rule,
     )
     images = read_image(args.flair).images
     if args.t2 is not None:
@@ -141,7 +141,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     from anofpdm.decisions import UNCERTAIN_PROBABILITY
-    from anofpdm.pipeline import InferenceOptions
+    from anofpdm.pipeline import DECISION_RULES, InferenceOptions
 
     defaults = InferenceOptions()
     parser.add_argument("--mode", default=defaults.mode,
@@ -163,6 +163,9 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mark-uncertain", action=argparse.BooleanOptionalAction, default=defaults.mark_uncertain,
                         help="label lesions whose unhealthy probability stays below the confident level "
                         f"({UNCERTAIN_PROBABILITY[1]}) as 2")
+    parser.add_argument("--decision-rule", choices=DECISION_RULES, default=defaults.decision_rule,
+                        help="paper: each slice against the calibrated c* and Algorithm 1; volume: also against the "
+                        "volume's own scores and map (for scans unlike the training data)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,9 @@ __all__ = [
     "row_quantiles",
     "combine_maps",
     "median_filter_2d",
+    "VolumeRule",
+    "robust_z",
+    "adapt_to_volume",
 ]
 
 
@@ -179,3 +182,65 @@ def median_filter_2d(maps: torch.Tensor, kernel_size: int) -> torch.Tensor:
     padded = F.pad(maps[:, None], (pad, pad, pad, pad), mode="reflect")
     patches = F.unfold(padded, kernel_size)  # B x k*k x H*W
     return patches.median(dim=1).values.reshape(maps.shape)
+
+
+@dataclass(frozen=True)
+class VolumeRule:
+    """A label-free per-volume adaptation of the verdict and the threshold: each slice judged by its own volume.
+
+    A slice is unhealthy only when its cosine score is also a low outlier among the volume's slices (robust
+    z-score at most ``-score_z``), and a pixel is masked only when its map value is also a high outlier among
+    the volume's brain pixels (robust z-score at least ``map_z``). On a brain unlike the training anatomy, where
+    every score drops and every map rises, what stands out within the volume is kept.
+
+    Args:
+        score_z: how far below the volume's median score (in robust standard deviations) a slice must lie.
+        map_z: how far above the volume's median brain map value a pixel must lie.
+    """
+
+    score_z: float = 1.0
+    map_z: float = 6.0
+
+    def __post_init__(self) -> None:
+        if self.score_z < 0 or self.map_z < 0:
+            raise ValueError(f"score_z and map_z must be >= 0, got {self.score_z}, {self.map_z}")
+
+
+MAD_TO_SD = 1.4826  # a normal distribution's standard deviation per median absolute deviation
+
+
+def _median_and_spread(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The median and 1.4826 x the median absolute deviation of all entries (the middle two averaged)."""
+    flat = values.flatten().double()
+    median = flat.quantile(0.5)
+    return median, MAD_TO_SD * (flat - median).abs().quantile(0.5)
+
+
+def robust_z(values: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """(values - median) / (1.4826 * median absolute deviation), over all entries."""
+    median, spread = _median_and_spread(values)
+    return ((values.double() - median) / spread.clamp_min(eps)).to(values.dtype)
+
+
+def adapt_to_volume(
+    scores: torch.Tensor,
+    unhealthy: torch.Tensor,
+    thresholds: torch.Tensor,
+    filtered_map: torch.Tensor,
+    brain: torch.Tensor,
+    rule: VolumeRule,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``VolumeRule`` applied to one volume's N slices.
+
+    Args:
+        scores: N cosine scores; unhealthy: N verdicts of the paper's rule; thresholds: N taus of Algorithm 1.
+        filtered_map: the median-filtered combined map; brain: its brain pixels (same shape, any layout).
+        rule: the adaptation's settings.
+
+    Returns:
+        The adapted verdicts and thresholds (N each).
+    """
+    outlier = robust_z(scores) <= -rule.score_z
+    median, spread = _median_and_spread(filtered_map[brain] if bool(brain.any()) else filtered_map)
+    floor = float(median + rule.map_z * spread)
+    return unhealthy & outlier, thresholds.clamp_min(floor)

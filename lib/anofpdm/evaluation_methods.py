@@ -32,6 +32,8 @@ ANOFPDM_VARIANTS: dict[str, dict[str, str]] = {
     # the paper's S_te map: the error at the end step alone
     **{f"anofpdm-ste-{mode}": {"mode": mode, "map_variant": "end_step"}
        for mode in ("fast", "full")},
+    # each slice also judged against its own volume (anofpdm.decisions.VolumeRule)
+    **{f"anofpdm-volume-{mode}": {"mode": mode, "decision_rule": "volume"} for mode in ("fast", "full")},
 }
 BASELINE_DESCRIPTIONS = {
     "anoddpm-reconstruction": "AnoDDPM-style: Gaussian noise to a fixed t, null-label DDIM decoding, squared error",
@@ -40,7 +42,8 @@ BASELINE_DESCRIPTIONS = {
 }
 METHODS: dict[str, str] = {
     **{name: f"AnoFPDM, {MODES[v['mode']].encoding.upper()} forward, mode {v['mode']}"
-       + (", S_te map (error at t_e)" if "map_variant" in v else "") for name, v in ANOFPDM_VARIANTS.items()},
+       + (", S_te map (error at t_e)" if "map_variant" in v else "")
+       + (", per-volume decision rule" if "decision_rule" in v else "") for name, v in ANOFPDM_VARIANTS.items()},
     **BASELINE_DESCRIPTIONS,
 }
 DEFAULT_METHODS = ("anofpdm-ddim-fast", "anoddpm-reconstruction", "cfg-ddim", "flair-threshold")
@@ -106,13 +109,13 @@ def run_method(
     Args:
         shared_forward: the case's forward processes so far, keyed by their options with the map variant
             left at its default; AnoFPDM variants that differ only in the map (e.g. S_te) reuse one there
-            and add theirs. None: nothing is shared.
+            and add theirs (so do those that differ only in the decision rule). None: nothing is shared.
     """
     if method in ANOFPDM_VARIANTS:
         options = settings.inference_options(method)
         if shared_forward is None:
             return segment_volume(model, case.images, options)
-        key = replace(options, map_variant=InferenceOptions.map_variant)
+        key = replace(options, map_variant=InferenceOptions.map_variant, decision_rule=InferenceOptions.decision_rule)
         if key not in shared_forward:
             shared_forward[key] = run_forward(model, case.images, options)
         return segment_volume(model, case.images, options, forward_outputs=shared_forward[key])

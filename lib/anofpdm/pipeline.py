@@ -20,6 +20,8 @@ from anofpdm.decisions import (
     UNCERTAIN_PROBABILITY,
     Calibration,
     QuantileRule,
+    VolumeRule,
+    adapt_to_volume,
     combine_maps,
     is_uncertain,
     slice_thresholds,
@@ -34,13 +36,14 @@ from anofpdm.postprocess import (
     median_filter_3d,
     remove_small_components,
 )
-from anofpdm.volume import InputError, VolumeGeometry, to_input_grid, to_model_slices
+from anofpdm.volume import InputError, VolumeGeometry, brain_pixels, to_input_grid, to_model_slices
 
 __all__ = ["InferenceOptions", "InputError", "ModelGridOutputs", "SegmentationResult", "ForwardOutputs", "run_forward",
            "SliceDecisions", "decide_slices", "segment_volume", "resolve_options", "finish_on_input_grid", "image_like",
            "default_median_kernel", "default_batch_size"]
 
 MAP_VARIANTS = ("mean", "end_step")
+DECISION_RULES = ("paper", "volume")
 PAPER_MEDIAN_KERNEL = 5  # 5 x 5 at 128 px (1.875 mm): the paper's
 PAPER_IMAGE_SIZE = 128
 ProgressCallback = Callable[[str, int, int], None]
@@ -64,6 +67,8 @@ class InferenceOptions:
         mark_uncertain: label lesions whose unhealthy probability stays below the confident level
             (``UNCERTAIN_PROBABILITY[1]``) as "tumour (uncertain)" (2) instead of "tumour" (1); needs a
             calibration with unhealthy probabilities.
+        decision_rule: "paper" (each slice against the calibrated c* and Algorithm 1) or "volume" (the same,
+            and each slice's score and map judged against the volume's own: ``anofpdm.decisions.VolumeRule``).
     """
 
     mode: str = "fast"
@@ -79,10 +84,13 @@ class InferenceOptions:
     bf16: bool = False
     map_variant: str = "mean"
     mark_uncertain: bool = True
+    decision_rule: str = "paper"
 
     def __post_init__(self) -> None:
         if self.map_variant not in MAP_VARIANTS:
             raise InputError(f"map_variant must be one of {MAP_VARIANTS}, got {self.map_variant!r}")
+        if self.decision_rule not in DECISION_RULES:
+            raise InputError(f"decision_rule must be one of {DECISION_RULES}, got {self.decision_rule!r}")
         if self.min_lesion_mm3 < 0:
             raise InputError(f"min_lesion_mm3 must be >= 0, got {self.min_lesion_mm3}")
         if self.median_kernel is not None and (self.median_kernel < 1 or self.median_kernel % 2 == 0):
@@ -296,6 +304,10 @@ def decide_slices(model: LoadedModel, outputs: ForwardOutputs, options: Inferenc
     raw_map = combine_maps(maps).numpy().transpose(1, 2, 0)  # S x S x N
     kernel = options.median_kernel or default_median_kernel(model.config.image_size)
     filtered = median_filter_3d(raw_map, kernel)
+    if options.decision_rule == "volume":
+        brain = torch.from_numpy(brain_pixels(outputs.slices).transpose(1, 2, 0))
+        unhealthy, thresholds = adapt_to_volume(stats.scores, unhealthy, thresholds,
+                                                torch.from_numpy(filtered), brain, VolumeRule())
     candidate = (filtered >= thresholds.numpy()[None, None, :]) & unhealthy.numpy()[None, None, :]
     return SliceDecisions(unhealthy, thresholds, raw_map, filtered, candidate, kernel)
 
@@ -411,6 +423,7 @@ def _report(
             **asdict(forward),
             "mode": options.mode,
             "map_variant": options.map_variant,
+            "decision_rule": options.decision_rule,
             "mark_uncertain": options.mark_uncertain and probability is not None,
             "visited_steps": stats.visited_steps,
             "min_lesion_mm3": options.min_lesion_mm3,

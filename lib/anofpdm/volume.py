@@ -29,6 +29,7 @@ __all__ = [
     "ras_transform",
     "to_model_slices",
     "to_input_grid",
+    "brain_pixels",
 ]
 
 RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
@@ -39,6 +40,7 @@ MAX_BRAIN_ML = 3000.0  # intracranial volumes are ~1.1-1.9 L; a head with skull 
 MAX_NEGATIVE_SHARE = 0.05  # of the nonzero voxels; interpolation ringing stays far below, z-scored volumes far above
 MIN_BRAIN_OVERLAP = 0.8  # Dice of two sequences' nonzero regions; one brain mask on all sequences gives 1
 BACKGROUND = -1.0  # value of non-brain after percentile normalisation
+BRAIN_TOLERANCE = 1e-4  # model-grid pixels above BACKGROUND by more than this hold brain
 
 
 class InputError(ValueError):
@@ -278,3 +280,8 @@ def to_input_grid(model_volume: np.ndarray, geometry: VolumeGeometry) -> np.ndar
     sx, sy = slice(max(x0, 0), min(x0 + wx, ras.shape[0])), slice(max(y0, 0), min(y0 + wy, ras.shape[1]))
     ras[sx, sy, list(geometry.slices)] = planes[sx.start - x0 : sx.stop - x0, sy.start - y0 : sy.stop - y0]
     return nib.orientations.apply_orientation(ras, geometry.from_ras)
+
+
+def brain_pixels(slices: np.ndarray) -> np.ndarray:
+    """N x S x S brain pixels of N x C x S x S model-grid slices: any sequence above the background."""
+    return (slices > BACKGROUND + BRAIN_TOLERANCE).any(axis=1)

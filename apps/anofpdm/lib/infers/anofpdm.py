@@ -18,7 +18,7 @@ import nibabel as nib
 import SimpleITK as sitk
 import torch
 from anofpdm.model import LoadedModel, load_checkpoint, load_model
-from anofpdm.pipeline import InferenceOptions, SegmentationResult, resolve_options, segment_volume
+from anofpdm.pipeline import DECISION_RULES, InferenceOptions, SegmentationResult, resolve_options, segment_volume
 from anofpdm.volume import InputError
 from lib.inputs import ResolvedInputs, resolve_inputs
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
@@ -46,6 +46,7 @@ OPTION_TYPES: dict[str, type] = {
     "median_kernel": int,
     "batch_size": int,
     "mark_uncertain": bool,
+    "decision_rule": str,
 }
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -177,6 +178,7 @@ class AnoFPDM(InferTask):
             "min_lesion_mm3": float(defaults.min_lesion_mm3),
             "seed": int(defaults.seed),
             "mark_uncertain": defaults.mark_uncertain,
+            "decision_rule": [defaults.decision_rule, *(r for r in DECISION_RULES if r != defaults.decision_rule)],
             **{name: "" for name in self._other_sequences()},
         }
 
