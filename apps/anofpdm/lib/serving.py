@@ -7,9 +7,10 @@ thread pool, but the event loop still waits on that pool's future. This module r
 route with a plain (synchronous) endpoint, which FastAPI runs in its worker threads; the event loop
 stays free, several inferences can run at once, and ``MONAI_LABEL_INFER_CONCURRENCY=N`` (a MONAI
 Label setting) still caps how many run together. The endpoint also maps errors to status codes with
-the message in the body: ``InputError`` -> 422, model unavailable -> 503, anything else -> 500. It passes
-the name the client gave the image to the task as ``image_name`` (an upload's file name, or the image id
-sent with a session: the volume's name in Slicer), which MONAI Label would replace by a temporary path.
+the message in the body: ``InputError`` -> 422, a PACS that does not answer -> 502, model unavailable -> 503,
+anything else -> 500. It passes the name the client gave the image to the task as ``image_name`` (an upload's
+file name, or the image id sent with a session: the volume's name in Slicer), which MONAI Label would replace
+by a temporary path, and the datastore image id as ``image_id`` (a PACS series: its study holds the T2).
 
 It also adds ``GET /infer/{model}/anomaly_maps/{name}``: the anomaly map an inference result names
 (``anomaly_map_url``), for clients that do not share the server's file system (Slicer on a workstation,
@@ -29,7 +30,8 @@ from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadF
 from fastapi.responses import FileResponse
 from fastapi.routing import APIRoute
 from lib.infers.anofpdm import MAP_SUFFIX, ModelUnavailableError
-from lib.inputs import IMAGE_NAME
+from lib.inputs import IMAGE_ID, IMAGE_NAME
+from lib.pacs import PACSUnavailableError
 from monailabel.config import settings
 from monailabel.endpoints import infer as infer_endpoint
 from monailabel.endpoints.user.auth import RBAC, User
@@ -68,6 +70,9 @@ def api_run_inference_in_thread(
     image_name = file.filename if file is not None and file.filename else (image if session_id else "")
     if image_name:
         request_params.setdefault(IMAGE_NAME, image_name)
+    request_params.pop(IMAGE_ID, None)  # set here only, from the request's datastore image
+    if image and file is None and not session_id:
+        request_params[IMAGE_ID] = image
     try:
         return infer_endpoint.run_inference(background_tasks, model, image, session_id, json.dumps(request_params),
                                             file, label, output)
@@ -76,6 +81,9 @@ def api_run_inference_in_thread(
     except InputError as exc:
         logger.warning(f"infer {model}: bad input: {exc}")
         raise HTTPException(status_code=422, detail=str(exc)) from exc
+    except PACSUnavailableError as exc:
+        logger.warning(f"infer {model}: {exc}")
+        raise HTTPException(status_code=502, detail=str(exc)) from exc
     except ModelUnavailableError as exc:
         raise HTTPException(status_code=503, detail=str(exc)) from exc
     except MONAILabelException as exc:  # e.g. an unknown model name
