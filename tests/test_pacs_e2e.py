@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import requests
 from anofpdm.dicom import SERIES_DESCRIPTIONS, write_series, write_study
+from anofpdm.inputs import read_volume
 from anofpdm.metrics import dice
 from conftest import APP_DIR, STARTUP_DEADLINE_S, Server, free_port, make_volume_pair
 from dicomweb_client import DICOMwebClient
@@ -176,3 +177,69 @@ def test_infer_on_the_flair_series_uses_the_t2_of_its_study(pacs, tmp_path):
     stamp = cached.stat().st_mtime_ns
     _, again = client.infer("anofpdm", brain.series_uids["flair"], dict(SHOW_LESIONS))
     assert again["series"] == result["series"] and cached.stat().st_mtime_ns == stamp
+
+
+def test_submit_label_stores_a_dicom_seg_read_back_through_the_datastore(pacs, tmp_path):
+    server, brain, orthanc = pacs["server"], pacs["brain"], pacs["orthanc"]
+    flair = brain.series_uids["flair"]
+    client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+    label_file, _ = client.infer("anofpdm", flair, dict(SHOW_LESIONS))
+    label = nib.load(label_file)
+    values = np.asanyarray(label.dataobj)
+    assert (values > 0).any()
+    label_info = [{"name": "tumour", "idx": 1}, {"name": "tumour (uncertain)", "idx": 2}]
+    client.save_label(flair, label_file, tag="final", params={"label_info": label_info})
+
+    dicomweb = DICOMwebClient(orthanc.dicomweb)
+    segs = dicomweb.search_for_series(search_filters={"Modality": "SEG", "StudyInstanceUID": brain.study_uid})
+    assert len(segs) == 1
+    seg_uid = segs[0]["0020000E"]["Value"][0]
+    seg = dicomweb.retrieve_series(brain.study_uid, seg_uid)[0]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == flair
+    named = {int(s.SegmentNumber): s.SegmentLabel for s in seg.SegmentSequence}
+    assert named == {value: info["name"] for info in label_info for value in [info["idx"]] if (values == value).any()}
+
+    # a datastore with an empty cache, as a training run would read the labelled series from the PACS
+    fresh = PACSDatastore(DICOMwebClient(orthanc.dicomweb), SEARCH_FILTER, cache_path=str(tmp_path / "cache"))
+    datalist = fresh.datalist()
+    assert [Path(item["image"]).name for item in datalist] == [f"{flair}.nii.gz"]
+    back = nib.as_closest_canonical(read_volume(Path(datalist[0]["label"]), "label"))  # NRRD from pydicom-seg
+    label = nib.as_closest_canonical(label)
+    np.testing.assert_allclose(back.affine, label.affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asanyarray(back.dataobj), np.asanyarray(label.dataobj))
+
+
+def test_bad_series_are_clear_errors(pacs):
+    url, brain, twice = pacs["server"].url, pacs["brain"], pacs["twice"]
+    alone = pacs["alone"]
+    response = infer(url, alone.series_uids["flair"])
+    assert response.status_code == 422
+    assert alone.study_uid in response.text and "no MR series is named T2" in response.text
+
+    response = infer(url, twice.series_uids["flair"])
+    assert response.status_code == 422
+    assert "2 series fit equally" in response.text and "t2_series" in response.text
+    assert twice.series_uids["t2"] in response.text and pacs["repeat"] in response.text
+    chosen = infer(url, twice.series_uids["flair"], {"t2_series": pacs["repeat"]})
+    assert chosen.status_code == 200, chosen.text
+
+    for t2_series in (pacs["ct"], brain.series_uids["flair"], alone.series_uids["flair"]):
+        response = infer(url, brain.series_uids["flair"], {"t2_series": t2_series})
+        assert response.status_code == 422 and "is not another MR series of study" in response.text
+    response = infer(url, pacs["ct"])
+    assert response.status_code == 422 and "is not an MR series" in response.text and pacs["ct"] in response.text
+    response = infer(url, "1.2.3.4.5")
+    assert response.status_code == 422 and "no series '1.2.3.4.5'" in response.text
+
+
+def test_pacs_down_is_a_clear_error_and_the_server_keeps_serving(pacs):
+    url, orthanc, flair = pacs["server"].url, pacs["orthanc"], pacs["brain"].series_uids["flair"]
+    orthanc.stop()
+    try:
+        response = infer(url, flair)
+        assert response.status_code == 502
+        assert f"DICOMweb server {orthanc.dicomweb} failed" in response.text
+        assert requests.get(f"{url}/info/", timeout=10).status_code == 200
+    finally:
+        orthanc.start()
+    assert infer(url, flair).status_code == 200

@@ -48,6 +48,9 @@ SEG_WRITER = f"pydicom-seg {pydicom_seg.__version__}"
 NAME_FIELDS = ("SeriesDescription", "ProtocolName")  # the series names a sequence is recognised by
 SERIES_FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesNumber", *NAME_FIELDS)
 IMAGE_MODALITY = "MR"
+# tries of each DICOMweb request (dicomweb-client's default is 5: 30 s of exponential back-off, 2 + 4 + 8 + 16 s,
+# before a PACS that does not answer is reported; 3 tries wait 6 s)
+DICOMWEB_ATTEMPTS = 3
 
 
 class PACSUnavailableError(RuntimeError):
@@ -81,16 +84,19 @@ class SeriesInfo:
 def dicomweb_client(url: str) -> DICOMwebClient:
     """The DICOMweb client MONAI Label 0.8.5 makes for ``url`` from its settings (Google Cloud credentials
     for a ``googleapis.com`` URL; else ``MONAI_LABEL_DICOMWEB_USERNAME`` / ``_PASSWORD`` and the
-    ``MONAI_LABEL_QIDO_PREFIX`` / ``WADO`` / ``STOW`` prefixes)."""
+    ``MONAI_LABEL_QIDO_PREFIX`` / ``WADO`` / ``STOW`` prefixes), trying each request ``DICOMWEB_ATTEMPTS`` times."""
     if "googleapis.com" in url:
-        return DICOMwebClient(url=url, session=create_session_from_gcp_credentials())
-    session = None
-    if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
-        session = create_session_from_user_pass(settings.MONAI_LABEL_DICOMWEB_USERNAME,
-                                                settings.MONAI_LABEL_DICOMWEB_PASSWORD)
-    return DICOMwebClientX(url=url, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
-                           wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
-                           stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+        client = DICOMwebClient(url=url, session=create_session_from_gcp_credentials())
+    else:
+        session = None
+        if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+            session = create_session_from_user_pass(settings.MONAI_LABEL_DICOMWEB_USERNAME,
+                                                    settings.MONAI_LABEL_DICOMWEB_PASSWORD)
+        client = DICOMwebClientX(url=url, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                                 wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+                                 stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+    client.set_http_retry_params(max_attempts=DICOMWEB_ATTEMPTS)
+    return client
 
 
 def segment_descriptions(label_file: str, label_info: Any) -> list[dict[str, Any]]:
