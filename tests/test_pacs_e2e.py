@@ -11,7 +11,6 @@ calibration flags every slice (``unhealthy_model``), so masks are not empty.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,6 @@ from anofpdm.metrics import dice
 from conftest import APP_DIR, STARTUP_DEADLINE_S, Server, free_port, make_volume_pair
 from dicomweb_client import DICOMwebClient
 from monailabel.client import MONAILabelClient
-from monailabel.client.client import MONAILabelClientException
 from pydicom import dcmread
 
 sys.path.insert(0, str(APP_DIR))  # the app's own package `lib`, as `monailabel start_server` imports it
@@ -113,6 +111,7 @@ def pacs(tmp_path_factory: pytest.TempPathFactory, unhealthy_model: Path) -> dic
     dicom = root / "dicom"
     brain = write_study(pair, dicom / "brain", "PACS_BRAIN")
     ct = write_series(pair["flair"], dicom / "brain" / "CT", brain, "HEAD CT", 3, modality="CT")
+    t2_flair = write_series(pair["flair"], dicom / "brain" / "T2_FLAIR", brain, "AX T2 FLAIR", 4)  # a FLAIR
     alone = write_study({"flair": pair["flair"]}, dicom / "alone", "PACS_ALONE")
     twice = write_study(pair, dicom / "twice", "PACS_TWICE")
     repeat = write_series(pair["t2"], dicom / "twice" / "repeat", twice, "AX T2 repeat", 3)
@@ -135,7 +134,7 @@ def pacs(tmp_path_factory: pytest.TempPathFactory, unhealthy_model: Path) -> dic
         stack.callback(server.stop)
         server.wait_ready()
         yield {"orthanc": orthanc, "server": server, "pair": pair, "nifti": nifti, "brain": brain, "ct": ct,
-               "alone": alone, "twice": twice, "repeat": repeat, "cache": cache, "root": root}
+               "t2_flair": t2_flair, "alone": alone, "twice": twice, "repeat": repeat, "cache": cache}
 
 
 def infer(url: str, image: str, params: dict | None = None) -> requests.Response:
@@ -150,7 +149,7 @@ def test_server_starts_offline_and_lists_the_mr_series(pacs):
     assert not any((APP_DIR / "bin").glob("itkimage2segimage*"))
     assert "anofpdm" in requests.get(f"{server.url}/info/", timeout=10).json()["models"]
     picked = {requests.post(f"{server.url}/activelearning/random", timeout=30).json()["id"] for _ in range(8)}
-    mr_series = {*brain.series_uids.values(), *pacs["alone"].series_uids.values(),
+    mr_series = {*brain.series_uids.values(), pacs["t2_flair"], *pacs["alone"].series_uids.values(),
                  *pacs["twice"].series_uids.values(), pacs["repeat"]}
     assert picked and picked <= mr_series  # the CT series is not offered
 
@@ -230,6 +229,9 @@ def test_bad_series_are_clear_errors(pacs):
     assert response.status_code == 422 and "is not an MR series" in response.text and pacs["ct"] in response.text
     response = infer(url, "1.2.3.4.5")
     assert response.status_code == 422 and "no series '1.2.3.4.5'" in response.text
+    response = requests.post(f"{url}/infer/anofpdm", params={"image": brain.series_uids["flair"],
+                                                             "output": "dicom_seg"}, timeout=60)
+    assert response.status_code == 422 and "Submit Label" in response.text
 
 
 def test_pacs_down_is_a_clear_error_and_the_server_keeps_serving(pacs):

@@ -8,7 +8,7 @@ route with a plain (synchronous) endpoint, which FastAPI runs in its worker thre
 stays free, several inferences can run at once, and ``MONAI_LABEL_INFER_CONCURRENCY=N`` (a MONAI
 Label setting) still caps how many run together. The endpoint also maps errors to status codes with
 the message in the body: ``InputError`` -> 422, a PACS that does not answer -> 502, model unavailable -> 503,
-anything else -> 500. It passes the name the client gave the image to the task as ``image_name`` (an upload's
+anything else -> 500; ``output=dicom_seg`` (written by dcmqi in MONAI Label) is a 422 pointing to Submit Label. It passes the name the client gave the image to the task as ``image_name`` (an upload's
 file name, or the image id sent with a session: the volume's name in Slicer), which MONAI Label would replace
 by a temporary path, and the datastore image id as ``image_id`` (a PACS series: its study holds the T2).
 
@@ -67,6 +67,11 @@ def api_run_inference_in_thread(
         raise HTTPException(status_code=422, detail=f"params is not valid JSON: {exc}") from exc
     if not isinstance(request_params, dict):
         raise HTTPException(status_code=422, detail=f"params must be a JSON object, got {params!r}")
+    if output == infer_endpoint.ResultType.dicom_seg:  # MONAI Label writes it with dcmqi, which is not installed
+        raise HTTPException(status_code=422, detail="output=dicom_seg is not offered (MONAI Label would write it "
+                            "with dcmqi, which this offline server does not download): ask for the label (output "
+                            "image or all) and Submit Label (save_label, tag final) to store it in the PACS as a "
+                            "DICOM SEG")
     image_name = file.filename if file is not None and file.filename else (image if session_id else "")
     if image_name:
         request_params.setdefault(IMAGE_NAME, image_name)
