@@ -160,6 +160,8 @@ def test_infer_on_the_flair_series_uses_the_t2_of_its_study(pacs, tmp_path):
     label_file, result = client.infer("anofpdm", brain.series_uids["flair"], dict(SHOW_LESIONS))
     assert result["series"] == {"flair": brain.series_uids["flair"], "t2": brain.series_uids["t2"]}
     assert SERIES_DESCRIPTIONS["t2"] in result["inputs"]["t2"]
+    for name, series in result["series"].items():  # both read from MONAI Label's DICOMweb cache
+        assert result["inputs"][name].endswith(str(next(pacs["cache"].rglob(f"{series}.nii.gz"))))
     label = nib.load(label_file)
     assert label.shape == pair["flair"].shape
     np.testing.assert_allclose(label.affine, pair["flair"].affine, atol=1e-4)  # the FLAIR series' grid
@@ -194,7 +196,7 @@ def test_submit_label_stores_a_dicom_seg_read_back_through_the_datastore(pacs, t
     assert len(segs) == 1
     seg_uid = segs[0]["0020000E"]["Value"][0]
     seg = dicomweb.retrieve_series(brain.study_uid, seg_uid)[0]
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == flair
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == flair and seg.SeriesDescription == "AnoFPDM"
     named = {int(s.SegmentNumber): s.SegmentLabel for s in seg.SegmentSequence}
     assert named == {value: info["name"] for info in label_info for value in [info["idx"]] if (values == value).any()}
 

@@ -45,6 +45,7 @@ from pydicom.dataset import Dataset
 logger = logging.getLogger(__name__)
 
 SEG_WRITER = f"pydicom-seg {pydicom_seg.__version__}"
+SEG_SERIES_DESCRIPTION = "AnoFPDM"
 NAME_FIELDS = ("SeriesDescription", "ProtocolName")  # the series names a sequence is recognised by
 SERIES_FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesNumber", *NAME_FIELDS)
 IMAGE_MODALITY = "MR"
@@ -102,11 +103,15 @@ def dicomweb_client(url: str) -> DICOMwebClient:
 def segment_descriptions(label_file: str, label_info: Any) -> list[dict[str, Any]]:
     """The segments to describe in a DICOM SEG, in the order MONAI Label's writer expects (one per label
     value present, ascending): the client's ``label_info`` entry with that ``idx`` when it sends one
-    (3D Slicer does), else the app's name for the value ("tumour", "tumour (uncertain)")."""
+    (3D Slicer does), else the app's name for the value ("tumour", "tumour (uncertain)"). The SEG series is
+    described as ``SEG_SERIES_DESCRIPTION`` unless the client names a ``model_name``."""
     values = sorted(int(v) for v in np.unique(np.asanyarray(nib.load(label_file).dataobj)) if v != 0)
     given = {int(info["idx"]): info for info in label_info or [] if isinstance(info, dict) and "idx" in info}
     names = {value: name for name, value in LABEL_NAMES.items()}
-    return [given.get(value, {"name": names.get(value, f"label {value}"), "idx": value}) for value in values]
+    segments = [{"name": names.get(value, f"label {value}"), **given.get(value, {}), "idx": value} for value in values]
+    if segments:
+        segments[0].setdefault("model_name", SEG_SERIES_DESCRIPTION)
+    return segments
 
 
 class PACSDatastore(DICOMWebDatastore):
@@ -159,13 +164,22 @@ class PACSDatastore(DICOMWebDatastore):
         return found[0]
 
     def get_image_uri(self, image_id: str) -> str:
-        """The NIfTI file of MR series ``image_id`` (fetched and converted once; MONAI Label's cache)."""
+        """The NIfTI file of MR series ``image_id`` in MONAI Label's cache (fetched and converted once).
+
+        MONAI Label returns the conversion's temporary file the first time (and leaves it in the temp
+        folder) after copying it to the cache; here the cached copy is returned and the temporary one deleted.
+        """
         info = self.series_info(image_id)
         if info.modality != IMAGE_MODALITY:
             raise InputError(f"series {info} is not an MR series: the app segments MR FLAIR series "
                              f"(list them with MONAI_LABEL_DICOMWEB_SEARCH_FILTER='{{\"Modality\": \"MR\"}}')")
         with self._server(f"fetching series {info}"):
-            return super().get_image_uri(image_id)
+            uri = super().get_image_uri(image_id)
+        cached = Path(os.path.realpath(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz")))
+        if Path(os.path.realpath(uri)) != cached and cached.is_file():
+            Path(uri).unlink(missing_ok=True)
+            return str(cached)
+        return uri
 
     def study_series(self, image_id: str, sequence: str, series_uid: str | None = None) -> tuple[str, SeriesInfo]:
         """The NIfTI file and the series of ``sequence`` (e.g. "t2") in the study of series ``image_id``.

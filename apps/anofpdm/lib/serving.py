@@ -8,9 +8,10 @@ route with a plain (synchronous) endpoint, which FastAPI runs in its worker thre
 stays free, several inferences can run at once, and ``MONAI_LABEL_INFER_CONCURRENCY=N`` (a MONAI
 Label setting) still caps how many run together. The endpoint also maps errors to status codes with
 the message in the body: ``InputError`` -> 422, a PACS that does not answer -> 502, model unavailable -> 503,
-anything else -> 500; ``output=dicom_seg`` (written by dcmqi in MONAI Label) is a 422 pointing to Submit Label. It passes the name the client gave the image to the task as ``image_name`` (an upload's
-file name, or the image id sent with a session: the volume's name in Slicer), which MONAI Label would replace
-by a temporary path, and the datastore image id as ``image_id`` (a PACS series: its study holds the T2).
+anything else -> 500; ``output=dicom_seg`` (written by dcmqi in MONAI Label) is a 422 pointing to Submit
+Label. It passes the name the client gave the image to the task as ``image_name`` (an upload's file name, or
+the image id sent with a session: the volume's name in Slicer), which MONAI Label would replace by a temporary
+path, and the datastore image id as ``image_id`` (a PACS series: its study holds the T2).
 
 It also adds ``GET /infer/{model}/anomaly_maps/{name}``: the anomaly map an inference result names
 (``anomaly_map_url``), for clients that do not share the server's file system (Slicer on a workstation,
