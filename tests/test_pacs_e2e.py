@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
+import SimpleITK as sitk
 from anofpdm.dicom import SERIES_DESCRIPTIONS, write_series, write_study
 from anofpdm.inputs import read_volume
 from anofpdm.metrics import dice
@@ -189,7 +190,9 @@ def test_submit_label_stores_a_dicom_seg_read_back_through_the_datastore(pacs, t
     values = np.asanyarray(label.dataobj)
     assert (values > 0).any()
     label_info = [{"name": "tumour", "idx": 1}, {"name": "tumour (uncertain)", "idx": 2}]
-    client.save_label(flair, label_file, tag="final", params={"label_info": label_info})
+    submitted = tmp_path / "label.nrrd"  # 3D Slicer submits its segmentation as NRRD
+    sitk.WriteImage(sitk.ReadImage(label_file), str(submitted))
+    client.save_label(flair, str(submitted), tag="final", params={"label_info": label_info})
 
     dicomweb = DICOMwebClient(orthanc.dicomweb)
     segs = dicomweb.search_for_series(search_filters={"Modality": "SEG", "StudyInstanceUID": brain.study_uid})

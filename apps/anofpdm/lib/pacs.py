@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pydicom_seg
 import requests
-from anofpdm.inputs import named_sequences
+from anofpdm.inputs import named_sequences, read_volume
 from anofpdm.postprocess import LABEL_NAMES
 from anofpdm.volume import InputError
 from dicomweb_client import DICOMwebClient
@@ -105,7 +104,7 @@ def segment_descriptions(label_file: str, label_info: Any) -> list[dict[str, Any
     value present, ascending): the client's ``label_info`` entry with that ``idx`` when it sends one
     (3D Slicer does), else the app's name for the value ("tumour", "tumour (uncertain)"). The SEG series is
     described as ``SEG_SERIES_DESCRIPTION`` unless the client names a ``model_name``."""
-    values = sorted(int(v) for v in np.unique(np.asanyarray(nib.load(label_file).dataobj)) if v != 0)
+    values = sorted(int(v) for v in np.unique(np.asanyarray(read_volume(Path(label_file), "label").dataobj)) if v)
     given = {int(info["idx"]): info for info in label_info or [] if isinstance(info, dict) and "idx" in info}
     names = {value: name for name, value in LABEL_NAMES.items()}
     segments = [{"name": names.get(value, f"label {value}"), **given.get(value, {}), "idx": value} for value in values]
