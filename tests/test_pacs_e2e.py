@@ -29,6 +29,7 @@ from anofpdm.metrics import dice
 from conftest import APP_DIR, STARTUP_DEADLINE_S, Server, free_port, make_volume_pair
 from dicomweb_client import DICOMwebClient
 from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
 from pydicom import dcmread
 
 sys.path.insert(0, str(APP_DIR))  # the app's own package `lib`, as `monailabel start_server` imports it
@@ -200,6 +201,11 @@ def test_submit_label_stores_a_dicom_seg_read_back_through_the_datastore(pacs, t
     seg_uid = segs[0]["0020000E"]["Value"][0]
     seg = dicomweb.retrieve_series(brain.study_uid, seg_uid)[0]
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == flair and seg.SeriesDescription == "AnoFPDM"
+    empty = tmp_path / "empty.nrrd"  # a healthy verdict's empty label: nothing to store as a SEG, a 422
+    sitk.WriteImage(sitk.ReadImage(label_file) * 0, str(empty))
+    with pytest.raises(MONAILabelClientException, match="Status: 422.*the label for series .* is empty"):
+        client.save_label(flair, str(empty), tag="final", params={"label_info": label_info})
+    assert len(dicomweb.search_for_series(search_filters={"Modality": "SEG"})) == 1
     named = {int(s.SegmentNumber): s.SegmentLabel for s in seg.SegmentSequence}
     assert named == {value: info["name"] for info in label_info for value in [info["idx"]] if (values == value).any()}
 
@@ -239,13 +245,17 @@ def test_bad_series_are_clear_errors(pacs):
     assert response.status_code == 422 and "Submit Label" in response.text
 
 
-def test_pacs_down_is_a_clear_error_and_the_server_keeps_serving(pacs):
+def test_pacs_down_is_a_clear_error_and_the_server_keeps_serving(pacs, tmp_path):
     url, orthanc, flair = pacs["server"].url, pacs["orthanc"], pacs["brain"].series_uids["flair"]
+    label = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones(SHAPE, np.uint8), AFFINE), label)
     orthanc.stop()
     try:
         response = infer(url, flair)
         assert response.status_code == 502
         assert f"DICOMweb server {orthanc.dicomweb} failed" in response.text
+        with pytest.raises(MONAILabelClientException, match=f"Status: 502.*DICOMweb server {orthanc.dicomweb}"):
+            MONAILabelClient(url, tmpdir=str(tmp_path)).save_label(flair, str(label), tag="final")
         assert requests.get(f"{url}/info/", timeout=10).status_code == 200
     finally:
         orthanc.start()
