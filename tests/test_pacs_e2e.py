@@ -201,11 +201,15 @@ def test_submit_label_stores_a_dicom_seg_read_back_through_the_datastore(pacs, t
     seg_uid = segs[0]["0020000E"]["Value"][0]
     seg = dicomweb.retrieve_series(brain.study_uid, seg_uid)[0]
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == flair and seg.SeriesDescription == "AnoFPDM"
+    assert seg.FrameOfReferenceUID == brain.frame_of_reference_uid
     empty = tmp_path / "empty.nrrd"  # a healthy verdict's empty label: nothing to store as a SEG, a 422
     sitk.WriteImage(sitk.ReadImage(label_file) * 0, str(empty))
     with pytest.raises(MONAILabelClientException, match="Status: 422.*the label for series .* is empty"):
         client.save_label(flair, str(empty), tag="final", params={"label_info": label_info})
     assert len(dicomweb.search_for_series(search_filters={"Modality": "SEG"})) == 1
+    client.save_label(flair, str(submitted), tag="final", params={"label_info": label_info})  # submitted again:
+    again = dicomweb.search_for_series(search_filters={"Modality": "SEG"})  # a second SEG, the first kept
+    assert len(again) == 2 and seg_uid in {s["0020000E"]["Value"][0] for s in again}
     named = {int(s.SegmentNumber): s.SegmentLabel for s in seg.SegmentSequence}
     assert named == {value: info["name"] for info in label_info for value in [info["idx"]] if (values == value).any()}
 

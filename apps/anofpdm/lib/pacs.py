@@ -39,6 +39,7 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.convert import binary_to_image, nifti_to_dicom_seg
 from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,15 @@ def segment_descriptions(label_file: str, label_info: Any) -> list[dict[str, Any
     if segments:
         segments[0].setdefault("model_name", SEG_SERIES_DESCRIPTION)
     return segments
+
+
+def share_frame_of_reference(seg_file: str, image_dir: str) -> None:
+    """Give a DICOM SEG the FrameOfReferenceUID of its source series: pydicom-seg 0.4.1 copies it from the
+    source, then replaces it by a new UID, and viewers do not overlay a SEG on another frame of reference."""
+    source = dcmread(next(Path(image_dir).glob("*.dcm")), stop_before_pixels=True)
+    seg = dcmread(seg_file)
+    seg.FrameOfReferenceUID = source.FrameOfReferenceUID
+    seg.save_as(seg_file)
 
 
 class PACSDatastore(DICOMWebDatastore):
@@ -230,6 +240,7 @@ class PACSDatastore(DICOMWebDatastore):
         image_dir = os.path.join(self._datastore.image_path(), image_id)
         seg_file = nifti_to_dicom_seg(image_dir, label_filename, segments, use_itk=False)
         try:
+            share_frame_of_reference(seg_file, image_dir)
             with self._server(f"storing the DICOM SEG of series {image_id}"):
                 seg_series = dicom_web_upload_dcm(seg_file, self._client)
         finally:
