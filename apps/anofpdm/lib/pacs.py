@@ -233,12 +233,22 @@ class PACSDatastore(DICOMWebDatastore):
             return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
         image_uri = self.get_image_uri(image_id)  # the series' DICOM files are now in the cache
         converted = binary_to_image(image_uri, label_filename) if label_filename.endswith(".bin") else ""
-        label_filename = converted or label_filename
-        segments = segment_descriptions(label_filename, label_info.get("label_info"))
+        try:
+            label_filename = converted or label_filename
+            label_info.update(self._store_seg(image_id, label_filename, label_info.get("label_info")))
+            return LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+        finally:
+            if converted:
+                Path(converted).unlink(missing_ok=True)
+
+    def _store_seg(self, image_id: str, label_file: str, label_info: Any) -> dict[str, str]:
+        """Write ``label_file`` as a DICOM SEG of series ``image_id`` (pydicom-seg), store it in the PACS and
+        return what MONAI Label records of it (its series UID...)."""
+        segments = segment_descriptions(label_file, label_info)
         if not segments:
             raise InputError(f"the label for series {image_id} is empty: there is no segment to store as DICOM SEG")
         image_dir = os.path.join(self._datastore.image_path(), image_id)
-        seg_file = nifti_to_dicom_seg(image_dir, label_filename, segments, use_itk=False)
+        seg_file = nifti_to_dicom_seg(image_dir, label_file, segments, use_itk=False)
         try:
             share_frame_of_reference(seg_file, image_dir)
             with self._server(f"storing the DICOM SEG of series {image_id}"):
@@ -246,10 +256,6 @@ class PACSDatastore(DICOMWebDatastore):
         finally:
             Path(seg_file).unlink(missing_ok=True)
         image = self.series_info(image_id)
-        label_info.update({"SeriesInstanceUID": seg_series, "Modality": image.modality,
-                           "StudyInstanceUID": image.study_uid, "SegmentWriter": SEG_WRITER})
         logger.info(f"stored DICOM SEG series {seg_series} for series {image} ({SEG_WRITER})")
-        saved = LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
-        if converted:
-            os.unlink(converted)
-        return saved
+        return {"SeriesInstanceUID": seg_series, "Modality": image.modality, "StudyInstanceUID": image.study_uid,
+                "SegmentWriter": SEG_WRITER}
