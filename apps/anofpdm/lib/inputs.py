@@ -46,7 +46,7 @@ IMAGE_ID = "image_id"  # request key: the datastore id of the request's image (s
 SessionLookup = Callable[[str], Path]
 # (sequence, series UID named by the request or None) -> that sequence's file in the study of the request's
 # image, its series UID and a description for messages (lib.pacs.PACSDatastore.study_series)
-StudyLookup = Callable[[str, "str | None"], tuple[Path, str, str]]
+StudyLookup = Callable[[str, str | None], tuple[Path, str, str]]
 
 
 def _session_files(folder: Path, sequences: Sequence[str]) -> ResolvedInputs:
