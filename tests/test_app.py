@@ -294,6 +294,12 @@ def test_missing_t2_names_the_paths_tried(tmp_path, tiny_model_path, pair):
     nib.save(multichannel(pair, 2), tmp_path / "multi.nii.gz")
     with pytest.raises(InputError, match="T2 is given twice"):
         task({"image": str(tmp_path / "multi.nii.gz"), "t2": str(tmp_path / "upload.nii.gz")})
+    with pytest.raises(InputError, match="T2 is given twice: .* as the request parameter t2_series"):
+        task({"image": str(tmp_path / "multi.nii.gz"), "t2_series": "1.2.3"})
+    with pytest.raises(InputError, match="give one of t2, t2_series, not several"):
+        task({"image": str(tmp_path / "upload.nii.gz"), "t2": str(tmp_path / "upload.nii.gz"), "t2_series": "1.2.3"})
+    with pytest.raises(InputError, match="t2_series names a DICOM series: it needs a DICOMweb datastore"):
+        task({"image": str(tmp_path / "upload.nii.gz"), "t2_series": "1.2.3"})
 
 
 def test_sequences_named_as_swapped_are_refused(tmp_path, tiny_model_path, pair):

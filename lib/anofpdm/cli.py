@@ -1,4 +1,4 @@
-"""The ``anofpdm`` command: synth, prepare, train, calibrate, segment, evaluate.
+"""The ``anofpdm`` command: synth, prepare, train, calibrate, segment, evaluate, to-dicom.
 
 Each subcommand parses its options here and calls the library, importing it only when it runs.
 """
@@ -139,6 +139,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _to_dicom(args: argparse.Namespace) -> int:
+    from anofpdm.dicom import write_study
+    from anofpdm.inputs import read_sequence
+
+    volumes = {name: read_sequence(name, path) for name, path in (("flair", args.flair), ("t2", args.t2)) if path}
+    study = write_study(volumes, args.out, args.patient_id)
+    print(json.dumps({"patient_id": study.patient_id, "study": study.study_uid, "series": study.series_uids,
+                      "folders": {name: str(folder) for name, folder in study.folders.items()}}, indent=2))
+    return 0
+
+
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     from anofpdm.decisions import UNCERTAIN_PROBABILITY
     from anofpdm.pipeline import DECISION_RULES, InferenceOptions
@@ -235,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--report", type=Path, help="also write the JSON report")
     _add_inference_options(segment)
     segment.set_defaults(run=_segment)
+
+    to_dicom = commands.add_parser("to-dicom", help="a NIfTI FLAIR (+ T2) as DICOM MR series of one study, "
+                                     "for a PACS (docs/pacs.md)")
+    to_dicom.add_argument("--flair", type=Path, required=True, help="FLAIR volume (NIfTI, NRRD or MetaImage)")
+    to_dicom.add_argument("--t2", type=Path, help="T2 volume")
+    to_dicom.add_argument("--out", type=Path, required=True,
+                          help="output folder: one sub-folder per series (AX_FLAIR/, AX_T2/), one file per slice")
+    to_dicom.add_argument("--patient-id", required=True,
+                          help="PatientID (and PatientName); the UIDs derive from it, so writing again gives the same")
+    to_dicom.set_defaults(run=_to_dicom)
 
     evaluate = commands.add_parser(
         "evaluate", help="AnoFPDM variants and baselines on volume folders: metrics, tables, overlays")
