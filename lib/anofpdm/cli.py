@@ -13,17 +13,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from anofpdm.arguments import comma_floats, comma_list
 from anofpdm.progress import progress_bar
 
 __all__ = ["main", "build_parser"]
-
-
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
-
-
-def _floats(value: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in _csv(value))
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -172,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--cases", type=int, default=10)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--healthy-fraction", type=float, default=0.2)
-    synth.add_argument("--tumour-volume-ml", type=_floats, metavar="LOW,HIGH",
+    synth.add_argument("--tumour-volume-ml", type=comma_floats, metavar="LOW,HIGH",
                        help="range of the nominal whole-tumour volume in mL, drawn log-uniformly (default: the "
                             "generator's, 8,250; written to manifest.json)")
     synth.add_argument("--workers", type=int, default=1, help="cases generated in parallel (same output)")
@@ -186,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", type=Path, required=True)
     from anofpdm.sequences import SEQUENCES
 
-    prepare.add_argument("--sequences", type=_csv, default=SEQUENCES)
+    prepare.add_argument("--sequences", type=comma_list, default=SEQUENCES)
     prepare.add_argument("--size", type=int, default=128)
     prepare.add_argument("--seed", type=int, default=0)
     prepare.add_argument("--workers", type=int, default=1, help="cases read in parallel (same output)")
@@ -202,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--model", type=Path, required=True)
     calibrate.add_argument("--data", type=Path, required=True, help="prepared slices folder")
     calibrate.add_argument("--split", default="val")
-    calibrate.add_argument("--modes", type=_csv, default=("fast", "full"))
-    calibrate.add_argument("--guidance", type=_floats, help="several w: keep the largest within 99%% of the best")
+    calibrate.add_argument("--modes", type=comma_list, default=("fast", "full"))
+    calibrate.add_argument("--guidance", type=comma_floats, help="several w: keep the largest within 99%% of the best")
     calibrate.add_argument("--steps", type=int, help="forward steps T_f (default: each mode's)")
     calibrate.add_argument("--max-slices", type=int, help="a seeded random subset of the split")
     calibrate.add_argument("--batch-size", type=int, default=32)

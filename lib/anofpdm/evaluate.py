@@ -37,6 +37,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from anofpdm.arguments import comma_floats, comma_list
 from anofpdm.baseline_tuning import DEFAULT_TUNE_QUANTILES, tune_thresholds, tuned_or_stored
 from anofpdm.baselines import (
     ANODDPM_NOISE_LEVEL,
@@ -263,14 +264,6 @@ def evaluate(
         return results
 
 
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _floats(value: str) -> list[float]:
-    return [float(v) for v in _csv(value)]
-
-
 def split_case_ids(prepared: Path, split: str) -> list[str]:
     """The case ids of one split of a prepared data set (``anofpdm prepare``'s manifest.json)."""
     path = Path(prepared) / MANIFEST_NAME
@@ -286,14 +279,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     """The options of ``anofpdm evaluate``."""
     parser.add_argument("--model", type=Path, required=True, help="calibrated model checkpoint")
     parser.add_argument("--data", type=Path, required=True, help="BraTS21 / BraTS2023 / MSD Task01 / synthetic cases")
-    parser.add_argument("--methods", type=_csv, default=list(DEFAULT_METHODS),
+    parser.add_argument("--methods", type=comma_list, default=list(DEFAULT_METHODS),
                         help=f"comma list from: {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
     parser.add_argument("--out", type=Path, required=True, help="output folder (results.json, results.md, overlays/)")
     parser.add_argument("--prepared", type=Path,
                         help="prepared slices folder: evaluate only its --split cases (the model's held-out cases)")
     parser.add_argument("--split", default=DEFAULT_SPLIT, help="with --prepared: the split to evaluate")
     parser.add_argument("--tune-split", help="with --prepared: tune the baselines' quantiles on this split (e.g. val)")
-    parser.add_argument("--tune-quantiles", type=_floats, default=list(DEFAULT_TUNE_QUANTILES))
+    parser.add_argument("--tune-quantiles", type=comma_floats, default=list(DEFAULT_TUNE_QUANTILES))
     parser.add_argument("--max-cases", type=int, help="only the first N cases in case-id order")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
     parser.add_argument("--seed", type=int, default=EvaluationSettings.seed)

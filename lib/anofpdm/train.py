@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from anofpdm.arguments import comma_ints, comma_list
 from anofpdm.data.slices import SliceDataset
 from anofpdm.diffusion import NoiseSchedule
 from anofpdm.distributed import Distributed, distributed_context
@@ -392,14 +393,6 @@ def train(
     return run_dir / MODEL_FILE
 
 
-def _sequence_list(text: str) -> tuple[str, ...]:
-    return tuple(s.strip() for s in text.split(",") if s.strip())
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(s) for s in _sequence_list(text))
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``train`` command's options to ``parser``."""
     defaults = {f.name: f.default for f in fields(TrainConfig)}
@@ -408,7 +401,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=defaults["network"], help="network size")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt")
     parser.add_argument(
-        "--sequences", type=_sequence_list, default=None, help="comma-separated, e.g. flair,t2 (default: the preset's)"
+        "--sequences", type=comma_list, default=None, help="comma-separated, e.g. flair,t2 (default: the preset's)"
     )
     parser.add_argument("--iterations", type=int, required=True, help="total optimiser steps")
     parser.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="global batch (all GPUs)")
@@ -430,7 +423,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--validation-timesteps",
-        type=_int_list,
+        type=comma_ints,
         default=defaults["validation_timesteps"],
         help="comma-separated noise levels the validation loss averages over",
     )
