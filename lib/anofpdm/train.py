@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from anofpdm.arguments import comma_ints, comma_list
+from anofpdm.atomic import atomic_path
 from anofpdm.data.slices import SliceDataset
 from anofpdm.diffusion import NoiseSchedule
 from anofpdm.distributed import Distributed, distributed_context
@@ -163,12 +164,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def _atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-
-
 def _check_sample(dataset: SliceDataset, image_shape: tuple[int, ...]) -> None:
     """Fail early, with the shapes, when the slices do not fit the network."""
     if len(dataset) == 0:
@@ -262,19 +257,18 @@ class _Run:
         if not self.ctx.is_main:
             return
         seconds, devices = self.elapsed(), self.devices(iteration)
-        _atomic_torch_save(
-            {
-                "format": STATE_FORMAT,
-                "iteration": iteration,
-                "elapsed_s": seconds,
-                "smoothed_loss": self.log.smoothed,
-                "devices": devices,
-                "invariants": self.invariants,
-                "config": self.config.to_dict(),
-                **self.trainer.state_dict(),
-            },
-            self.run_dir / STATE_FILE,
-        )
+        state = {
+            "format": STATE_FORMAT,
+            "iteration": iteration,
+            "elapsed_s": seconds,
+            "smoothed_loss": self.log.smoothed,
+            "devices": devices,
+            "invariants": self.invariants,
+            "config": self.config.to_dict(),
+            **self.trainer.state_dict(),
+        }
+        with atomic_path(self.run_dir / STATE_FILE) as tmp:
+            torch.save(state, tmp)
         self._export(self.run_dir / MODEL_FILE, iteration, seconds, devices)
         self.log.plot()
 
