@@ -51,6 +51,7 @@ from anofpdm.ema import EMA
 from anofpdm.loss_log import LossLog
 from anofpdm.model import PRESETS, NetworkConfig, build_network, save_checkpoint
 from anofpdm.runtime import describe_device
+from anofpdm.seeds import derive_seed
 from anofpdm.stop_request import STOP_REQUESTED, STOP_TIME_LIMIT, StopRequest, TrainingInterrupted
 from anofpdm.train_config import TrainConfig, read_manifest, resolve_network
 from anofpdm.train_record import TRAIN_SPLIT, data_summary, training_record
@@ -68,7 +69,6 @@ from anofpdm.train_sampling import (
     DiffusionDraw,
     GlobalBatchSampler,
     draw_diffusion_inputs,
-    stream_seed,
 )
 from anofpdm.validation import ValidationLog, ValidationLoss
 
@@ -107,7 +107,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, network_config: NetworkConfig, ctx: Distributed) -> None:
         self.config, self.network_config, self.ctx = config, network_config, ctx
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(stream_seed(config.seed, INIT_STREAM, 0))
+            torch.manual_seed(derive_seed(config.seed, INIT_STREAM, 0))
             self.network = build_network(network_config).to(ctx.device)
         if ctx.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes every iteration: cuDNN may pick faster kernels
@@ -129,7 +129,7 @@ class Trainer:
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, iteration: int) -> torch.Tensor:
         """One optimiser and EMA update on this rank's shard of the batch of ``iteration``; returns the loss."""
-        self.generator.manual_seed(stream_seed(self.config.seed, DIFFUSION_STREAM, iteration))
+        self.generator.manual_seed(derive_seed(self.config.seed, DIFFUSION_STREAM, iteration))
         draw = draw_diffusion_inputs(
             self.generator,
             self.config.batch_size,
