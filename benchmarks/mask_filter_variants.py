@@ -16,7 +16,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 from anofpdm.case_scoring import prepare_case
@@ -25,6 +24,7 @@ from anofpdm.evaluate import split_case_ids
 from anofpdm.metrics import dice
 from anofpdm.model import load_model
 from anofpdm.pipeline import InferenceOptions, decide_slices, default_median_kernel, finish_on_input_grid, run_forward
+from anofpdm.runtime import default_device
 
 NO_FILTER = "none"
 
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--max-cases", type=int, default=6, help="the first N cases of each split")
     parser.add_argument("--kernels", default="none,1x1x3,3x3x3,1x1x5")
     parser.add_argument("--mode", default="fast")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     args = parser.parse_args()
     kernels = {text: parse_kernel(text) for text in args.kernels.split(",")}
 

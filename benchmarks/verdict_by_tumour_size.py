@@ -21,6 +21,7 @@ from anofpdm.data.slices import MANIFEST_NAME, SliceDataset
 from anofpdm.forward_process import run_on_slices
 from anofpdm.model import load_model
 from anofpdm.pipeline import InferenceOptions, resolve_options
+from anofpdm.runtime import default_device
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     parser.add_argument("--mode", default="fast", help="a calibrated mode of the model")
     parser.add_argument("--bins", default="1,25,50,100,200", help="lower edges of the tumour-area bins, in pixels")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     args = parser.parse_args()
 
     model = load_model(args.model, args.device)

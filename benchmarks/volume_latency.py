@@ -23,7 +23,7 @@ import torch
 from anofpdm.data.brats import find_cases, load_case
 from anofpdm.model import load_model
 from anofpdm.pipeline import InferenceOptions, resolve_options, segment_volume
-from anofpdm.runtime import reuse_heap_memory
+from anofpdm.runtime import default_device, reuse_heap_memory
 
 STAGES = ("load_s", "preprocess_s", "network_s", "postprocess_s", "write_s")
 
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="BraTS / MSD / synthetic cases; the first is timed")
     parser.add_argument("--case", help="case id to time (default: the first)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--fast-mode", default="fast")
     parser.add_argument("--full-mode", default="full")
     parser.add_argument("--full-steps", type=int,

@@ -54,13 +54,12 @@ def _train(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    import torch
-
     from anofpdm.calibration import MODES, calibrate_mode, choose_guidance
     from anofpdm.data.slices import SliceDataset
     from anofpdm.model import load_model, update_calibration
+    from anofpdm.runtime import default_device
 
-    model = load_model(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(args.model, args.device or default_device())
     dataset = SliceDataset(args.data, args.split, sequences=model.config.sequences)
     images, labels = dataset.sample(args.max_slices, args.seed)
     results = {}
@@ -85,15 +84,15 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _segment(args: argparse.Namespace) -> int:
     import nibabel as nib
-    import torch
 
     from anofpdm.inputs import read_image, read_sequence
     from anofpdm.model import load_model
     from anofpdm.pipeline import InferenceOptions, segment_volume
     from anofpdm.postprocess import UNCERTAIN_TUMOUR
+    from anofpdm.runtime import default_device
     from anofpdm.volume import InputError
 
-    model = load_model(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(args.model, args.device or default_device())
     options = InferenceOptions(
         mode=args.mode, guidance=args.guidance, forward_steps=args.steps, stride=args.stride,
         encoding=args.encoding, early_stop=args.early_stop, seed=args.seed, min_lesion_mm3=args.min_lesion_mm3,
