@@ -12,15 +12,14 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import torch
 
 from anofpdm.baselines import brain_pixels
 from anofpdm.data.brats import CaseFiles, load_case
-from anofpdm.decisions import is_uncertain, median_filter_2d
+from anofpdm.decisions import is_uncertain
 from anofpdm.metrics import slice_protocol, verdict_reliability, volume_metrics
 from anofpdm.model import NetworkConfig
 from anofpdm.pipeline import PAPER_IMAGE_SIZE, SegmentationResult, default_median_kernel
-from anofpdm.postprocess import remove_small_components
+from anofpdm.postprocess import median_filter_2d, remove_small_components
 from anofpdm.volume import VolumeGeometry, to_model_slices
 
 __all__ = ["SliceProtocol", "EvaluationCase", "prepare_case", "score_result"]
@@ -123,8 +122,7 @@ def score_result(result: SegmentationResult, case: EvaluationCase, protocol: Sli
     if grid is None or tuple(grid.geometry.slices) != tuple(case.geometry.slices):
         raise ValueError(f"case {case.case_id}: the result's model-grid slices differ from the truth's")
     kernel, min_area = protocol.resolved(case.geometry.image_size)
-    raw_map = torch.from_numpy(np.ascontiguousarray(grid.raw_map, dtype=np.float32))
-    anomaly_map = median_filter_2d(raw_map, kernel).numpy()
+    anomaly_map = median_filter_2d(np.asarray(grid.raw_map, dtype=np.float32), kernel)
     ungated = _drop_small_areas(anomaly_map >= grid.thresholds[:, None, None], min_area)
     slices = slice_protocol(ungated, anomaly_map, grid.unhealthy, case.truth_slices, case.brain_slices)
     mask = np.asanyarray(result.mask.dataobj) > 0
