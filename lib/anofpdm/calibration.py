@@ -66,6 +66,8 @@ def fit_unhealthy_frequency(
     An isotonic fit (pool-adjacent-violators; the fraction is non-increasing in the score, a lower score being
     the more anomalous), whose groups smaller than ``min_group`` slices are then pooled with the neighbour of
     the closer fraction, so no fraction rests on a handful of slices. Pooling neighbours keeps the order.
+    (Not ``sklearn.isotonic.IsotonicRegression``: it returns fitted values, not groups, and so merges adjacent
+    groups of equal fraction that this fit keeps apart, which changes the pooled table.)
 
     Returns:
         (highest score of the group, unhealthy fraction) per group, ascending in score.
