@@ -8,7 +8,7 @@ connected-component filters (``postprocess``), and the inverse mapping onto the 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ from anofpdm.postprocess import (
     median_filter_3d,
     remove_small_components,
 )
+from anofpdm.progress import StageProgressCallback
 from anofpdm.volume import InputError, VolumeGeometry, to_input_grid, to_model_slices
 
 __all__ = ["InferenceOptions", "InputError", "ModelGridOutputs", "SegmentationResult", "ForwardOutputs", "run_forward",
@@ -43,7 +44,6 @@ __all__ = ["InferenceOptions", "InputError", "ModelGridOutputs", "SegmentationRe
 MAP_VARIANTS = ("mean", "end_step")
 PAPER_MEDIAN_KERNEL = 5  # 5 x 5 at 128 px (1.875 mm): the paper's
 PAPER_IMAGE_SIZE = 128
-ProgressCallback = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ def run_forward(
     model: LoadedModel,
     images: Mapping[str, nib.spatialimages.SpatialImage],
     options: InferenceOptions,
-    progress: ProgressCallback | None = None,
+    progress: StageProgressCallback | None = None,
 ) -> ForwardOutputs:
     """Input checks, slicing and the forward process of ``segment_volume``: everything but the decisions.
 
@@ -222,7 +222,7 @@ def segment_volume(
     model: LoadedModel,
     images: Mapping[str, nib.spatialimages.SpatialImage],
     options: InferenceOptions | None = None,
-    progress: ProgressCallback | None = None,
+    progress: StageProgressCallback | None = None,
     forward_outputs: ForwardOutputs | None = None,
 ) -> SegmentationResult:
     """Segment the tumour in one co-registered, skull-stripped FLAIR + T2 (+ other) volume set.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from anofpdm.data.brats import SEQUENCES, CaseFiles, find_cases, load_case
 from anofpdm.parallel import ordered_map
+from anofpdm.progress import ProgressCallback
 from anofpdm.volume import MIN_BRAIN_AREA_MM2, to_model_slices
 
 __all__ = [
@@ -41,7 +42,6 @@ __all__ = [
     "SliceDataset",
 ]
 
-ProgressFn = Callable[[int, int], None]
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT = (0.75, 0.05, 0.20)
@@ -189,7 +189,7 @@ def prepare_dataset(
     size: int = 128,
     seed: int = 0,
     split: Sequence[float] = DEFAULT_SPLIT,
-    progress: ProgressFn | None = None,
+    progress: ProgressCallback | None = None,
     field_of_view_mm: float = DEFAULT_FIELD_OF_VIEW_MM,
     workers: int = 1,
 ) -> dict[str, Any]:
