@@ -1,4 +1,4 @@
-"""One labelled case on the model grid and the scoring of a method's result on it (SPEC.md section 6).
+"""One labelled case on the model grid and the scoring of a method's result on it.
 
 The truth is the whole tumour (label > 0), resampled onto the model grid's slices; a result is scored by the
 paper's slice protocol there (:class:`SliceProtocol`, :func:`anofpdm.metrics.slice_protocol`) and by the

@@ -50,7 +50,7 @@ from anofpdm.baselines import (
 )
 from anofpdm.case_scoring import EvaluationCase, SliceProtocol, prepare_case, score_result
 from anofpdm.data.brats import CaseFiles, find_cases
-from anofpdm.data.slices import MANIFEST_NAME
+from anofpdm.data.slices import MANIFEST_NAME, load_manifest
 from anofpdm.distributed import broadcast_from_main, distributed_context, gather_to_main
 from anofpdm.evaluation_methods import (
     ANOFPDM_VARIANTS,
@@ -266,12 +266,9 @@ def evaluate(
 
 def split_case_ids(prepared: Path, split: str) -> list[str]:
     """The case ids of one split of a prepared data set (``anofpdm prepare``'s manifest.json)."""
-    path = Path(prepared) / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST_NAME} in {prepared}: run anofpdm prepare first")
-    splits = json.loads(path.read_text()).get("splits", {})
+    splits = load_manifest(prepared).get("splits", {})
     if split not in splits:
-        raise ValueError(f"{path} has no split {split!r} (splits: {sorted(splits)})")
+        raise ValueError(f"{Path(prepared) / MANIFEST_NAME} has no split {split!r} (splits: {sorted(splits)})")
     return list(splits[split]["cases"])
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "split_cases",
     "case_slices",
     "prepare_dataset",
+    "load_manifest",
     "SliceDataset",
 ]
 
@@ -249,6 +250,16 @@ def prepare_dataset(
     return manifest
 
 
+def load_manifest(root: Path) -> dict[str, Any]:
+    """The ``manifest.json`` of a prepared folder (:func:`prepare_dataset`'s output)."""
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no prepared data at {root}: {MANIFEST_NAME} is missing (run `anofpdm prepare` or prepare_dataset)"
+        )
+    return json.loads(path.read_text())
+
+
 class SliceDataset(Dataset):
     """Prepared slices of one split, memory-mapped: items are (image float32 C x S x S, label int).
 
@@ -262,10 +273,7 @@ class SliceDataset(Dataset):
         root = Path(root)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        manifest_path = root / MANIFEST_NAME
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"no {MANIFEST_NAME} in {root}: run prepare_dataset first")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = load_manifest(root)
         prepared = list(self.manifest["sequences"])
         wanted = prepared if sequences is None else list(sequences)
         unknown = [s for s in wanted if s not in prepared]
