@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score
 
+from anofpdm.arguments import comma_ints
 from anofpdm.data.slices import SliceDataset
 from anofpdm.diffusion import NoiseSchedule
 from anofpdm.forward_process import guided_and_null_noise
@@ -31,7 +32,7 @@ def main() -> None:
     parser.add_argument("--split", default="val")
     parser.add_argument("--slices", type=int, default=32, help="seeded random unhealthy slices")
     parser.add_argument("--guidance", type=float, default=2.0)
-    parser.add_argument("--steps", default="25,50,100,200,300,400,500")
+    parser.add_argument("--steps", type=comma_ints, default="25,50,100,200,300,400,500")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -51,7 +52,7 @@ def main() -> None:
     print("| t | loss, unhealthy label | loss, healthy label | loss, null label | AP of guided error at t |")
     print("|---|---|---|---|---|")
     with torch.no_grad():
-        for t in (int(v) for v in args.steps.split(",")):
+        for t in args.steps:
             noise = torch.randn(x0.shape, generator=generator)
             z = schedule.add_noise(x0, noise, t)
             timesteps = torch.full((len(x0),), t)

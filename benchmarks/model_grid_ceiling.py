@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
 
+from anofpdm.arguments import comma_floats, comma_ints, comma_list
 from anofpdm.baselines import BaselineOptions, FixedThreshold, run_baseline
 from anofpdm.case_scoring import EvaluationCase, prepare_case
 from anofpdm.data.brats import find_cases
@@ -69,26 +70,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="labelled cases")
     parser.add_argument("--prepared", help="prepared slices folder: take the cases of its --split")
-    parser.add_argument("--split", default="test", help="split(s) of --prepared, comma-separated")
+    parser.add_argument("--split", type=comma_list, default="test", help="split(s) of --prepared, comma-separated")
     parser.add_argument("--max-cases", type=int)
-    parser.add_argument("--sizes", default="64,96,128", help="network image sizes")
+    parser.add_argument("--sizes", type=comma_ints, default="64,96,128", help="network image sizes")
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     parser.add_argument("--flair-model", help="also score the FLAIR-percentile baseline on this model's grid")
     parser.add_argument("--flair-quantile", type=float, default=0.98, help="the baseline's tuned brain quantile")
-    parser.add_argument("--size-bins", help="tumour-volume bin edges in mL (e.g. 10,25,50,100): a table by size")
+    parser.add_argument("--size-bins", type=comma_floats,
+                        help="tumour-volume bin edges in mL (e.g. 10,25,50,100): a table by size")
     args = parser.parse_args()
     flair_model = load_model(args.flair_model, "cpu") if args.flair_model else None
     flair_options = BaselineOptions(threshold=FixedThreshold(quantile=args.flair_quantile))
 
     cases = find_cases(args.data)
     if args.prepared:
-        wanted = {case for split in args.split.split(",") for case in split_case_ids(args.prepared, split)}
+        wanted = {case for split in args.split for case in split_case_ids(args.prepared, split)}
         cases = [c for c in cases if c.case_id in wanted]
     cases = cases[: args.max_cases]
     print("| image size | pixel (mm) | mask | cases with tumour | 3-D Dice per case | mean |")
     print("|---|---|---|---|---|---|")
     tables = []
-    for size in (int(v) for v in args.sizes.split(",")):
+    for size in args.sizes:
         config = replace(PRESETS[args.preset], image_size=size)
         flair = flair_model if flair_model is not None and flair_model.config.image_size == size else None
         rows: dict[str, dict[str, float]] = {"grid": {}, **{f"Algorithm 1, q = {q}": {} for q in QUANTILES}}
@@ -113,7 +115,7 @@ def main() -> None:
             print(f"| {size} | {config.field_of_view_mm / size:.2f} | {mask} | {len(scores)} | {listed} | {mean} |")
         tables.append((size, rows, volumes_ml))
     if args.size_bins:
-        _print_by_size(tables, [float(v) for v in args.size_bins.split(",")])
+        _print_by_size(tables, list(args.size_bins))
 
 
 def _print_by_size(tables: list[tuple[int, dict[str, dict[str, float]], dict[str, float]]], edges: list[float]) -> None:

@@ -1,4 +1,4 @@
-"""One labelled case on the model grid and the scoring of a method's result on it (SPEC.md section 6).
+"""One labelled case on the model grid and the scoring of a method's result on it.
 
 The truth is the whole tumour (label > 0), resampled onto the model grid's slices; a result is scored by the
 paper's slice protocol there (:class:`SliceProtocol`, :func:`anofpdm.metrics.slice_protocol`) and by the
@@ -12,14 +12,13 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import torch
 
 from anofpdm.data.brats import CaseFiles, load_case
-from anofpdm.decisions import is_uncertain, median_filter_2d
+from anofpdm.decisions import is_uncertain
 from anofpdm.metrics import slice_protocol, verdict_reliability, volume_metrics
 from anofpdm.model import NetworkConfig
 from anofpdm.pipeline import PAPER_IMAGE_SIZE, SegmentationResult, default_median_kernel
-from anofpdm.postprocess import remove_small_components
+from anofpdm.postprocess import median_filter_2d, remove_small_components
 from anofpdm.volume import VolumeGeometry, brain_pixels, to_model_slices
 
 __all__ = ["SliceProtocol", "EvaluationCase", "prepare_case", "score_result"]
@@ -122,8 +121,7 @@ def score_result(result: SegmentationResult, case: EvaluationCase, protocol: Sli
     if grid is None or tuple(grid.geometry.slices) != tuple(case.geometry.slices):
         raise ValueError(f"case {case.case_id}: the result's model-grid slices differ from the truth's")
     kernel, min_area = protocol.resolved(case.geometry.image_size)
-    raw_map = torch.from_numpy(np.ascontiguousarray(grid.raw_map, dtype=np.float32))
-    anomaly_map = median_filter_2d(raw_map, kernel).numpy()
+    anomaly_map = median_filter_2d(np.asarray(grid.raw_map, dtype=np.float32), kernel)
     ungated = _drop_small_areas(anomaly_map >= grid.thresholds[:, None, None], min_area)
     slices = slice_protocol(ungated, anomaly_map, grid.unhealthy, case.truth_slices, case.brain_slices, grid.scores)
     mask = np.asanyarray(result.mask.dataobj) > 0

@@ -13,17 +13,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from anofpdm.arguments import comma_floats, comma_list
 from anofpdm.progress import progress_bar
 
 __all__ = ["main", "build_parser"]
-
-
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
-
-
-def _floats(value: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in _csv(value))
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -62,13 +55,12 @@ def _train(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    import torch
-
     from anofpdm.calibration import MODES, calibrate_mode, choose_guidance
     from anofpdm.data.slices import SliceDataset
     from anofpdm.model import load_model, update_calibration
+    from anofpdm.runtime import default_device
 
-    model = load_model(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(args.model, args.device or default_device())
     dataset = SliceDataset(args.data, args.split, sequences=model.config.sequences)
     images, labels = dataset.sample(args.max_slices, args.seed)
     results = {}
@@ -93,15 +85,15 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _segment(args: argparse.Namespace) -> int:
     import nibabel as nib
-    import torch
 
     from anofpdm.inputs import read_image, read_sequence
     from anofpdm.model import load_model
     from anofpdm.pipeline import InferenceOptions, segment_volume
     from anofpdm.postprocess import UNCERTAIN_TUMOUR
+    from anofpdm.runtime import default_device
     from anofpdm.volume import InputError
 
-    model = load_model(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(args.model, args.device or default_device())
     options = InferenceOptions(
         mode=args.mode, guidance=args.guidance, forward_steps=args.steps, stride=args.stride,
         encoding=args.encoding, early_stop=args.early_stop, seed=args.seed, min_lesion_mm3=args.min_lesion_mm3,
@@ -188,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--cases", type=int, default=10)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--healthy-fraction", type=float, default=0.2)
-    synth.add_argument("--tumour-volume-ml", type=_floats, metavar="LOW,HIGH",
+    synth.add_argument("--tumour-volume-ml", type=comma_floats, metavar="LOW,HIGH",
                        help="range of the nominal whole-tumour volume in mL, drawn log-uniformly (default: the "
                             "domain's, 8,250 for training; written to manifest.json)")
     synth.add_argument("--domain", choices=("training", "shifted"), default="training",
@@ -205,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", type=Path, required=True)
     from anofpdm.sequences import SEQUENCES
 
-    prepare.add_argument("--sequences", type=_csv, default=SEQUENCES)
+    prepare.add_argument("--sequences", type=comma_list, default=SEQUENCES)
     prepare.add_argument("--size", type=int, default=128)
     prepare.add_argument("--seed", type=int, default=0)
     prepare.add_argument("--workers", type=int, default=1, help="cases read in parallel (same output)")
@@ -225,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--model", type=Path, required=True)
     calibrate.add_argument("--data", type=Path, required=True, help="prepared slices folder")
     calibrate.add_argument("--split", default="val")
-    calibrate.add_argument("--modes", type=_csv, default=("fast", "full"))
-    calibrate.add_argument("--guidance", type=_floats, help="several w: keep the largest within 99%% of the best")
+    calibrate.add_argument("--modes", type=comma_list, default=("fast", "full"))
+    calibrate.add_argument("--guidance", type=comma_floats, help="several w: keep the largest within 99%% of the best")
     calibrate.add_argument("--steps", type=int, help="forward steps T_f (default: each mode's)")
     calibrate.add_argument("--max-slices", type=int, help="a seeded random subset of the split")
     calibrate.add_argument("--batch-size", type=int, default=32)

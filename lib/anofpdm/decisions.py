@@ -24,7 +24,6 @@ __all__ = [
     "slice_thresholds",
     "row_quantiles",
     "combine_maps",
-    "median_filter_2d",
     "VolumeRule",
     "robust_z",
     "adapt_to_volume",
@@ -170,18 +169,6 @@ def row_quantiles(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def combine_maps(anomaly_maps: torch.Tensor) -> torch.Tensor:
     """Unfiltered combined map (H_FLAIR + H_T2) / 2: the mean over modalities (B x M x H x W -> B x H x W)."""
     return anomaly_maps.mean(dim=1)
-
-
-def median_filter_2d(maps: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """k x k median filter of B x H x W maps (reflect padding at the borders)."""
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"median kernel size must be odd and positive, got {kernel_size}")
-    if kernel_size == 1:
-        return maps
-    pad = kernel_size // 2
-    padded = F.pad(maps[:, None], (pad, pad, pad, pad), mode="reflect")
-    patches = F.unfold(padded, kernel_size)  # B x k*k x H*W
-    return patches.median(dim=1).values.reshape(maps.shape)
 
 
 @dataclass(frozen=True)

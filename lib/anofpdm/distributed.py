@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from anofpdm.runtime import default_device
+
 __all__ = ["Distributed", "broadcast_from_main", "choose_device", "distributed_context", "gather_to_main"]
 
 
@@ -36,15 +38,13 @@ class Distributed:
 
 
 def choose_device(requested: str | None, local_rank: int) -> torch.device:
-    """The device ``requested`` (a bare ``"cuda"`` made ``cuda:local_rank``), or by default
-    ``cuda:local_rank`` if CUDA is available, else the CPU.
+    """The device ``requested``, by default :func:`anofpdm.runtime.default_device`; a bare ``"cuda"`` is
+    ``cuda:local_rank``.
 
     Raises:
         ValueError: a CUDA device is requested where CUDA is not available.
     """
-    if requested is None:
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
+    device = torch.device(requested or default_device())
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {requested!r} requested but CUDA is not available")
     if device.type == "cuda" and device.index is None:

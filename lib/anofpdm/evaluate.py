@@ -38,6 +38,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from anofpdm.arguments import comma_floats, comma_list
 from anofpdm.baseline_tuning import DEFAULT_TUNE_QUANTILES, tune_thresholds, tuned_or_stored
 from anofpdm.baselines import (
     ANODDPM_NOISE_LEVEL,
@@ -50,7 +51,7 @@ from anofpdm.baselines import (
 )
 from anofpdm.case_scoring import EvaluationCase, SliceProtocol, prepare_case, score_result
 from anofpdm.data.brats import CaseFiles, find_cases
-from anofpdm.data.slices import MANIFEST_NAME
+from anofpdm.data.slices import MANIFEST_NAME, load_manifest
 from anofpdm.distributed import broadcast_from_main, distributed_context, gather_to_main
 from anofpdm.evaluation_methods import (
     ANOFPDM_VARIANTS,
@@ -264,22 +265,11 @@ def evaluate(
         return results
 
 
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _floats(value: str) -> list[float]:
-    return [float(v) for v in _csv(value)]
-
-
 def split_case_ids(prepared: Path, split: str) -> list[str]:
     """The case ids of one split of a prepared data set (``anofpdm prepare``'s manifest.json)."""
-    path = Path(prepared) / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST_NAME} in {prepared}: run anofpdm prepare first")
-    splits = json.loads(path.read_text()).get("splits", {})
+    splits = load_manifest(prepared).get("splits", {})
     if split not in splits:
-        raise ValueError(f"{path} has no split {split!r} (splits: {sorted(splits)})")
+        raise ValueError(f"{Path(prepared) / MANIFEST_NAME} has no split {split!r} (splits: {sorted(splits)})")
     return list(splits[split]["cases"])
 
 
@@ -287,14 +277,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     """The options of ``anofpdm evaluate``."""
     parser.add_argument("--model", type=Path, required=True, help="calibrated model checkpoint")
     parser.add_argument("--data", type=Path, required=True, help="BraTS21 / BraTS2023 / MSD Task01 / synthetic cases")
-    parser.add_argument("--methods", type=_csv, default=list(DEFAULT_METHODS),
+    parser.add_argument("--methods", type=comma_list, default=list(DEFAULT_METHODS),
                         help=f"comma list from: {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
     parser.add_argument("--out", type=Path, required=True, help="output folder (results.json, results.md, overlays/)")
     parser.add_argument("--prepared", type=Path,
                         help="prepared slices folder: evaluate only its --split cases (the model's held-out cases)")
     parser.add_argument("--split", default=DEFAULT_SPLIT, help="with --prepared: the split to evaluate")
     parser.add_argument("--tune-split", help="with --prepared: tune the baselines' quantiles on this split (e.g. val)")
-    parser.add_argument("--tune-quantiles", type=_floats, default=list(DEFAULT_TUNE_QUANTILES))
+    parser.add_argument("--tune-quantiles", type=comma_floats, default=list(DEFAULT_TUNE_QUANTILES))
     parser.add_argument("--max-cases", type=int, help="only the first N cases in case-id order")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
     parser.add_argument("--seed", type=int, default=EvaluationSettings.seed)

@@ -9,6 +9,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from anofpdm.atomic import atomic_path
 from anofpdm.evaluation_methods import EvaluationSettings
 
 __all__ = ["source_digest", "run_key", "store_result", "stored_result", "store_case", "stored_case"]
@@ -37,9 +38,8 @@ def run_key(model_path: Path, methods: Sequence[str], settings: EvaluationSettin
 
 def store_result(path: Path, key: str, name: str, value: Any) -> None:
     """Write ``{"key": key, name: value}`` atomically (a stopped run leaves either the whole file or none)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"key": key, name: value}, indent=1))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"key": key, name: value}, indent=1))
 
 
 def stored_result(path: Path, key: str, name: str, what: str) -> Any:

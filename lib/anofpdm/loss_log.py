@@ -11,6 +11,7 @@ import torch.distributed as dist
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from anofpdm.atomic import atomic_path
 from anofpdm.distributed import Distributed
 
 __all__ = ["LOSS_CSV", "LOSS_PLOT", "LossLog"]
@@ -92,6 +93,5 @@ class LossLog:
         axes.set(xlabel="iteration", ylabel="noise MSE", yscale="log", title="training loss")
         axes.grid(alpha=0.3)
         axes.legend()
-        tmp = self.plot_path.with_name(self.plot_path.name + ".tmp")
-        figure.savefig(tmp, format="png", dpi=100)
-        tmp.replace(self.plot_path)
+        with atomic_path(self.plot_path) as tmp:
+            figure.savefig(tmp, format="png", dpi=100)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
+from anofpdm.atomic import atomic_path
+
 __all__ = [
     "HEALTHY",
     "UNHEALTHY",
@@ -182,9 +184,8 @@ def save_checkpoint(
         "calibration": None if calibration is None else dict(calibration),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

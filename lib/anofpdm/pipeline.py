@@ -8,7 +8,7 @@ connected-component filters (``postprocess``), and the inverse mapping onto the 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ from anofpdm.postprocess import (
     median_filter_3d,
     remove_small_components,
 )
+from anofpdm.progress import StageProgressCallback
 from anofpdm.volume import InputError, VolumeGeometry, brain_pixels, to_input_grid, to_model_slices
 
 __all__ = ["InferenceOptions", "InputError", "ModelGridOutputs", "SegmentationResult", "ForwardOutputs", "run_forward",
@@ -46,7 +47,6 @@ MAP_VARIANTS = ("mean", "end_step")
 DECISION_RULES = ("paper", "volume")
 PAPER_MEDIAN_KERNEL = 5  # 5 x 5 at 128 px (1.875 mm): the paper's
 PAPER_IMAGE_SIZE = 128
-ProgressCallback = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ def run_forward(
     model: LoadedModel,
     images: Mapping[str, nib.spatialimages.SpatialImage],
     options: InferenceOptions,
-    progress: ProgressCallback | None = None,
+    progress: StageProgressCallback | None = None,
 ) -> ForwardOutputs:
     """Input checks, slicing and the forward process of ``segment_volume``: everything but the decisions.
 
@@ -233,7 +233,7 @@ def segment_volume(
     model: LoadedModel,
     images: Mapping[str, nib.spatialimages.SpatialImage],
     options: InferenceOptions | None = None,
-    progress: ProgressCallback | None = None,
+    progress: StageProgressCallback | None = None,
     forward_outputs: ForwardOutputs | None = None,
 ) -> SegmentationResult:
     """Segment the tumour in one co-registered, skull-stripped FLAIR + T2 (+ other) volume set.

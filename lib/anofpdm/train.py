@@ -42,6 +42,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from anofpdm.arguments import comma_ints, comma_list
+from anofpdm.atomic import atomic_path
 from anofpdm.augment import augment_batch
 from anofpdm.data.slices import SliceDataset
 from anofpdm.diffusion import NoiseSchedule
@@ -50,6 +52,7 @@ from anofpdm.ema import EMA
 from anofpdm.loss_log import LossLog
 from anofpdm.model import PRESETS, NetworkConfig, build_network, save_checkpoint
 from anofpdm.runtime import describe_device
+from anofpdm.seeds import derive_seed
 from anofpdm.stop_request import STOP_REQUESTED, STOP_TIME_LIMIT, StopRequest, TrainingInterrupted
 from anofpdm.train_config import TrainConfig, read_manifest, resolve_network
 from anofpdm.train_record import TRAIN_SPLIT, data_summary, training_record
@@ -68,7 +71,6 @@ from anofpdm.train_sampling import (
     DiffusionDraw,
     GlobalBatchSampler,
     draw_diffusion_inputs,
-    stream_seed,
 )
 from anofpdm.validation import ValidationLog, ValidationLoss
 
@@ -107,7 +109,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, network_config: NetworkConfig, ctx: Distributed) -> None:
         self.config, self.network_config, self.ctx = config, network_config, ctx
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(stream_seed(config.seed, INIT_STREAM, 0))
+            torch.manual_seed(derive_seed(config.seed, INIT_STREAM, 0))
             self.network = build_network(network_config).to(ctx.device)
         if ctx.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes every iteration: cuDNN may pick faster kernels
@@ -129,7 +131,7 @@ class Trainer:
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, iteration: int) -> torch.Tensor:
         """One optimiser and EMA update on this rank's shard of the batch of ``iteration``; returns the loss."""
-        self.generator.manual_seed(stream_seed(self.config.seed, DIFFUSION_STREAM, iteration))
+        self.generator.manual_seed(derive_seed(self.config.seed, DIFFUSION_STREAM, iteration))
         draw = draw_diffusion_inputs(
             self.generator,
             self.config.batch_size,
@@ -140,7 +142,7 @@ class Trainer:
         images = images.to(self.ctx.device, non_blocking=True)
         labels = labels.to(self.ctx.device, non_blocking=True)
         if self.config.augment:
-            self.generator.manual_seed(stream_seed(self.config.seed, AUGMENT_STREAM, iteration))
+            self.generator.manual_seed(derive_seed(self.config.seed, AUGMENT_STREAM, iteration))
             images = augment_batch(images, self.generator, self.config.batch_size, self.ctx.rank, self.ctx.world_size)
         noised = self.schedule.add_noise(images, draw.noise, draw.timesteps)
         with self._autocast():
@@ -165,12 +167,6 @@ class Trainer:
         self.network.load_state_dict(state["model"])
         self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-
-
-def _atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
 
 
 def _check_sample(dataset: SliceDataset, image_shape: tuple[int, ...]) -> None:
@@ -266,19 +262,18 @@ class _Run:
         if not self.ctx.is_main:
             return
         seconds, devices = self.elapsed(), self.devices(iteration)
-        _atomic_torch_save(
-            {
-                "format": STATE_FORMAT,
-                "iteration": iteration,
-                "elapsed_s": seconds,
-                "smoothed_loss": self.log.smoothed,
-                "devices": devices,
-                "invariants": self.invariants,
-                "config": self.config.to_dict(),
-                **self.trainer.state_dict(),
-            },
-            self.run_dir / STATE_FILE,
-        )
+        state = {
+            "format": STATE_FORMAT,
+            "iteration": iteration,
+            "elapsed_s": seconds,
+            "smoothed_loss": self.log.smoothed,
+            "devices": devices,
+            "invariants": self.invariants,
+            "config": self.config.to_dict(),
+            **self.trainer.state_dict(),
+        }
+        with atomic_path(self.run_dir / STATE_FILE) as tmp:
+            torch.save(state, tmp)
         self._export(self.run_dir / MODEL_FILE, iteration, seconds, devices)
         self.log.plot()
 
@@ -397,14 +392,6 @@ def train(
     return run_dir / MODEL_FILE
 
 
-def _sequence_list(text: str) -> tuple[str, ...]:
-    return tuple(s.strip() for s in text.split(",") if s.strip())
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(s) for s in _sequence_list(text))
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``train`` command's options to ``parser``."""
     defaults = {f.name: f.default for f in fields(TrainConfig)}
@@ -413,7 +400,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=defaults["network"], help="network size")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt")
     parser.add_argument(
-        "--sequences", type=_sequence_list, default=None, help="comma-separated, e.g. flair,t2 (default: the preset's)"
+        "--sequences", type=comma_list, default=None, help="comma-separated, e.g. flair,t2 (default: the preset's)"
     )
     parser.add_argument("--iterations", type=int, required=True, help="total optimiser steps")
     parser.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="global batch (all GPUs)")
@@ -435,7 +422,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--validation-timesteps",
-        type=_int_list,
+        type=comma_ints,
         default=defaults["validation_timesteps"],
         help="comma-separated noise levels the validation loss averages over",
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any
 
 import torch
 
-from anofpdm.data.slices import MANIFEST_NAME
+from anofpdm.data.slices import MANIFEST_NAME, load_manifest
 from anofpdm.diffusion import ScheduleConfig
 from anofpdm.model import PRESETS, NetworkConfig
 
@@ -129,16 +128,12 @@ class TrainConfig:
         return out
 
 
-
 def read_manifest(data: Path) -> dict[str, Any]:
     """The prepared data's manifest, checked for the keys training needs."""
-    path = data / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no prepared data at {data}: {MANIFEST_NAME} is missing (run `anofpdm prepare`)")
-    manifest = json.loads(path.read_text())
+    manifest = load_manifest(data)
     missing = [k for k in ("sequences", "size") if k not in manifest]
     if missing:
-        raise ValueError(f"{path} lacks {missing}")
+        raise ValueError(f"{data / MANIFEST_NAME} lacks {missing}")
     return manifest
 
 

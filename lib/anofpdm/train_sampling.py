@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Sampler
 
 from anofpdm.model import NULL_LABEL
+from anofpdm.seeds import derive_seed
 
 __all__ = [
     "DATA_STREAM",
@@ -23,16 +24,10 @@ __all__ = [
     "DiffusionDraw",
     "GlobalBatchSampler",
     "draw_diffusion_inputs",
-    "stream_seed",
 ]
 
 # independent random streams, each seeded by (seed, stream, counter)
 DATA_STREAM, DIFFUSION_STREAM, INIT_STREAM, AUGMENT_STREAM = 0, 1, 2, 3
-
-
-def stream_seed(seed: int, stream: int, counter: int) -> int:
-    """A 64-bit seed for one random stream at one counter value (iteration or epoch)."""
-    return int(np.random.SeedSequence([seed, stream, counter]).generate_state(1, dtype=np.uint64)[0])
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -69,7 +64,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            rng = np.random.default_rng(stream_seed(self.seed, DATA_STREAM, epoch))
+            rng = np.random.default_rng(derive_seed(self.seed, DATA_STREAM, epoch))
             self._epoch, self._order = epoch, rng.permutation(self.num_samples)
         return self._order
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from anofpdm.data.brats import SEQUENCES, CaseFiles, find_cases, load_case
 from anofpdm.intensity import brain_landmarks, percentile_normalise
 from anofpdm.parallel import ordered_map
+from anofpdm.progress import ProgressCallback
 from anofpdm.volume import MIN_BRAIN_AREA_MM2, to_model_slices
 
 __all__ = [
@@ -40,10 +41,10 @@ __all__ = [
     "case_slices",
     "training_landmarks",
     "prepare_dataset",
+    "load_manifest",
     "SliceDataset",
 ]
 
-ProgressFn = Callable[[int, int], None]
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT = (0.75, 0.05, 0.20)
@@ -225,7 +226,7 @@ def prepare_dataset(
     size: int = 128,
     seed: int = 0,
     split: Sequence[float] = DEFAULT_SPLIT,
-    progress: ProgressFn | None = None,
+    progress: ProgressCallback | None = None,
     field_of_view_mm: float = DEFAULT_FIELD_OF_VIEW_MM,
     workers: int = 1,
     standardise: bool = True,
@@ -296,6 +297,16 @@ def prepare_dataset(
     return manifest
 
 
+def load_manifest(root: Path) -> dict[str, Any]:
+    """The ``manifest.json`` of a prepared folder (:func:`prepare_dataset`'s output)."""
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no prepared data at {root}: {MANIFEST_NAME} is missing (run `anofpdm prepare` or prepare_dataset)"
+        )
+    return json.loads(path.read_text())
+
+
 class SliceDataset(Dataset):
     """Prepared slices of one split, memory-mapped: items are (image float32 C x S x S, label int).
 
@@ -309,10 +320,7 @@ class SliceDataset(Dataset):
         root = Path(root)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        manifest_path = root / MANIFEST_NAME
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"no {MANIFEST_NAME} in {root}: run prepare_dataset first")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = load_manifest(root)
         prepared = list(self.manifest["sequences"])
         wanted = prepared if sequences is None else list(sequences)
         unknown = [s for s in wanted if s not in prepared]

@@ -19,6 +19,7 @@ import SimpleITK as sitk
 import torch
 from anofpdm.model import LoadedModel, load_checkpoint, load_model
 from anofpdm.pipeline import DECISION_RULES, InferenceOptions, SegmentationResult, resolve_options, segment_volume
+from anofpdm.runtime import default_device
 from anofpdm.volume import InputError
 from lib.inputs import IMAGE_ID, ResolvedInputs, StudyLookup, resolve_inputs
 from lib.pacs import PACSDatastore
@@ -148,7 +149,7 @@ class AnoFPDM(InferTask):
         self.kept_maps = kept_maps
         self.map_url = map_url
         self._map_lock = threading.Lock()
-        self._default_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._default_device = device or default_device()
         self._check_lock = threading.Lock()  # separate locks: /info/ must not wait for a model to load
         self._load_lock = threading.Lock()
         self._checked: _CheckpointCheck | None = None
