@@ -12,7 +12,8 @@ import pytest
 
 from anofpdm.data.brats import SEQUENCES, find_cases, load_case
 from anofpdm.data.slices import prepare_dataset
-from anofpdm.data.synth import case_seed, generate_cases, is_healthy_index, render_preview, synthesize_case, write_case
+from anofpdm.data.preview import render_preview
+from anofpdm.data.synth import case_seed, generate_cases, is_healthy_index, synthesize_case, write_case
 
 SMALL = (60, 60, 39)  # the BraTS field of view at 4 mm
 SMALL_MM = 4.0

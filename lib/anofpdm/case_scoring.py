@@ -24,7 +24,7 @@ from anofpdm.volume import VolumeGeometry, brain_pixels, to_model_slices
 __all__ = ["SliceProtocol", "EvaluationCase", "prepare_case", "score_result"]
 
 PAPER_MIN_AREA_PX = 40.0  # the authors drop 2-D components of at most 40 px at 128 x 128
-TRUTH_LEVEL = 0.5  # labels are resized, then thresholded at 0.5 (SPEC section 1)
+TRUTH_LEVEL = 0.5  # labels are resized, then thresholded at 0.5 (docs/method.md section 1)
 
 
 @dataclass(frozen=True)

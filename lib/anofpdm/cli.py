@@ -20,7 +20,8 @@ __all__ = ["main", "build_parser"]
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from anofpdm.data.synth import generate_cases, render_preview
+    from anofpdm.data.preview import render_preview
+    from anofpdm.data.synth import generate_cases
 
     if args.preview and not args.out:
         case_dirs = sorted(p for p in args.cases_dir.iterdir() if p.is_dir() and p.name != "studies")

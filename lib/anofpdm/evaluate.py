@@ -1,4 +1,4 @@
-"""Evaluate AnoFPDM variants and baselines on labelled volumes (SPEC.md section 6).
+"""Evaluate AnoFPDM variants and baselines on labelled volumes (docs/method.md section 6).
 
 For every case (BraTS21, BraTS 2023, MSD Task01 or synthetic folders; truth = whole tumour, label > 0)
 and method, this computes the paper's slice protocol on the model grid (per-slice Dice / IoU, "mixed"

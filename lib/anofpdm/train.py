@@ -1,4 +1,4 @@
-"""Classifier-free-guidance training of the noise-prediction UNet (SPEC.md section 2).
+"""Classifier-free-guidance training of the noise-prediction UNet (docs/method.md section 2).
 
 Epsilon-prediction MSE with t uniform in [0, T), the slice label (healthy 0 / unhealthy 1) replaced by
 the null label with probability 0.1, AdamW and an exponential moving average (EMA) of the weights; the

@@ -71,6 +71,7 @@ def training_record(
         "ema_decay": config.ema_decay,
         "null_label_probability": config.null_label_probability,
         "seed": config.seed,
+        "augment": config.augment,
         "bf16": config.bf16,
         "wall_time_s": round(elapsed_s, 3),
         "devices": devices,  # [device, iterations it ran], in order: a run may resume on other hardware

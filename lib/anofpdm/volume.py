@@ -1,4 +1,4 @@
-"""Volumes to network slices and back, exactly onto the input grid (SPEC.md section 1).
+"""Volumes to network slices and back, exactly onto the input grid (docs/method.md section 1).
 
 Any orientation, spacing and field of view: the volume is reoriented to RAS (a lossless axis
 permutation/flip), each axial plane is cropped/padded to a square field of view (the network's,
