@@ -38,7 +38,7 @@ SHIFTED = AFFINE + np.array([[0, 0, 0, 2.0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 
 SHAPE = (40, 44, 12)
 SHOW_LESIONS = {"median_kernel": 1, "min_lesion_mm3": 0}
 OPTIONS = {"device", "mode", "forward_steps", "stride", "guidance", "encoding", "min_lesion_mm3", "seed",
-           "mark_uncertain", "t2"}
+           "mark_uncertain", "decision_rule", "t2"}
 
 
 @pytest.fixture(autouse=True)
@@ -189,6 +189,7 @@ def test_config_lists_the_options_slicer_shows(tiny_model_path):
     assert config["mode"] == ["fast", "fast-ddpm", "full", "full-ddpm"] and config["device"][0] == "cpu"
     assert config["encoding"] == ["calibrated", "ddim", "ddpm"] and config["forward_steps"] == "calibrated"
     assert config["mark_uncertain"] is True  # a checkbox in Slicer, ticked
+    assert config["decision_rule"] == ["paper", "volume"]  # a drop-down, the paper's rule first (the default)
     assert config["t2"] == ""  # a text cell in Slicer: the T2's path on the server
 
 
@@ -204,6 +205,9 @@ def test_request_options_override_the_calibration(tmp_path, tiny_model_path, pai
                     "seed": "3", "min_lesion_mm3": "100.5"})
     assert (full["settings"]["mode"], full["settings"]["forward_steps"], full["settings"]["stride"]) == ("full", 12, 1)
     assert full["settings"]["seed"] == 3 and full["settings"]["min_lesion_mm3"] == 100.5
+    assert full["settings"]["decision_rule"] == "paper"
+    _, volume = task({**request, "decision_rule": "volume"})
+    assert volume["settings"]["decision_rule"] == "volume"
     _, custom = task({**request, "forward_steps": "20", "guidance": 1.5, "encoding": "ddpm"})
     settings = custom["settings"]
     assert (settings["forward_steps"], settings["guidance"], settings["encoding"]) == (20, 1.5, "ddpm")
@@ -215,6 +219,7 @@ def test_request_options_override_the_calibration(tmp_path, tiny_model_path, pai
     for bad, message in (({"forward_steps": "many"}, "forward_steps='many' is not a valid int"),
                          ({"stride": 2.5}, "stride=2.5 is not a valid int"),
                          ({"mode": "slow"}, "no calibration for mode 'slow'"),
+                         ({"decision_rule": "both"}, "decision_rule must be one of"),
                          ({"device": "abacus"}, "device 'abacus'"),
                          ({"result_extension": ".mha"}, "result_extension '.mha' is not supported"),
                          ({"mark_uncertain": "maybe"}, "mark_uncertain='maybe' is not a valid bool")):
