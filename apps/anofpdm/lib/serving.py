@@ -90,12 +90,8 @@ def api_run_inference_in_thread(
                                             file, label, output)
     except HTTPException:
         raise
-    except InputError as exc:
-        logger.warning(f"infer {model}: bad input: {exc}")
-        raise HTTPException(status_code=422, detail=str(exc)) from exc
-    except PACSUnavailableError as exc:
-        logger.warning(f"infer {model}: {exc}")
-        raise HTTPException(status_code=502, detail=str(exc)) from exc
+    except (InputError, PACSUnavailableError) as exc:
+        raise _client_error(exc, f"infer {model}") from exc
     except ModelUnavailableError as exc:
         raise HTTPException(status_code=503, detail=str(exc)) from exc
     except MONAILabelException as exc:  # e.g. an unknown model name
@@ -116,12 +112,17 @@ def api_save_label_in_thread(
     """MONAI Label's ``PUT /datastore/label`` (same parameters), run by FastAPI in a worker thread."""
     try:
         return datastore_endpoint.save_label(background_tasks, image, params, tag, label, user.username)
-    except InputError as exc:
-        logger.warning(f"save label of {image}: bad input: {exc}")
-        raise HTTPException(status_code=422, detail=str(exc)) from exc
-    except PACSUnavailableError as exc:
-        logger.warning(f"save label of {image}: {exc}")
-        raise HTTPException(status_code=502, detail=str(exc)) from exc
+    except (InputError, PACSUnavailableError) as exc:
+        raise _client_error(exc, f"save label of {image}") from exc
+
+
+def _client_error(exc: InputError | PACSUnavailableError, what: str) -> HTTPException:
+    """The answer to bad input (422) or a PACS that does not answer (502), logged with ``what`` was asked."""
+    if isinstance(exc, InputError):
+        logger.warning(f"{what}: bad input: {exc}")
+        return HTTPException(status_code=422, detail=str(exc))
+    logger.warning(f"{what}: {exc}")
+    return HTTPException(status_code=502, detail=str(exc))
 
 
 def _replace_route(router: APIRouter, path: str, method: str, endpoint: Callable[..., Any]) -> None:
