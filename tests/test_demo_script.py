@@ -28,7 +28,7 @@ def run_script(work: Path, **settings: str) -> subprocess.CompletedProcess:
         "SHIFTED_METHODS": ",".join(METHODS),
         **settings,
     }
-    return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=1800)
 
 
 def test_demo_script_makes_a_calibrated_evaluated_model_and_resumes(tmp_path: Path) -> None:

@@ -636,7 +636,7 @@ def synthesize_case(
         "periventricular_gain": round(pv_gain, 3),
         "white_matter_hyperintensities": wmh_count,
     }
-    if domain is not TRAINING:
+    if domain != TRAINING:
         info.update(domain=domain.name, cortical_atrophy=round(atrophy, 3), scanner_gain=round(gain, 3))
     return SyntheticCase(images, seg, brats_affine(shape, voxel_mm), info)
 
@@ -759,7 +759,7 @@ def generate_cases(
         "n_cases": n_cases,
         "healthy_fraction": healthy_fraction,
         "tumour_volume_ml": list(tumour_volume_ml),
-        **({"domain": domain.to_dict()} if domain is not TRAINING else {
+        **({"domain": domain.to_dict()} if domain != TRAINING else {
             "shape": list(BRATS_SHAPE), "voxel_mm": 1.0, "affine": brats_affine().tolist()}),
         "labels": {"1": "necrotic / non-enhancing core", "2": "oedema", "4": "enhancing"},
         "cases": cases,
