@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score
 
+from anofpdm.arguments import comma_ints
 from anofpdm.data.slices import SliceDataset
 from anofpdm.diffusion import NoiseSchedule
 from anofpdm.forward_process import guided_and_null_noise
@@ -31,7 +32,7 @@ def main() -> None:
     parser.add_argument("--split", default="val")
     parser.add_argument("--slices", type=int, default=32, help="seeded random unhealthy slices")
     parser.add_argument("--guidance", type=float, default=2.0)
-    parser.add_argument("--steps", default="25,50,100,200,300,400,500")
+    parser.add_argument("--steps", type=comma_ints, default="25,50,100,200,300,400,500")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -39,7 +40,8 @@ def main() -> None:
     dataset = SliceDataset(args.data, args.split, sequences=model.config.sequences)
     masks = np.load(f"{args.data}/{args.split}_masks.npy", mmap_mode="r")
     unhealthy = np.flatnonzero(dataset.labels == UNHEALTHY)
-    chosen = np.sort(np.random.default_rng(args.seed).choice(unhealthy, min(args.slices, len(unhealthy)), replace=False))
+    rng = np.random.default_rng(args.seed)
+    chosen = np.sort(rng.choice(unhealthy, min(args.slices, len(unhealthy)), replace=False))
     x0 = torch.stack([dataset[int(i)][0] for i in chosen])
     truth = np.asarray(masks[chosen]) > 0
     brain = (x0 > BACKGROUND + 1e-3).any(dim=1).numpy()
@@ -50,7 +52,7 @@ def main() -> None:
     print("| t | loss, unhealthy label | loss, healthy label | loss, null label | AP of guided error at t |")
     print("|---|---|---|---|---|")
     with torch.no_grad():
-        for t in (int(v) for v in args.steps.split(",")):
+        for t in args.steps:
             noise = torch.randn(x0.shape, generator=generator)
             z = schedule.add_noise(x0, noise, t)
             timesteps = torch.full((len(x0),), t)

@@ -20,7 +20,7 @@ import torch
 from anofpdm.diffusion import NoiseSchedule
 from anofpdm.forward_process import ForwardProcessConfig, run_forward_process
 from anofpdm.model import PRESETS, build_network
-from anofpdm.runtime import reuse_heap_memory
+from anofpdm.runtime import default_device, reuse_heap_memory
 
 
 class Counter(torch.nn.Module):
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--overhead-steps", type=int, default=30)
     parser.add_argument("--memory-steps", type=int, nargs="+", default=[50, 500])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--glibc-default-heap", action="store_true",
                         help="leave glibc's allocator as it is, without the CLI's and app's reuse_heap_memory")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)

@@ -16,14 +16,16 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy import ndimage
 
+from anofpdm.arguments import comma_list
+from anofpdm.case_scoring import prepare_case
 from anofpdm.data.brats import find_cases
-from anofpdm.evaluate import prepare_case, split_case_ids
+from anofpdm.evaluate import split_case_ids
 from anofpdm.metrics import dice
 from anofpdm.model import load_model
 from anofpdm.pipeline import InferenceOptions, decide_slices, default_median_kernel, finish_on_input_grid, run_forward
+from anofpdm.runtime import default_device
 
 NO_FILTER = "none"
 
@@ -43,20 +45,20 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="labelled cases (BraTS / MSD / synthetic)")
     parser.add_argument("--prepared", type=Path, required=True, help="prepared slices folder naming the splits")
-    parser.add_argument("--splits", default="val,test")
+    parser.add_argument("--splits", type=comma_list, default="val,test")
     parser.add_argument("--max-cases", type=int, default=6, help="the first N cases of each split")
-    parser.add_argument("--kernels", default="none,1x1x3,3x3x3,1x1x5")
+    parser.add_argument("--kernels", type=comma_list, default="none,1x1x3,3x3x3,1x1x5")
     parser.add_argument("--mode", default="fast")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     args = parser.parse_args()
-    kernels = {text: parse_kernel(text) for text in args.kernels.split(",")}
+    kernels = {text: parse_kernel(text) for text in args.kernels}
 
     model = load_model(args.model, args.device)
     options = InferenceOptions(mode=args.mode)
     found = {files.case_id: files for files in find_cases(args.data)}
     map_kernel = default_median_kernel(model.config.image_size)
     print(f"{args.model}, mode {args.mode}; map median kernel {map_kernel}; 3-D Dice per mask-filter kernel")
-    for split in args.splits.split(","):
+    for split in args.splits:
         rows = []
         for case_id in split_case_ids(args.prepared, split)[: args.max_cases]:
             case = prepare_case(found[case_id], model.config)
@@ -65,7 +67,8 @@ def main() -> None:
             gated = decided.candidate
             row = {"case": case_id, "tumour": bool(case.truth.any())}
             for text, kernel in kernels.items():
-                mask = gated if kernel is None else ndimage.median_filter(gated.astype(np.uint8), size=kernel, mode="nearest") > 0
+                mask = gated if kernel is None else (
+                    ndimage.median_filter(gated.astype(np.uint8), size=kernel, mode="nearest") > 0)
                 _, mask_input, _, _, _ = finish_on_input_grid(decided.filtered_map, mask, outputs.geometry,
                                                               options.min_lesion_mm3)
                 row[text] = dice(mask_input, case.truth) if row["tumour"] else float(not mask_input.any())

@@ -1,9 +1,9 @@
-"""The best 3-D Dice a mask made on the model grid can reach, and the best that SPEC's threshold rule allows.
+"""The best 3-D Dice a mask made on the model grid can reach, and the best the threshold rule allows.
 
 For labelled cases (BraTS / MSD / synthetic folders) and each network image size, the whole-tumour truth is
 resampled to the model's slices exactly as the methods' inputs are, thresholded at the evaluation's truth
 level, mapped back to the input grid as the methods' masks are, and compared with the truth ("grid").
-Then SPEC section 4's threshold (Algorithm 1: tau = the q-quantile of the map over the whole slice, q between
+Then docs/method.md section 4's threshold (Algorithm 1: tau = the q-quantile of the map over the whole slice, q between
 0.90 and 0.98) is applied, as the pipeline applies it, to an ideal anomaly map (1 on the model-grid truth,
 decaying with the distance to it outside: every pixel ranked, the nearest to the tumour first) with an ideal
 slice verdict, at q = 0.98 (the smallest masks the rule makes) and q = 0.90: the most AnoFPDM's masks could
@@ -28,10 +28,12 @@ import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
 
+from anofpdm.arguments import comma_floats, comma_ints, comma_list
 from anofpdm.baselines import BaselineOptions, FixedThreshold, run_baseline
+from anofpdm.case_scoring import EvaluationCase, prepare_case
 from anofpdm.data.brats import find_cases
 from anofpdm.decisions import row_quantiles
-from anofpdm.evaluate import EvaluationCase, prepare_case, split_case_ids
+from anofpdm.evaluate import split_case_ids
 from anofpdm.metrics import dice
 from anofpdm.model import PRESETS, load_model
 from anofpdm.pipeline import default_median_kernel
@@ -68,26 +70,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="labelled cases")
     parser.add_argument("--prepared", help="prepared slices folder: take the cases of its --split")
-    parser.add_argument("--split", default="test", help="split(s) of --prepared, comma-separated")
+    parser.add_argument("--split", type=comma_list, default="test", help="split(s) of --prepared, comma-separated")
     parser.add_argument("--max-cases", type=int)
-    parser.add_argument("--sizes", default="64,96,128", help="network image sizes")
+    parser.add_argument("--sizes", type=comma_ints, default="64,96,128", help="network image sizes")
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     parser.add_argument("--flair-model", help="also score the FLAIR-percentile baseline on this model's grid")
     parser.add_argument("--flair-quantile", type=float, default=0.98, help="the baseline's tuned brain quantile")
-    parser.add_argument("--size-bins", help="tumour-volume bin edges in mL (e.g. 10,25,50,100): a table by size")
+    parser.add_argument("--size-bins", type=comma_floats,
+                        help="tumour-volume bin edges in mL (e.g. 10,25,50,100): a table by size")
     args = parser.parse_args()
     flair_model = load_model(args.flair_model, "cpu") if args.flair_model else None
     flair_options = BaselineOptions(threshold=FixedThreshold(quantile=args.flair_quantile))
 
     cases = find_cases(args.data)
     if args.prepared:
-        wanted = {case for split in args.split.split(",") for case in split_case_ids(args.prepared, split)}
+        wanted = {case for split in args.split for case in split_case_ids(args.prepared, split)}
         cases = [c for c in cases if c.case_id in wanted]
     cases = cases[: args.max_cases]
     print("| image size | pixel (mm) | mask | cases with tumour | 3-D Dice per case | mean |")
     print("|---|---|---|---|---|---|")
     tables = []
-    for size in (int(v) for v in args.sizes.split(",")):
+    for size in args.sizes:
         config = replace(PRESETS[args.preset], image_size=size)
         flair = flair_model if flair_model is not None and flair_model.config.image_size == size else None
         rows: dict[str, dict[str, float]] = {"grid": {}, **{f"Algorithm 1, q = {q}": {} for q in QUANTILES}}
@@ -101,7 +104,8 @@ def main() -> None:
             volumes_ml[case.case_id] = float(case.truth.sum()) * case.voxel_mm3 / 1000.0
             rows["grid"][case.case_id] = _grid_dice(case, case.truth_slices)
             for q in QUANTILES:
-                rows[f"Algorithm 1, q = {q}"][case.case_id] = _grid_dice(case, ideal_algorithm1_mask(case.truth_slices, q))
+                ideal = ideal_algorithm1_mask(case.truth_slices, q)
+                rows[f"Algorithm 1, q = {q}"][case.case_id] = _grid_dice(case, ideal)
             if flair is not None:
                 mask = np.asanyarray(run_baseline("flair-threshold", flair, case.images, flair_options).mask.dataobj)
                 rows[f"FLAIR percentile, q = {args.flair_quantile}"][case.case_id] = dice(mask > 0, case.truth)
@@ -111,7 +115,7 @@ def main() -> None:
             print(f"| {size} | {config.field_of_view_mm / size:.2f} | {mask} | {len(scores)} | {listed} | {mean} |")
         tables.append((size, rows, volumes_ml))
     if args.size_bins:
-        _print_by_size(tables, [float(v) for v in args.size_bins.split(",")])
+        _print_by_size(tables, list(args.size_bins))
 
 
 def _print_by_size(tables: list[tuple[int, dict[str, dict[str, float]], dict[str, float]]], edges: list[float]) -> None:

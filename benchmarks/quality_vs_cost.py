@@ -28,13 +28,14 @@ import numpy as np
 import torch
 
 from anofpdm.calibration import MODES, calibrate_mode
+from anofpdm.case_scoring import SliceProtocol, prepare_case, score_result
 from anofpdm.data.brats import find_cases
 from anofpdm.data.slices import SliceDataset
-from anofpdm.evaluate import SliceProtocol, prepare_case, score_result, split_case_ids
+from anofpdm.evaluate import split_case_ids
 from anofpdm.metrics import aggregate_cases
 from anofpdm.model import LoadedModel, load_model
 from anofpdm.pipeline import InferenceOptions, default_batch_size, segment_volume
-from anofpdm.runtime import reuse_heap_memory
+from anofpdm.runtime import default_device, reuse_heap_memory
 
 NO_EARLY_STOP = "none"
 OWN_CALIBRATION = "setting"  # the mode name a setting's own calibration is stored under
@@ -93,7 +94,7 @@ def main() -> None:
     parser.add_argument("--min-lesion-mm3", type=float, default=InferenceOptions.min_lesion_mm3)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--calibrate-split", help="calibrate each setting on this split of --prepared (e.g. val)")
     parser.add_argument("--calibration-slices", type=int, help="with --calibrate-split: a seeded random subset")
     args = parser.parse_args()

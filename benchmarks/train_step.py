@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 
 from anofpdm.data.slices import SliceDataset
-from anofpdm.runtime import describe_device, reuse_heap_memory
-from anofpdm.train import Distributed, TrainConfig, Trainer, read_manifest, resolve_network
+from anofpdm.distributed import Distributed
+from anofpdm.runtime import default_device, describe_device, reuse_heap_memory
+from anofpdm.train import Trainer
+from anofpdm.train_config import TrainConfig, read_manifest, resolve_network
 
 
 def main() -> None:
@@ -28,7 +30,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=6, help="timed steps, after two untimed ones")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (default backend)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     args = parser.parse_args()
     reuse_heap_memory()
     config = TrainConfig(data=args.data, iterations=1, network=args.preset, batch_size=args.batch_size,

@@ -4,7 +4,7 @@ Uses the training defaults (or the options given) and prints the loss and the se
 Prints figures; asserts nothing. Example:
 
     PYTHONPATH=lib python benchmarks/validation_loss.py --data data/slices64 \\
-        --models checkpoints/h200/anofpdm_9307.pt,checkpoints/h200/anofpdm_11513.pt
+        --models anofpdm_9307.pt,anofpdm_11513.pt   # the demo run's steps: docs/training.md
 """
 
 from __future__ import annotations
@@ -12,25 +12,27 @@ from __future__ import annotations
 import argparse
 import time
 
+from anofpdm.arguments import comma_ints, comma_list
 from anofpdm.diffusion import NoiseSchedule
 from anofpdm.model import load_model
-from anofpdm.train import TrainConfig
+from anofpdm.train_config import TrainConfig
 from anofpdm.validation import ValidationLoss
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="prepared slices folder with a val split")
-    parser.add_argument("--models", required=True, help="comma-separated model files")
-    parser.add_argument("--timesteps", default=",".join(map(str, TrainConfig.validation_timesteps)))
+    parser.add_argument("--models", type=comma_list, required=True, help="comma-separated model files")
+    parser.add_argument("--timesteps", type=comma_ints, default=TrainConfig.validation_timesteps)
     parser.add_argument("--slices", type=int, default=TrainConfig.validation_slices)
     parser.add_argument("--seed", type=int, default=0, help="the training run's seed")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    timesteps = [int(t) for t in args.timesteps.split(",")]
-    print(f"| model | iterations | validation loss (t = {args.timesteps}, {args.slices} slices) | s per pass |")
+    timesteps = list(args.timesteps)
+    levels = ",".join(map(str, timesteps))
+    print(f"| model | iterations | validation loss (t = {levels}, {args.slices} slices) | s per pass |")
     print("|---|---|---|---|")
-    for path in args.models.split(","):
+    for path in args.models:
         model = load_model(path, args.device)
         loss_of = ValidationLoss(args.data, model.config.sequences, timesteps, args.slices, args.seed,
                                  NoiseSchedule.from_dict(model.schedule), model.device)

@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from anofpdm.arguments import comma_ints
 from anofpdm.data.slices import MANIFEST_NAME, SliceDataset
 from anofpdm.forward_process import run_on_slices
 from anofpdm.model import load_model
 from anofpdm.pipeline import InferenceOptions, resolve_options
+from anofpdm.runtime import default_device
 
 
 def main() -> None:
@@ -29,9 +31,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="prepared slices folder")
     parser.add_argument("--split", default="val")
     parser.add_argument("--mode", default="fast", help="a calibrated mode of the model")
-    parser.add_argument("--bins", default="1,25,50,100,200", help="lower edges of the tumour-area bins, in pixels")
+    parser.add_argument("--bins", type=comma_ints, default="1,25,50,100,200",
+                        help="lower edges of the tumour-area bins, in pixels")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     args = parser.parse_args()
 
     model = load_model(args.model, args.device)
@@ -51,7 +54,7 @@ def main() -> None:
     print(f"healthy slices called healthy (specificity): {int((~called[healthy]).sum())} / {int(healthy.sum())}")
     print("| tumour area (pixels) | tumour area (mm^2) | slices | called unhealthy | recall |")
     print("|---|---|---|---|---|")
-    edges = [int(v) for v in args.bins.split(",")] + [None]
+    edges = [*args.bins, None]
     for low, high in zip(edges[:-1], edges[1:]):
         chosen = (area >= low) & (area < high if high is not None else True)
         span = f"{low}-{high - 1}" if high is not None else f">= {low}"

@@ -20,10 +20,11 @@ from pathlib import Path
 import nibabel as nib
 import torch
 
+from anofpdm.arguments import comma_list
 from anofpdm.data.brats import find_cases, load_case
 from anofpdm.model import load_model
 from anofpdm.pipeline import InferenceOptions, resolve_options, segment_volume
-from anofpdm.runtime import reuse_heap_memory
+from anofpdm.runtime import default_device, reuse_heap_memory
 
 STAGES = ("load_s", "preprocess_s", "network_s", "postprocess_s", "write_s")
 
@@ -57,7 +58,8 @@ def measure(model, case, mode: str, forward_steps: int | None, batch_size: int |
         nib.save(result.anomaly_map, Path(folder) / "map.nii.gz")
     write_s = time.perf_counter() - start
     report = result.report
-    figures = {"mode": mode, "precision": "bf16" if bf16 else "fp32", "shape": list(volume.images[model.config.sequences[0]].shape),
+    figures = {"mode": mode, "precision": "bf16" if bf16 else "fp32",
+               "shape": list(volume.images[model.config.sequences[0]].shape),
                "slices": report["slices"]["segmented"], "visited_steps": report["settings"]["visited_steps"],
                "network_evaluations": report["network_evaluations"], "load_s": load_s, **report["timings_s"],
                "write_s": write_s, "extrapolated": False}
@@ -86,19 +88,20 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="BraTS / MSD / synthetic cases; the first is timed")
     parser.add_argument("--case", help="case id to time (default: the first)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--fast-mode", default="fast")
     parser.add_argument("--full-mode", default="full")
     parser.add_argument("--full-steps", type=int,
                         help="run the full mode to this many forward steps only and extrapolate its network time")
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16 (bf16: autocast, for GPUs)")
+    parser.add_argument("--precisions", type=comma_list, default="fp32",
+                        help="comma list of fp32, bf16 (bf16: autocast, for GPUs)")
     parser.add_argument("--glibc-default-heap", action="store_true",
                         help="leave glibc's allocator as it is, without the CLI's and app's reuse_heap_memory")
     args = parser.parse_args()
     if not args.glibc_default_heap:
         reuse_heap_memory()
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    precisions = list(args.precisions)
     if not precisions or set(precisions) - {"fp32", "bf16"}:
         raise SystemExit(f"--precisions takes fp32 and/or bf16, got {args.precisions!r}")
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make the demo model from nothing: synthetic cases -> training slices -> classifier-free-guidance training
-# -> label-free calibration (fast and full modes) -> evaluation on the held-out test cases.
+# -> label-free calibration (fast and full modes) -> evaluation on the held-out test cases, and on cases of the
+# shifted domain (anatomy, contrast and grids the training never sees: docs/generalisation.md).
 #
 # Every setting is an environment variable (model/README.md records those of the shipped model). Data stages
 # are skipped when their output exists, and training and evaluation resume where they stopped
@@ -8,7 +9,7 @@
 #
 #   WORK=/tmp/demo TIME_LIMIT_MIN=5 scripts/train_demo_model.sh        # one session of at most 5 minutes
 #   ANOFPDM="python3 -m anofpdm.cli" ...                              # without the console script
-#   STAGES=evaluate scripts/train_demo_model.sh                       # only some of: data,train,calibrate,evaluate
+#   STAGES=evaluate scripts/train_demo_model.sh                       # some of: data,train,calibrate,evaluate,shifted
 set -euo pipefail
 
 WORK=${WORK:-runs/demo}
@@ -17,11 +18,13 @@ CASES=${CASES:-160}
 SYNTH_SEED=${SYNTH_SEED:-1000}
 TUMOUR_VOLUME_ML=${TUMOUR_VOLUME_ML:-}   # LOW,HIGH mL for anofpdm synth (default: its 8,250); other data cannot resume a run
 SIZE=${SIZE:-64}
+INTENSITY=${INTENSITY:-standardised}   # prepare --intensity: standardised (histogram landmarks) or percentile
 WORKERS=${WORKERS:-$(nproc)}
 PRESET=${PRESET:-cpu}
 ITERATIONS=${ITERATIONS:-30000}
 BATCH=${BATCH:-64}
 NUM_WORKERS=${NUM_WORKERS:-0}
+AUGMENT=${AUGMENT:-1}   # 1: train --augment (random spatial and intensity augmentation); empty: none
 LR=${LR:-3e-4}
 LR_DECAY_FROM=${LR_DECAY_FROM:-}   # iteration from which the learning rate falls linearly to 0 at ITERATIONS
 VALIDATE_EVERY=${VALIDATE_EVERY:-}   # iterations between validation losses; the lowest's network is run/best.pt
@@ -33,14 +36,18 @@ CALIBRATION_SLICES=${CALIBRATION_SLICES:-1000}
 CALIBRATION_MODES=${CALIBRATION_MODES:-fast,full}
 INFER_BATCH=${INFER_BATCH:-8}   # slices per network batch in calibration and evaluation: 8 serves on 2 CPU cores (32: at most ~8 % faster, for ~0.7 GB more); ~512 on a GPU
 EVAL_CASES=${EVAL_CASES:-16}
-EVAL_METHODS=${EVAL_METHODS:-anofpdm-ddim-fast,anofpdm-ddim-full,anofpdm-ste-fast,anofpdm-ste-full,anoddpm-reconstruction,cfg-ddim,flair-threshold}
+EVAL_METHODS=${EVAL_METHODS:-anofpdm-ddim-fast,anofpdm-volume-fast,anofpdm-ddim-full,anofpdm-ste-fast,anofpdm-ste-full,anoddpm-reconstruction,cfg-ddim,flair-threshold}
 EVAL_OUT=${EVAL_OUT:-$WORK/evaluation}
-STAGES=${STAGES:-data,train,calibrate,evaluate}
+SHIFTED_CASES=${SHIFTED_CASES:-12}   # shifted-domain test cases (never trained, calibrated or selected on)
+SHIFTED_SEED=${SHIFTED_SEED:-2026}
+SHIFTED_METHODS=${SHIFTED_METHODS:-anofpdm-ddim-fast,anofpdm-volume-fast,flair-threshold}
+FLAIR_QUANTILE=${FLAIR_QUANTILE:-0.97}   # the FLAIR baseline's brain quantile on the shifted cases (not tuned there)
+STAGES=${STAGES:-data,train,calibrate,evaluate,shifted}
 
 run() { echo "+ $*" >&2; "$@"; }
 stage() { [[ ,$STAGES, == *,$1,* ]]; }
 for name in ${STAGES//,/ }; do
-    [[ $name =~ ^(data|train|calibrate|evaluate)$ ]] || { echo "unknown stage '$name' in STAGES" >&2; exit 2; }
+    [[ $name =~ ^(data|train|calibrate|evaluate|shifted)$ ]] || { echo "unknown stage '$name' in STAGES" >&2; exit 2; }
 done
 
 if stage data && [[ ! -f $WORK/cases/manifest.json ]]; then
@@ -50,7 +57,7 @@ if stage data && [[ ! -f $WORK/cases/manifest.json ]]; then
 fi
 if stage data && [[ ! -f $WORK/slices/manifest.json ]]; then
     run $ANOFPDM prepare --data "$WORK/cases" --out "$WORK/slices" --sequences flair,t2 --size "$SIZE" --seed 0 \
-        --workers "$WORKERS"
+        --workers "$WORKERS" --intensity "$INTENSITY"
 fi
 
 if stage train; then
@@ -62,6 +69,7 @@ if stage train; then
     [[ -n $VALIDATE_EVERY ]] && train_args+=(--validate-every "$VALIDATE_EVERY")
     [[ -n $TIME_LIMIT_MIN ]] && train_args+=(--time-limit-min "$TIME_LIMIT_MIN")
     [[ -n $BF16 ]] && train_args+=(--bf16)
+    [[ -n $AUGMENT ]] && train_args+=(--augment)
     run $ANOFPDM train "${train_args[@]}"
 fi
 
@@ -75,4 +83,13 @@ if stage evaluate; then
     run $ANOFPDM evaluate --model "$WORK/anofpdm.pt" --data "$WORK/cases" --prepared "$WORK/slices" --split test \
         --tune-split val --methods "$EVAL_METHODS" --max-cases "$EVAL_CASES" --batch-size "$INFER_BATCH" \
         --overlays 2 --out "$EVAL_OUT" --resume
+fi
+if stage shifted; then
+    if [[ ! -f $WORK/shifted/manifest.json ]]; then
+        run $ANOFPDM synth --domain shifted --out "$WORK/shifted" --cases "$SHIFTED_CASES" --seed "$SHIFTED_SEED" \
+            --healthy-fraction 0.25 --workers "$WORKERS"
+    fi
+    run $ANOFPDM evaluate --model "$WORK/anofpdm.pt" --data "$WORK/shifted" --methods "$SHIFTED_METHODS" \
+        --flair-quantile "$FLAIR_QUANTILE" --batch-size "$INFER_BATCH" --overlays 2 --out "$WORK/evaluation_shifted" \
+        --resume
 fi

@@ -1,18 +1,33 @@
-"""Shared fixtures: a tiny network and small synthetic volumes, fast on a CPU."""
+"""Shared fixtures: a tiny network and small synthetic volumes, fast on a CPU; a real MONAI Label server."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import requests
 import torch
 
 from anofpdm.decisions import Calibration
 from anofpdm.diffusion import ScheduleConfig
 from anofpdm.model import NetworkConfig, build_network, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+APP_DIR = REPO / "apps" / "anofpdm"
+ACTIVATE = Path(sys.prefix) / "bin" / "activate"
+STARTUP_DEADLINE_S = 180.0
+POLL_TIMEOUT_S = 1.0
+
 
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
@@ -107,6 +122,74 @@ def datastore_state(studies: Path) -> dict[str, tuple[str, int]]:
     """Every file of the datastore: content hash and modification time."""
     return {str(p.relative_to(studies)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
             for p in sorted(studies.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A shell command that starts ``monailabel start_server`` on ``port``; ``stop`` terminates, then kills.
+
+    The shell activates the venv first, as the README does: monailabel's launcher runs the ``python`` on PATH.
+    """
+
+    def __init__(self, command: str, port: int, workdir: Path, env: dict[str, str] | None = None) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = workdir / "server.log"
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "MONAI_LABEL_SESSION_PATH": str(workdir / "sessions"),
+            "TMPDIR": str(workdir),  # results (label, anomaly map) and uploads land here, not in /tmp
+            **(env or {}),
+        }
+        env.pop("MONAILABEL_PYEXE", None)
+        with open(self.log_path, "w") as log:  # its own process group: stop reaches the server under the shell
+            self.process = subprocess.Popen(["bash", "-c", command], stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, cwd=REPO, start_new_session=True)
+
+    @classmethod
+    def start(cls, studies: Path | str, model_path: Path, workdir: Path, env: dict[str, str] | None = None) -> Server:
+        """The README's start command on ``studies`` (a folder or a DICOMweb URL), serving ``model_path``;
+        ``env``: extra environment variables (MONAI Label settings)."""
+        port = free_port()
+        arguments = ["--app", APP_DIR, "--studies", studies, "--conf", "model_path", model_path,
+                     "--host", "127.0.0.1", "--port", port]
+        return cls(f". {shlex.quote(str(ACTIVATE))} && monailabel start_server {shlex.join(map(str, arguments))}",
+                   port, workdir, env)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        """Poll ``/info/`` (short request timeout) until it answers or the deadline passes."""
+        deadline = time.monotonic() + STARTUP_DEADLINE_S
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{self.url}/info/", timeout=POLL_TIMEOUT_S).status_code == 200:
+                    return
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                last_error = exc
+            try:  # between polls, wait for the server to die (a crash ends the wait at once)
+                code = self.process.wait(timeout=0.25)
+            except subprocess.TimeoutExpired:
+                continue
+            raise RuntimeError(f"server exited with {code}:\n{self.log()[-4000:]}")
+        raise TimeoutError(f"server not ready after {STARTUP_DEADLINE_S} s ({last_error}):\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:  # it exited already (a failed start): nothing to stop
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
 
 
 PHANTOM_CENTRE = np.array([2.0, -12.0, 14.0])  # RAS mm

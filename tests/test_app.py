@@ -37,7 +37,7 @@ AFFINE = np.array([[0.0, 0.0, 5.0, -30.0], [-4.0, 0.0, 0.0, 80.0], [0.0, 4.0, 0.
 SHAPE = (40, 44, 12)
 SHOW_LESIONS = {"median_kernel": 1, "min_lesion_mm3": 0}
 OPTIONS = {"device", "mode", "forward_steps", "stride", "guidance", "encoding", "min_lesion_mm3", "seed",
-           "mark_uncertain", "registration", "t2"}
+           "mark_uncertain", "decision_rule", "registration", "t2"}
 
 
 @pytest.fixture(autouse=True)
@@ -188,6 +188,7 @@ def test_config_lists_the_options_slicer_shows(tiny_model_path):
     assert config["mode"] == ["fast", "fast-ddpm", "full", "full-ddpm"] and config["device"][0] == "cpu"
     assert config["encoding"] == ["calibrated", "ddim", "ddpm"] and config["forward_steps"] == "calibrated"
     assert config["mark_uncertain"] is True  # a checkbox in Slicer, ticked
+    assert config["decision_rule"] == ["paper", "volume"]  # a drop-down, the paper's rule first (the default)
     assert config["t2"] == ""  # a text cell in Slicer: the T2's path on the server
 
 
@@ -203,6 +204,9 @@ def test_request_options_override_the_calibration(tmp_path, tiny_model_path, pai
                     "seed": "3", "min_lesion_mm3": "100.5"})
     assert (full["settings"]["mode"], full["settings"]["forward_steps"], full["settings"]["stride"]) == ("full", 12, 1)
     assert full["settings"]["seed"] == 3 and full["settings"]["min_lesion_mm3"] == 100.5
+    assert full["settings"]["decision_rule"] == "paper"
+    _, volume = task({**request, "decision_rule": "volume"})
+    assert volume["settings"]["decision_rule"] == "volume"
     _, custom = task({**request, "forward_steps": "20", "guidance": 1.5, "encoding": "ddpm"})
     settings = custom["settings"]
     assert (settings["forward_steps"], settings["guidance"], settings["encoding"]) == (20, 1.5, "ddpm")
@@ -214,6 +218,7 @@ def test_request_options_override_the_calibration(tmp_path, tiny_model_path, pai
     for bad, message in (({"forward_steps": "many"}, "forward_steps='many' is not a valid int"),
                          ({"stride": 2.5}, "stride=2.5 is not a valid int"),
                          ({"mode": "slow"}, "no calibration for mode 'slow'"),
+                         ({"decision_rule": "both"}, "decision_rule must be one of"),
                          ({"device": "abacus"}, "device 'abacus'"),
                          ({"result_extension": ".mha"}, "result_extension '.mha' is not supported"),
                          ({"mark_uncertain": "maybe"}, "mark_uncertain='maybe' is not a valid bool")):
@@ -293,6 +298,12 @@ def test_missing_t2_names_the_paths_tried(tmp_path, tiny_model_path, pair):
     nib.save(multichannel(pair, 2), tmp_path / "multi.nii.gz")
     with pytest.raises(InputError, match="T2 is given twice"):
         task({"image": str(tmp_path / "multi.nii.gz"), "t2": str(tmp_path / "upload.nii.gz")})
+    with pytest.raises(InputError, match="T2 is given twice: .* as the request parameter t2_series"):
+        task({"image": str(tmp_path / "multi.nii.gz"), "t2_series": "1.2.3"})
+    with pytest.raises(InputError, match="give one of t2, t2_series, not several"):
+        task({"image": str(tmp_path / "upload.nii.gz"), "t2": str(tmp_path / "upload.nii.gz"), "t2_series": "1.2.3"})
+    with pytest.raises(InputError, match="t2_series names a DICOM series: it needs a DICOMweb datastore"):
+        task({"image": str(tmp_path / "upload.nii.gz"), "t2_series": "1.2.3"})
 
 
 def test_sequences_named_as_swapped_are_refused(tmp_path, tiny_model_path, pair):

@@ -89,7 +89,8 @@ def test_segment_aligns_a_t2_from_another_series(tiny_model_path, tmp_path, caps
 
 
 def test_segment_reports_missing_and_corrupt_files(tiny_model_path, volume_files, tmp_path, capsys):
-    args = ["segment", "--model", str(tiny_model_path), "--flair", str(volume_files["flair"]), "--out", str(tmp_path / "m.nii.gz")]
+    args = ["segment", "--model", str(tiny_model_path), "--flair", str(volume_files["flair"]),
+            "--out", str(tmp_path / "m.nii.gz")]
     assert main([*args, "--t2", str(tmp_path / "absent.nii.gz")]) == 2
     assert "T2 file not found" in capsys.readouterr().err
     corrupt = tmp_path / "corrupt.nii.gz"

@@ -78,6 +78,9 @@ def test_broken_cases_are_skipped_by_name(prepared: tuple[Path, dict]) -> None:
     assert "no_seg_seg.nii.gz" in skipped["no_seg"]
     used = [c for split in SPLITS for c in manifest["splits"][split]["cases"]]
     assert sorted(used) == [f"case{i:02d}" for i in range(8)]
+    # histogram standardisation onto the training split's landmarks, recorded for the models trained on it
+    assert set(manifest["intensity_landmarks"]) == {"flair", "t1", "t1ce", "t2"}
+    assert all(np.all(np.diff(row) > 0) for row in manifest["intensity_landmarks"].values())
 
 
 def test_split_is_by_patient_disjoint_and_seeded(prepared: tuple[Path, dict]) -> None:

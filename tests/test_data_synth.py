@@ -12,7 +12,8 @@ import pytest
 
 from anofpdm.data.brats import SEQUENCES, find_cases, load_case
 from anofpdm.data.slices import prepare_dataset
-from anofpdm.data.synth import case_seed, generate_cases, is_healthy_index, render_preview, synthesize_case, write_case
+from anofpdm.data.preview import render_preview
+from anofpdm.data.synth import case_seed, generate_cases, is_healthy_index, synthesize_case, write_case
 
 SMALL = (60, 60, 39)  # the BraTS field of view at 4 mm
 SMALL_MM = 4.0
@@ -202,3 +203,49 @@ def test_demo_studies_are_a_monai_label_folder() -> None:
     truth = sorted(p.name for p in (REPO / "demo" / "truth").glob("*_seg.nii.gz"))
     assert truth == [name.replace(".nii.gz", "_seg.nii.gz") for name in flair]
     assert sum(p.stat().st_size for p in (REPO / "demo").rglob("*") if p.is_file()) < 10 * 1024 * 1024
+
+
+def test_shifted_domain_lies_outside_every_training_range() -> None:
+    """The shifted test domain must not overlap what the model is trained on, range by range."""
+    from anofpdm.data.domains import SHIFTED, TRAINING
+
+    assert SHIFTED.zoom_range[1] > TRAINING.zoom_range[1] and SHIFTED.anisotropy_range[0] < TRAINING.anisotropy_range[0]
+    assert SHIFTED.rotation_sd_deg > TRAINING.rotation_sd_deg and SHIFTED.translation_mm > TRAINING.translation_mm
+    assert SHIFTED.deformation_sd_mm > TRAINING.deformation_sd_mm
+    assert SHIFTED.deformation_control_mm < TRAINING.deformation_control_mm
+    for name in ("ventricle_expansion", "cortical_atrophy", "bias_amplitude", "blur_sigma_mm", "noise_fraction"):
+        assert getattr(SHIFTED, name)[1] > getattr(TRAINING, name)[1], name
+    assert SHIFTED.tissue_jitter > TRAINING.tissue_jitter and SHIFTED.scanner_gain != TRAINING.scanner_gain
+    assert SHIFTED.tumour_volume_ml[0] < TRAINING.tumour_volume_ml[0] and not TRAINING.grids
+    assert {grid.name for grid in SHIFTED.grids} >= {"ras_1mm", "axial_thick", "oblique_1p2mm", "sagittal_3d"}
+
+
+def test_shifted_cases_differ_in_anatomy_and_land_on_their_grids() -> None:
+    from anofpdm.data.domains import SHIFTED, TRAINING, grid_affine
+    from anofpdm.data.synth import reslice_case
+
+    seed = case_seed(3, 1)
+    training = synthesize_case(seed, healthy=False, shape=SMALL, voxel_mm=SMALL_MM, domain=TRAINING)
+    shifted = synthesize_case(seed, healthy=False, shape=SMALL, voxel_mm=SMALL_MM, domain=SHIFTED)
+    assert shifted.info["domain"] == "shifted" and "domain" not in training.info
+    assert 0.0 < shifted.info["cortical_atrophy"] and SHIFTED.scanner_gain[0] <= shifted.info["scanner_gain"]
+    assert not np.array_equal(_brain(training), _brain(shifted))
+    volume_ml = np.count_nonzero(shifted.seg) * SMALL_MM**3 / 1000.0
+    for index, grid in enumerate(SHIFTED.grids):
+        moved = reslice_case(shifted, SHIFTED, index)
+        assert moved.info["grid"] == grid.name and moved.seg.shape == grid.shape
+        assert all(image.shape == grid.shape and image.dtype == np.int16 for image in moved.images.values())
+        assert set(np.unique(moved.seg).tolist()) <= LABELS
+        # the tumour keeps its size in millimetres on every grid (nearest-neighbour resampling of the labels)
+        assert moved.info["tumour_volume_ml"] == pytest.approx(volume_ml, rel=0.25)
+        centre = (shifted.affine @ np.append((np.asarray(SMALL) - 1) / 2.0, 1.0))[:3]
+        assert np.allclose(moved.affine, grid_affine(grid, centre))
+        tumour_ras = moved.affine @ np.append(moved.info["tumour_centre_voxel"], 1.0)
+        source_ras = shifted.affine @ np.append(shifted.info["tumour_centre_voxel"], 1.0)
+        assert np.linalg.norm(tumour_ras[:3] - source_ras[:3]) < 2 * SMALL_MM  # same place in scanner space
+    assert reslice_case(training, TRAINING, 0) is training
+
+
+def test_unknown_domain_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown domain 'colour'"):
+        generate_cases(tmp_path / "x", 1, 0, domain="colour")

@@ -9,11 +9,11 @@ from anofpdm.decisions import (
     QuantileRule,
     combine_maps,
     cosine_scores,
-    median_filter_2d,
     row_quantiles,
     slice_thresholds,
     threshold_quantiles,
 )
+from anofpdm.postprocess import median_filter_2d
 
 
 def test_cosine_scores_of_known_curves():
@@ -50,13 +50,24 @@ def test_combined_map_is_modality_mean_and_median_removes_a_spike():
     maps[0, 1, 4, 4] = 6.0
     combined = combine_maps(maps)
     assert combined[0, 4, 4].item() == 8.0
-    assert median_filter_2d(combined, 5).abs().max().item() == 0.0
-    block = torch.zeros(1, 9, 9)
+    assert np.abs(median_filter_2d(combined.numpy(), 5)).max() == 0.0
+    block = np.zeros((1, 9, 9), np.float32)
     block[0, 2:7, 2:7] = 1.0
     filtered = median_filter_2d(block, 3)
     assert filtered[0, 4, 4] == 1.0 and filtered[0, 2, 2] == 0.0  # corners of the block erode
     with pytest.raises(ValueError, match="odd"):
         median_filter_2d(block, 4)
+
+
+def test_2d_median_mirrors_the_borders_and_filters_each_map_alone():
+    maps = np.zeros((2, 7, 7), np.float32)
+    maps[0, 0, :] = 1.0  # a line along the top border
+    maps[1, 2:5, 2:5] = 1.0
+    filtered = median_filter_2d(maps, 3)
+    # mirrored, the row above the border is a copy of the row below it: 3 of 9 values are 1, so the line goes
+    # (edge replication would copy the line itself: 6 of 9, and keep it)
+    assert filtered[0].max() == 0.0
+    assert filtered[1, 3, 3] == 1.0 and filtered[1, 2, 2] == 0.0  # the other map's block is filtered in-plane only
 
 
 def test_calibration_round_trip_and_validation():
@@ -80,3 +91,35 @@ def test_unhealthy_probability_looks_up_the_group_of_each_score():
     assert Calibration(0.99, [0.05, 0.04], 2.0, 600, 1, "ddim").unhealthy_probability(scores) is None
     with pytest.raises(ValueError, match="low <= high"):
         QuantileRule(low=0.99, high=0.9)
+
+
+def test_robust_z_scores_ignore_the_outliers_they_find():
+    from anofpdm.decisions import robust_z
+
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 100.0])
+    z = robust_z(values)
+    # median 3.5, median absolute deviation 1.5: the outlier does not inflate the scale
+    torch.testing.assert_close(z, (values - 3.5) / (1.4826 * 1.5))
+    assert torch.isfinite(robust_z(torch.ones(4))).all()  # no spread: no division by zero
+
+
+def test_volume_rule_keeps_what_stands_out_in_its_own_volume():
+    from anofpdm.decisions import VolumeRule, adapt_to_volume
+
+    # a domain-shifted volume: every score under c* = 0.99, one slice far lower than the rest
+    scores = torch.tensor([0.950, 0.952, 0.948, 0.951, 0.900, 0.949])
+    paper_unhealthy = scores <= 0.99
+    maps = torch.full((6, 8, 8), 0.10) + 0.01 * torch.rand(6, 8, 8, generator=torch.Generator().manual_seed(0))
+    maps[4, 2:4, 2:4] = 1.0  # the lesion of the outlying slice
+    brain = torch.ones(6, 8, 8, dtype=torch.bool)
+    paper_thresholds = torch.full((6,), 0.105)  # Algorithm 1 masks a quantile of every slice
+    unhealthy, thresholds = adapt_to_volume(scores, paper_unhealthy, paper_thresholds, maps, brain, VolumeRule())
+    assert unhealthy.tolist() == [False, False, False, False, True, False]
+    assert (thresholds > 0.11).all() and (thresholds < 1.0).all()  # above the volume's background, below the lesion
+    mask = (maps >= thresholds[:, None, None]) & unhealthy[:, None, None]
+    assert mask.sum() == 4 and mask[4, 2:4, 2:4].all()
+    # the rule only ever removes: a slice the paper calls healthy stays healthy
+    kept, _ = adapt_to_volume(scores, torch.zeros(6, dtype=torch.bool), paper_thresholds, maps, brain, VolumeRule())
+    assert not kept.any()
+    with pytest.raises(ValueError, match="score_z and map_z"):
+        VolumeRule(score_z=-1.0)

@@ -24,10 +24,11 @@ def run_script(work: Path, **settings: str) -> subprocess.CompletedProcess:
         "ANOFPDM": f"{sys.executable} -m anofpdm.cli",
         "WORK": str(work), "CASES": "6", "SIZE": "16", "WORKERS": "2", "ITERATIONS": "3", "BATCH": "4",
         "CHECKPOINT_EVERY": "3", "CALIBRATION_MODES": "fast", "CALIBRATION_SLICES": "60", "INFER_BATCH": "16",
-        "EVAL_CASES": "1", "EVAL_METHODS": ",".join(METHODS),
+        "EVAL_CASES": "1", "EVAL_METHODS": ",".join(METHODS), "SHIFTED_CASES": "1",
+        "SHIFTED_METHODS": ",".join(METHODS),
         **settings,
     }
-    return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=1800)
 
 
 def test_demo_script_makes_a_calibrated_evaluated_model_and_resumes(tmp_path: Path) -> None:
@@ -39,6 +40,12 @@ def test_demo_script_makes_a_calibrated_evaluated_model_and_resumes(tmp_path: Pa
     results = json.loads((tmp_path / "evaluation" / "results.json").read_text())
     assert set(results["summary"]) == set(METHODS) and len(results["cases"]) == 1
     assert (tmp_path / "evaluation" / "results.md").is_file()
+    # augmented training on histogram-standardised slices, the model carrying their landmarks
+    assert model.training["augment"] is True and model.config.landmarks is not None
+    # and the shifted domain's test case, on its own grid, beside the in-domain evaluation
+    shifted = json.loads((tmp_path / "evaluation_shifted" / "results.json").read_text())
+    assert set(shifted["summary"]) == set(METHODS) and len(shifted["cases"]) == 1
+    assert json.loads((tmp_path / "shifted" / "manifest.json").read_text())["domain"]["name"] == "shifted"
 
     # a later session, a longer run ending in a learning-rate decay, validated every iteration from now on
     second = run_script(tmp_path, ITERATIONS="5", LR_DECAY_FROM="4", VALIDATE_EVERY="1", STAGES="data,train")

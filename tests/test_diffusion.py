@@ -1,4 +1,4 @@
-"""The schedule's closed forms and DDIM inversion (SPEC.md sections 2-3)."""
+"""The schedule's closed forms and DDIM inversion (docs/method.md sections 2-3)."""
 
 import numpy as np
 import pytest

@@ -12,21 +12,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from anofpdm.data.brats import find_cases
-from anofpdm.evaluate import (
-    ANOFPDM_VARIANTS,
-    METHODS,
-    EvaluationSettings,
-    SliceProtocol,
-    evaluate,
-    prepare_case,
-    run_key,
-    run_method,
-    score_result,
-    source_digest,
-    tune_thresholds,
-)
+from anofpdm.baseline_tuning import tune_thresholds
+from anofpdm.case_scoring import SliceProtocol, prepare_case, score_result
 from anofpdm.cli import main as cli_main
+from anofpdm.data.brats import find_cases
+from anofpdm.evaluate import evaluate
+from anofpdm.evaluation_methods import ANOFPDM_VARIANTS, METHODS, EvaluationSettings, run_method
+from anofpdm.evaluation_store import run_key, source_digest
 from anofpdm.model import load_model
 from anofpdm.pipeline import ModelGridOutputs, SegmentationResult
 from anofpdm.volume import to_input_grid
@@ -201,16 +193,16 @@ def test_run_key_follows_model_methods_and_scoring_settings(tiny_model_path, tmp
 def test_run_key_follows_the_library_code(tiny_model_path, tmp_path, monkeypatch):
     import shutil
 
-    import anofpdm.evaluate as evaluate_module
+    import anofpdm.evaluation_store as store_module
 
     copy = tmp_path / "anofpdm"
-    shutil.copytree(evaluate_module.PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    assert source_digest(copy) == source_digest(evaluate_module.PACKAGE_ROOT)
+    shutil.copytree(store_module.PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert source_digest(copy) == source_digest(store_module.PACKAGE_ROOT)
     (copy / "pipeline.py").write_text((copy / "pipeline.py").read_text() + "\n# changed\n")
     changed = source_digest(copy)
-    assert changed != source_digest(evaluate_module.PACKAGE_ROOT)
+    assert changed != source_digest(store_module.PACKAGE_ROOT)
     key = run_key(tiny_model_path, ["flair-threshold"], EvaluationSettings())
-    monkeypatch.setattr(evaluate_module, "source_digest", lambda: changed)
+    monkeypatch.setattr(store_module, "source_digest", lambda: changed)
     assert run_key(tiny_model_path, ["flair-threshold"], EvaluationSettings()) != key
 
 

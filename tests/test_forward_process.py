@@ -47,7 +47,7 @@ def network():
 
 
 def brute_force(network, x0, schedule, config):
-    """SPEC section 3-4 done naively: keep every step's predictions, then decide."""
+    """docs/method.md sections 3-4 done naively: keep every step's predictions, then decide."""
     steps = config.visited_steps
     b = x0.shape[0]
     # slice i draws from its own generator (SliceNoise)
@@ -163,7 +163,8 @@ def test_invalid_config_and_inputs(network):
     with pytest.raises(ValueError, match="stride"):
         ForwardProcessConfig(stride=0)
     with pytest.raises(ValueError, match="exceeds"):
-        run_forward_process(network, torch.zeros(1, 2, 16, 16), NoiseSchedule(), ForwardProcessConfig(forward_steps=1001), MAPS)
+        too_long = ForwardProcessConfig(forward_steps=1001)
+        run_forward_process(network, torch.zeros(1, 2, 16, 16), NoiseSchedule(), too_long, MAPS)
     with pytest.raises(ValueError, match="B x C x H x W"):
         run_forward_process(network, torch.zeros(2, 16, 16), NoiseSchedule(), ForwardProcessConfig(), MAPS)
 
@@ -174,7 +175,8 @@ def test_a_slice_result_depends_on_the_slice_not_on_its_batch(network, encoding)
     scales = torch.linspace(0.05, 1, 6)[:, None, None, None]  # slices whose divergence peaks at different steps
     x0 = (torch.rand(6, 2, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1) * scales
     config = ForwardProcessConfig(forward_steps=400, stride=20, early_stop=1, encoding=encoding, seed=3)
-    alone = [run_forward_process(network, x0[i : i + 1], NoiseSchedule(), config, MAPS, first_slice=i) for i in range(6)]
+    alone = [run_forward_process(network, x0[i : i + 1], NoiseSchedule(), config, MAPS, first_slice=i)
+             for i in range(6)]
     together = run_forward_process(network, x0, NoiseSchedule(), config, MAPS)
     stopped_after = [len(result.visited_steps) for result in alone]
     assert len(set(stopped_after)) > 1  # the slices do stop at different steps

@@ -4,7 +4,7 @@ on validation slices, then check on held-out slices that the verdict and the ano
 Slices are textured ellipses ("brains"); an unhealthy slice carries a bright disc ("tumour") at a random
 place. No pixel label is used until scoring. Elsewhere the suite checks that the method runs as specified;
 here it has to work: a model trained by `anofpdm.train` must give verdicts and anomaly maps that find the
-discs (the real synthetic brains need far longer training, see checkpoints/README.md).
+discs (the real synthetic brains need far longer training, see docs/training.md).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from sklearn.metrics import average_precision_score
 from anofpdm.calibration import calibrate_mode
 from anofpdm.forward_process import ForwardProcessConfig, run_on_slices
 from anofpdm.model import HEALTHY, UNHEALTHY, NetworkConfig, load_model
-from anofpdm.train import TrainConfig, train
+from anofpdm.train import train
+from anofpdm.train_config import TrainConfig
 
 SIZE = 32
 NETWORK = NetworkConfig(sequences=("flair", "t2"), image_size=SIZE, channels=(16, 32), attention_levels=(False, False),

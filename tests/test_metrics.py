@@ -125,9 +125,10 @@ def _case(n, n_tumour, mixed, unhealthy, accuracy, auprc, dice_3d, truth_ml, ver
     slice_result = {"n_slices": n, "n_tumour_slices": n_tumour, "mixed_dice": mixed[0], "mixed_iou": mixed[1],
                     "unhealthy_dice": unhealthy and unhealthy[0], "unhealthy_iou": unhealthy and unhealthy[1],
                     "slice_accuracy": accuracy, "mixed_auprc": auprc and auprc[0],
-                    "unhealthy_auprc": auprc and auprc[1]}
+                    "unhealthy_auprc": auprc and auprc[1], "slice_auroc": auprc and auprc[0] / 2}
     volume = {"dice": dice_3d, "iou": dice_3d / 2, "precision": 1.0, "recall": dice_3d, "auprc": auprc and auprc[0],
-              "truth_ml": truth_ml, "predicted_ml": 1.0, "volume_error_ml": 1.0 - truth_ml, "verdict_correct": verdict}
+              "truth_ml": truth_ml, "predicted_ml": 1.0, "volume_error_ml": 1.0 - truth_ml,
+              "verdict_correct": verdict}
     return {"slice": slice_result, "volume": volume}
 
 
@@ -145,11 +146,15 @@ def test_aggregation_pools_slices_and_averages_volumes():
     assert pooled["unhealthy_dice"] == pytest.approx((0.5 * 4 + 0.3 * 12) / 16)  # tumour slices only
     assert pooled["slice_accuracy"] == pytest.approx((9 + 15 + 16) / 60)
     assert pooled["mixed_auprc"] == pytest.approx(0.5) and pooled["unhealthy_auprc"] == pytest.approx(0.6)
+    assert pooled["slice_auroc"] == pytest.approx(0.25)  # mean over the volumes that have one
     assert pooled["n_slices"] == 60 and pooled["n_tumour_slices"] == 16
     volume = result["volume"]
     assert volume["dice"] == {"mean": pytest.approx(0.4), "std": pytest.approx(0.2), "n": 2}  # tumour cases only
     assert volume["abs_volume_error_ml"]["mean"] == pytest.approx((4.0 + 1.0) / 2)
     assert volume["volume_accuracy"]["mean"] == pytest.approx(2 / 3)  # all cases
+    # the healthy volume's mask (1 mL) is its false positive; it was not called healthy
+    assert volume["healthy_false_positive_ml"] == {"mean": pytest.approx(1.0), "std": pytest.approx(0.0), "n": 1}
+    assert volume["healthy_called_healthy"]["mean"] == 0.0
     with pytest.raises(ValueError, match="no cases"):
         aggregate_cases([])
 
@@ -171,3 +176,16 @@ def test_verdict_reliability_by_hand_and_pooled_over_volumes():
     assert aggregate_reliability([second])["confident_accuracy"] is None
     with pytest.raises(ValueError, match="one probability, verdict, truth and uncertainty flag per slice"):
         verdict_reliability([0.5, 0.5], [True], [True], [True])
+
+
+def test_slice_score_auroc_ranks_tumour_slices_by_low_scores():
+    from anofpdm.metrics import slice_score_auroc
+
+    tumour = np.array([False, True, True, False, False])
+    assert slice_score_auroc(np.array([0.99, 0.90, 0.95, 0.97, 0.98]), tumour) == 1.0
+    assert slice_score_auroc(np.array([0.90, 0.99, 0.98, 0.95, 0.94]), tumour) == 0.0
+    assert slice_score_auroc(np.array([0.99, 0.90, 0.98, 0.95, 0.97]), tumour) == pytest.approx(4 / 6)
+    assert slice_score_auroc(np.full(5, np.nan), tumour) is None  # a method without slice scores
+    assert slice_score_auroc(np.ones(5), np.zeros(5, bool)) is None  # a healthy volume
+    with pytest.raises(ValueError, match="one score per slice"):
+        slice_score_auroc(np.ones(4), tumour)

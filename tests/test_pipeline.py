@@ -30,7 +30,8 @@ def _with_calibration(model, tmp_path, **overrides):
 def test_result_is_on_the_exact_input_grid_with_a_full_report(model):
     images = make_volume_pair()
     steps = []
-    result = segment_volume(model, images, InferenceOptions(), progress=lambda stage, done, total: steps.append((done, total)))
+    result = segment_volume(model, images, InferenceOptions(),
+                            progress=lambda stage, done, total: steps.append((done, total)))
     flair = images["flair"]
     assert result.mask.shape == flair.shape and result.anomaly_map.shape == flair.shape
     np.testing.assert_array_equal(result.mask.affine, flair.affine)
@@ -163,3 +164,19 @@ def test_a_lesion_cut_by_the_field_of_view_is_held_to_the_minimum_on_the_input_g
         assert bool(lesions) == kept and removed == (0 if kept else 1)
         assert mask_input.sum() * input_voxel_mm3 > 500 if kept else not mask_input.any()
         assert all(row["volume_ml"] * 1000 > 500 for row in lesions)
+
+
+def test_the_volume_decision_rule_only_narrows_the_paper_rule(model, tmp_path):
+    always = _with_calibration(model, tmp_path, cosine_threshold=1.0)
+    options = InferenceOptions(min_lesion_mm3=0, median_kernel=1)
+    paper = segment_volume(always, make_volume_pair(), options)
+    volume = segment_volume(always, make_volume_pair(), InferenceOptions(min_lesion_mm3=0, median_kernel=1,
+                                                                       decision_rule="volume"))
+    assert volume.report["settings"]["decision_rule"] == "volume"
+    paper_flags, volume_flags = (np.array(r.report["slices"]["unhealthy_flag"]) for r in (paper, volume))
+    assert volume_flags.sum() < paper_flags.sum() and not (volume_flags & ~paper_flags).any()
+    paper_mask, volume_mask = (np.asanyarray(r.mask.dataobj) > 0 for r in (paper, volume))
+    assert not (volume_mask & ~paper_mask).any()
+    assert np.array_equal(np.asanyarray(paper.anomaly_map.dataobj), np.asanyarray(volume.anomaly_map.dataobj))
+    with pytest.raises(InputError, match="decision_rule must be one of"):
+        InferenceOptions(decision_rule="both")

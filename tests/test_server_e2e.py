@@ -10,12 +10,8 @@ cores without torch's spinning intra-op threads slowing each other down ~10x.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -28,16 +24,22 @@ import pytest
 import requests
 import SimpleITK as sitk
 from anofpdm.metrics import dice
-from conftest import check_label_values, datastore_state, make_phantom, make_volume_pair, phantom_grid, rigid_ras
+from conftest import (
+    APP_DIR,
+    REPO,
+    Server,
+    check_label_values,
+    datastore_state,
+    free_port,
+    make_phantom,
+    make_volume_pair,
+    phantom_grid,
+    rigid_ras,
+)
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
-REPO = Path(__file__).resolve().parents[1]
-APP_DIR = REPO / "apps" / "anofpdm"
-ACTIVATE = Path(sys.prefix) / "bin" / "activate"
-STARTUP_DEADLINE_S = 180.0
-POLL_TIMEOUT_S = 1.0
 INFO_LATENCY_LIMIT_S = 1.0
 
 AFFINE = np.array([[0.0, 0.0, 5.0, -30.0], [-4.0, 0.0, 0.0, 80.0], [0.0, 4.0, 0.0, -60.0], [0.0, 0.0, 0.0, 1.0]])
@@ -46,72 +48,6 @@ OTHER_SHAPE, OTHER_AFFINE = (36, 40, 10), np.diag([-3.0, -3.0, 4.0, 1.0])
 SHOW_LESIONS = {"median_kernel": 1, "min_lesion_mm3": 0}
 SLOW = {"mode": "full", "forward_steps": 60, **SHOW_LESIONS}  # 60 steps x 2 evaluations: a few seconds
 PHANTOM_MOTION = rigid_ras((4.0, -3.0, 3.0), (3.0, -2.0, 2.0))  # the head between the series: 5.8 degrees, 4.1 mm
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A shell command that starts ``monailabel start_server`` on ``port``; ``stop`` terminates, then kills.
-
-    The shell activates the venv first, as the README does: monailabel's launcher runs the ``python`` on PATH.
-    """
-
-    def __init__(self, command: str, port: int, workdir: Path) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = workdir / "server.log"
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "MONAI_LABEL_SESSION_PATH": str(workdir / "sessions"),
-            "TMPDIR": str(workdir),  # results (label, anomaly map) and uploads land here, not in /tmp
-        }
-        env.pop("MONAILABEL_PYEXE", None)
-        with open(self.log_path, "w") as log:  # its own process group: stop reaches the server under the shell
-            self.process = subprocess.Popen(["bash", "-c", command], stdout=log, stderr=subprocess.STDOUT,
-                                            env=env, cwd=REPO, start_new_session=True)
-
-    @classmethod
-    def start(cls, studies: Path, model_path: Path, workdir: Path) -> Server:
-        """The README's start command on ``studies``, serving ``model_path``."""
-        port = free_port()
-        arguments = ["--app", APP_DIR, "--studies", studies, "--conf", "model_path", model_path,
-                     "--host", "127.0.0.1", "--port", port]
-        return cls(f". {shlex.quote(str(ACTIVATE))} && monailabel start_server {shlex.join(map(str, arguments))}",
-                   port, workdir)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self) -> None:
-        """Poll ``/info/`` (short request timeout) until it answers or the deadline passes."""
-        deadline = time.monotonic() + STARTUP_DEADLINE_S
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{self.url}/info/", timeout=POLL_TIMEOUT_S).status_code == 200:
-                    return
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                last_error = exc
-            try:  # between polls, wait for the server to die (a crash ends the wait at once)
-                code = self.process.wait(timeout=0.25)
-            except subprocess.TimeoutExpired:
-                continue
-            raise RuntimeError(f"server exited with {code}:\n{self.log()[-4000:]}")
-        raise TimeoutError(f"server not ready after {STARTUP_DEADLINE_S} s ({last_error}):\n{self.log()[-4000:]}")
-
-    def stop(self) -> None:
-        if self.process.poll() is not None:  # it exited already (a failed start): nothing to stop
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
 
 
 def stack(pair: dict[str, nib.Nifti1Image], channels: int) -> nib.Nifti1Image:
@@ -389,7 +325,8 @@ def test_a_volume_loaded_in_slicer_with_the_t2_path_in_options(served, tmp_path)
     assert np.array_equal(check_label(label, result, served["pair"]["flair"]), reference)
     with pytest.raises(MONAILabelClientException) as error:  # the FLAIR's own path typed as the T2
         client.infer("anofpdm", "case_flair", {**params, "t2": str(files / "case_flair.nii.gz")}, session_id=session_id)
-    assert "Status: 422" in error.value.msg and "the file given as the T2 is named 'case_flair.nii.gz'" in error.value.msg
+    assert "Status: 422" in error.value.msg
+    assert "the file given as the T2 is named 'case_flair.nii.gz'" in error.value.msg
     copy = tmp_path / "copy.nii.gz"  # a name that says nothing: the voxels tell
     copy.write_bytes((files / "case_flair.nii.gz").read_bytes())
     with pytest.raises(MONAILabelClientException) as error:
@@ -543,7 +480,8 @@ def test_the_readme_first_command_serves_the_demo_studies(tmp_path):
     shutil.copytree(REPO / "demo" / "studies", studies)
     port = free_port()
     command = " && ".join(run).replace(".venv/", f"{shlex.quote(sys.prefix)}/")  # the venv running this test
-    for old, new in (("--studies demo/studies", f"--studies {shlex.quote(str(studies))}"), ("--port 8000", f"--port {port}")):
+    for old, new in (("--studies demo/studies", f"--studies {shlex.quote(str(studies))}"),
+                     ("--port 8000", f"--port {port}")):
         assert command.count(old) == 1, (old, line)
         command = command.replace(old, new)
     server = Server(command, port, tmp_path)

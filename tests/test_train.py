@@ -17,13 +17,10 @@ import torch
 
 from anofpdm.cli import main as cli_main
 from anofpdm.model import HEALTHY, NULL_LABEL, UNHEALTHY, load_model
-from anofpdm.train import (
-    GlobalBatchSampler,
-    TrainConfig,
-    TrainingInterrupted,
-    draw_diffusion_inputs,
-    train,
-)
+from anofpdm.stop_request import TrainingInterrupted
+from anofpdm.train import train
+from anofpdm.train_config import TrainConfig
+from anofpdm.train_sampling import GlobalBatchSampler, draw_diffusion_inputs
 
 from conftest import TINY
 
@@ -125,7 +122,7 @@ def test_the_record_counts_the_iterations_each_device_ran(data: Path, straight_r
     train(tiny_config(data, iterations=4), run, resume=True, progress=False)
     assert load_state(run)["devices"] == [["cpu", 4]]
     state = load_state(run)
-    del state["devices"]  # as the H200 state of checkpoints/h200 was saved
+    del state["devices"]  # as the demo run's H200 state was saved
     torch.save(state, run / "state.pt")
     model = train(tiny_config(data, iterations=6), run, resume=True, progress=False)
     assert load_model(model).training["devices"] == [["not recorded", 4], ["cpu", 2]]

@@ -35,7 +35,8 @@ def test_any_orientation_maps_back_onto_the_input_grid(codes):
     ras_affine = np.diag([*spacing, 1.0])
     affine = ras_affine @ nib.orientations.inv_ornt_aff(to_input, ras_shape)
     pair = make_volume_pair(shape=ras_shape)
-    images = {k: nib.Nifti1Image(nib.orientations.apply_orientation(v.get_fdata(), to_input), affine) for k, v in pair.items()}
+    images = {k: nib.Nifti1Image(nib.orientations.apply_orientation(v.get_fdata(), to_input), affine)
+              for k, v in pair.items()}
     assert nib.aff2axcodes(affine) == codes
     truth_ras = np.zeros(ras_shape, dtype=np.float32)
     truth_ras[20:40, 20:44, 6:14] = 1.0

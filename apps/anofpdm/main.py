@@ -1,7 +1,8 @@
 """MONAI Label app for AnoFPDM brain-tumour segmentation: wiring only.
 
 Start: ``monailabel start_server --app apps/anofpdm --studies demo/studies``
-(``--conf model_path PATH`` for other weights, ``--conf device cpu|cuda``).
+(``--conf model_path PATH`` for other weights, ``--conf device cpu|cuda``), or ``--studies
+http://<pacs>/dicom-web`` for a PACS (``docs/pacs.md``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import sys
 import anofpdm
 import lib.configs
 from anofpdm.runtime import reuse_heap_memory
+from lib.pacs import PACSDatastore
 from lib.serving import serve_anomaly_maps, serve_infer_in_worker_threads
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.utils.others.class_utils import get_class_names
 
@@ -30,7 +33,8 @@ class AnoFPDMApp(MONAILabelApp):
             module, _, class_name = class_path.rpartition(".")
             name = module.rpartition(".")[2]
             self.models[name] = getattr(sys.modules[module], class_name)()
-            self.models[name].init(name, model_dir, conf, None, studies=studies, sessions=self.sessions)
+            self.models[name].init(name, model_dir, conf, None, studies=studies, sessions=self.sessions,
+                                   datastore=self.datastore)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -40,6 +44,10 @@ class AnoFPDMApp(MONAILabelApp):
             "(FLAIR + T2; research use only)",
             version=anofpdm.__version__,
         )
+
+    def _init_dicomweb_datastore(self) -> Datastore:
+        """A PACS: MONAI Label's DICOMweb datastore, offline (no dcmqi download), finding each FLAIR's T2."""
+        return PACSDatastore.from_settings(self.studies)
 
     def init_infers(self) -> dict[str, InferTask]:
         return {name: config.infer() for name, config in self.models.items()}

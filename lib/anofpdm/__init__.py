@@ -1,6 +1,6 @@
 """AnoFPDM: anomaly segmentation with the forward process of diffusion models (brain MRI).
 
-The method is described in ``SPEC.md`` terms throughout: guidance weight, end step, anomaly map,
+The method is described in ``docs/method.md`` terms throughout: guidance weight, end step, anomaly map,
 cosine verdict and the quantile threshold of Algorithm 1.
 """
 

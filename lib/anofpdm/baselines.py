@@ -1,4 +1,4 @@
-"""Baselines on the same model, data and post-processing as AnoFPDM (SPEC.md section 6).
+"""Baselines on the same model, data and post-processing as AnoFPDM (docs/method.md section 6).
 
 - "flair-threshold": no network. The normalised FLAIR on the model grid is the anomaly map.
 - "anoddpm-reconstruction" (AnoDDPM-style, Gaussian noise): noise every slice to one fixed step t,
@@ -33,6 +33,7 @@ from anofpdm.diffusion import NoiseSchedule, SliceNoise
 from anofpdm.model import MAP_SEQUENCES, NULL_LABEL, LoadedModel
 from anofpdm.forward_process import guided_and_null_noise
 from anofpdm.pipeline import (
+    InferenceOptions,
     ModelGridOutputs,
     SegmentationResult,
     default_median_kernel,
@@ -40,14 +41,13 @@ from anofpdm.pipeline import (
     image_like,
 )
 from anofpdm.postprocess import median_filter_3d
-from anofpdm.volume import BACKGROUND, VolumeGeometry, to_model_slices
+from anofpdm.volume import BACKGROUND, VolumeGeometry, brain_pixels, to_model_slices
 
 __all__ = [
     "BASELINES",
     "FixedThreshold",
     "BaselineOptions",
     "BaselineMaps",
-    "brain_pixels",
     "decoding_steps",
     "ddim_encode",
     "ddim_decode",
@@ -58,7 +58,6 @@ __all__ = [
     "run_baseline",
 ]
 
-BRAIN_TOLERANCE = 1e-4  # model-grid pixels above BACKGROUND by more than this hold brain
 DEFAULT_QUANTILE = 0.99  # the FLAIR baseline's usual 99th percentile; tune on validation cases
 ANODDPM_NOISE_LEVEL = 250  # AnoDDPM's noise level: 250 of 1000 steps
 CFG_NOISE_LEVEL = 500  # a setting for the CFG baseline, not from the paper: tune on validation cases
@@ -118,8 +117,8 @@ class BaselineOptions:
     noise_level: int | None = None
     stride: int = DEFAULT_DECODING_STRIDE
     guidance: float = DEFAULT_GUIDANCE
-    seed: int = 0
-    min_lesion_mm3: float = 500.0
+    seed: int = InferenceOptions.seed
+    min_lesion_mm3: float = InferenceOptions.min_lesion_mm3
     median_kernel: int | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
 
@@ -138,11 +137,6 @@ class BaselineOptions:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-
-
-def brain_pixels(slices: np.ndarray) -> np.ndarray:
-    """N x S x S brain pixels of N x C x S x S model-grid slices: any sequence above the background."""
-    return (slices > BACKGROUND + BRAIN_TOLERANCE).any(axis=1)
 
 
 def decoding_steps(noise_level: int, stride: int) -> list[int]:
@@ -334,7 +328,8 @@ def baseline_maps(
         raise ValueError(f"unknown baseline {method!r}; known: {', '.join(BASELINES)}")
     config = model.config
     start = time.perf_counter()
-    slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm)
+    slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm,
+                                          landmarks=config.landmarks)
     preprocess_s = time.perf_counter() - start
     start = time.perf_counter()
     raw_map, evaluations, settings = BASELINES[method](model, slices, options)

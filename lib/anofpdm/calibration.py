@@ -1,4 +1,4 @@
-"""Label-free calibration of c* and Dmax on validation slices (SPEC.md section 4).
+"""Label-free calibration of c* and Dmax on validation slices (docs/method.md section 4).
 
 Only image-level labels (healthy / unhealthy slice) are used: Dmax[m] is the largest peak divergence
 of modality m over unhealthy slices, and c* the cosine threshold with the fewest misclassified
@@ -8,7 +8,7 @@ the curves and so the scores depend on the visited steps.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 from anofpdm.decisions import Calibration
 from anofpdm.forward_process import ForwardProcessConfig, run_on_slices
 from anofpdm.model import LoadedModel
+from anofpdm.progress import ProgressCallback
 from anofpdm.runtime import describe_device
 
 __all__ = ["MODES", "choose_cosine_threshold", "fit_unhealthy_frequency", "calibrate_mode", "choose_guidance"]
@@ -66,6 +67,8 @@ def fit_unhealthy_frequency(
     An isotonic fit (pool-adjacent-violators; the fraction is non-increasing in the score, a lower score being
     the more anomalous), whose groups smaller than ``min_group`` slices are then pooled with the neighbour of
     the closer fraction, so no fraction rests on a handful of slices. Pooling neighbours keeps the order.
+    (Not ``sklearn.isotonic.IsotonicRegression``: it returns fitted values, not groups, and so merges adjacent
+    groups of equal fraction that this fit keeps apart, which changes the pooled table.)
 
     Returns:
         (highest score of the group, unhealthy fraction) per group, ascending in score.
@@ -105,7 +108,7 @@ def calibrate_mode(
     labels: Sequence[int],
     config: ForwardProcessConfig,
     batch_size: int = 32,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> Calibration:
     """Calibrate c* and Dmax for one mode's forward-process settings.
 

@@ -1,4 +1,4 @@
-"""The ``anofpdm`` command: synth, prepare, train, calibrate, segment, evaluate.
+"""The ``anofpdm`` command: synth, prepare, train, calibrate, segment, evaluate, to-dicom.
 
 Each subcommand parses its options here and calls the library, importing it only when it runs.
 """
@@ -13,21 +13,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from anofpdm.arguments import comma_floats, comma_list
 from anofpdm.progress import progress_bar
 
 __all__ = ["main", "build_parser"]
 
 
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
-
-
-def _floats(value: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in _csv(value))
-
-
 def _synth(args: argparse.Namespace) -> int:
-    from anofpdm.data.synth import TUMOUR_VOLUME_ML, generate_cases, render_preview
+    from anofpdm.data.preview import render_preview
+    from anofpdm.data.synth import generate_cases
 
     if args.preview and not args.out:
         case_dirs = sorted(p for p in args.cases_dir.iterdir() if p.is_dir() and p.name != "studies")
@@ -35,7 +29,7 @@ def _synth(args: argparse.Namespace) -> int:
         return 0
     manifest = generate_cases(args.out, args.cases, args.seed, args.healthy_fraction,
                               progress=progress_bar("synth", unit="case"), workers=args.workers,
-                              tumour_volume_ml=args.tumour_volume_ml or TUMOUR_VOLUME_ML)
+                              tumour_volume_ml=args.tumour_volume_ml, domain=args.domain)
     if args.preview:
         case_dirs = [args.out / case["case"] for case in manifest["cases"][: args.preview_cases]]
         render_preview(case_dirs, args.preview)
@@ -47,7 +41,8 @@ def _prepare(args: argparse.Namespace) -> int:
     from anofpdm.data.slices import prepare_dataset
 
     manifest = prepare_dataset(args.data, args.out, sequences=args.sequences, size=args.size, seed=args.seed,
-                               progress=progress_bar("prepare", unit="case"), workers=args.workers)
+                               progress=progress_bar("prepare", unit="case"), workers=args.workers,
+                               standardise=args.intensity == "standardised")
     print(json.dumps(manifest["splits"], indent=2))
     return 0
 
@@ -61,13 +56,12 @@ def _train(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    import torch
-
     from anofpdm.calibration import MODES, calibrate_mode, choose_guidance
     from anofpdm.data.slices import SliceDataset
     from anofpdm.model import load_model, update_calibration
+    from anofpdm.runtime import default_device
 
-    model = load_model(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(args.model, args.device or default_device())
     dataset = SliceDataset(args.data, args.split, sequences=model.config.sequences)
     images, labels = dataset.sample(args.max_slices, args.seed)
     results = {}
@@ -92,20 +86,20 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _segment(args: argparse.Namespace) -> int:
     import nibabel as nib
-    import torch
 
     from anofpdm.inputs import read_image, read_sequence
     from anofpdm.model import load_model
     from anofpdm.pipeline import InferenceOptions, segment_volume
     from anofpdm.postprocess import UNCERTAIN_TUMOUR
+    from anofpdm.runtime import default_device
     from anofpdm.volume import InputError
 
-    model = load_model(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(args.model, args.device or default_device())
     options = InferenceOptions(
         mode=args.mode, guidance=args.guidance, forward_steps=args.steps, stride=args.stride,
         encoding=args.encoding, early_stop=args.early_stop, seed=args.seed, min_lesion_mm3=args.min_lesion_mm3,
-        median_kernel=args.median_kernel, batch_size=args.batch_size, bf16=args.bf16, mark_uncertain=args.mark_uncertain,
-        registration=args.registration,
+        median_kernel=args.median_kernel, batch_size=args.batch_size, bf16=args.bf16,
+        mark_uncertain=args.mark_uncertain, decision_rule=args.decision_rule, registration=args.registration,
     )
     images = read_image(args.flair).images
     if args.t2 is not None:
@@ -146,21 +140,48 @@ def _evaluate(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _to_dicom(args: argparse.Namespace) -> int:
+    from anofpdm.dicom import write_study
+    from anofpdm.inputs import read_sequence
+
+    volumes = {name: read_sequence(name, path) for name, path in (("flair", args.flair), ("t2", args.t2)) if path}
+    study = write_study(volumes, args.out, args.patient_id)
+    print(json.dumps({"patient_id": study.patient_id, "study": study.study_uid, "series": study.series_uids,
+                      "folders": {name: str(folder) for name, folder in study.folders.items()}}, indent=2))
+    return 0
+
+
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", default="fast", help="calibrated mode: fast (the default) or full (600 steps)")
+    from anofpdm.decisions import UNCERTAIN_PROBABILITY
+    from anofpdm.alignment import REGISTRATION_MODES
+    from anofpdm.pipeline import DECISION_RULES, InferenceOptions
+
+    defaults = InferenceOptions()
+    parser.add_argument("--mode", default=defaults.mode,
+                        help=f"calibrated mode: {defaults.mode} (the default) or full (600 steps)")
     parser.add_argument("--guidance", type=float, help="guidance weight w (default: the mode's calibrated one)")
     parser.add_argument("--steps", type=int, help="forward steps T_f (default: the mode's)")
     parser.add_argument("--stride", type=int, help="visit every n-th step (default: the mode's)")
     parser.add_argument("--encoding", choices=("ddim", "ddpm"), help="forward encoding (default: the mode's)")
     parser.add_argument("--early-stop", type=int, help="stop n visited steps after the divergence peak")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-lesion-mm3", type=float, default=500.0, help="drop components of at most this volume")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--min-lesion-mm3", type=float, default=defaults.min_lesion_mm3,
+                        help="drop components of at most this volume")
     parser.add_argument("--median-kernel", type=int,
                         help="odd 3-D median filter size in voxels (default: the paper's 5 px at 128 px, scaled)")
     parser.add_argument("--batch-size", type=int,
                         help="slices per network batch: speed and memory only (default: 8 on a CPU, 64 on CUDA)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the network (for GPUs)")
+    parser.add_argument("--mark-uncertain", action=argparse.BooleanOptionalAction, default=defaults.mark_uncertain,
+                        help="label lesions whose unhealthy probability stays below the confident level "
+                        f"({UNCERTAIN_PROBABILITY[1]}) as 2")
+    parser.add_argument("--decision-rule", choices=DECISION_RULES, default=defaults.decision_rule,
+                        help="paper: each slice against the calibrated c* and Algorithm 1; volume: also against the "
+                        "volume's own scores and map (for scans unlike the training data)")
+    parser.add_argument("--registration", choices=REGISTRATION_MODES, default=defaults.registration,
+                        help="rigid registration of the T2 to the FLAIR: when their brain regions do not line up "
+                             "(auto, the default), always, or never")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,9 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--cases", type=int, default=10)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--healthy-fraction", type=float, default=0.2)
-    synth.add_argument("--tumour-volume-ml", type=_floats, metavar="LOW,HIGH",
+    synth.add_argument("--tumour-volume-ml", type=comma_floats, metavar="LOW,HIGH",
                        help="range of the nominal whole-tumour volume in mL, drawn log-uniformly (default: the "
-                            "generator's, 8,250; written to manifest.json)")
+                            "domain's, 8,250 for training; written to manifest.json)")
+    synth.add_argument("--domain", choices=("training", "shifted"), default="training",
+                       help="training: the cases models are trained on; shifted: a test domain outside every "
+                            "training range (anatomy, contrast, noise, grids), never for training or calibration")
     synth.add_argument("--workers", type=int, default=1, help="cases generated in parallel (same output)")
     synth.add_argument("--preview", type=Path, help="also render a PNG of the first cases")
     synth.add_argument("--preview-cases", type=int, default=4)
@@ -184,10 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare", help="volumes -> normalised training slices with a split")
     prepare.add_argument("--data", type=Path, required=True, help="BraTS21 / BraTS2023 / MSD Task01 / synth folder")
     prepare.add_argument("--out", type=Path, required=True)
-    prepare.add_argument("--sequences", type=_csv, default=("flair", "t1", "t1ce", "t2"))
+    from anofpdm.sequences import SEQUENCES
+
+    prepare.add_argument("--sequences", type=comma_list, default=SEQUENCES)
     prepare.add_argument("--size", type=int, default=128)
     prepare.add_argument("--seed", type=int, default=0)
     prepare.add_argument("--workers", type=int, default=1, help="cases read in parallel (same output)")
+    prepare.add_argument("--intensity", choices=("standardised", "percentile"), default="standardised",
+                         help="standardised: histogram standardisation onto the training split's landmarks, carried "
+                              "into the model (robust to another scanner's contrast); percentile: the paper's "
+                              "99th-percentile scaling only")
     prepare.set_defaults(run=_prepare)
 
     train = commands.add_parser("train", help="classifier-free-guidance training (torchrun for several GPUs)")
@@ -200,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--model", type=Path, required=True)
     calibrate.add_argument("--data", type=Path, required=True, help="prepared slices folder")
     calibrate.add_argument("--split", default="val")
-    calibrate.add_argument("--modes", type=_csv, default=("fast", "full"))
-    calibrate.add_argument("--guidance", type=_floats, help="several w: keep the largest within 99%% of the best")
+    calibrate.add_argument("--modes", type=comma_list, default=("fast", "full"))
+    calibrate.add_argument("--guidance", type=comma_floats, help="several w: keep the largest within 99%% of the best")
     calibrate.add_argument("--steps", type=int, help="forward steps T_f (default: each mode's)")
     calibrate.add_argument("--max-slices", type=int, help="a seeded random subset of the split")
     calibrate.add_argument("--batch-size", type=int, default=32)
@@ -221,16 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--map", type=Path, help="also write the anomaly map NIfTI")
     segment.add_argument("--report", type=Path, help="also write the JSON report")
     _add_inference_options(segment)
-    segment.add_argument("--mark-uncertain", action=argparse.BooleanOptionalAction, default=True,
-                         help="label lesions whose unhealthy probability stays below the confident level (0.8) as 2")
-    from anofpdm.alignment import REGISTRATION_MODES
-
-    segment.add_argument("--registration", choices=REGISTRATION_MODES, default=REGISTRATION_MODES[0],
-                         help="rigid registration of the T2 to the FLAIR: when their brain regions do not line up "
-                              "(auto, the default), always, or never")
     segment.set_defaults(run=_segment)
 
-    evaluate = commands.add_parser("evaluate", help="AnoFPDM variants and baselines on volume folders: metrics, tables, overlays")
+    to_dicom = commands.add_parser("to-dicom", help="a NIfTI FLAIR (+ T2) as DICOM MR series of one study, "
+                                     "for a PACS (docs/pacs.md)")
+    to_dicom.add_argument("--flair", type=Path, required=True, help="FLAIR volume (NIfTI, NRRD or MetaImage)")
+    to_dicom.add_argument("--t2", type=Path, help="T2 volume")
+    to_dicom.add_argument("--out", type=Path, required=True,
+                          help="output folder: one sub-folder per series (AX_FLAIR/, AX_T2/), one file per slice")
+    to_dicom.add_argument("--patient-id", required=True,
+                          help="PatientID (and PatientName); the UIDs derive from it, so writing again gives the same")
+    to_dicom.set_defaults(run=_to_dicom)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="AnoFPDM variants and baselines on volume folders: metrics, tables, overlays")
     from anofpdm.evaluate import add_evaluate_arguments
 
     add_evaluate_arguments(evaluate)

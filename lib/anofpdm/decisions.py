@@ -1,4 +1,4 @@
-"""Per-slice decisions without pixel labels (SPEC.md section 4).
+"""Per-slice decisions without pixel labels (docs/method.md section 4).
 
 From the forward-process statistics of a slice: the healthy/unhealthy verdict (cosine similarity of
 the MSE curves against the calibrated c*), the quantile threshold of Algorithm 1 (driven by the peak
@@ -24,7 +24,9 @@ __all__ = [
     "slice_thresholds",
     "row_quantiles",
     "combine_maps",
-    "median_filter_2d",
+    "VolumeRule",
+    "robust_z",
+    "adapt_to_volume",
 ]
 
 
@@ -169,13 +171,63 @@ def combine_maps(anomaly_maps: torch.Tensor) -> torch.Tensor:
     return anomaly_maps.mean(dim=1)
 
 
-def median_filter_2d(maps: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """k x k median filter of B x H x W maps (reflect padding at the borders)."""
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"median kernel size must be odd and positive, got {kernel_size}")
-    if kernel_size == 1:
-        return maps
-    pad = kernel_size // 2
-    padded = F.pad(maps[:, None], (pad, pad, pad, pad), mode="reflect")
-    patches = F.unfold(padded, kernel_size)  # B x k*k x H*W
-    return patches.median(dim=1).values.reshape(maps.shape)
+@dataclass(frozen=True)
+class VolumeRule:
+    """A label-free per-volume adaptation of the verdict and the threshold: each slice judged by its own volume.
+
+    A slice is unhealthy only when its cosine score is also a low outlier among the volume's slices (robust
+    z-score at most ``-score_z``), and a pixel is masked only when its map value is also a high outlier among
+    the volume's brain pixels (robust z-score at least ``map_z``). On a brain unlike the training anatomy, where
+    every score drops and every map rises, what stands out within the volume is kept.
+
+    Args:
+        score_z: how far below the volume's median score (in robust standard deviations) a slice must lie.
+        map_z: how far above the volume's median brain map value a pixel must lie.
+    """
+
+    score_z: float = 1.0
+    map_z: float = 6.0
+
+    def __post_init__(self) -> None:
+        if self.score_z < 0 or self.map_z < 0:
+            raise ValueError(f"score_z and map_z must be >= 0, got {self.score_z}, {self.map_z}")
+
+
+MAD_TO_SD = 1.4826  # a normal distribution's standard deviation per median absolute deviation
+
+
+def _median_and_spread(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The median and 1.4826 x the median absolute deviation of all entries (the middle two averaged)."""
+    flat = values.flatten().double()
+    median = flat.quantile(0.5)
+    return median, MAD_TO_SD * (flat - median).abs().quantile(0.5)
+
+
+def robust_z(values: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """(values - median) / (1.4826 * median absolute deviation), over all entries."""
+    median, spread = _median_and_spread(values)
+    return ((values.double() - median) / spread.clamp_min(eps)).to(values.dtype)
+
+
+def adapt_to_volume(
+    scores: torch.Tensor,
+    unhealthy: torch.Tensor,
+    thresholds: torch.Tensor,
+    filtered_map: torch.Tensor,
+    brain: torch.Tensor,
+    rule: VolumeRule,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``VolumeRule`` applied to one volume's N slices.
+
+    Args:
+        scores: N cosine scores; unhealthy: N verdicts of the paper's rule; thresholds: N taus of Algorithm 1.
+        filtered_map: the median-filtered combined map; brain: its brain pixels (same shape, any layout).
+        rule: the adaptation's settings.
+
+    Returns:
+        The adapted verdicts and thresholds (N each).
+    """
+    outlier = robust_z(scores) <= -rule.score_z
+    median, spread = _median_and_spread(filtered_map[brain] if bool(brain.any()) else filtered_map)
+    floor = float(median + rule.map_z * spread)
+    return unhealthy & outlier, thresholds.clamp_min(floor)

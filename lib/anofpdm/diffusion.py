@@ -1,4 +1,4 @@
-"""Noise schedule, forward noising, clean-image prediction and DDIM inversion (SPEC.md sections 2-3).
+"""Noise schedule, forward noising, clean-image prediction and DDIM inversion (docs/method.md sections 2-3).
 
 Timesteps are 0-based: step ``t`` has cumulative signal fraction ``alpha_bar[t]``.
 """
@@ -8,9 +8,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from monai.networks.schedulers import DDPMScheduler
+
+from anofpdm.seeds import derive_seed
 
 __all__ = ["ScheduleConfig", "NoiseSchedule", "SliceNoise", "slice_noise_seed"]
 
@@ -92,7 +93,7 @@ def slice_noise_seed(seed: int, index: int) -> int:
     """The generator seed of slice ``index`` under run seed ``seed`` (both >= 0)."""
     if seed < 0 or index < 0:
         raise ValueError(f"seed and slice index must be >= 0, got {seed} and {index}")
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+    return derive_seed(seed, index)
 
 
 class SliceNoise:

@@ -1,4 +1,4 @@
-"""The forward process of AnoFPDM on a batch of slices, with streaming statistics (SPEC.md section 3).
+"""The forward process of AnoFPDM on a batch of slices, with streaming statistics (docs/method.md section 3).
 
 At each visited step t the noised input z_t is evaluated twice, in one batched network call: with
 the healthy label and with the null label. From these come the healthy-guided clean-image prediction
@@ -12,7 +12,7 @@ sums and maxima, so memory does not grow with the number of steps:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,13 +22,13 @@ import torch
 from anofpdm.decisions import cosine_scores
 from anofpdm.diffusion import NoiseSchedule, SliceNoise
 from anofpdm.model import HEALTHY, MAP_SEQUENCES, NULL_LABEL, LoadedModel
+from anofpdm.progress import ProgressCallback
 from anofpdm.runtime import release_free_memory
 
 __all__ = ["ForwardProcessConfig", "ForwardProcessResult", "SliceStatistics", "guided_and_null_noise",
            "run_forward_process", "run_on_slices"]
 
 Encoding = Literal["ddim", "ddpm"]
-ProgressCallback = Callable[[int, int], None]
 RELEASE_MEMORY_EVERY_STEPS = 50  # visited steps between returns of the C heap's free pages (runtime module)
 
 

@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from anofpdm.data.brats import MSD_CHANNELS
+from anofpdm.sequences import MSD_CHANNELS
 from anofpdm.volume import InputError
 
 __all__ = [
@@ -53,10 +53,12 @@ SEQUENCE_ALIASES: dict[str, tuple[str, ...]] = {
 
 @dataclass
 class ResolvedInputs:
-    """The images of one request, by sequence name, and where each came from."""
+    """The images of one request, by sequence name, where each came from, and the DICOM series (UID) of
+    those read from a PACS."""
 
     images: dict[str, nib.spatialimages.SpatialImage] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
+    series: dict[str, str] = field(default_factory=dict)
 
     def add(self, name: str, image: nib.spatialimages.SpatialImage, source: str) -> None:
         self.images[name] = image

@@ -1,10 +1,6 @@
-"""Segmentation metrics and the paper's slice-level evaluation protocol (SPEC.md section 6).
+"""Segmentation metrics and the paper's slice-level evaluation protocol (docs/method.md section 6).
 
-Overlap metrics (Dice, IoU, precision, recall) count true positives TP, false positives FP and false
-negatives FN of a binary prediction against the truth: Dice = 2 TP / (2 TP + FP + FN),
-IoU = TP / (TP + FP + FN), precision = TP / (TP + FP), recall = TP / (TP + FN). Where a denominator is
-zero the value is 1 when prediction and truth are both empty, else 0 (an empty prediction on an empty
-truth is right; a missed or invented lesion is wrong).
+The overlap metrics (Dice, IoU, precision, recall) are :mod:`anofpdm.overlap`'s.
 
 The slice protocol scores every model-grid slice of a volume on its own and averages over slices:
 "mixed" takes all slices with the masks gated by the slice verdict (healthy slices get an empty mask),
@@ -19,7 +15,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import average_precision_score
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from anofpdm.overlap import OVERLAP_NAMES, check_pair, dice, iou, overlap_scores, precision, recall
 
 __all__ = [
     "MM3_PER_ML",
@@ -38,7 +36,6 @@ __all__ = [
 ]
 
 MM3_PER_ML = 1000.0
-OVERLAP_NAMES = ("dice", "iou", "precision", "recall")
 # per-case slice-protocol means, the count of slices each is a mean over, and how the pooled value is named
 POOLED_SLICE_METRICS = {
     "mixed_dice": "n_slices",
@@ -47,67 +44,7 @@ POOLED_SLICE_METRICS = {
     "unhealthy_iou": "n_tumour_slices",
     "slice_accuracy": "n_slices",
 }
-CASE_MEAN_SLICE_METRICS = ("mixed_auprc", "unhealthy_auprc")
-
-
-def _check_pair(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    prediction, truth = np.asarray(prediction), np.asarray(truth)
-    if prediction.shape != truth.shape:
-        raise ValueError(f"prediction shape {prediction.shape} != truth shape {truth.shape}")
-    return prediction.astype(bool), truth.astype(bool)
-
-
-def overlap_scores(prediction: np.ndarray, truth: np.ndarray, batch_dims: int = 0) -> dict[str, np.ndarray]:
-    """Dice, IoU, precision and recall of binary masks, optionally per item of leading batch dimensions.
-
-    Args:
-        prediction: binary prediction.
-        truth: binary truth of the same shape.
-        batch_dims: number of leading dimensions that index separate items (e.g. 1 for N x H x W slices,
-            giving N values per metric); the other dimensions are pooled.
-
-    Returns:
-        metric name -> array of shape ``prediction.shape[:batch_dims]`` (0-d for ``batch_dims=0``).
-    """
-    prediction, truth = _check_pair(prediction, truth)
-    if not 0 <= batch_dims <= prediction.ndim:
-        raise ValueError(f"batch_dims must be in [0, {prediction.ndim}], got {batch_dims}")
-    axes = tuple(range(batch_dims, prediction.ndim))
-    tp = (prediction & truth).sum(axis=axes, dtype=np.float64)
-    fp = (prediction & ~truth).sum(axis=axes, dtype=np.float64)
-    fn = (~prediction & truth).sum(axis=axes, dtype=np.float64)
-    both_empty = (tp + fp + fn) == 0
-
-    def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-        safe = np.where(denominator > 0, denominator, 1.0)
-        return np.where(denominator > 0, numerator / safe, both_empty.astype(np.float64))
-
-    return {
-        "dice": ratio(2 * tp, 2 * tp + fp + fn),
-        "iou": ratio(tp, tp + fp + fn),
-        "precision": ratio(tp, tp + fp),
-        "recall": ratio(tp, tp + fn),
-    }
-
-
-def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """2 TP / (2 TP + FP + FN); 1 for an empty prediction on an empty truth."""
-    return float(overlap_scores(prediction, truth)["dice"])
-
-
-def iou(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """TP / (TP + FP + FN) (Jaccard); 1 for an empty prediction on an empty truth."""
-    return float(overlap_scores(prediction, truth)["iou"])
-
-
-def precision(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """TP / (TP + FP): the fraction of predicted voxels that are tumour."""
-    return float(overlap_scores(prediction, truth)["precision"])
-
-
-def recall(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """TP / (TP + FN): the fraction of tumour voxels that are predicted (sensitivity)."""
-    return float(overlap_scores(prediction, truth)["recall"])
+CASE_MEAN_SLICE_METRICS = ("mixed_auprc", "unhealthy_auprc", "slice_auroc")
 
 
 def average_precision(scores: np.ndarray, truth: np.ndarray, region: np.ndarray | None = None) -> float | None:
@@ -137,7 +74,7 @@ def average_precision(scores: np.ndarray, truth: np.ndarray, region: np.ndarray 
 
 def lesion_volume_error_ml(prediction: np.ndarray, truth: np.ndarray, voxel_volume_mm3: float) -> float:
     """Predicted minus true lesion volume in mL (positive: over-segmentation)."""
-    prediction, truth = _check_pair(prediction, truth)
+    prediction, truth = check_pair(prediction, truth)
     if voxel_volume_mm3 <= 0:
         raise ValueError(f"voxel_volume_mm3 must be positive, got {voxel_volume_mm3}")
     return float((int(prediction.sum()) - int(truth.sum())) * voxel_volume_mm3 / MM3_PER_ML)
@@ -160,7 +97,7 @@ def volume_metrics(
         volume_error_ml and verdict_correct (volume called unhealthy iff it holds tumour).
     """
     scores = {name: float(value) for name, value in overlap_scores(mask, truth).items()}
-    mask, truth = _check_pair(mask, truth)
+    mask, truth = check_pair(mask, truth)
     return {
         **scores,
         "auprc": average_precision(anomaly_map, truth, brain),
@@ -171,8 +108,24 @@ def volume_metrics(
     }
 
 
+def slice_score_auroc(scores: np.ndarray, tumour: np.ndarray) -> float | None:
+    """How well one volume's slice scores rank its tumour slices first: AUROC of ``-score`` (a low cosine score
+    means unhealthy). None without scores (NaN: a method with no slice classifier) or without both kinds of slice."""
+    scores, tumour = np.asarray(scores, dtype=np.float64), np.asarray(tumour).astype(bool)
+    if scores.shape != tumour.shape:
+        raise ValueError(f"need one score per slice, got {scores.shape} for {tumour.shape} slices")
+    if np.isnan(scores).any() or tumour.all() or not tumour.any():
+        return None
+    return float(roc_auc_score(tumour, -scores))
+
+
 def slice_protocol(
-    ungated: np.ndarray, anomaly_map: np.ndarray, unhealthy: np.ndarray, truth: np.ndarray, brain: np.ndarray
+    ungated: np.ndarray,
+    anomaly_map: np.ndarray,
+    unhealthy: np.ndarray,
+    truth: np.ndarray,
+    brain: np.ndarray,
+    scores: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The paper's slice-level metrics of one volume's N model-grid slices.
 
@@ -182,14 +135,16 @@ def slice_protocol(
         unhealthy: N slice verdicts; the mixed protocol empties the masks of slices called healthy.
         truth: N x H x W binary truth.
         brain: N x H x W brain pixels (AUPRC counts these only).
+        scores: optional N slice scores, low = unhealthy (``slice_score_auroc``).
 
     Returns:
         n_slices, n_tumour_slices; mixed_dice / mixed_iou (means over all slices, gated); unhealthy_dice /
         unhealthy_iou (means over tumour slices, ungated; None without any); mixed_auprc /
         unhealthy_auprc (the map over brain pixels of all / tumour slices; None without tumour);
-        slice_accuracy (a slice's verdict is right when it says whether the slice holds tumour).
+        slice_accuracy (a slice's verdict is right when it says whether the slice holds tumour); slice_auroc
+        (``slice_score_auroc`` of ``scores``; None without them).
     """
-    ungated, truth = _check_pair(ungated, truth)
+    ungated, truth = check_pair(ungated, truth)
     anomaly_map = np.asarray(anomaly_map, dtype=np.float64)
     brain = np.asarray(brain).astype(bool)
     if truth.ndim != 3 or anomaly_map.shape != truth.shape or brain.shape != truth.shape:
@@ -213,6 +168,7 @@ def slice_protocol(
         "mixed_auprc": average_precision(anomaly_map, truth, brain),
         "unhealthy_auprc": average_precision(anomaly_map[tumour], truth[tumour], brain[tumour]),
         "slice_accuracy": float((unhealthy == tumour).mean()),
+        "slice_auroc": None if scores is None else slice_score_auroc(scores, tumour),
     }
 
 
@@ -230,7 +186,8 @@ def aggregate_cases(cases: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[st
     slices of all volumes, i.e. per-case means weighted by their slice counts); AUPRC is the mean of the
     per-case values over cases with tumour (the pooled-pixel AUPRC would need every pixel of the data set).
     Per-volume: overlap metrics, AUPRC and volume errors are mean +- std (population) over the cases with
-    tumour; ``volume_accuracy`` is over all cases.
+    tumour; ``volume_accuracy`` is over all cases; ``healthy_false_positive_ml`` (the mask volume) and
+    ``healthy_called_healthy`` (an empty mask) over the cases without tumour.
 
     Returns:
         {"cases", "tumour_cases", "slice_protocol": {name: pooled value, ...}, "volume": {name: {mean, std, n}}}
@@ -253,6 +210,9 @@ def aggregate_cases(cases: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[st
         volume[name] = _mean_std([v[name] for v in with_tumour if v[name] is not None])
     volume["abs_volume_error_ml"] = _mean_std([abs(v["volume_error_ml"]) for v in with_tumour])
     volume["volume_accuracy"] = _mean_std([float(case["volume"]["verdict_correct"]) for case in cases])
+    healthy = [case["volume"] for case in cases if case["volume"]["truth_ml"] == 0]
+    volume["healthy_false_positive_ml"] = _mean_std([v["predicted_ml"] for v in healthy])
+    volume["healthy_called_healthy"] = _mean_std([float(v["predicted_ml"] == 0) for v in healthy])
     return {"cases": len(cases), "tumour_cases": len(with_tumour), "slice_protocol": pooled, "volume": volume}
 
 

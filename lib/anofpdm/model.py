@@ -1,4 +1,4 @@
-"""The noise-prediction network and its self-describing checkpoint (SPEC.md section 2).
+"""The noise-prediction network and its self-describing checkpoint (docs/method.md section 2).
 
 A checkpoint is a plain dict of tensors and simple types, loadable with
 ``torch.load(..., weights_only=True)``. It carries the network config, the diffusion schedule, the
@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
+
+from anofpdm.atomic import atomic_path
 
 __all__ = [
     "HEALTHY",
@@ -51,6 +53,8 @@ class NetworkConfig:
         num_head_channels: channels per attention head.
         norm_num_groups: group-norm groups (divides every entry of ``channels``).
         field_of_view_mm: in-plane extent that ``image_size`` pixels cover (BraTS: 240 mm).
+        intensity_landmarks: per sequence, the reference landmarks of histogram standardisation
+            (``anofpdm.intensity.standardise``; the mean of the training volumes'); empty: percentile scaling only.
     """
 
     sequences: tuple[str, ...] = ("flair", "t2")
@@ -61,11 +65,17 @@ class NetworkConfig:
     num_head_channels: int = 32
     norm_num_groups: int = 8
     field_of_view_mm: float = 240.0
+    intensity_landmarks: tuple[tuple[float, ...], ...] = ()
 
     def __post_init__(self) -> None:
         # normalise lists (from JSON or a checkpoint) to tuples so configs compare and hash
         for name in ("sequences", "channels", "attention_levels"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "intensity_landmarks", tuple(tuple(float(v) for v in row)
+                                                              for row in self.intensity_landmarks))
+        if self.intensity_landmarks and len(self.intensity_landmarks) != len(self.sequences):
+            raise ValueError(f"intensity_landmarks needs one row per sequence {self.sequences}, "
+                             f"got {len(self.intensity_landmarks)}")
         if not self.sequences:
             raise ValueError("sequences must name at least one MRI sequence")
         if len(self.channels) != len(self.attention_levels):
@@ -81,12 +91,20 @@ class NetworkConfig:
             raise ValueError("field_of_view_mm must be positive")
 
     @property
+    def landmarks(self) -> dict[str, tuple[float, ...]] | None:
+        """Sequence -> histogram-standardisation landmarks, or None when the model has none."""
+        return dict(zip(self.sequences, self.intensity_landmarks)) if self.intensity_landmarks else None
+
+    @property
     def pixel_spacing_mm(self) -> float:
         """In-plane pixel spacing of the network grid."""
         return self.field_of_view_mm / self.image_size
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """Plain types; no ``intensity_landmarks`` key without landmarks (as checkpoints saved before them)."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        landmarks = out.pop("intensity_landmarks")
+        return {**out, "intensity_landmarks": [list(row) for row in landmarks]} if landmarks else out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NetworkConfig:
@@ -166,9 +184,8 @@ def save_checkpoint(
         "calibration": None if calibration is None else dict(calibration),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

@@ -9,6 +9,8 @@ from typing import TypeVar
 
 import torch
 
+from anofpdm.progress import ProgressCallback
+
 __all__ = ["ordered_map"]
 
 Item = TypeVar("Item")
@@ -24,7 +26,7 @@ def ordered_map(
     function: Callable[[Item], Result],
     items: Iterable[Item],
     workers: int = 1,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> Iterator[Result]:
     """Apply ``function`` to every item, in ``workers`` processes, yielding the results in input order.
 
@@ -40,7 +42,7 @@ def ordered_map(
 
 
 def _ordered_results(
-    function: Callable[[Item], Result], items: list[Item], workers: int, progress: Callable[[int, int], None] | None
+    function: Callable[[Item], Result], items: list[Item], workers: int, progress: ProgressCallback | None
 ) -> Iterator[Result]:
     if workers == 1:
         yield from _counted(map(function, items), len(items), progress)
@@ -52,7 +54,7 @@ def _ordered_results(
         yield from _counted(pool.map(function, items), len(items), progress)
 
 
-def _counted(results: Iterable[Result], total: int, progress: Callable[[int, int], None] | None) -> Iterator[Result]:
+def _counted(results: Iterable[Result], total: int, progress: ProgressCallback | None) -> Iterator[Result]:
     for done, result in enumerate(results, start=1):
         if progress is not None:
             progress(done, total)

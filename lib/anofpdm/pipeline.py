@@ -9,7 +9,7 @@ connected-component filters (``postprocess``), and the inverse mapping onto the 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,6 +22,8 @@ from anofpdm.decisions import (
     UNCERTAIN_PROBABILITY,
     Calibration,
     QuantileRule,
+    VolumeRule,
+    adapt_to_volume,
     combine_maps,
     is_uncertain,
     slice_thresholds,
@@ -36,16 +38,17 @@ from anofpdm.postprocess import (
     median_filter_3d,
     remove_small_components,
 )
-from anofpdm.volume import InputError, VolumeGeometry, to_input_grid, to_model_slices
+from anofpdm.progress import StageProgressCallback
+from anofpdm.volume import InputError, VolumeGeometry, brain_pixels, to_input_grid, to_model_slices
 
 __all__ = ["InferenceOptions", "InputError", "ModelGridOutputs", "SegmentationResult", "ForwardOutputs", "run_forward",
            "SliceDecisions", "decide_slices", "segment_volume", "resolve_options", "finish_on_input_grid", "image_like",
            "default_median_kernel", "default_batch_size"]
 
 MAP_VARIANTS = ("mean", "end_step")
+DECISION_RULES = ("paper", "volume")
 PAPER_MEDIAN_KERNEL = 5  # 5 x 5 at 128 px (1.875 mm): the paper's
 PAPER_IMAGE_SIZE = 128
-ProgressCallback = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -61,11 +64,13 @@ class InferenceOptions:
         median_kernel: odd 3-D median kernel in voxels (None: the paper's 5 px at 128 px, scaled).
         batch_size: slices per network batch (None: 8 on CPU, 64 on CUDA).
         bf16: run the network under bfloat16 autocast (fast on recent GPUs; calibrated in float32).
-        map_variant: "mean" (SPEC: mean error over the steps before t_e) or "end_step" (the paper's
+        map_variant: "mean" (docs/method.md section 4: mean error before t_e) or "end_step" (the paper's
             S_te variant: the error at t_e alone).
         mark_uncertain: label lesions whose unhealthy probability stays below the confident level
             (``UNCERTAIN_PROBABILITY[1]``) as "tumour (uncertain)" (2) instead of "tumour" (1); needs a
             calibration with unhealthy probabilities.
+        decision_rule: "paper" (each slice against the calibrated c* and Algorithm 1) or "volume" (the same,
+            and each slice's score and map judged against the volume's own: ``anofpdm.decisions.VolumeRule``).
         registration: rigid registration of the T2 (and other sequences) to the FLAIR: "auto" (when their
             brain regions do not line up), "always" or "never" (``anofpdm.alignment``); a sequence on another
             grid is resampled onto the FLAIR's in every case.
@@ -84,6 +89,7 @@ class InferenceOptions:
     bf16: bool = False
     map_variant: str = "mean"
     mark_uncertain: bool = True
+    decision_rule: str = "paper"
     registration: str = "auto"
 
     def __post_init__(self) -> None:
@@ -91,6 +97,8 @@ class InferenceOptions:
             raise InputError(f"registration must be one of {REGISTRATION_MODES}, got {self.registration!r}")
         if self.map_variant not in MAP_VARIANTS:
             raise InputError(f"map_variant must be one of {MAP_VARIANTS}, got {self.map_variant!r}")
+        if self.decision_rule not in DECISION_RULES:
+            raise InputError(f"decision_rule must be one of {DECISION_RULES}, got {self.decision_rule!r}")
         if self.min_lesion_mm3 < 0:
             raise InputError(f"min_lesion_mm3 must be >= 0, got {self.min_lesion_mm3}")
         if self.median_kernel is not None and (self.median_kernel < 1 or self.median_kernel % 2 == 0):
@@ -130,7 +138,9 @@ class SegmentationResult:
     model_grid: ModelGridOutputs | None = None
 
 
-def resolve_options(model: LoadedModel, options: InferenceOptions) -> tuple[ForwardProcessConfig, Calibration, list[str]]:
+def resolve_options(
+    model: LoadedModel, options: InferenceOptions
+) -> tuple[ForwardProcessConfig, Calibration, list[str]]:
     """The forward-process settings and calibration for ``options``, and warnings about overrides."""
     modes = model.calibration or {}
     if options.mode not in modes:
@@ -205,7 +215,7 @@ def run_forward(
     model: LoadedModel,
     images: Mapping[str, nib.spatialimages.SpatialImage],
     options: InferenceOptions,
-    progress: ProgressCallback | None = None,
+    progress: StageProgressCallback | None = None,
 ) -> ForwardOutputs:
     """Alignment, input checks, slicing and the forward process of ``segment_volume``: everything but the decisions.
 
@@ -221,7 +231,8 @@ def run_forward(
     warnings += [warning for record in alignment.values() for warning in record.warnings]
     alignment_s = time.perf_counter() - start
     start = time.perf_counter()
-    slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm)
+    slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm,
+                                          landmarks=config.landmarks)
     preprocess_s = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -236,7 +247,7 @@ def segment_volume(
     model: LoadedModel,
     images: Mapping[str, nib.spatialimages.SpatialImage],
     options: InferenceOptions | None = None,
-    progress: ProgressCallback | None = None,
+    progress: StageProgressCallback | None = None,
     forward_outputs: ForwardOutputs | None = None,
 ) -> SegmentationResult:
     """Segment the tumour in one skull-stripped FLAIR + T2 (+ other) volume set.
@@ -300,7 +311,7 @@ class SliceDecisions:
 
 
 def decide_slices(model: LoadedModel, outputs: ForwardOutputs, options: InferenceOptions) -> SliceDecisions:
-    """Verdicts, thresholds and the gated mask from a forward process (SPEC.md section 4, then the 3-D median)."""
+    """Verdicts, thresholds and the gated mask from a forward process (docs/method.md section 4, 3-D median)."""
     stats, calibration = outputs.stats, outputs.calibration
     unhealthy = stats.scores <= calibration.cosine_threshold
     maps = stats.anomaly_maps if options.map_variant == "mean" else stats.end_step_maps
@@ -308,6 +319,10 @@ def decide_slices(model: LoadedModel, outputs: ForwardOutputs, options: Inferenc
     raw_map = combine_maps(maps).numpy().transpose(1, 2, 0)  # S x S x N
     kernel = options.median_kernel or default_median_kernel(model.config.image_size)
     filtered = median_filter_3d(raw_map, kernel)
+    if options.decision_rule == "volume":
+        brain = torch.from_numpy(brain_pixels(outputs.slices).transpose(1, 2, 0))
+        unhealthy, thresholds = adapt_to_volume(stats.scores, unhealthy, thresholds,
+                                                torch.from_numpy(filtered), brain, VolumeRule())
     candidate = (filtered >= thresholds.numpy()[None, None, :]) & unhealthy.numpy()[None, None, :]
     return SliceDecisions(unhealthy, thresholds, raw_map, filtered, candidate, kernel)
 
@@ -368,7 +383,7 @@ def image_like(reference: nib.spatialimages.SpatialImage, data: np.ndarray, dtyp
 
 def default_batch_size(device: torch.device) -> int:
     """Slices per network batch when the request names none."""
-    # 2-core CPU, one volume's network time: batch 8 85-99 s, 32 88-89 s (README), for ~0.7 GB more memory
+    # 2-core CPU, one volume's network time: batch 8 85-99 s, 32 88-89 s (docs/performance.md), for ~0.7 GB more memory
     return 64 if device.type == "cuda" else 8
 
 
@@ -426,6 +441,7 @@ def _report(
             **asdict(forward),
             "mode": options.mode,
             "map_variant": options.map_variant,
+            "decision_rule": options.decision_rule,
             "mark_uncertain": options.mark_uncertain and probability is not None,
             "registration": options.registration,
             "visited_steps": stats.visited_steps,

@@ -1,4 +1,5 @@
-"""3-D post-processing of a restacked volume and the lesion table (SPEC.md section 5)."""
+"""3-D post-processing of a restacked volume and the lesion table (docs/method.md section 5), and the 2-D
+median of the slice-level evaluation protocol."""
 
 from __future__ import annotations
 
@@ -7,12 +8,21 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["TUMOUR", "UNCERTAIN_TUMOUR", "LABEL_NAMES", "median_filter_3d", "remove_small_components",
-           "mark_uncertain_lesions", "lesion_table"]
+__all__ = ["TUMOUR", "UNCERTAIN_TUMOUR", "LABEL_NAMES", "median_filter_2d", "median_filter_3d",
+           "remove_small_components", "mark_uncertain_lesions", "lesion_table"]
 
 MM3_PER_ML = 1000.0
 TUMOUR, UNCERTAIN_TUMOUR = 1, 2  # values of the returned label map
 LABEL_NAMES = {"tumour": TUMOUR, "tumour (uncertain)": UNCERTAIN_TUMOUR}
+
+
+def median_filter_2d(maps: np.ndarray, kernel_size: int) -> np.ndarray:
+    """k x k median filter of each of N x H x W maps, in-plane only (borders mirrored: c b | a b c | b a)."""
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"median kernel size must be odd and positive, got {kernel_size}")
+    if maps.ndim != 3:
+        raise ValueError(f"expected N x H x W maps, got shape {maps.shape}")
+    return ndimage.median_filter(maps, size=(1, kernel_size, kernel_size), mode="mirror")
 
 
 def median_filter_3d(volume: np.ndarray, kernel_size: int) -> np.ndarray:

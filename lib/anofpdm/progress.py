@@ -5,7 +5,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-__all__ = ["progress_bar"]
+__all__ = ["ProgressCallback", "StageProgressCallback", "progress_bar"]
+
+ProgressCallback = Callable[[int, int], None]  # (done, total), the library's progress callbacks
+StageProgressCallback = Callable[[str, int, int], None]  # (stage, done, total), a segmentation's stages
 
 
 def progress_bar(description: str, unit: str = "step") -> Callable[..., None]:

@@ -1,4 +1,4 @@
-"""Process-level helpers for long runs, and how records name the device that made them.
+"""Process-level helpers for long runs, the default device, and how records name the device that made them.
 
 glibc keeps memory freed between network calls in its heap, and over a long forward process the
 heap fragments: at batch 8 the resident memory peaked at 1.05 GB over 600 visited steps while live
@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-__all__ = ["describe_device", "release_free_memory", "reuse_heap_memory"]
+__all__ = ["default_device", "describe_device", "release_free_memory", "reuse_heap_memory"]
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -56,6 +56,11 @@ def reuse_heap_memory() -> bool:
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES))
+
+
+def default_device() -> str:
+    """The device used when none is named: ``"cuda"`` where CUDA is available, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def describe_device(device: torch.device) -> str:

@@ -3,7 +3,7 @@
 The noise-prediction loss of the EMA network on fixed validation slices (each conditioned on its own image-level
 label) at small noise levels, where the fast mode reads its verdict and end step. On the demo run it rose from
 about 10600 iterations on while the training loss kept falling, and the test figures fell with it
-(``checkpoints/README.md``), so training keeps the network with the lowest validation loss as well as its last.
+(``docs/training.md``), so training keeps the network with the lowest validation loss as well as its last.
 It needs image-level labels only, like the calibration.
 """
 

@@ -1,4 +1,4 @@
-"""Volumes to network slices and back, exactly onto the input grid (SPEC.md section 1).
+"""Volumes to network slices and back, exactly onto the input grid (docs/method.md section 1).
 
 Any orientation, spacing and field of view: the volume is reoriented to RAS (a lossless axis
 permutation/flip), each axial plane is cropped/padded to a square field of view (the network's,
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anofpdm.intensity import percentile_normalise
-from anofpdm.metrics import dice
+from anofpdm.intensity import normalise
+from anofpdm.overlap import dice
 
 __all__ = [
     "InputError",
@@ -31,6 +31,7 @@ __all__ = [
     "same_grid",
     "to_model_slices",
     "to_input_grid",
+    "brain_pixels",
 ]
 
 RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
@@ -41,6 +42,7 @@ MAX_BRAIN_ML = 3000.0  # intracranial volumes are ~1.1-1.9 L; a head with skull 
 MAX_NEGATIVE_SHARE = 0.05  # of the nonzero voxels; interpolation ringing stays far below, z-scored volumes far above
 MIN_BRAIN_OVERLAP = 0.8  # Dice of two sequences' nonzero regions; one brain mask on all sequences gives 1
 BACKGROUND = -1.0  # value of non-brain after percentile normalisation
+BRAIN_TOLERANCE = 1e-4  # model-grid pixels above BACKGROUND by more than this hold brain
 
 
 class InputError(ValueError):
@@ -94,7 +96,9 @@ def _as_3d(name: str, image: nib.spatialimages.SpatialImage) -> np.ndarray:
     return data.astype(np.float32, copy=False)
 
 
-def check_inputs(images: Mapping[str, nib.spatialimages.SpatialImage], required: Sequence[str]) -> dict[str, np.ndarray]:
+def check_inputs(
+    images: Mapping[str, nib.spatialimages.SpatialImage], required: Sequence[str]
+) -> dict[str, np.ndarray]:
     """Validate co-registered input volumes and return their arrays (float32, input orientation).
 
     Args:
@@ -178,7 +182,9 @@ def _check_same_brain(name: str, data: np.ndarray, reference: str, reference_dat
         )
 
 
-def plan_geometry(reference: nib.spatialimages.SpatialImage, brain_ras: np.ndarray, image_size: int, field_of_view_mm: float) -> VolumeGeometry:
+def plan_geometry(
+    reference: nib.spatialimages.SpatialImage, brain_ras: np.ndarray, image_size: int, field_of_view_mm: float
+) -> VolumeGeometry:
     """Place the network's square field of view on each axial plane, centred on the brain.
 
     Args:
@@ -231,6 +237,7 @@ def to_model_slices(
     image_size: int,
     field_of_view_mm: float,
     extra: Mapping[str, np.ndarray] | None = None,
+    landmarks: Mapping[str, Sequence[float]] | None = None,
 ) -> tuple[np.ndarray, VolumeGeometry, dict[str, np.ndarray]]:
     """Normalise, reorient and resample input volumes to the network's slices.
 
@@ -241,6 +248,8 @@ def to_model_slices(
         field_of_view_mm: in-plane extent of a network slice.
         extra: other arrays on the input grid to resample the same way (e.g. a label mask; linear
             interpolation, returned as floats).
+        landmarks: sequence -> the model's histogram-standardisation landmarks (``anofpdm.intensity``);
+            None: percentile scaling only.
 
     Returns:
         slices N x C x S x S in [-1, 1] (N brain slices, C = len(sequences)), the geometry, and the
@@ -256,7 +265,9 @@ def to_model_slices(
     if not geometry.slices:
         raise InputError(f"no axial slice holds {MIN_BRAIN_AREA_MM2} mm^2 of brain: is this a brain MRI?")
     size = (image_size, image_size)
-    channels = [_resize_planes(_crop(percentile_normalise(ras[name]), geometry, BACKGROUND), size) for name in sequences]
+    landmarks = landmarks or {}
+    channels = [_resize_planes(_crop(normalise(ras[name], landmarks.get(name)), geometry, BACKGROUND), size)
+                for name in sequences]
     slices = np.stack(channels, axis=0).transpose(3, 0, 1, 2)
     resampled = {}
     for name, array in (extra or {}).items():
@@ -280,3 +291,8 @@ def to_input_grid(model_volume: np.ndarray, geometry: VolumeGeometry) -> np.ndar
     sx, sy = slice(max(x0, 0), min(x0 + wx, ras.shape[0])), slice(max(y0, 0), min(y0 + wy, ras.shape[1]))
     ras[sx, sy, list(geometry.slices)] = planes[sx.start - x0 : sx.stop - x0, sy.start - y0 : sy.stop - y0]
     return nib.orientations.apply_orientation(ras, geometry.from_ras)
+
+
+def brain_pixels(slices: np.ndarray) -> np.ndarray:
+    """N x S x S brain pixels of N x C x S x S model-grid slices: any sequence above the background."""
+    return (slices > BACKGROUND + BRAIN_TOLERANCE).any(axis=1)

@@ -8,7 +8,9 @@ Three conventions, tried in this order for every sequence the model needs beside
    (a MONAI Label session whose image is the T2);
 3. a datastore image ``<studies>/<id>.nii.gz`` has its T2 at ``<studies>/t2/<id>.nii.gz`` (or ``.nii``,
    ``.nrrd``...; MONAI Label's local datastore lists only the top level of ``<studies>``, so ``t2/`` is not
-   an image).
+   an image);
+4. on a DICOMweb datastore (a PACS), the request's image is a FLAIR series and its T2 is the T2 series of the
+   same study (``lib.pacs``), or the series named by the request parameter ``{"t2_series": "<series UID>"}``.
 
 Volumes are NIfTI, NRRD (3D Slicer's format) or MetaImage files (``anofpdm.inputs.read_volume``).
 
@@ -39,8 +41,12 @@ from anofpdm.inputs import (
 from anofpdm.volume import InputError
 
 IMAGE_NAME = "image_name"  # request key: the name the client gave the image (see the module docstring)
+IMAGE_ID = "image_id"  # request key: the datastore id of the request's image (set by lib.serving)
 
 SessionLookup = Callable[[str], Path]
+# (sequence, series UID named by the request or None) -> that sequence's file in the study of the request's
+# image, its series UID and a description for messages (lib.pacs.PACSDatastore.study_series)
+StudyLookup = Callable[[str, str | None], tuple[Path, str, str]]
 
 
 def _session_files(folder: Path, sequences: Sequence[str]) -> ResolvedInputs:
@@ -72,17 +78,20 @@ def resolve_inputs(
     params: Mapping[str, object],
     studies: str | None,
     session_image: SessionLookup,
+    study_series: StudyLookup | None = None,
 ) -> ResolvedInputs:
     """Read every sequence the model needs for one request.
 
     Args:
         image: the request's image: a volume file (FLAIR or multi-channel) or a multi-file session folder.
         sequences: the model's sequences; ``flair`` is the reference grid.
-        params: request parameters; ``<sequence>`` (a server path) or ``<sequence>_session`` (a session id),
-            and ``image_name``, the name the client gave the image.
+        params: request parameters; ``<sequence>`` (a server path), ``<sequence>_session`` (a session id) or
+            ``<sequence>_series`` (a series UID of the image's study, with ``study_series``), and
+            ``image_name``, the name the client gave the image.
         studies: the local datastore folder, or None (its ``<sequence>/`` sub-folders are searched only
             for images that lie in it).
         session_image: session id -> the file of that session's image (raises ``InputError`` if unknown).
+        study_series: for an image from a PACS, finds the other sequences in its study (``StudyLookup``).
 
     Raises:
         InputError: a sequence is missing, unreadable or given twice; the message names what was tried.
@@ -99,15 +108,24 @@ def resolve_inputs(
     )
 
     for name in sequences:
-        path_param, session_param = params.get(name), params.get(f"{name}_session")
+        keys = (name, f"{name}_session", f"{name}_series")
+        path_param, session_param, series_param = (params.get(key) for key in keys)
+        given = [key for key in keys if params.get(key)]
         if name in resolved.images:
-            if path_param or session_param:
+            if given:
                 raise InputError(f"{name.upper()} is given twice: in the image ({resolved.sources[name]}) and "
-                                 f"as the request parameter {name if path_param else name + '_session'}")
+                                 f"as the request parameter {given[0]}")
             continue
-        if path_param and session_param:
-            raise InputError(f"give either {name} or {name}_session, not both")
-        if path_param:
+        if len(given) > 1:
+            raise InputError(f"give one of {', '.join(given)}, not several")
+        if series_param and study_series is None:
+            raise InputError(f"{name}_series names a DICOM series: it needs a DICOMweb datastore (a PACS) and a "
+                             f"series id as the image; give {name} or {name}_session instead")
+        if study_series is not None and not path_param and not session_param:
+            path, series_uid, described = study_series(name, str(series_param) if series_param else None)
+            resolved.add(name, read_volume(path, name.upper()), f"{described}: {path}")
+            resolved.series[name] = series_uid
+        elif path_param:
             path = Path(str(path_param))
             resolved.add(name, read_sequence(name, path), str(path))
         elif session_param:
@@ -118,7 +136,8 @@ def resolve_inputs(
             found = next((p for p in candidates if p.is_file()), None)
             if found is None:
                 raise InputError(
-                    f"{name.upper()} for datastore image {split_volume_suffix(image_path.name)[0]!r} not found: looked for "
+                    f"{name.upper()} for datastore image {split_volume_suffix(image_path.name)[0]!r} not found: "
+                    "looked for "
                     f"{', '.join(str(p) for p in candidates)}; or give a 2- or 4-channel image"
                 )
             resolved.add(name, read_volume(found, name.upper()), str(found))

@@ -16,6 +16,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from anofpdm.sequences import MSD_CHANNELS, SEQUENCES
+
 __all__ = [
     "SEQUENCES",
     "SEG",
@@ -26,14 +28,12 @@ __all__ = [
     "load_case",
 ]
 
-SEQUENCES = ("flair", "t1", "t1ce", "t2")
 SEG = "seg"
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 BRATS21_NAMES = {"flair": "flair", "t1": "t1", "t1ce": "t1ce", "t2": "t2", SEG: "seg"}
 BRATS2023_NAMES = {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w", SEG: "seg"}
 FILE_SEPARATORS = ("_", "-")  # BraTS21 uses <case>_flair, BraTS 2023 <case>-t2f
 MSD_IMAGES, MSD_LABELS = "imagesTr", "labelsTr"
-MSD_CHANNELS = ("flair", "t1", "t1ce", "t2")  # Task01: FLAIR, T1w, T1gd, T2w
 AFFINE_TOLERANCE_MM = 1e-3
 LAYOUTS = {"brats21": BRATS21_NAMES, "brats2023": BRATS2023_NAMES}
 

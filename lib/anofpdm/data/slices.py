@@ -1,9 +1,9 @@
-"""Training slices from BraTS-style volumes (SPEC.md section 1) and a Dataset over them.
+"""Training slices from BraTS-style volumes (docs/method.md section 1) and a Dataset over them.
 
 ``prepare_dataset`` turns a folder of cases into compact per-split arrays:
 
 - ``{split}_images.npy``: N x C x S x S float16, per volume and sequence normalised to [-1, 1]
-  with ``anofpdm.intensity.percentile_normalise``;
+  with ``anofpdm.intensity.normalise`` (histogram-standardised onto the training split's landmarks by default);
 - ``{split}_labels.npy``: N uint8, 1 when any tumour pixel remains after resizing (unhealthy);
 - ``{split}_masks.npy``: N x S x S uint8 pixel truth (evaluation only, never for training);
 - ``{split}_index.json``: the case id and axial index (in the RAS volume) of every row;
@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,9 @@ import torch
 from torch.utils.data import Dataset
 
 from anofpdm.data.brats import SEQUENCES, CaseFiles, find_cases, load_case
+from anofpdm.intensity import brain_landmarks, percentile_normalise
 from anofpdm.parallel import ordered_map
+from anofpdm.progress import ProgressCallback
 from anofpdm.volume import MIN_BRAIN_AREA_MM2, to_model_slices
 
 __all__ = [
@@ -37,11 +39,12 @@ __all__ = [
     "split_counts",
     "split_cases",
     "case_slices",
+    "training_landmarks",
     "prepare_dataset",
+    "load_manifest",
     "SliceDataset",
 ]
 
-ProgressFn = Callable[[int, int], None]
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT = (0.75, 0.05, 0.20)
@@ -114,30 +117,64 @@ def split_cases(case_ids: Sequence[str], fractions: Sequence[float], seed: int) 
 
 
 def _case_slices_or_error(
-    case: CaseFiles, sequences: Sequence[str], size: int, field_of_view_mm: float
+    case: CaseFiles,
+    sequences: Sequence[str],
+    size: int,
+    field_of_view_mm: float,
+    landmarks: dict[str, list[float]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | str:
     """``case_slices``, or the reason the case cannot be read (a skipped case does not stop a run)."""
     try:
-        return case_slices(case, sequences, size, field_of_view_mm)
+        return case_slices(case, sequences, size, field_of_view_mm, landmarks)
     except CASE_ERRORS as error:
         return f"{type(error).__name__}: {error}"
 
 
 def case_slices(
-    case: CaseFiles, sequences: Sequence[str], size: int, field_of_view_mm: float
+    case: CaseFiles,
+    sequences: Sequence[str],
+    size: int,
+    field_of_view_mm: float,
+    landmarks: dict[str, list[float]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Brain slices of one case: images N x C x S x S, labels N, masks N x S x S and axial indices N.
 
     The slices come from ``anofpdm.volume.to_model_slices``, the function inference uses, so the
     network is trained on exactly the slice geometry (orientation, brain-centred field of view,
-    resizing, brain-slice selection) it later sees.
+    resizing, brain-slice selection) and intensity normalisation (``landmarks``: histogram standardisation,
+    None: percentile scaling only) it later sees.
     """
     volume = load_case(case, sequences)
     images = {name: nib.Nifti1Image(volume.images[name], volume.affine) for name in sequences}
-    slices, geometry, extra = to_model_slices(images, sequences, size, field_of_view_mm, extra={"truth": volume.mask})
+    slices, geometry, extra = to_model_slices(images, sequences, size, field_of_view_mm, extra={"truth": volume.mask},
+                                              landmarks=landmarks)
     masks = (extra["truth"] >= MASK_THRESHOLD).astype(np.uint8)
     labels = masks.reshape(len(masks), -1).any(axis=1).astype(np.uint8)
     return slices.astype(IMAGE_DTYPE), labels, masks, np.asarray(geometry.slices)
+
+
+def _case_landmarks(case: CaseFiles, sequences: Sequence[str]) -> dict[str, np.ndarray] | str:
+    """Each sequence's brain landmarks of one case, or the reason it cannot be read."""
+    try:
+        volume = load_case(case, sequences)
+        return {name: brain_landmarks(percentile_normalise(volume.images[name])) for name in sequences}
+    except CASE_ERRORS as error:
+        return f"{type(error).__name__}: {error}"
+
+
+def training_landmarks(
+    cases: Sequence[CaseFiles], sequences: Sequence[str], workers: int = 1
+) -> dict[str, list[float]]:
+    """Histogram-standardisation reference: per sequence, the mean brain landmarks of the training volumes.
+
+    Raises:
+        ValueError: no training case could be read.
+    """
+    read = functools.partial(_case_landmarks, sequences=sequences)
+    rows = [row for row in ordered_map(read, list(cases), workers) if not isinstance(row, str)]
+    if not rows:
+        raise ValueError("no training case could be read to compute the intensity landmarks")
+    return {name: [round(float(v), 6) for v in np.mean([row[name] for row in rows], axis=0)] for name in sequences}
 
 
 class _SplitWriter:
@@ -189,9 +226,10 @@ def prepare_dataset(
     size: int = 128,
     seed: int = 0,
     split: Sequence[float] = DEFAULT_SPLIT,
-    progress: ProgressFn | None = None,
+    progress: ProgressCallback | None = None,
     field_of_view_mm: float = DEFAULT_FIELD_OF_VIEW_MM,
     workers: int = 1,
+    standardise: bool = True,
 ) -> dict[str, Any]:
     """Prepare normalised, resized axial training slices with a seeded patient-level split.
 
@@ -206,6 +244,9 @@ def prepare_dataset(
         field_of_view_mm: in-plane extent of a slice, centred on the brain (BraTS: 240 mm). Axial
             planes with less than ``anofpdm.volume.MIN_BRAIN_AREA_MM2`` of brain are left out.
         workers: processes reading cases in parallel (the arrays are identical for any number).
+        standardise: histogram-standardise every volume onto the training split's mean landmarks
+            (``anofpdm.intensity``; written to the manifest, and from there into every model trained on it);
+            False: percentile scaling only, as the paper.
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``). A case that cannot be read is
@@ -215,7 +256,11 @@ def prepare_dataset(
     cases = {c.case_id: c for c in find_cases(Path(data_dir))}
     assignment = split_cases(list(cases), split, seed)
     ordered = [(name, case_id) for name in SPLITS for case_id in assignment[name]]
-    read = functools.partial(_case_slices_or_error, sequences=sequences, size=size, field_of_view_mm=field_of_view_mm)
+    landmarks = None
+    if standardise:
+        landmarks = training_landmarks([cases[case_id] for case_id in assignment["train"]], sequences, workers)
+    read = functools.partial(_case_slices_or_error, sequences=sequences, size=size, field_of_view_mm=field_of_view_mm,
+                             landmarks=landmarks)
     outcomes = ordered_map(read, [cases[case_id] for _, case_id in ordered], workers, progress)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -239,14 +284,27 @@ def prepare_dataset(
         "field_of_view_mm": field_of_view_mm,
         "min_brain_area_mm2": MIN_BRAIN_AREA_MM2,
         "image_dtype": np.dtype(IMAGE_DTYPE).name,
-        "orientation": "RAS; axial planes volume[:, :, k] as (x, y); a square field of view centred on the brain (anofpdm.volume.to_model_slices)",
-        "normalisation": "per volume and sequence: anofpdm.intensity.percentile_normalise "
-        "(99th percentile of nonzero voxels -> [-1, 1])",
+        "orientation": "RAS; axial planes volume[:, :, k] as (x, y); a square field of view centred on the brain "
+                       "(anofpdm.volume.to_model_slices)",
+        "normalisation": "per volume and sequence: anofpdm.intensity.normalise (99th percentile of nonzero voxels "
+        + ("-> 1, histogram standardisation onto intensity_landmarks" if standardise else "-> 1")
+        + ", [0, 1] -> [-1, 1])",
+        "intensity_landmarks": landmarks,
         "splits": summary,
         "skipped": skipped,
     }
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def load_manifest(root: Path) -> dict[str, Any]:
+    """The ``manifest.json`` of a prepared folder (:func:`prepare_dataset`'s output)."""
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no prepared data at {root}: {MANIFEST_NAME} is missing (run `anofpdm prepare` or prepare_dataset)"
+        )
+    return json.loads(path.read_text())
 
 
 class SliceDataset(Dataset):
@@ -262,10 +320,7 @@ class SliceDataset(Dataset):
         root = Path(root)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        manifest_path = root / MANIFEST_NAME
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"no {MANIFEST_NAME} in {root}: run prepare_dataset first")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = load_manifest(root)
         prepared = list(self.manifest["sequences"])
         wanted = prepared if sequences is None else list(sequences)
         unknown = [s for s in wanted if s not in prepared]

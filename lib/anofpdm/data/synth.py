@@ -7,7 +7,13 @@ small white-matter hyperintensities) and renders FLAIR, T1, T1ce and T2 with per
 a bias field, slight blur and Rician noise. The output is on the BraTS grid (240 x 240 x 155, 1 mm,
 skull-stripped: exactly 0 outside the brain) in the BraTS21 layout, plus a MONAI Label studies folder.
 
-The images are synthetic: they exercise the pipeline end to end, they do not replace BraTS.
+The images are synthetic: they exercise the pipeline end to end, they do not replace BraTS. The ranges of
+pose, anatomy and acquisition are a ``Domain`` (``anofpdm.data.domains``): the training domain, or the shifted
+test domain beyond it.
+
+One module over 500 lines on purpose: it is one generator, whose stages (template, pose and deformation,
+tumour, benign findings, rendering, writing) share private dataclasses and the constants at its top; the
+preview image lives in ``anofpdm.data.preview``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from anofpdm.data.brats import SEQUENCES
+from anofpdm.data.domains import DOMAINS, TRAINING, Domain, reslice
 from anofpdm.parallel import ordered_map
 
 __all__ = [
@@ -41,7 +48,6 @@ __all__ = [
     "write_case",
     "generate_cases",
     "write_demo_studies",
-    "render_preview",
 ]
 
 ProgressFn = Callable[[int, int], None]
@@ -70,20 +76,16 @@ TUMOUR_SITE_MIN_DEPTH_MM = 18.0
 TUMOUR_SITE_MIN_WM = 0.6
 TUMOUR_SITE_MIN_Z_MM = -10.0  # MNI z: above the cerebellum and brainstem
 TUMOUR_SITES_KEPT = 4000
+VENTRICLE_EXPANSION_WIDTH_MM = 28.0  # Gaussian reach of a domain's ventricle enlargement
+ATROPHY_REACH_MM = 1.5  # grey matter within about this of CSF can be lost to it
+ATROPHY_CSF_GAIN = 3.0
+ATROPHY_CONTROL_MM = 8.0  # scale of the patchy pattern of sulcal widening
 
-# --- pose -----------------------------------------------------------------------------------------
-ROTATION_SD_DEG = 4.0
-ROTATION_MAX_DEG = 10.0
-ZOOM_RANGE = (0.88, 0.99)  # brain size relative to the template
-ANISOTROPY_RANGE = (0.96, 1.04)
-TRANSLATION_MM = 4.0
-DEFORMATION_SD_MM = 2.5
-DEFORMATION_CONTROL_MM = 40.0
+# --- pose (its ranges are the domain's: anofpdm.data.domains) ------------------------------------
 CROP_MARGIN_MM = 10.0
 COORDINATE_STEP = 2  # the smooth voxel-to-template map is computed every this many voxels
 
 # --- tumour ---------------------------------------------------------------------------------------
-TUMOUR_VOLUME_ML = (8.0, 250.0)  # default range of the nominal whole-tumour volume, drawn log-uniformly
 CORE_FRACTION = (0.45, 0.8)  # core radius / whole radius
 NECROSIS_FRACTION = (0.45, 0.8)  # necrosis radius / core radius
 NO_NECROSIS_PROBABILITY = 0.25
@@ -131,13 +133,8 @@ HYPERINTENSITY_GAIN = {"flair": 1.0, "t1": -0.15, "t1ce": -0.15, "t2": 0.6}  # b
 TEMPLATE_TEXTURE_SEQUENCES = ("t1", "t1ce")
 TEMPLATE_T1_WEIGHT = 0.5  # T1 and T1ce blend the template's own T1 texture with the tissue model
 SCANNER_SCALE = {"flair": 120.0, "t1": 150.0, "t1ce": 160.0, "t2": 110.0}  # int16 units per relative signal
-SCALE_JITTER = 0.2
-TISSUE_JITTER = 0.05
 LESION_HETEROGENEITY = 0.15
-BIAS_AMPLITUDE = (0.04, 0.15)
-BLUR_SIGMA_MM = (0.3, 0.7)
 BLUR_TRUNCATE = 2.5  # kernel half-width in sigmas
-NOISE_FRACTION = (0.015, 0.04)  # Rician sigma relative to the white-matter signal
 
 
 @dataclass(frozen=True)
@@ -148,6 +145,7 @@ class _Atlas:
     centre: np.ndarray
     bbox: np.ndarray  # 2 x 3: first and last voxel of the brain
     tumour_sites: np.ndarray  # N x 3 voxel indices
+    ventricle_centre: np.ndarray  # voxel centroid of the ventricles
 
 
 @dataclass(frozen=True)
@@ -206,7 +204,7 @@ def _atlas() -> _Atlas:
     maps = {"gm": gm, "wm": wm, "brain": brain, "periventricular": periventricular, "t1": t1}
     stacked = np.ascontiguousarray(np.stack([maps[name] for name in ATLAS_CHANNELS]), dtype=np.float32)
     channels = torch.from_numpy(stacked)[None].contiguous(memory_format=torch.channels_last_3d)
-    return _Atlas(channels, bbox.mean(0), bbox, sites[keep])
+    return _Atlas(channels, bbox.mean(0), bbox, sites[keep], np.argwhere(ventricles > 0).mean(0))
 
 
 # --- random fields ------------------------------------------------------------------------------------
@@ -220,9 +218,10 @@ def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], control_vox: f
     return up[0].numpy()
 
 
-def _rotation(rng: np.random.Generator) -> np.ndarray:
-    """A small random 3-D rotation matrix."""
-    angles = np.deg2rad(np.clip(rng.normal(0.0, ROTATION_SD_DEG, 3), -ROTATION_MAX_DEG, ROTATION_MAX_DEG))
+def _rotation(rng: np.random.Generator, domain: Domain) -> np.ndarray:
+    """A random 3-D rotation matrix: normal angles per axis, clipped, as the domain sets them."""
+    sd, limit = domain.rotation_sd_deg, domain.rotation_max_deg
+    angles = np.deg2rad(np.clip(rng.normal(0.0, sd, 3), -limit, limit))
     cx, cy, cz = np.cos(angles)
     sx, sy, sz = np.sin(angles)
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
@@ -248,10 +247,10 @@ class _Pose:
         return np.linalg.solve(self.matrix, (atlas_points - centre - self.shift).T).T
 
 
-def _draw_pose(rng: np.random.Generator) -> _Pose:
-    zoom = _uniform(rng, ZOOM_RANGE) * rng.uniform(*ANISOTROPY_RANGE, 3)
-    matrix = _rotation(rng) @ np.diag(1.0 / zoom)
-    return _Pose(matrix, rng.uniform(-TRANSLATION_MM, TRANSLATION_MM, 3))
+def _draw_pose(rng: np.random.Generator, domain: Domain) -> _Pose:
+    zoom = _uniform(rng, domain.zoom_range) * rng.uniform(*domain.anisotropy_range, 3)
+    matrix = _rotation(rng, domain) @ np.diag(1.0 / zoom)
+    return _Pose(matrix, rng.uniform(-domain.translation_mm, domain.translation_mm, 3))
 
 
 def _grid_mm(shape: Sequence[int], voxel_mm: float) -> list[np.ndarray]:
@@ -285,7 +284,7 @@ class _TumourPlan:
 
 
 def _plan_tumour(
-    rng: np.random.Generator, atlas: _Atlas, pose: _Pose, tumour_volume_ml: tuple[float, float]
+    rng: np.random.Generator, atlas: _Atlas, pose: _Pose, tumour_volume_ml: tuple[float, float], domain: Domain
 ) -> _TumourPlan:
     site = atlas.tumour_sites[rng.integers(len(atlas.tumour_sites))].astype(np.float64)
     centre = pose.to_target(site[None], atlas.centre)[0]
@@ -294,7 +293,7 @@ def _plan_tumour(
     radius = (3.0 * volume_mm3 / (4.0 * np.pi)) ** (1.0 / 3.0)
     necrosis = 0.0 if rng.random() < NO_NECROSIS_PROBABILITY else _uniform(rng, NECROSIS_FRACTION)
     axes = rng.uniform(*AXIS_RATIO_RANGE, 3)
-    shape_matrix = np.diag(1.0 / axes) @ _rotation(rng).T
+    shape_matrix = np.diag(1.0 / axes) @ _rotation(rng, domain).T
     mass = MASS_EFFECT_MAX * _uniform(rng, MASS_EFFECT_RANDOM) * min(1.0, radius / MASS_EFFECT_REFERENCE_MM)
     return _TumourPlan(
         centre_mm=centre,
@@ -320,29 +319,52 @@ def _source_grid(
     axes_mm: list[np.ndarray],
     tumour: _TumourPlan | None,
     voxel_mm: float,
+    domain: Domain,
 ) -> torch.Tensor:
     """Sampling grid (1 x crop x 3, grid_sample order) of every crop voxel in the template.
 
-    The map (pose, smooth deformation, mass effect) is smooth, so it is computed on a coarse grid
-    and upsampled trilinearly.
+    The map (pose, smooth deformation, mass effect, ventricle size) is smooth, so it is computed on a
+    coarse grid and upsampled trilinearly.
     """
     coarse = _coarse_axes(axes_mm)
     d = np.stack(np.meshgrid(*[a.astype(np.float32) for a in coarse], indexing="ij"))
     if tumour is not None:
-        offset = d - tumour.centre_mm.astype(np.float32)[:, None, None, None]
         sigma = tumour.radius_mm * tumour.core_fraction * MASS_EFFECT_WIDTH
-        weight = tumour.mass_effect * np.exp(-np.sum(offset**2, axis=0) / (2.0 * sigma**2))
-        d = d - offset * weight[None]
+        d = _pull(d, tumour.centre_mm, sigma, tumour.mass_effect)
+    if domain.ventricle_expansion != (0.0, 0.0):
+        ventricles_mm = pose.to_target(atlas.ventricle_centre[None], atlas.centre)[0]
+        d = _pull(d, ventricles_mm, VENTRICLE_EXPANSION_WIDTH_MM, _uniform(rng, domain.ventricle_expansion))
     source = np.tensordot(pose.matrix.astype(np.float32), d, axes=1)
     source += (atlas.centre + pose.shift).astype(np.float32)[:, None, None, None]
-    control = DEFORMATION_CONTROL_MM / (voxel_mm * COORDINATE_STEP)
-    source += DEFORMATION_SD_MM * _smooth_noise(rng, source.shape[1:], control, channels=3)
+    control = domain.deformation_control_mm / (voxel_mm * COORDINATE_STEP)
+    source += domain.deformation_sd_mm * _smooth_noise(rng, source.shape[1:], control, channels=3)
     size = np.asarray(atlas.channels.shape[2:], dtype=np.float32)
     normalised = 2.0 * source / (size - 1)[:, None, None, None] - 1.0
     crop_shape = tuple(len(a) for a in axes_mm)
     coarse_grid = torch.from_numpy(normalised[::-1].copy())[None]
     fine = F.interpolate(coarse_grid, size=crop_shape, mode="trilinear", align_corners=True)
     return fine.permute(0, 2, 3, 4, 1).contiguous()
+
+
+def _pull(points_mm: np.ndarray, centre_mm: np.ndarray, sigma_mm: float, strength: float) -> np.ndarray:
+    """Move sampling points (3 x ...) towards ``centre_mm`` by a Gaussian-weighted fraction ``strength``.
+
+    Sampling closer to a centre enlarges what lies there (a tumour's mass effect, enlarged ventricles);
+    a negative strength shrinks it.
+    """
+    offset = points_mm - centre_mm.astype(np.float32).reshape(3, *(1,) * (points_mm.ndim - 1))
+    weight = strength * np.exp(-np.sum(offset**2, axis=0) / (2.0 * sigma_mm**2))
+    return points_mm - offset * weight[None]
+
+
+def _atrophy(
+    rng: np.random.Generator, gm: np.ndarray, brain_p: np.ndarray, wm: np.ndarray, amount: float, voxel_mm: float
+) -> np.ndarray:
+    """Grey matter next to CSF turned into CSF in a patchy pattern (widened sulci): the new grey-matter map."""
+    csf = np.clip(brain_p - gm - wm, 0.0, 1.0)
+    near_csf = np.clip(ATROPHY_CSF_GAIN * ndimage.gaussian_filter(csf, ATROPHY_REACH_MM / voxel_mm), 0.0, 1.0)
+    patches = np.clip(0.5 + 0.5 * _smooth_noise(rng, gm.shape, ATROPHY_CONTROL_MM / voxel_mm)[0], 0.0, 1.0)
+    return gm * (1.0 - amount * near_csf * patches)
 
 
 def _sample_atlas(grid: torch.Tensor, atlas: _Atlas) -> np.ndarray:
@@ -456,11 +478,11 @@ def _hyperintensities(
 
 
 # --- rendering ------------------------------------------------------------------------------------------
-def _bias_field(rng: np.random.Generator, axes_mm: list[np.ndarray]) -> np.ndarray:
+def _bias_field(rng: np.random.Generator, axes_mm: list[np.ndarray], amplitude: tuple[float, float]) -> np.ndarray:
     """Smooth multiplicative bias: exp of a random quadratic polynomial over the crop."""
     x, y, z = [(a / max(float(np.abs(a).max()), 1.0)).astype(np.float32) for a in axes_mm]
     x, y, z = x[:, None, None], y[None, :, None], z[None, None, :]
-    c = rng.standard_normal(9).astype(np.float32) * (_uniform(rng, BIAS_AMPLITUDE) / 3.0)
+    c = rng.standard_normal(9).astype(np.float32) * (_uniform(rng, amplitude) / 3.0)
     in_plane = c[0] * x + c[1] * x * x + c[2] * x * y + c[3] * y + c[4] * y * y  # X x Y x 1
     field = in_plane + (c[5] * z + c[6] * z * z) + c[7] * x * z + c[8] * y * z
     return np.exp(field)
@@ -474,10 +496,12 @@ def _render(
     anatomy: tuple[np.ndarray, np.ndarray, np.ndarray],
     axes_mm: list[np.ndarray],
     voxel_mm: float,
+    domain: Domain,
+    gain: float,
 ) -> np.ndarray:
     """One sequence on the crop: tissue mix, lesion, benign findings, bias, blur, Rician noise (int16)."""
     template_t1, hyper, brain = anatomy
-    contrast = {t: v * (1.0 + TISSUE_JITTER * rng.standard_normal()) for t, v in CONTRAST[sequence].items()}
+    contrast = {t: v * (1.0 + domain.tissue_jitter * rng.standard_normal()) for t, v in CONTRAST[sequence].items()}
     signal = sum(tissue[t] * contrast[t] for t in HEALTHY_TISSUES)
     if sequence in TEMPLATE_TEXTURE_SEQUENCES:
         share = sum(tissue[t] for t in HEALTHY_TISSUES)
@@ -486,11 +510,12 @@ def _render(
         box, fractions = lesion
         signal[box] += sum(f * contrast[t] for t, f in fractions.items())
     signal *= 1.0 + HYPERINTENSITY_GAIN[sequence] * hyper
-    signal *= _bias_field(rng, axes_mm)
-    signal = ndimage.gaussian_filter(signal * brain, _uniform(rng, BLUR_SIGMA_MM) / voxel_mm, truncate=BLUR_TRUNCATE)
-    scale = SCANNER_SCALE[sequence] * (1.0 + SCALE_JITTER * rng.uniform(-1.0, 1.0))
+    signal *= _bias_field(rng, axes_mm, domain.bias_amplitude)
+    blur_mm = _uniform(rng, domain.blur_sigma_mm)
+    signal = ndimage.gaussian_filter(signal * brain, blur_mm / voxel_mm, truncate=BLUR_TRUNCATE)
+    scale = gain * SCANNER_SCALE[sequence] * (1.0 + domain.scale_jitter * rng.uniform(-1.0, 1.0))
     inside = signal[brain] * scale
-    sigma = _uniform(rng, NOISE_FRACTION) * contrast["wm"] * scale
+    sigma = _uniform(rng, domain.noise_fraction) * contrast["wm"] * scale
     real = inside + sigma * rng.standard_normal(inside.shape, dtype=np.float32)
     imaginary = sigma * rng.standard_normal(inside.shape, dtype=np.float32)
     out = np.zeros(signal.shape, np.int16)
@@ -547,9 +572,10 @@ def synthesize_case(
     healthy: bool,
     shape: Sequence[int] = BRATS_SHAPE,
     voxel_mm: float = 1.0,
-    tumour_volume_ml: Sequence[float] = TUMOUR_VOLUME_ML,
+    tumour_volume_ml: Sequence[float] | None = None,
+    domain: Domain = TRAINING,
 ) -> SyntheticCase:
-    """Generate one case in memory.
+    """Generate one case in memory, on the 1 mm grid it is drawn on (``reslice_case`` puts it on a domain's grid).
 
     Args:
         seed: the case seed (see ``case_seed``); the same seed gives the same case.
@@ -558,7 +584,9 @@ def synthesize_case(
             (e.g. 60 x 60 x 39 at 4 mm) cover the same field of view faster, for tests.
         voxel_mm: isotropic voxel size of the output grid.
         tumour_volume_ml: (low, high) range of the nominal whole-tumour volume in mL, drawn log-uniformly
-            (the labelled volume differs: oedema reach, irregularity and the brain's edge change it).
+            (the labelled volume differs: oedema reach, irregularity and the brain's edge change it);
+            None: the domain's.
+        domain: the anatomy and acquisition ranges (``anofpdm.data.domains``).
 
     Returns:
         The case: int16 images keyed by ``SEQUENCES``, uint8 seg (0, 1, 2, 4), LPS affine and a
@@ -568,15 +596,19 @@ def synthesize_case(
         raise ValueError(f"shape must be three sizes of at least {MIN_GRID}, got {tuple(shape)}")
     if voxel_mm <= 0:
         raise ValueError(f"voxel_mm must be positive, got {voxel_mm}")
-    tumour_volume_ml = _check_tumour_volume(tumour_volume_ml)
+    tumour_volume_ml = _check_tumour_volume(domain.tumour_volume_ml if tumour_volume_ml is None else tumour_volume_ml)
     rng = np.random.default_rng(seed)
     atlas = _atlas()
-    pose = _draw_pose(rng)
-    tumour = None if healthy else _plan_tumour(rng, atlas, pose, tumour_volume_ml)
+    pose = _draw_pose(rng, domain)
+    tumour = None if healthy else _plan_tumour(rng, atlas, pose, tumour_volume_ml, domain)
     crop = _crop_box(atlas, pose, shape, voxel_mm)
     axes_mm = [axis[c] for axis, c in zip(_grid_mm(shape, voxel_mm), crop)]
-    grid = _source_grid(rng, atlas, pose, axes_mm, tumour, voxel_mm)
+    grid = _source_grid(rng, atlas, pose, axes_mm, tumour, voxel_mm, domain)
     gm, wm, brain_p, periventricular, template_t1 = _sample_atlas(grid, atlas)  # ATLAS_CHANNELS order
+    atrophy = 0.0
+    if domain.cortical_atrophy != (0.0, 0.0):
+        atrophy = _uniform(rng, domain.cortical_atrophy)
+        gm = _atrophy(rng, gm, brain_p, wm, atrophy, voxel_mm)
     brain = brain_p > MEMBERSHIP_THRESHOLD
     fields = None
     if tumour is not None:
@@ -586,10 +618,12 @@ def synthesize_case(
     enhancing = tumour is None or tumour.enhancing
     lesion = None if fields is None else (fields.box, _lesion_fractions(rng, fields, enhancing, voxel_mm))
     hyper, pv_gain, wmh_count = _hyperintensities(rng, periventricular, tissue["wm"], brain, fields, voxel_mm)
+    gain = 1.0 if domain.scanner_gain == (1.0, 1.0) else float(np.exp(_uniform(rng, np.log(domain.scanner_gain))))
     images = {}
     for sequence in SEQUENCES:
         images[sequence] = np.zeros(tuple(shape), np.int16)
-        images[sequence][crop] = _render(rng, sequence, tissue, lesion, (template_t1, hyper, brain), axes_mm, voxel_mm)
+        images[sequence][crop] = _render(rng, sequence, tissue, lesion, (template_t1, hyper, brain), axes_mm, voxel_mm,
+                                         domain, gain)
     seg = np.zeros(tuple(shape), np.uint8)
     seg[crop] = _labels(brain, fields, enhancing)
     info = {
@@ -602,7 +636,21 @@ def synthesize_case(
         "periventricular_gain": round(pv_gain, 3),
         "white_matter_hyperintensities": wmh_count,
     }
+    if domain != TRAINING:
+        info.update(domain=domain.name, cortical_atrophy=round(atrophy, 3), scanner_gain=round(gain, 3))
     return SyntheticCase(images, seg, brats_affine(shape, voxel_mm), info)
+
+
+def reslice_case(case: SyntheticCase, domain: Domain, index: int) -> SyntheticCase:
+    """Case ``index`` on its domain's grid (the grids are cycled over case indices); unchanged without grids."""
+    if not domain.grids:
+        return case
+    grid = domain.grids[index % len(domain.grids)]
+    images, seg, affine = reslice(case.images, case.seg, case.affine, grid)
+    voxel_ml = float(np.prod(grid.spacing_mm)) / 1000.0
+    info = {**case.info, "grid": grid.name, "tumour_volume_ml": round(float(np.count_nonzero(seg)) * voxel_ml, 3),
+            "tumour_centre_voxel": _centroid(seg)}
+    return SyntheticCase(images, seg, affine, info)
 
 
 # --- writing --------------------------------------------------------------------------------------------
@@ -649,12 +697,14 @@ def _validate_generation(n_cases: int, seed: int, healthy_fraction: float) -> No
 
 
 def _generate_case(
-    index: int, out_dir: Path, seed: int, healthy_fraction: float, tumour_volume_ml: tuple[float, float]
+    index: int, out_dir: Path, seed: int, healthy_fraction: float, tumour_volume_ml: tuple[float, float],
+    domain: Domain,
 ) -> dict[str, Any]:
     """Synthesise and write case ``index``; its manifest entry."""
     name = case_name(index)
     case = synthesize_case(case_seed(seed, index), is_healthy_index(index, healthy_fraction),
-                           tumour_volume_ml=tumour_volume_ml)
+                           tumour_volume_ml=tumour_volume_ml, domain=domain)
+    case = reslice_case(case, domain, index)
     case_dir = write_case(case, out_dir, name)
     _write_studies(case_dir, out_dir / STUDIES_DIR, name)
     return {"case": name, **case.info}
@@ -667,7 +717,8 @@ def generate_cases(
     healthy_fraction: float = 0.2,
     progress: ProgressFn | None = None,
     workers: int = 1,
-    tumour_volume_ml: Sequence[float] = TUMOUR_VOLUME_ML,
+    tumour_volume_ml: Sequence[float] | None = None,
+    domain: Domain | str = TRAINING,
 ) -> dict[str, Any]:
     """Generate synthetic BraTS-format cases and a MONAI Label studies folder.
 
@@ -682,16 +733,22 @@ def generate_cases(
         healthy_fraction: fraction of cases without tumour.
         progress: optional callable(done, total) called after each case.
         workers: processes generating cases in parallel (the cases are identical for any number).
-        tumour_volume_ml: (low, high) range of the nominal whole-tumour volume in mL (log-uniform).
+        tumour_volume_ml: (low, high) range of the nominal whole-tumour volume in mL (log-uniform); None: the
+            domain's.
+        domain: a ``Domain`` or the name of one in ``anofpdm.data.domains.DOMAINS`` ("training", "shifted").
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
     """
     _validate_generation(n_cases, seed, healthy_fraction)
-    tumour_volume_ml = _check_tumour_volume(tumour_volume_ml)
+    if isinstance(domain, str):
+        if domain not in DOMAINS:
+            raise ValueError(f"unknown domain {domain!r}: expected one of {sorted(DOMAINS)}")
+        domain = DOMAINS[domain]
+    tumour_volume_ml = _check_tumour_volume(domain.tumour_volume_ml if tumour_volume_ml is None else tumour_volume_ml)
     out_dir = Path(out_dir)
     generate = functools.partial(_generate_case, out_dir=out_dir, seed=seed, healthy_fraction=healthy_fraction,
-                                 tumour_volume_ml=tumour_volume_ml)
+                                 tumour_volume_ml=tumour_volume_ml, domain=domain)
     results = ordered_map(generate, range(n_cases), workers, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = list(results)
@@ -702,9 +759,8 @@ def generate_cases(
         "n_cases": n_cases,
         "healthy_fraction": healthy_fraction,
         "tumour_volume_ml": list(tumour_volume_ml),
-        "shape": list(BRATS_SHAPE),
-        "voxel_mm": 1.0,
-        "affine": brats_affine().tolist(),
+        **({"domain": domain.to_dict()} if domain != TRAINING else {
+            "shape": list(BRATS_SHAPE), "voxel_mm": 1.0, "affine": brats_affine().tolist()}),
         "labels": {"1": "necrotic / non-enhancing core", "2": "oedema", "4": "enhancing"},
         "cases": cases,
     }
@@ -742,88 +798,3 @@ def write_demo_studies(
     }
     (truth / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     return manifest
-
-
-# --- preview ----------------------------------------------------------------------------------------------
-PREVIEW_COLUMNS = ("flair", "t2", "t1ce")
-PREVIEW_WINDOW_PERCENTILE = 99.5
-PREVIEW_TILE_INCHES = 3.0
-PREVIEW_DPI = 80
-PREVIEW_LABEL_COLOURS = {
-    LABEL_NECROTIC: (1.0, 0.2, 0.2),
-    LABEL_OEDEMA: (0.2, 0.9, 0.2),
-    LABEL_ENHANCING: (1.0, 0.9, 0.1),
-}
-PREVIEW_OVERLAY_ALPHA = 0.45
-
-
-def _axial_for_display(volume: np.ndarray, z: int) -> np.ndarray:
-    """RAS axial plane in radiological display order (anterior up, patient right on the left)."""
-    return volume[::-1, :, z].T[::-1]
-
-
-def _preview_slice(mask: np.ndarray, brain: np.ndarray) -> int:
-    """Axial index through the tumour centre, or through the middle of the brain when healthy."""
-    source = mask if mask.any() else brain
-    z = np.nonzero(source.any(axis=(0, 1)))[0]
-    weights = source.sum(axis=(0, 1))[z] if mask.any() else np.ones(len(z))
-    return int(round(float(np.average(z, weights=weights))))
-
-
-def _overlay(flair: np.ndarray, seg: np.ndarray, vmax: float) -> np.ndarray:
-    grey = np.clip(flair / vmax, 0.0, 1.0)
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
-    for label, colour in PREVIEW_LABEL_COLOURS.items():
-        hit = seg == label
-        rgb[hit] = (1 - PREVIEW_OVERLAY_ALPHA) * rgb[hit] + PREVIEW_OVERLAY_ALPHA * np.asarray(colour)
-    return rgb
-
-
-def render_preview(case_dirs: Sequence[Path], out_png: Path) -> Path:
-    """Draw one row per case: FLAIR, T2, T1ce and FLAIR with the seg overlaid, on one axial slice.
-
-    The slice goes through the tumour centre (mid-brain for a healthy case); images are shown in the
-    radiological convention (patient right on the left).
-
-    Args:
-        case_dirs: BraTS-layout case folders (e.g. ``out_dir/SYN_00000``).
-        out_png: the PNG to write.
-
-    Returns:
-        ``out_png``.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from anofpdm.data.brats import find_case, load_case
-
-    if not case_dirs:
-        raise ValueError("case_dirs is empty: nothing to preview")
-    columns = (*PREVIEW_COLUMNS, "seg")
-    figsize = (PREVIEW_TILE_INCHES * len(columns), PREVIEW_TILE_INCHES * len(case_dirs))
-    figure, axes = plt.subplots(len(case_dirs), len(columns), squeeze=False, figsize=figsize)
-    for row, case_dir in zip(axes, case_dirs):
-        case = find_case(Path(case_dir))
-        if case is None:
-            raise ValueError(f"no BraTS case files in {case_dir}")
-        volume = load_case(case, PREVIEW_COLUMNS)
-        brain = volume.images["flair"] > 0
-        z = _preview_slice(volume.mask, brain)
-        windows = {s: float(np.percentile(a[brain], PREVIEW_WINDOW_PERCENTILE)) for s, a in volume.images.items()}
-        for ax, name in zip(row, columns):
-            if name == "seg":
-                seg = nib.as_closest_canonical(nib.load(str(case.seg))).get_fdata().astype(np.uint8)
-                flair = _axial_for_display(volume.images["flair"], z)
-                ax.imshow(_overlay(flair, _axial_for_display(seg, z), windows["flair"]))
-            else:
-                ax.imshow(_axial_for_display(volume.images[name], z), cmap="gray", vmin=0.0, vmax=windows[name])
-            ax.set_title(f"{case.case_id} {name} z={z}", fontsize=8)
-            ax.axis("off")
-    figure.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_png, dpi=PREVIEW_DPI)
-    plt.close(figure)
-    return out_png

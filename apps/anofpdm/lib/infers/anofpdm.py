@@ -19,9 +19,12 @@ import SimpleITK as sitk
 import torch
 from anofpdm.alignment import REGISTRATION_MODES
 from anofpdm.model import LoadedModel, load_checkpoint, load_model
-from anofpdm.pipeline import InferenceOptions, SegmentationResult, resolve_options, segment_volume
+from anofpdm.pipeline import DECISION_RULES, InferenceOptions, SegmentationResult, resolve_options, segment_volume
+from anofpdm.runtime import default_device
 from anofpdm.volume import InputError
-from lib.inputs import ResolvedInputs, resolve_inputs
+from lib.inputs import IMAGE_ID, ResolvedInputs, StudyLookup, resolve_inputs
+from lib.pacs import PACSDatastore
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.utils.others.generic import device_list, device_map
 from monailabel.utils.sessions import Sessions
@@ -48,6 +51,7 @@ OPTION_TYPES: dict[str, type] = {
     "batch_size": int,
     "mark_uncertain": bool,
     "registration": str,
+    "decision_rule": str,
 }
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -110,6 +114,8 @@ class AnoFPDM(InferTask):
         device: default device ("cpu", "cuda", "cuda:1" or a MONAI Label device name); None: CUDA if present.
         studies: the local datastore folder, whose ``<sequence>/`` sub-folders hold the T2 of its images.
         sessions: returns MONAI Label's session store (or None when sessions are off).
+        datastore: returns the app's datastore; on a PACS (``lib.pacs.PACSDatastore``) the T2 of a FLAIR
+            series is the T2 series of its study.
         map_dir: where anomaly maps are written (default: ``<TMPDIR>/anofpdm_anomaly_maps``).
         kept_maps: how many of the newest anomaly maps are kept there.
         map_url: the server path that offers ``map_dir``'s files; the result JSON then names each map's URL
@@ -123,6 +129,7 @@ class AnoFPDM(InferTask):
         device: str | None = None,
         studies: str | None = None,
         sessions: Callable[[], Sessions | None] | None = None,
+        datastore: Callable[[], Datastore] | None = None,
         map_dir: str | None = None,
         kept_maps: int = KEPT_MAPS,
         map_url: str | None = None,
@@ -139,11 +146,12 @@ class AnoFPDM(InferTask):
         self.path = Path(path)
         self.studies = studies
         self._sessions = sessions
+        self._datastore = datastore
         self.map_dir = Path(map_dir) if map_dir else Path(tempfile.gettempdir()) / MAP_FOLDER
         self.kept_maps = kept_maps
         self.map_url = map_url
         self._map_lock = threading.Lock()
-        self._default_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._default_device = device or default_device()
         self._check_lock = threading.Lock()  # separate locks: /info/ must not wait for a model to load
         self._load_lock = threading.Lock()
         self._checked: _CheckpointCheck | None = None
@@ -181,6 +189,7 @@ class AnoFPDM(InferTask):
             "mark_uncertain": defaults.mark_uncertain,
             # the T2 onto the FLAIR grid: rigid registration when they do not line up (auto), always or never
             "registration": [defaults.registration, *(m for m in REGISTRATION_MODES if m != defaults.registration)],
+            "decision_rule": [defaults.decision_rule, *(r for r in DECISION_RULES if r != defaults.decision_rule)],
             **{name: "" for name in self._other_sequences()},
         }
 
@@ -193,7 +202,7 @@ class AnoFPDM(InferTask):
         if extension not in RESULT_EXTENSIONS:
             raise InputError(f"result_extension {extension!r} is not supported (use one of {RESULT_EXTENSIONS})")
         inputs = resolve_inputs(str(request.get("image") or ""), model.config.sequences, request, self.studies,
-                                self._session_image)
+                                self._session_image, self._study_series(request))
         logger.info(f"anofpdm inputs: {inputs.describe()}; options: {options}")
         result = self._segment(model, inputs, options, Path(str(request["image"])).name)
 
@@ -209,6 +218,7 @@ class AnoFPDM(InferTask):
             "anomaly_map": str(map_path),
             **({"anomaly_map_url": f"{self.map_url}/{map_path.name}"} if self.map_url else {}),
             "inputs": inputs.sources,
+            **({"series": {model.config.sequences[0]: request[IMAGE_ID], **inputs.series}} if inputs.series else {}),
         }
 
     # ---- model -------------------------------------------------------------------------------------------
@@ -287,6 +297,19 @@ class AnoFPDM(InferTask):
         if session is None:
             raise InputError(f"session {session_id!r} not found (expired or never created)")
         return Path(session.image)
+
+    def _study_series(self, request: dict[str, Any]) -> StudyLookup | None:
+        """For a series of a PACS: finds the other sequences in its study (None for other datastores)."""
+        datastore = self._datastore() if self._datastore else None
+        image_id = request.get(IMAGE_ID)
+        if not isinstance(datastore, PACSDatastore) or not image_id:
+            return None
+
+        def lookup(sequence: str, series_uid: str | None) -> tuple[Path, str, str]:
+            path, series = datastore.study_series(str(image_id), sequence, series_uid)
+            return Path(path), series.uid, f"DICOM series {series}"
+
+        return lookup
 
     @staticmethod
     def _segment(
