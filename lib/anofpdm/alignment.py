@@ -31,7 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from anofpdm.inputs import LPS_TO_RAS
-from anofpdm.metrics import dice
+from anofpdm.overlap import dice
 from anofpdm.volume import MIN_BRAIN_OVERLAP, InputError, check_sequence, same_grid
 
 __all__ = [
