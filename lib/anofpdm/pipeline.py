@@ -93,12 +93,10 @@ class InferenceOptions:
     registration: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.registration not in REGISTRATION_MODES:
-            raise InputError(f"registration must be one of {REGISTRATION_MODES}, got {self.registration!r}")
-        if self.map_variant not in MAP_VARIANTS:
-            raise InputError(f"map_variant must be one of {MAP_VARIANTS}, got {self.map_variant!r}")
-        if self.decision_rule not in DECISION_RULES:
-            raise InputError(f"decision_rule must be one of {DECISION_RULES}, got {self.decision_rule!r}")
+        for name, choices in (("registration", REGISTRATION_MODES), ("map_variant", MAP_VARIANTS),
+                              ("decision_rule", DECISION_RULES)):
+            if getattr(self, name) not in choices:
+                raise InputError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.min_lesion_mm3 < 0:
             raise InputError(f"min_lesion_mm3 must be >= 0, got {self.min_lesion_mm3}")
         if self.median_kernel is not None and (self.median_kernel < 1 or self.median_kernel % 2 == 0):
