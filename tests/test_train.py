@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from anofpdm.cli import main as cli_main
-from anofpdm.model import HEALTHY, NULL_LABEL, UNHEALTHY, load_model
+from anofpdm.model import HEALTHY, NULL_LABEL, UNHEALTHY, load_model, save_checkpoint
 from anofpdm.stop_request import TrainingInterrupted
 from anofpdm.train import train
 from anofpdm.train_config import TrainConfig
@@ -375,3 +375,33 @@ def test_a_validation_loss_needs_a_validation_split(data: Path, tmp_path: Path) 
     validated = add_validation_split(make_prepared(tmp_path / "with_val"))
     with pytest.raises(ValueError, match=r"validation timesteps must be in \[0, 1000\), got \[25, 1000\]"):
         train(tiny_config(validated, validate_every=2, validation_timesteps=(25, 1000)), tmp_path / "r", progress=False)
+
+
+def test_fine_tuning_starts_from_the_given_weights_and_resumes_only_with_them(
+    data: Path, straight_run: Path, tmp_path: Path
+) -> None:
+    trained = load_model(straight_run / "model.pt")
+    start = {k: v + 0.5 if v.is_floating_point() else v for k, v in trained.network.state_dict().items()}
+    given = save_checkpoint(tmp_path / "given.pt", trained.config, start, trained.schedule)  # far from any init
+    fine, fresh = tmp_path / "fine", tmp_path / "fresh"
+    train(tiny_config(data, iterations=1, ema_decay=0.5, initial_weights=given), fine, progress=False)
+    train(tiny_config(data, iterations=1, ema_decay=0.5), fresh, progress=False)
+
+    def distance(run_dir: Path) -> float:
+        weights = load_state(run_dir)["model"]
+        return max((weights[k].float() - v.float()).abs().max().item() for k, v in start.items())
+
+    assert distance(fine) < 0.01 < 0.4 < distance(fresh)  # one step of lr 1e-3 from the given weights
+    assert load_model(fine / "model.pt").training["initial_weights"] == str(given)
+    with pytest.raises(ValueError, match="initial_weights"):
+        train(tiny_config(data, iterations=2, ema_decay=0.5), fine, resume=True, progress=False)
+    train(tiny_config(data, iterations=2, ema_decay=0.5, initial_weights=given), fine, resume=True, progress=False)
+    assert load_state(fine)["iteration"] == 2
+
+
+def test_fine_tuning_refuses_another_network(data: Path, straight_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"another network .*channels"):
+        train(tiny_config(data, network=replace(TINY, channels=(32, 32)), initial_weights=straight_run / "model.pt"),
+              tmp_path / "wide", progress=False)
+    with pytest.raises(FileNotFoundError, match="initial weights not found"):
+        tiny_config(data, initial_weights=tmp_path / "absent.pt")

@@ -8,6 +8,8 @@ enough to serve a model.
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -218,6 +220,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         calibration=payload.get("calibration"),
         path=Path(path),
     )
+
+
+def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """Identifies a set of weights whatever file holds them (calibration rewrites a checkpoint, not its weights)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        digest.update(name.encode())
+        digest.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def update_calibration(path: str | Path, calibration: dict[str, dict[str, Any]]) -> Path:

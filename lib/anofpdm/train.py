@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from anofpdm.diffusion import NoiseSchedule
 from anofpdm.distributed import Distributed, distributed_context
 from anofpdm.ema import EMA
 from anofpdm.loss_log import LossLog
-from anofpdm.model import PRESETS, NetworkConfig, build_network, save_checkpoint
+from anofpdm.model import PRESETS, NetworkConfig, build_network, load_checkpoint, save_checkpoint
 from anofpdm.runtime import describe_device
 from anofpdm.seeds import derive_seed
 from anofpdm.stop_request import STOP_REQUESTED, STOP_TIME_LIMIT, StopRequest, TrainingInterrupted
@@ -110,7 +110,10 @@ class Trainer:
         self.config, self.network_config, self.ctx = config, network_config, ctx
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(config.seed, INIT_STREAM, 0))
-            self.network = build_network(network_config).to(ctx.device)
+            self.network = build_network(network_config)
+        if config.initial_weights is not None:
+            self.network.load_state_dict(initial_weights(config.initial_weights, network_config))
+        self.network.to(ctx.device)
         if ctx.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes every iteration: cuDNN may pick faster kernels
         self.model: torch.nn.Module = (
@@ -167,6 +170,21 @@ class Trainer:
         self.network.load_state_dict(state["model"])
         self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def initial_weights(path: Path, network_config: NetworkConfig) -> dict[str, torch.Tensor]:
+    """The weights of the exported model at ``path``, checked to be those of ``network_config``'s network.
+
+    The intensity landmarks may differ: fine-tuning may move a model onto newly standardised slices.
+    """
+    payload = load_checkpoint(path)
+    theirs = replace(NetworkConfig.from_dict(payload["network"]), intensity_landmarks=())
+    ours = replace(network_config, intensity_landmarks=())
+    if theirs != ours:
+        differ = {k: (v, ours.to_dict().get(k)) for k, v in theirs.to_dict().items() if ours.to_dict().get(k) != v}
+        raise ValueError(f"initial weights {path} are another network than the one trained: "
+                         + ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in differ.items()))
+    return payload["state_dict"]
 
 
 def _check_sample(dataset: SliceDataset, image_shape: tuple[int, ...]) -> None:
@@ -434,6 +452,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=defaults["num_workers"])
     parser.add_argument("--augment", action="store_true",
                         help="random spatial and intensity augmentation of every slice (anofpdm.augment)")
+    parser.add_argument("--initial-weights", type=Path, default=None,
+                        help="start from this exported model's weights (fine-tuning; same network)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--time-limit-min", type=float, help="stop (saved, exit 0) after this many minutes of training")
 
@@ -458,6 +478,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_workers=args.num_workers,
         augment=args.augment,
+        initial_weights=args.initial_weights,
         bf16=args.bf16,
         device=args.device,
     )

@@ -46,6 +46,8 @@ class TrainConfig:
         num_workers: data-loading worker processes.
         augment: draw every training slice anew with random spatial and intensity transforms
             (``anofpdm.augment``), for a network that generalises beyond its training anatomy and scanner.
+        initial_weights: an exported model (``model.pt``) whose weights the run starts from instead of a
+            random initialisation (fine-tuning); its network must be the one trained, intensity landmarks aside.
         bf16: bfloat16 autocast of the network (CUDA only); weights, optimiser and loss stay fp32.
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; default ``cuda:LOCAL_RANK`` if available, else CPU.
         schedule: the diffusion noise schedule.
@@ -69,12 +71,17 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     augment: bool = False
+    initial_weights: Path | None = None
     bf16: bool = False
     device: str | None = None
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
+        if self.initial_weights is not None:
+            object.__setattr__(self, "initial_weights", Path(self.initial_weights))
+            if not self.initial_weights.is_file():
+                raise FileNotFoundError(f"initial weights not found: {self.initial_weights}")
         object.__setattr__(self, "validation_timesteps", tuple(self.validation_timesteps))
         if self.sequences is not None:
             object.__setattr__(self, "sequences", tuple(self.sequences))
@@ -121,6 +128,7 @@ class TrainConfig:
         """Plain-type view (for ``state.pt`` and the training record)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["data"] = str(self.data)
+        out["initial_weights"] = None if self.initial_weights is None else str(self.initial_weights)
         out["network"] = self.network if isinstance(self.network, str) else self.network.to_dict()
         out["sequences"] = None if self.sequences is None else list(self.sequences)
         out["validation_timesteps"] = list(self.validation_timesteps)

@@ -72,6 +72,7 @@ def training_record(
         "null_label_probability": config.null_label_probability,
         "seed": config.seed,
         "augment": config.augment,
+        "initial_weights": None if config.initial_weights is None else str(config.initial_weights),
         "bf16": config.bf16,
         "wall_time_s": round(elapsed_s, 3),
         "devices": devices,  # [device, iterations it ran], in order: a run may resume on other hardware
