@@ -25,6 +25,7 @@ ITERATIONS=${ITERATIONS:-30000}
 BATCH=${BATCH:-64}
 NUM_WORKERS=${NUM_WORKERS:-0}
 AUGMENT=${AUGMENT:-1}   # 1: train --augment (random spatial and intensity augmentation); empty: none
+INITIAL_WEIGHTS=${INITIAL_WEIGHTS:-}   # an exported model to fine-tune from (train --initial-weights); empty: random
 LR=${LR:-3e-4}
 LR_DECAY_FROM=${LR_DECAY_FROM:-}   # iteration from which the learning rate falls linearly to 0 at ITERATIONS
 VALIDATE_EVERY=${VALIDATE_EVERY:-}   # iterations between validation losses; the lowest's network is run/best.pt
@@ -70,6 +71,7 @@ if stage train; then
     [[ -n $TIME_LIMIT_MIN ]] && train_args+=(--time-limit-min "$TIME_LIMIT_MIN")
     [[ -n $BF16 ]] && train_args+=(--bf16)
     [[ -n $AUGMENT ]] && train_args+=(--augment)
+    [[ -n $INITIAL_WEIGHTS ]] && train_args+=(--initial-weights "$INITIAL_WEIGHTS")
     run $ANOFPDM train "${train_args[@]}"
 fi
 
