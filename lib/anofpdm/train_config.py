@@ -114,7 +114,8 @@ class TrainConfig:
         if self.iterations * (1 - self.ema_decay) < EMA_HORIZONS:
             warnings.warn(
                 f"{self.iterations} iterations at ema_decay {self.ema_decay}: the exported EMA weights still "
-                "carry much of the random initialisation; lower ema_decay for short runs",
+                f"carry much of the {'initial weights' if self.initial_weights else 'random initialisation'}; "
+                "lower ema_decay for short runs",
                 stacklevel=2,
             )
 
