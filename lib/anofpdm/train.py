@@ -104,15 +104,22 @@ class Trainer:
         config: the training config.
         network_config: the resolved network.
         ctx: the distributed context.
+        start_weights: weights to start from instead of the seeded initialisation (fine-tuning), or None.
     """
 
-    def __init__(self, config: TrainConfig, network_config: NetworkConfig, ctx: Distributed) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        network_config: NetworkConfig,
+        ctx: Distributed,
+        start_weights: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         self.config, self.network_config, self.ctx = config, network_config, ctx
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(config.seed, INIT_STREAM, 0))
             self.network = build_network(network_config)
-        if config.initial_weights is not None:
-            self.network.load_state_dict(initial_weights(config.initial_weights, network_config))
+        if start_weights is not None:
+            self.network.load_state_dict(start_weights)
         self.network.to(ctx.device)
         if ctx.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes every iteration: cuDNN may pick faster kernels
@@ -207,6 +214,7 @@ class _Run:
         ctx: the distributed context.
         run_dir: the run folder.
         state: the state to resume from, or None.
+        start_weights: the weights a new run starts from (``initial_weights``), or None.
     """
 
     def __init__(
@@ -218,12 +226,13 @@ class _Run:
         ctx: Distributed,
         run_dir: Path,
         state: dict[str, Any] | None,
+        start_weights: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.config, self.network_config, self.data, self.invariants = config, network_config, data, invariants
         self.ctx, self.run_dir = ctx, run_dir
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-        self.trainer = Trainer(config, network_config, ctx)
+        self.trainer = Trainer(config, network_config, ctx, start_weights if state is None else None)
         self.start, self.elapsed_before, smoothed = 0, 0.0, None
         self.earlier_devices: list[list[Any]] = []
         if state is not None:
@@ -395,7 +404,8 @@ def train(
     network_config = resolve_network(config, manifest)
     dataset = SliceDataset(config.data, TRAIN_SPLIT, sequences=network_config.sequences)
     data = data_summary(config.data, manifest, dataset)
-    invariants = resume_invariants(config, network_config, data)
+    start_weights = None if config.initial_weights is None else initial_weights(config.initial_weights, network_config)
+    invariants = resume_invariants(config, network_config, data, start_weights)
     with distributed_context(config.device) as ctx:
         if config.batch_size % ctx.world_size:
             raise ValueError(f"batch_size {config.batch_size} is not divisible by the {ctx.world_size} ranks")
@@ -405,7 +415,7 @@ def train(
         if state is not None:
             check_lr_history(state, config)
             check_validation_history(state, config)
-        session = _Run(config, network_config, data, invariants, ctx, run_dir, state)
+        session = _Run(config, network_config, data, invariants, ctx, run_dir, state, start_weights)
         session.fit(dataset, progress, on_iteration, time_limit_s)
     return run_dir / MODEL_FILE
 

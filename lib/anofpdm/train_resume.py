@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from anofpdm.model import NetworkConfig, load_checkpoint, weights_fingerprint
+from anofpdm.model import NetworkConfig, weights_fingerprint
 from anofpdm.train_config import TrainConfig
 
 __all__ = [
@@ -40,12 +40,17 @@ RESUME_INVARIANTS = (
 LEGACY_INVARIANTS = {"augment": False, "initial_weights": None}
 
 
-def resume_invariants(config: TrainConfig, network_config: NetworkConfig, data: dict[str, Any]) -> dict[str, Any]:
-    """The setup a resumed run must share with the saved one."""
+def resume_invariants(
+    config: TrainConfig,
+    network_config: NetworkConfig,
+    data: dict[str, Any],
+    start_weights: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """The setup a resumed run must share with the saved one (``start_weights``: those of ``initial_weights``)."""
     values = config.to_dict()
     values.update(network=network_config.to_dict(), data=data["fingerprint"], train_slices=data["train_slices"])
-    if config.initial_weights is not None:  # the weights, not the file's path or calibration
-        values["initial_weights"] = weights_fingerprint(load_checkpoint(config.initial_weights)["state_dict"])
+    if start_weights is not None:  # the weights, not the file's path or calibration
+        values["initial_weights"] = weights_fingerprint(start_weights)
     return {key: values[key] for key in RESUME_INVARIANTS}
 
 
