@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -130,6 +131,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_answering(url: str, process: subprocess.Popen, name: str, log: Callable[[], str]) -> None:
+    """Poll ``url`` (short request timeout) until it answers 200; an error with ``log``'s tail when ``process``
+    exits first (a crash ends the wait at once) or the deadline passes."""
+    deadline = time.monotonic() + STARTUP_DEADLINE_S
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=POLL_TIMEOUT_S).status_code == 200:
+                return
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            last_error = exc
+        try:  # between polls, wait for the process to die
+            code = process.wait(timeout=0.25)
+        except subprocess.TimeoutExpired:
+            continue
+        raise RuntimeError(f"{name} exited with {code}:\n{log()[-4000:]}")
+    raise TimeoutError(f"{name} not ready after {STARTUP_DEADLINE_S} s ({last_error}):\n{log()[-4000:]}")
+
+
 class Server:
     """A shell command that starts ``monailabel start_server`` on ``port``; ``stop`` terminates, then kills.
 
@@ -165,21 +185,8 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self) -> None:
-        """Poll ``/info/`` (short request timeout) until it answers or the deadline passes."""
-        deadline = time.monotonic() + STARTUP_DEADLINE_S
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{self.url}/info/", timeout=POLL_TIMEOUT_S).status_code == 200:
-                    return
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                last_error = exc
-            try:  # between polls, wait for the server to die (a crash ends the wait at once)
-                code = self.process.wait(timeout=0.25)
-            except subprocess.TimeoutExpired:
-                continue
-            raise RuntimeError(f"server exited with {code}:\n{self.log()[-4000:]}")
-        raise TimeoutError(f"server not ready after {STARTUP_DEADLINE_S} s ({last_error}):\n{self.log()[-4000:]}")
+        """Poll ``/info/`` until it answers or the deadline passes."""
+        wait_until_answering(f"{self.url}/info/", self.process, "server", self.log)
 
     def stop(self) -> None:
         if self.process.poll() is not None:  # it exited already (a failed start): nothing to stop

@@ -14,7 +14,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import SimpleITK as sitk
 from anofpdm.dicom import SERIES_DESCRIPTIONS, write_series, write_study
 from anofpdm.inputs import read_volume
 from anofpdm.metrics import dice
-from conftest import APP_DIR, STARTUP_DEADLINE_S, Server, free_port, make_volume_pair
+from conftest import APP_DIR, Server, free_port, make_volume_pair, wait_until_answering
 from dicomweb_client import DICOMwebClient
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
@@ -70,19 +69,7 @@ class Orthanc:
         """Start and poll ``/system`` until Orthanc answers (bounded)."""
         with open(self.log_path, "a") as log:
             self.process = subprocess.Popen([ORTHANC, str(self.config)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + STARTUP_DEADLINE_S
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{self.url}/system", timeout=1.0).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            try:
-                code = self.process.wait(timeout=0.1)
-            except subprocess.TimeoutExpired:
-                continue
-            raise RuntimeError(f"Orthanc exited with {code}:\n{self.log_path.read_text()[-3000:]}")
-        raise TimeoutError(f"Orthanc not ready after {STARTUP_DEADLINE_S} s:\n{self.log_path.read_text()[-3000:]}")
+        wait_until_answering(f"{self.url}/system", self.process, "Orthanc", self.log_path.read_text)
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
