@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -422,3 +423,14 @@ def test_uncertain_lesions_are_a_second_segment_unless_turned_off(tmp_path, unhe
         assert np.array_equal(check_result(label_file, binary, pair["flair"]), (labels > 0).astype(np.uint8))
         assert binary["label_names"] == {"tumour": 1} and binary["lesions"] == [
             {**row, "label": 1} for row in marked["lesions"]]
+
+
+def test_next_sample_still_picks_when_every_image_was_just_offered(tmp_path, pair):
+    """MONAI Label's own random strategy raises once every image was offered within the current second (all
+    weights 0); the app's offers one of them. Here the only image was offered 'in the future': weight 0 whatever
+    the clock does while the test runs."""
+    write_studies(tmp_path / "studies", pair)
+    app = app_instance(str(APP_DIR), str(tmp_path / "studies"), {"model_path": str(tmp_path / "missing.pt")})
+    image = app.datastore().list_images()[0]
+    app.datastore().update_image_info(image, {"strategy": {"random": {"ts": int(time.time()) + 3600}}})
+    assert app.next_sample({"strategy": "random"})["id"] == image

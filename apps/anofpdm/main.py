@@ -15,10 +15,12 @@ import lib.configs
 from anofpdm.runtime import reuse_heap_memory
 from lib.pacs import PACSDatastore
 from lib.serving import serve_anomaly_maps, serve_infer_in_worker_threads
+from lib.strategies import RandomNotRecent
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.utils.others.class_utils import get_class_names
 
 
@@ -51,6 +53,9 @@ class AnoFPDMApp(MONAILabelApp):
 
     def init_infers(self) -> dict[str, InferTask]:
         return {name: config.infer() for name, config in self.models.items()}
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return {"random": RandomNotRecent()}
 
     def on_init_complete(self) -> None:
         super().on_init_complete()
