@@ -93,33 +93,31 @@ def test_unhealthy_probability_looks_up_the_group_of_each_score():
         QuantileRule(low=0.99, high=0.9)
 
 
-def test_robust_z_scores_ignore_the_outliers_they_find():
-    from anofpdm.decisions import robust_z
+def test_volume_rule_masks_what_stands_out_in_its_own_volume_and_is_flair_bright():
+    from anofpdm.decisions import VolumeRule, decide_by_volume
 
-    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 100.0])
-    z = robust_z(values)
-    # median 3.5, median absolute deviation 1.5: the outlier does not inflate the scale
-    torch.testing.assert_close(z, (values - 3.5) / (1.4826 * 1.5))
-    assert torch.isfinite(robust_z(torch.ones(4))).all()  # no spread: no division by zero
-
-
-def test_volume_rule_keeps_what_stands_out_in_its_own_volume():
-    from anofpdm.decisions import VolumeRule, adapt_to_volume
-
-    # a domain-shifted volume: every score under c* = 0.99, one slice far lower than the rest
-    scores = torch.tensor([0.950, 0.952, 0.948, 0.951, 0.900, 0.949])
-    paper_unhealthy = scores <= 0.99
-    maps = torch.full((6, 8, 8), 0.10) + 0.01 * torch.rand(6, 8, 8, generator=torch.Generator().manual_seed(0))
-    maps[4, 2:4, 2:4] = 1.0  # the lesion of the outlying slice
-    brain = torch.ones(6, 8, 8, dtype=torch.bool)
-    paper_thresholds = torch.full((6,), 0.105)  # Algorithm 1 masks a quantile of every slice
-    unhealthy, thresholds = adapt_to_volume(scores, paper_unhealthy, paper_thresholds, maps, brain, VolumeRule())
-    assert unhealthy.tolist() == [False, False, False, False, True, False]
-    assert (thresholds > 0.11).all() and (thresholds < 1.0).all()  # above the volume's background, below the lesion
-    mask = (maps >= thresholds[:, None, None]) & unhealthy[:, None, None]
-    assert mask.sum() == 4 and mask[4, 2:4, 2:4].all()
-    # the rule only ever removes: a slice the paper calls healthy stays healthy
-    kept, _ = adapt_to_volume(scores, torch.zeros(6, dtype=torch.bool), paper_thresholds, maps, brain, VolumeRule())
-    assert not kept.any()
-    with pytest.raises(ValueError, match="score_z and map_z"):
-        VolumeRule(score_z=-1.0)
+    size, slices = 8, 6
+    noise = torch.rand(size, size, slices, generator=torch.Generator().manual_seed(0))
+    maps = 0.10 + 0.01 * noise  # S x S x N, the volume's background
+    flair = 0.5 + 0.1 * noise
+    maps[2:4, 2:4, 4], flair[2:4, 2:4, 4] = 1.0, 0.9  # a FLAIR-bright lesion that lights the map
+    maps[5:7, 5:7, 1], flair[5:7, 5:7, 1] = 1.0, 0.05  # CSF (FLAIR-dark) that lights the map as much
+    brain = torch.ones(size, size, slices, dtype=torch.bool)
+    brain[0] = False  # outside the brain: neither masked nor part of the volume's statistics
+    maps[0], flair[0] = 5.0, 5.0
+    tau = torch.full((slices,), 0.105)  # Algorithm 1 masks a quantile of every slice
+    decided = decide_by_volume(maps, brain, flair, tau, VolumeRule())
+    assert decided.candidate.sum() == 4 and decided.candidate[2:4, 2:4, 4].all()
+    assert decided.unhealthy.tolist() == [False, False, False, False, True, False]
+    assert int(decided.slice_z.argmax()) == 4 and decided.slice_z[4] > 10 > decided.slice_z[1]
+    assert not decided.eligible[5:7, 5:7, 1].any() and not decided.eligible[0].any()
+    assert (decided.thresholds > 0.11).all() and (decided.thresholds < 1.0).all()  # the volume's floor, not tau
+    # Algorithm 1's tau still applies above the floor
+    strict = decide_by_volume(maps, brain, flair, torch.tensor([0.105] * 4 + [2.0, 0.105]), VolumeRule())
+    assert not strict.unhealthy.any()
+    # a lesion no brighter than the volume's map elsewhere is not masked
+    assert not decide_by_volume(maps, brain, flair, tau, VolumeRule(map_z=1e9)).unhealthy.any()
+    with pytest.raises(ValueError, match="map_z"):
+        VolumeRule(map_z=-1.0)
+    with pytest.raises(ValueError, match="flair_quantile"):
+        VolumeRule(flair_quantile=1.0)

@@ -6,8 +6,8 @@ from scipy import ndimage
 
 from anofpdm.model import load_model, save_checkpoint
 from anofpdm.pipeline import InferenceOptions, finish_on_input_grid, segment_volume
-from anofpdm.volume import to_model_slices
-from anofpdm.volume import InputError
+from anofpdm.decisions import VolumeRule
+from anofpdm.volume import InputError, brain_pixels, to_model_slices
 
 from conftest import TINY, check_label_values, make_volume_pair, tiny_calibration
 
@@ -15,6 +15,9 @@ from conftest import TINY, check_label_values, make_volume_pair, tiny_calibratio
 @pytest.fixture(scope="module")
 def model(tiny_model_path):
     return load_model(tiny_model_path)
+
+
+PAPER = {"decision_rule": "paper"}  # the paper's rule: the calibrated c* gates each slice
 
 
 def _with_calibration(model, tmp_path, **overrides):
@@ -56,32 +59,32 @@ def test_same_seed_same_result(model):
     np.testing.assert_array_equal(np.asanyarray(first.anomaly_map.dataobj), np.asanyarray(second.anomaly_map.dataobj))
 
 
-def test_verdict_gates_the_mask_and_small_components_are_removed(model, tmp_path):
+def test_the_papers_verdict_gates_the_mask_and_small_components_are_removed(model, tmp_path):
     never = _with_calibration(model, tmp_path, cosine_threshold=-1.0)
-    result = segment_volume(never, make_volume_pair(), InferenceOptions())
+    result = segment_volume(never, make_volume_pair(), InferenceOptions(**PAPER))
     assert result.report["verdict"] == "healthy"
     assert not np.asanyarray(result.mask.dataobj).any()
     assert np.asanyarray(result.anomaly_map.dataobj).max() > 0  # the map is still returned
 
     always = _with_calibration(model, tmp_path, cosine_threshold=1.0)
-    kept = segment_volume(always, make_volume_pair(), InferenceOptions(min_lesion_mm3=0, median_kernel=1))
+    kept = segment_volume(always, make_volume_pair(), InferenceOptions(**PAPER, min_lesion_mm3=0, median_kernel=1))
     assert kept.report["slices"]["unhealthy"] == kept.report["slices"]["segmented"]
     kept_voxels = np.count_nonzero(np.asanyarray(kept.mask.dataobj))
     assert kept_voxels > 0
     total_ml = sum(row["volume_ml"] for row in kept.report["lesions"])
     voxel_ml = abs(np.linalg.det(kept.mask.affine[:3, :3])) / 1000
     assert total_ml == pytest.approx(kept_voxels * voxel_ml, rel=1e-3)
-    dropped = segment_volume(always, make_volume_pair(), InferenceOptions(min_lesion_mm3=1e9, median_kernel=1))
+    dropped = segment_volume(always, make_volume_pair(), InferenceOptions(**PAPER, min_lesion_mm3=1e9, median_kernel=1))
     assert not np.asanyarray(dropped.mask.dataobj).any() and dropped.report["components_removed"] > 0
 
 
 def test_report_gives_each_slice_the_validation_frequency_at_its_score(model, tmp_path):
     unrecorded = segment_volume(_with_calibration(model, tmp_path, unhealthy_frequency=()), make_volume_pair(),
-                                InferenceOptions()).report
+                                InferenceOptions(**PAPER)).report
     assert unrecorded["uncertain_slices"] is None and unrecorded["slices"]["unhealthy_probability"] is None
     assert any("recalibrate" in w for w in unrecorded["warnings"])
     unmarked = segment_volume(_with_calibration(model, tmp_path, cosine_threshold=1.0, unhealthy_frequency=()),
-                              make_volume_pair(), InferenceOptions(min_lesion_mm3=0, median_kernel=1))
+                              make_volume_pair(), InferenceOptions(**PAPER, min_lesion_mm3=0, median_kernel=1))
     assert unmarked.report["lesions"] and unmarked.report["settings"]["mark_uncertain"] is False  # nothing to mark by
     assert set(np.unique(np.asanyarray(unmarked.mask.dataobj))) == {0, 1}
     assert unmarked.report["label_names"] == {"tumour": 1}
@@ -90,7 +93,7 @@ def test_report_gives_each_slice_the_validation_frequency_at_its_score(model, tm
     low, high = (ranked[2] + ranked[3]) / 2, (ranked[6] + ranked[7]) / 2
     table = ((float(low), 0.95), (float(high), 0.5), (float(high) + 1.0, 0.05))
     report = segment_volume(_with_calibration(model, tmp_path, unhealthy_frequency=table), make_volume_pair(),
-                            InferenceOptions()).report
+                            InferenceOptions(**PAPER)).report
     assert report["slices"]["score"] == unrecorded["slices"]["score"]
     expected = [next((fraction for bound, fraction in table if score <= bound), table[-1][1])
                 for score in report["slices"]["score"]]
@@ -101,7 +104,7 @@ def test_report_gives_each_slice_the_validation_frequency_at_its_score(model, tm
     assert len(set(expected)) == 3 and not report["warnings"]
 
     always = _with_calibration(model, tmp_path, cosine_threshold=1.0, unhealthy_frequency=table)
-    kept = segment_volume(always, make_volume_pair(), InferenceOptions(min_lesion_mm3=0, median_kernel=1))
+    kept = segment_volume(always, make_volume_pair(), InferenceOptions(**PAPER, min_lesion_mm3=0, median_kernel=1))
     mask = np.asanyarray(kept.mask.dataobj) > 0  # make_volume_pair's axial planes are the model slices
     planes = set(np.flatnonzero(mask.any(axis=(0, 1))))
     by_plane = dict(zip(kept.report["slices"]["index"], kept.report["slices"]["unhealthy_probability"], strict=True))
@@ -114,7 +117,7 @@ def test_report_gives_each_slice_the_validation_frequency_at_its_score(model, tm
     peaks = [max(by_plane[z] for z in np.flatnonzero((components == c).any(axis=(0, 1)))) for c in range(1, count + 1)]
     assert [int(labels[components == c].max()) for c in range(1, count + 1)] == [1 if p >= 0.8 else 2 for p in peaks]
     assert set(np.unique(labels)) == {0, 1, 2}  # both kinds of lesion occur here
-    binary = segment_volume(always, make_volume_pair(), InferenceOptions(min_lesion_mm3=0, median_kernel=1,
+    binary = segment_volume(always, make_volume_pair(), InferenceOptions(**PAPER, min_lesion_mm3=0, median_kernel=1,
                                                                          mark_uncertain=False))
     assert np.array_equal(np.asanyarray(binary.mask.dataobj), mask.astype(np.uint8))
     assert binary.report["label_names"] == {"tumour": 1} and binary.report["settings"]["mark_uncertain"] is False
@@ -166,17 +169,24 @@ def test_a_lesion_cut_by_the_field_of_view_is_held_to_the_minimum_on_the_input_g
         assert all(row["volume_ml"] * 1000 > 500 for row in lesions)
 
 
-def test_the_volume_decision_rule_only_narrows_the_paper_rule(model, tmp_path):
-    always = _with_calibration(model, tmp_path, cosine_threshold=1.0)
+def test_the_volume_rule_is_the_default_and_masks_only_flair_bright_brain(model, tmp_path):
+    never = _with_calibration(model, tmp_path, cosine_threshold=-1.0)  # the paper's rule calls every slice healthy
+    images = make_volume_pair()
     options = InferenceOptions(min_lesion_mm3=0, median_kernel=1)
-    paper = segment_volume(always, make_volume_pair(), options)
-    volume = segment_volume(always, make_volume_pair(), InferenceOptions(min_lesion_mm3=0, median_kernel=1,
-                                                                       decision_rule="volume"))
+    assert options.decision_rule == "volume"
+    volume = segment_volume(never, images, options)
+    paper = segment_volume(never, images, InferenceOptions(min_lesion_mm3=0, median_kernel=1, decision_rule="paper"))
     assert volume.report["settings"]["decision_rule"] == "volume"
-    paper_flags, volume_flags = (np.array(r.report["slices"]["unhealthy_flag"]) for r in (paper, volume))
-    assert volume_flags.sum() < paper_flags.sum() and not (volume_flags & ~paper_flags).any()
-    paper_mask, volume_mask = (np.asanyarray(r.mask.dataobj) > 0 for r in (paper, volume))
-    assert not (volume_mask & ~paper_mask).any()
+    assert not np.asanyarray(paper.mask.dataobj).any()  # c* gates the paper's rule; it plays no part in the volume's
+    grid = volume.model_grid
+    brain, flair = brain_pixels(grid.slices), grid.slices[:, 0]
+    assert grid.eligible is not None and grid.eligible.any()
+    assert not (grid.eligible & ~(brain & (flair > np.median(flair[brain])))).any()
+    flags = np.array(volume.report["slices"]["unhealthy_flag"])
+    np.testing.assert_array_equal(flags, grid.unhealthy)
+    assert (grid.scores[flags] <= -VolumeRule().map_z).all()  # an unhealthy slice holds a pixel at map_z or above
+    mask = np.asanyarray(volume.mask.dataobj) > 0
+    assert mask.any() == flags.any()
     assert np.array_equal(np.asanyarray(paper.anomaly_map.dataobj), np.asanyarray(volume.anomaly_map.dataobj))
     with pytest.raises(InputError, match="decision_rule must be one of"):
         InferenceOptions(decision_rule="both")

@@ -45,7 +45,8 @@ INFO_LATENCY_LIMIT_S = 1.0
 AFFINE = np.array([[0.0, 0.0, 5.0, -30.0], [-4.0, 0.0, 0.0, 80.0], [0.0, 4.0, 0.0, -60.0], [0.0, 0.0, 0.0, 1.0]])
 SHAPE = (40, 44, 12)
 OTHER_SHAPE, OTHER_AFFINE = (36, 40, 10), np.diag([-3.0, -3.0, 4.0, 1.0])
-SHOW_LESIONS = {"median_kernel": 1, "min_lesion_mm3": 0}
+# the paper's rule with unhealthy_model's c* masks a quantile of every slice: lesions for the mechanics to handle
+SHOW_LESIONS = {"median_kernel": 1, "min_lesion_mm3": 0, "decision_rule": "paper"}
 SLOW = {"mode": "full", "forward_steps": 60, **SHOW_LESIONS}  # 60 steps x 2 evaluations: a few seconds
 PHANTOM_MOTION = rigid_ras((4.0, -3.0, 3.0), (3.0, -2.0, 2.0))  # the head between the series: 5.8 degrees, 4.1 mm
 
@@ -216,7 +217,7 @@ def test_model_is_listed_and_t2_folder_is_not_an_image(served):
     assert set(model["config"]) == {"device", "mode", "forward_steps", "stride", "guidance", "encoding",
                                     "min_lesion_mm3", "seed", "mark_uncertain", "decision_rule", "registration", "t2"}
     assert model["config"]["registration"] == ["auto", "always", "never"]  # Slicer offers the first as the default
-    assert model["config"]["decision_rule"] == ["paper", "volume"]
+    assert model["config"]["decision_rule"] == ["volume", "paper"]  # the per-volume rule is the default
     objects = MONAILabelClient(url).datastore()["objects"]
     assert set(objects) == {"brain", "other", "multi2", "multi4", "saved_by_slicer", "shifted", "phantom",
                             "phantom_coarse", "phantom_oblique", "phantom_moved", *served["bad"]}

@@ -122,7 +122,10 @@ def score_result(result: SegmentationResult, case: EvaluationCase, protocol: Sli
         raise ValueError(f"case {case.case_id}: the result's model-grid slices differ from the truth's")
     kernel, min_area = protocol.resolved(case.geometry.image_size)
     anomaly_map = median_filter_2d(np.asarray(grid.raw_map, dtype=np.float32), kernel)
-    ungated = _drop_small_areas(anomaly_map >= grid.thresholds[:, None, None], min_area)
+    ungated = anomaly_map >= grid.thresholds[:, None, None]
+    if grid.eligible is not None:
+        ungated &= grid.eligible
+    ungated = _drop_small_areas(ungated, min_area)
     slices = slice_protocol(ungated, anomaly_map, grid.unhealthy, case.truth_slices, case.brain_slices, grid.scores)
     mask = np.asanyarray(result.mask.dataobj) > 0
     scores = np.asanyarray(result.anomaly_map.dataobj)

@@ -177,8 +177,9 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
                         help="label lesions whose unhealthy probability stays below the confident level "
                         f"({UNCERTAIN_PROBABILITY[1]}) as 2")
     parser.add_argument("--decision-rule", choices=DECISION_RULES, default=defaults.decision_rule,
-                        help="paper: each slice against the calibrated c* and Algorithm 1; volume: also against the "
-                        "volume's own scores and map (for scans unlike the training data)")
+                        help="volume (the default): each pixel's anomaly map value and FLAIR against its own "
+                        "volume's, a slice unhealthy when it holds a masked pixel; paper: each slice's cosine score "
+                        "against the calibrated c*, and Algorithm 1")
     parser.add_argument("--registration", choices=REGISTRATION_MODES, default=defaults.registration,
                         help="rigid registration of the T2 to the FLAIR: when their brain regions do not line up "
                              "(auto, the default), always, or never")

@@ -25,8 +25,8 @@ __all__ = [
     "row_quantiles",
     "combine_maps",
     "VolumeRule",
-    "robust_z",
-    "adapt_to_volume",
+    "VolumeDecisions",
+    "decide_by_volume",
 ]
 
 
@@ -173,61 +173,79 @@ def combine_maps(anomaly_maps: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class VolumeRule:
-    """A label-free per-volume adaptation of the verdict and the threshold: each slice judged by its own volume.
+    """A label-free per-volume decision rule: each pixel and slice judged against its own volume.
 
-    A slice is unhealthy only when its cosine score is also a low outlier among the volume's slices (robust
-    z-score at most ``-score_z``), and a pixel is masked only when its map value is also a high outlier among
-    the volume's brain pixels (robust z-score at least ``map_z``). On a brain unlike the training anatomy, where
-    every score drops and every map rises, what stands out within the volume is kept.
+    A pixel is masked when its median-filtered map value stands out from the volume's brain (robust z-score at
+    least ``map_z``), reaches Algorithm 1's threshold tau, and its FLAIR is brighter than the ``flair_quantile``
+    of the volume's brain FLAIR (a tumour and its oedema are FLAIR-hyperintense; the dark CSF and the brain's
+    edges, where anatomy unlike the training brains lights the map, are not). A slice is unhealthy when it holds a
+    masked pixel: the map, not the cosine score, gives the verdict, and calibrated c* plays no part. On a brain
+    unlike the training anatomy, where every score drops and every map rises, what stands out within the volume
+    is kept.
 
     Args:
-        score_z: how far below the volume's median score (in robust standard deviations) a slice must lie.
-        map_z: how far above the volume's median brain map value a pixel must lie.
+        map_z: how far above the volume's median brain map value (in robust standard deviations) a pixel must lie.
+        flair_quantile: the volume's brain FLAIR quantile a masked pixel must exceed.
     """
 
-    score_z: float = 1.0
-    map_z: float = 6.0
+    map_z: float = 10.0
+    flair_quantile: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.score_z < 0 or self.map_z < 0:
-            raise ValueError(f"score_z and map_z must be >= 0, got {self.score_z}, {self.map_z}")
+        if self.map_z < 0:
+            raise ValueError(f"map_z must be >= 0, got {self.map_z}")
+        if not 0.0 <= self.flair_quantile < 1.0:
+            raise ValueError(f"flair_quantile must lie in [0, 1), got {self.flair_quantile}")
 
 
 MAD_TO_SD = 1.4826  # a normal distribution's standard deviation per median absolute deviation
 
 
-def _median_and_spread(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _median_and_spread(values: torch.Tensor) -> tuple[float, float]:
     """The median and 1.4826 x the median absolute deviation of all entries (the middle two averaged)."""
     flat = values.flatten().double()
     median = flat.quantile(0.5)
-    return median, MAD_TO_SD * (flat - median).abs().quantile(0.5)
+    return float(median), float(MAD_TO_SD * (flat - median).abs().quantile(0.5))
 
 
-def robust_z(values: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """(values - median) / (1.4826 * median absolute deviation), over all entries."""
-    median, spread = _median_and_spread(values)
-    return ((values.double() - median) / spread.clamp_min(eps)).to(values.dtype)
+@dataclass
+class VolumeDecisions:
+    """The ``VolumeRule``'s decisions for one volume's N slices (maps S x S x N, slices last).
+
+    Attributes:
+        candidate: S x S x N pixels masked before the component filter.
+        unhealthy: N slice verdicts (the slice holds a candidate pixel).
+        eligible: S x S x N pixels the rule may mask (brain pixels with a bright enough FLAIR).
+        slice_z: N, each slice's highest robust z-score of the map among its eligible pixels (the volume's lowest
+            z-score where it has none); the slice score the verdict rests on, higher = more anomalous.
+        thresholds: N, the larger of tau and the volume's map floor (the value at ``map_z``).
+    """
+
+    candidate: torch.Tensor
+    unhealthy: torch.Tensor
+    eligible: torch.Tensor
+    slice_z: torch.Tensor
+    thresholds: torch.Tensor
 
 
-def adapt_to_volume(
-    scores: torch.Tensor,
-    unhealthy: torch.Tensor,
-    thresholds: torch.Tensor,
-    filtered_map: torch.Tensor,
-    brain: torch.Tensor,
-    rule: VolumeRule,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``VolumeRule`` applied to one volume's N slices.
+def decide_by_volume(
+    filtered_map: torch.Tensor, brain: torch.Tensor, flair: torch.Tensor, thresholds: torch.Tensor, rule: VolumeRule
+) -> VolumeDecisions:
+    """The ``VolumeRule`` applied to one volume.
 
     Args:
-        scores: N cosine scores; unhealthy: N verdicts of the paper's rule; thresholds: N taus of Algorithm 1.
-        filtered_map: the median-filtered combined map; brain: its brain pixels (same shape, any layout).
-        rule: the adaptation's settings.
-
-    Returns:
-        The adapted verdicts and thresholds (N each).
+        filtered_map: S x S x N median-filtered combined map.
+        brain: S x S x N brain pixels.
+        flair: S x S x N network-input FLAIR.
+        thresholds: N taus of Algorithm 1.
+        rule: the rule's settings.
     """
-    outlier = robust_z(scores) <= -rule.score_z
-    median, spread = _median_and_spread(filtered_map[brain] if bool(brain.any()) else filtered_map)
-    floor = float(median + rule.map_z * spread)
-    return unhealthy & outlier, thresholds.clamp_min(floor)
+    if not bool(brain.any()):
+        brain = torch.ones_like(brain)
+    median, spread = _median_and_spread(filtered_map[brain])
+    z = (filtered_map.double() - median) / max(spread, 1e-12)
+    eligible = brain & (flair.double() > torch.quantile(flair[brain].double(), rule.flair_quantile))
+    candidate = eligible & (z >= rule.map_z) & (filtered_map >= thresholds)
+    slice_z = torch.where(eligible, z, z.min()).amax(dim=(0, 1)).float()
+    levels = thresholds.clamp_min(median + rule.map_z * spread)
+    return VolumeDecisions(candidate, candidate.any(dim=0).any(dim=0), eligible, slice_z, levels)

@@ -26,13 +26,14 @@ __all__ = ["ANOFPDM_VARIANTS", "METHODS", "DEFAULT_METHODS", "EvaluationSettings
 DEFAULT_OVERLAY_CASES = 3
 # AnoFPDM variants go through the pipeline; the mode supplies the calibrated settings (c*, Dmax, T_f, stride).
 ANOFPDM_VARIANTS: dict[str, dict[str, str]] = {
-    **{f"anofpdm-ddim-{mode}": {"mode": mode} for mode in ("fast", "full")},
+    # the paper's method: each slice's verdict against c*, Algorithm 1's threshold
+    **{f"anofpdm-ddim-{mode}": {"mode": mode, "decision_rule": "paper"} for mode in ("fast", "full")},
     # the DDPM forward encoding, with its own calibration (modes "fast-ddpm", "full-ddpm")
-    **{f"anofpdm-ddpm-{mode}": {"mode": f"{mode}-ddpm"} for mode in ("fast", "full")},
+    **{f"anofpdm-ddpm-{mode}": {"mode": f"{mode}-ddpm", "decision_rule": "paper"} for mode in ("fast", "full")},
     # the paper's S_te map: the error at the end step alone
-    **{f"anofpdm-ste-{mode}": {"mode": mode, "map_variant": "end_step"}
+    **{f"anofpdm-ste-{mode}": {"mode": mode, "map_variant": "end_step", "decision_rule": "paper"}
        for mode in ("fast", "full")},
-    # each slice also judged against its own volume (anofpdm.decisions.VolumeRule)
+    # each pixel and slice judged against its own volume (anofpdm.decisions.VolumeRule; the app's default)
     **{f"anofpdm-volume-{mode}": {"mode": mode, "decision_rule": "volume"} for mode in ("fast", "full")},
 }
 BASELINE_DESCRIPTIONS = {
@@ -43,7 +44,8 @@ BASELINE_DESCRIPTIONS = {
 METHODS: dict[str, str] = {
     **{name: f"AnoFPDM, {MODES[v['mode']].encoding.upper()} forward, mode {v['mode']}"
        + (", S_te map (error at t_e)" if "map_variant" in v else "")
-       + (", per-volume decision rule" if "decision_rule" in v else "") for name, v in ANOFPDM_VARIANTS.items()},
+       + (", per-volume decision rule" if v["decision_rule"] == "volume" else ", paper's decision rule")
+       for name, v in ANOFPDM_VARIANTS.items()},
     **BASELINE_DESCRIPTIONS,
 }
 DEFAULT_METHODS = ("anofpdm-ddim-fast", "anoddpm-reconstruction", "cfg-ddim", "flair-threshold")

@@ -109,8 +109,9 @@ def volume_metrics(
 
 
 def slice_score_auroc(scores: np.ndarray, tumour: np.ndarray) -> float | None:
-    """How well one volume's slice scores rank its tumour slices first: AUROC of ``-score`` (a low cosine score
-    means unhealthy). None without scores (NaN: a method with no slice classifier) or without both kinds of slice."""
+    """How well one volume's slice scores rank its tumour slices first: AUROC of ``-score`` (a low slice score
+    means unhealthy: a cosine score, or minus a map z-score). None without scores (NaN: a method with no slice
+    classifier) or without both kinds of slice."""
     scores, tumour = np.asarray(scores, dtype=np.float64), np.asarray(tumour).astype(bool)
     if scores.shape != tumour.shape:
         raise ValueError(f"need one score per slice, got {scores.shape} for {tumour.shape} slices")

@@ -23,8 +23,8 @@ from anofpdm.decisions import (
     Calibration,
     QuantileRule,
     VolumeRule,
-    adapt_to_volume,
     combine_maps,
+    decide_by_volume,
     is_uncertain,
     slice_thresholds,
 )
@@ -46,7 +46,7 @@ __all__ = ["InferenceOptions", "InputError", "ModelGridOutputs", "SegmentationRe
            "default_median_kernel", "default_batch_size"]
 
 MAP_VARIANTS = ("mean", "end_step")
-DECISION_RULES = ("paper", "volume")
+DECISION_RULES = ("volume", "paper")  # the default first
 PAPER_MEDIAN_KERNEL = 5  # 5 x 5 at 128 px (1.875 mm): the paper's
 PAPER_IMAGE_SIZE = 128
 
@@ -69,8 +69,9 @@ class InferenceOptions:
         mark_uncertain: label lesions whose unhealthy probability stays below the confident level
             (``UNCERTAIN_PROBABILITY[1]``) as "tumour (uncertain)" (2) instead of "tumour" (1); needs a
             calibration with unhealthy probabilities.
-        decision_rule: "paper" (each slice against the calibrated c* and Algorithm 1) or "volume" (the same,
-            and each slice's score and map judged against the volume's own: ``anofpdm.decisions.VolumeRule``).
+        decision_rule: "volume" (each pixel's map value and FLAIR judged against its own volume's, and a slice
+            unhealthy when it holds a masked pixel: ``anofpdm.decisions.VolumeRule``) or "paper" (each slice's
+            cosine score against the calibrated c*, and Algorithm 1's threshold).
         registration: rigid registration of the T2 (and other sequences) to the FLAIR: "auto" (when their
             brain regions do not line up), "always" or "never" (``anofpdm.alignment``); a sequence on another
             grid is resampled onto the FLAIR's in every case.
@@ -89,7 +90,7 @@ class InferenceOptions:
     bf16: bool = False
     map_variant: str = "mean"
     mark_uncertain: bool = True
-    decision_rule: str = "paper"
+    decision_rule: str = "volume"
     registration: str = "auto"
 
     def __post_init__(self) -> None:
@@ -112,10 +113,12 @@ class ModelGridOutputs:
     Attributes:
         slices: N x C x S x S network input.
         raw_map: N x S x S combined anomaly map before any median filter.
-        scores: N cosine scores.
+        scores: N slice scores the verdict rests on, low = unhealthy: the cosine scores (paper's rule) or minus
+            each slice's highest robust z-score of the map (volume rule, ``anofpdm.decisions.VolumeDecisions``).
         unhealthy: N slice verdicts.
-        thresholds: N thresholds tau.
+        thresholds: N thresholds (tau; with the volume rule at least the volume's map floor).
         geometry: the mapping between the input grid and these slices.
+        eligible: N x S x S pixels the decision rule may mask (None: all).
     """
 
     slices: np.ndarray
@@ -124,6 +127,7 @@ class ModelGridOutputs:
     unhealthy: np.ndarray
     thresholds: np.ndarray
     geometry: VolumeGeometry
+    eligible: np.ndarray | None = None
 
 
 @dataclass
@@ -282,8 +286,9 @@ def segment_volume(
     report = _report(model, options, outputs.forward, outputs.calibration, geometry, stats.scores, probability,
                      decided.unhealthy, decided.thresholds, stats, lesions, removed, decided.median_kernel,
                      outputs.warnings, timings, outputs.alignment)
-    model_grid = ModelGridOutputs(outputs.slices, decided.raw_map.transpose(2, 0, 1), stats.scores.numpy(),
-                                  decided.unhealthy.numpy(), decided.thresholds.numpy(), geometry)
+    eligible = None if decided.eligible is None else decided.eligible.transpose(2, 0, 1)
+    model_grid = ModelGridOutputs(outputs.slices, decided.raw_map.transpose(2, 0, 1), decided.slice_scores.numpy(),
+                                  decided.unhealthy.numpy(), decided.thresholds.numpy(), geometry, eligible)
     return SegmentationResult(mask=mask_image, anomaly_map=map_image, report=report, model_grid=model_grid)
 
 
@@ -292,12 +297,15 @@ class SliceDecisions:
     """The per-slice decisions on the restacked model grid (N slices of S x S).
 
     Attributes:
-        unhealthy: N slice verdicts (score <= c*).
-        thresholds: N Algorithm-1 thresholds tau.
+        unhealthy: N slice verdicts (paper's rule: score <= c*; volume rule: the slice holds a candidate pixel).
+        thresholds: N thresholds (Algorithm 1's tau; volume rule: at least the volume's map floor).
         raw_map: S x S x N combined anomaly map of the options' map variant.
         filtered_map: ``raw_map`` after the 3-D median filter.
-        candidate: S x S x N mask, ``filtered_map >= tau`` on unhealthy slices only.
+        candidate: S x S x N mask before the component filter (paper's rule: ``filtered_map >= tau`` on unhealthy
+            slices only).
         median_kernel: the median kernel used.
+        slice_scores: N scores the verdict rests on, low = unhealthy (``ModelGridOutputs.scores``).
+        eligible: S x S x N pixels the rule may mask (None: all).
     """
 
     unhealthy: torch.Tensor
@@ -306,6 +314,8 @@ class SliceDecisions:
     filtered_map: np.ndarray
     candidate: np.ndarray
     median_kernel: int
+    slice_scores: torch.Tensor
+    eligible: np.ndarray | None = None
 
 
 def decide_slices(model: LoadedModel, outputs: ForwardOutputs, options: InferenceOptions) -> SliceDecisions:
@@ -318,11 +328,14 @@ def decide_slices(model: LoadedModel, outputs: ForwardOutputs, options: Inferenc
     kernel = options.median_kernel or default_median_kernel(model.config.image_size)
     filtered = median_filter_3d(raw_map, kernel)
     if options.decision_rule == "volume":
-        brain = torch.from_numpy(brain_pixels(outputs.slices).transpose(1, 2, 0))
-        unhealthy, thresholds = adapt_to_volume(stats.scores, unhealthy, thresholds,
-                                                torch.from_numpy(filtered), brain, VolumeRule())
+        brain = brain_pixels(outputs.slices).transpose(1, 2, 0)
+        flair = outputs.slices[:, model.config.sequences.index(MAP_SEQUENCES[0])].transpose(1, 2, 0)
+        volume = decide_by_volume(torch.from_numpy(filtered), torch.from_numpy(brain),
+                                  torch.from_numpy(np.ascontiguousarray(flair)), thresholds, VolumeRule())
+        return SliceDecisions(volume.unhealthy, volume.thresholds, raw_map, filtered, volume.candidate.numpy(),
+                              kernel, -volume.slice_z, volume.eligible.numpy())
     candidate = (filtered >= thresholds.numpy()[None, None, :]) & unhealthy.numpy()[None, None, :]
-    return SliceDecisions(unhealthy, thresholds, raw_map, filtered, candidate, kernel)
+    return SliceDecisions(unhealthy, thresholds, raw_map, filtered, candidate, kernel, stats.scores)
 
 
 def finish_on_input_grid(
