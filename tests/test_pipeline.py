@@ -174,7 +174,8 @@ def test_the_volume_rule_is_the_default_and_masks_only_flair_bright_brain(model,
     images = make_volume_pair()
     options = InferenceOptions(min_lesion_mm3=0, median_kernel=1)
     assert options.decision_rule == "volume"
-    volume = segment_volume(never, images, options)
+    # the random network's map has no outlier at the default map_z: any pixel above the volume's median map counts
+    volume = segment_volume(never, images, options, volume_rule=VolumeRule(map_z=0.0))
     paper = segment_volume(never, images, InferenceOptions(min_lesion_mm3=0, median_kernel=1, decision_rule="paper"))
     assert volume.report["settings"]["decision_rule"] == "volume"
     assert not np.asanyarray(paper.mask.dataobj).any()  # c* gates the paper's rule; it plays no part in the volume's
@@ -184,9 +185,14 @@ def test_the_volume_rule_is_the_default_and_masks_only_flair_bright_brain(model,
     assert not (grid.eligible & ~(brain & (flair > np.median(flair[brain])))).any()
     flags = np.array(volume.report["slices"]["unhealthy_flag"])
     np.testing.assert_array_equal(flags, grid.unhealthy)
-    assert (grid.scores[flags] <= -VolumeRule().map_z).all()  # an unhealthy slice holds a pixel at map_z or above
-    mask = np.asanyarray(volume.mask.dataobj) > 0
-    assert mask.any() == flags.any()
+    assert (grid.scores[flags] <= 0.0).all()  # an unhealthy slice holds a pixel at map_z or above
+    mask = np.asanyarray(volume.mask.dataobj) > 0  # make_volume_pair's axial planes are the model slices
+    assert flags.any() and set(np.flatnonzero(mask.any(axis=(0, 1)))) == {volume.report["slices"]["index"][i]
+                                                                            for i in np.flatnonzero(flags)}
+    # the verdict follows the filtered mask: a slice whose pixels all fall in removed components is healthy
+    filtered = segment_volume(never, images, InferenceOptions(min_lesion_mm3=1e9, median_kernel=1),
+                              volume_rule=VolumeRule(map_z=0.0))
+    assert not any(filtered.report["slices"]["unhealthy_flag"]) and filtered.report["verdict"] == "healthy"
     assert np.array_equal(np.asanyarray(paper.anomaly_map.dataobj), np.asanyarray(volume.anomaly_map.dataobj))
     with pytest.raises(InputError, match="decision_rule must be one of"):
         InferenceOptions(decision_rule="both")

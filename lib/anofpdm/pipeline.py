@@ -251,6 +251,7 @@ def segment_volume(
     options: InferenceOptions | None = None,
     progress: StageProgressCallback | None = None,
     forward_outputs: ForwardOutputs | None = None,
+    volume_rule: VolumeRule | None = None,
 ) -> SegmentationResult:
     """Segment the tumour in one skull-stripped FLAIR + T2 (+ other) volume set.
 
@@ -262,6 +263,7 @@ def segment_volume(
         progress: called with (stage, done, total) as the forward process advances.
         forward_outputs: ``run_forward(model, images, options)`` already computed (e.g. for another map
             variant of the same options); None computes it.
+        volume_rule: the per-volume rule's settings (None: ``VolumeRule()``'s defaults).
 
     Returns:
         label map (uint8: tumour = 1, tumour (uncertain) = 2) and anomaly map (float32) on the FLAIR grid,
@@ -274,21 +276,24 @@ def segment_volume(
     outputs = forward_outputs or run_forward(model, images, options, progress)
     stats, geometry = outputs.stats, outputs.geometry
     start = time.perf_counter()
-    decided = decide_slices(model, outputs, options)
+    decided = decide_slices(model, outputs, options, volume_rule)
     probability = outputs.calibration.unhealthy_probability(stats.scores)
-    _, labels_input, map_input, lesions, removed = finish_on_input_grid(
+    mask_model, labels_input, map_input, lesions, removed = finish_on_input_grid(
         decided.filtered_map, decided.candidate, geometry, options.min_lesion_mm3, probability, options.mark_uncertain
     )
+    unhealthy = decided.unhealthy
+    if options.decision_rule == "volume":  # its verdict: the slice holds a lesion that passed the component filter
+        unhealthy = torch.from_numpy(mask_model.any(axis=(0, 1)))
     timings = {**outputs.timings, "postprocess_s": time.perf_counter() - start}
 
     mask_image = image_like(images[MAP_SEQUENCES[0]], labels_input, np.uint8)
     map_image = image_like(images[MAP_SEQUENCES[0]], map_input, np.float32)
     report = _report(model, options, outputs.forward, outputs.calibration, geometry, stats.scores, probability,
-                     decided.unhealthy, decided.thresholds, stats, lesions, removed, decided.median_kernel,
+                     unhealthy, decided.thresholds, stats, lesions, removed, decided.median_kernel,
                      outputs.warnings, timings, outputs.alignment)
     eligible = None if decided.eligible is None else decided.eligible.transpose(2, 0, 1)
     model_grid = ModelGridOutputs(outputs.slices, decided.raw_map.transpose(2, 0, 1), decided.slice_scores.numpy(),
-                                  decided.unhealthy.numpy(), decided.thresholds.numpy(), geometry, eligible)
+                                  unhealthy.numpy(), decided.thresholds.numpy(), geometry, eligible)
     return SegmentationResult(mask=mask_image, anomaly_map=map_image, report=report, model_grid=model_grid)
 
 
@@ -297,7 +302,9 @@ class SliceDecisions:
     """The per-slice decisions on the restacked model grid (N slices of S x S).
 
     Attributes:
-        unhealthy: N slice verdicts (paper's rule: score <= c*; volume rule: the slice holds a candidate pixel).
+        unhealthy: N slice verdicts (paper's rule: score <= c*; volume rule: the slice holds a candidate pixel;
+            ``segment_volume`` then reports a slice unhealthy when it holds a lesion that passed the component
+            filter).
         thresholds: N thresholds (Algorithm 1's tau; volume rule: at least the volume's map floor).
         raw_map: S x S x N combined anomaly map of the options' map variant.
         filtered_map: ``raw_map`` after the 3-D median filter.
@@ -318,8 +325,11 @@ class SliceDecisions:
     eligible: np.ndarray | None = None
 
 
-def decide_slices(model: LoadedModel, outputs: ForwardOutputs, options: InferenceOptions) -> SliceDecisions:
-    """Verdicts, thresholds and the gated mask from a forward process (docs/method.md section 4, 3-D median)."""
+def decide_slices(
+    model: LoadedModel, outputs: ForwardOutputs, options: InferenceOptions, volume_rule: VolumeRule | None = None
+) -> SliceDecisions:
+    """Verdicts, thresholds and the gated mask from a forward process (docs/method.md section 4, 3-D median); the
+    volume rule's settings are ``volume_rule`` (None: its defaults)."""
     stats, calibration = outputs.stats, outputs.calibration
     unhealthy = stats.scores <= calibration.cosine_threshold
     maps = stats.anomaly_maps if options.map_variant == "mean" else stats.end_step_maps
@@ -331,7 +341,8 @@ def decide_slices(model: LoadedModel, outputs: ForwardOutputs, options: Inferenc
         brain = brain_pixels(outputs.slices).transpose(1, 2, 0)
         flair = outputs.slices[:, model.config.sequences.index(MAP_SEQUENCES[0])].transpose(1, 2, 0)
         volume = decide_by_volume(torch.from_numpy(filtered), torch.from_numpy(brain),
-                                  torch.from_numpy(np.ascontiguousarray(flair)), thresholds, VolumeRule())
+                                  torch.from_numpy(np.ascontiguousarray(flair)), thresholds,
+                                  volume_rule or VolumeRule())
         return SliceDecisions(volume.unhealthy, volume.thresholds, raw_map, filtered, volume.candidate.numpy(),
                               kernel, -volume.slice_z, volume.eligible.numpy())
     candidate = (filtered >= thresholds.numpy()[None, None, :]) & unhealthy.numpy()[None, None, :]

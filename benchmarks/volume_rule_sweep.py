@@ -1,0 +1,86 @@
+"""How the per-volume decision rule's settings move the figures (#30): map_z and flair_quantile of ``VolumeRule``.
+
+Each case's forward process runs once (fast mode unless ``--mode``); every rule setting is then decided and scored
+by the pipeline and the evaluation's own scoring (``segment_volume`` with the cached forward process,
+``anofpdm.case_scoring.score_result``). Prints one row per setting: 3-D Dice over tumour cases, healthy volumes'
+false-positive mL and how many were called healthy, and the slice AUROC of the rule's slice score. Pick settings on
+a validation split, never on the test cases you report.
+
+    PYTHONPATH=lib python benchmarks/volume_rule_sweep.py --model model/anofpdm.pt --data data/synth80 \\
+        --prepared data/slices64s --split val --map-z 4,6,8,10,12,16 --cache runs/sweep_val
+
+``--cache`` keeps each case's forward process (pickles, for this benchmark only), so settings can be compared again
+without the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from anofpdm.arguments import comma_floats
+from anofpdm.case_scoring import SliceProtocol, prepare_case, score_result
+from anofpdm.data.brats import find_cases
+from anofpdm.decisions import VolumeRule
+from anofpdm.evaluate import split_case_ids
+from anofpdm.model import load_model
+from anofpdm.pipeline import InferenceOptions, run_forward, segment_volume
+from anofpdm.runtime import default_device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="labelled cases (BraTS layout)")
+    parser.add_argument("--prepared", type=Path, help="prepared slices whose --split names the cases (default: all)")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--mode", default="fast")
+    parser.add_argument("--map-z", type=comma_floats, default=(VolumeRule.map_z,))
+    parser.add_argument("--flair-quantile", type=comma_floats, default=(VolumeRule.flair_quantile,))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--cache", type=Path, help="folder for each case's forward process")
+    args = parser.parse_args()
+
+    model = load_model(args.model, device=args.device or default_device())
+    cases = find_cases(args.data)
+    if args.prepared is not None:
+        wanted = set(split_case_ids(args.prepared, args.split))
+        cases = [c for c in cases if c.case_id in wanted]
+    options = InferenceOptions(mode=args.mode, batch_size=args.batch_size, decision_rule="volume")
+    rules = [VolumeRule(map_z=z, flair_quantile=q) for z in args.map_z for q in args.flair_quantile]
+    rows: dict[VolumeRule, list[tuple[float, float, float, float | None]]] = {rule: [] for rule in rules}
+    for files in cases:
+        case = prepare_case(files, model.config)
+        cached = None if args.cache is None else args.cache / f"{files.case_id}.{args.mode}.pkl"
+        if cached is not None and cached.exists():
+            outputs = pickle.loads(cached.read_bytes())
+        else:
+            outputs = run_forward(model, case.images, options)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                cached.write_bytes(pickle.dumps(outputs))
+        for rule in rules:
+            result = segment_volume(model, case.images, options, forward_outputs=outputs, volume_rule=rule)
+            scored = score_result(result, case, SliceProtocol())
+            volume = scored["volume"]
+            rows[rule].append((volume["truth_ml"], volume["dice"], volume["predicted_ml"],
+                               scored["slice"]["slice_auroc"]))
+        print(f"{files.case_id} done", flush=True)
+
+    print("map_z | flair_quantile | 3-D Dice | healthy FP (mL) | called healthy | slice AUROC | per tumour case")
+    for rule, figures in rows.items():
+        tumour = [f for f in figures if f[0] > 0]
+        healthy = [f for f in figures if f[0] == 0]
+        aurocs = [f[3] for f in tumour if f[3] is not None]
+        print(f"{rule.map_z:g} | {rule.flair_quantile:g} | {np.mean([f[1] for f in tumour]):.3f} | "
+              f"{np.mean([f[2] for f in healthy]) if healthy else float('nan'):.2f} | "
+              f"{sum(f[2] == 0 for f in healthy)} of {len(healthy)} | "
+              f"{np.mean(aurocs) if aurocs else float('nan'):.3f} | " + " ".join(f"{f[1]:.2f}" for f in tumour))
+
+
+if __name__ == "__main__":
+    main()
