@@ -48,7 +48,8 @@ METHODS: dict[str, str] = {
        for name, v in ANOFPDM_VARIANTS.items()},
     **BASELINE_DESCRIPTIONS,
 }
-DEFAULT_METHODS = ("anofpdm-ddim-fast", "anoddpm-reconstruction", "cfg-ddim", "flair-threshold")
+# the app's default (per-volume rule) and the paper's rule share one forward process per case
+DEFAULT_METHODS = ("anofpdm-volume-fast", "anofpdm-ddim-fast", "anoddpm-reconstruction", "cfg-ddim", "flair-threshold")
 
 
 @dataclass(frozen=True)
