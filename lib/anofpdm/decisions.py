@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -179,7 +180,8 @@ class VolumeRule:
     least ``map_z``), reaches Algorithm 1's threshold tau, and its FLAIR is brighter than the ``flair_quantile``
     of the volume's brain FLAIR (a tumour and its oedema are FLAIR-hyperintense; the dark CSF and the brain's
     edges, where anatomy unlike the training brains lights the map, are not). A slice is unhealthy when it holds a
-    masked pixel: the map, not the cosine score, gives the verdict, and calibrated c* plays no part. On a brain
+    masked pixel (``anofpdm.pipeline.segment_volume``: a pixel of a lesion that passed the component filter): the
+    map, not the cosine score, gives the verdict, and calibrated c* plays no part. On a brain
     unlike the training anatomy, where every score drops and every map rises, what stands out within the volume
     is kept.
 
@@ -202,10 +204,11 @@ MAD_TO_SD = 1.4826  # a normal distribution's standard deviation per median abso
 
 
 def _median_and_spread(values: torch.Tensor) -> tuple[float, float]:
-    """The median and 1.4826 x the median absolute deviation of all entries (the middle two averaged)."""
-    flat = values.flatten().double()
-    median = flat.quantile(0.5)
-    return float(median), float(MAD_TO_SD * (flat - median).abs().quantile(0.5))
+    """The median and 1.4826 x the median absolute deviation of all entries (the middle two averaged; numpy, as
+    ``torch.quantile`` refuses more than 2**24 values)."""
+    flat = values.detach().double().cpu().numpy().ravel()
+    median = float(np.median(flat))
+    return median, float(MAD_TO_SD * np.median(np.abs(flat - median)))
 
 
 @dataclass
@@ -244,7 +247,8 @@ def decide_by_volume(
         brain = torch.ones_like(brain)
     median, spread = _median_and_spread(filtered_map[brain])
     z = (filtered_map.double() - median) / max(spread, 1e-12)
-    eligible = brain & (flair.double() > torch.quantile(flair[brain].double(), rule.flair_quantile))
+    flair_level = float(np.quantile(flair[brain].detach().double().cpu().numpy(), rule.flair_quantile))
+    eligible = brain & (flair.double() > flair_level)
     candidate = eligible & (z >= rule.map_z) & (filtered_map >= thresholds)
     slice_z = torch.where(eligible, z, z.min()).amax(dim=(0, 1)).float()
     levels = thresholds.clamp_min(median + rule.map_z * spread)
