@@ -54,7 +54,11 @@ def main() -> None:
     rules = [VolumeRule(map_z=z, flair_quantile=q) for z in args.map_z for q in args.flair_quantile]
     rows: dict[VolumeRule, list[tuple[float, float, float, float | None]]] = {rule: [] for rule in rules}
     for files in cases:
-        case = prepare_case(files, model.config)
+        try:
+            case = prepare_case(files, model.config)
+        except ValueError as exc:  # an unreadable or invalid case is reported and left out, as evaluate does
+            print(f"{files.case_id} left out: {exc}", flush=True)
+            continue
         cached = None if args.cache is None else args.cache / f"{files.case_id}.{args.mode}.pkl"
         if cached is not None and cached.exists():
             outputs = pickle.loads(cached.read_bytes())
