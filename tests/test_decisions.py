@@ -108,16 +108,18 @@ def test_volume_rule_masks_what_stands_out_in_its_own_volume_and_is_flair_bright
     tau = torch.full((slices,), 0.105)  # Algorithm 1 masks a quantile of every slice
     decided = decide_by_volume(maps, brain, flair, tau, VolumeRule())
     assert decided.candidate.sum() == 4 and decided.candidate[2:4, 2:4, 4].all()
-    assert decided.unhealthy.tolist() == [False, False, False, False, True, False]
+    assert decided.candidate.any(dim=0).any(dim=0).tolist() == [False, False, False, False, True, False]
     assert int(decided.slice_z.argmax()) == 4 and decided.slice_z[4] > 10 > decided.slice_z[1]
     assert not decided.eligible[5:7, 5:7, 1].any() and not decided.eligible[0].any()
     assert (decided.thresholds > 0.11).all() and (decided.thresholds < 1.0).all()  # the volume's floor, not tau
     # Algorithm 1's tau still applies above the floor
     strict = decide_by_volume(maps, brain, flair, torch.tensor([0.105] * 4 + [2.0, 0.105]), VolumeRule())
-    assert not strict.unhealthy.any()
+    assert not strict.candidate.any()
     # a lesion no brighter than the volume's map elsewhere is not masked
-    assert not decide_by_volume(maps, brain, flair, tau, VolumeRule(map_z=1e9)).unhealthy.any()
+    assert not decide_by_volume(maps, brain, flair, tau, VolumeRule(map_z=1e9)).candidate.any()
     with pytest.raises(ValueError, match="map_z"):
         VolumeRule(map_z=-1.0)
+    with pytest.raises(ValueError, match="map_z"):
+        VolumeRule(map_z=float("nan"))
     with pytest.raises(ValueError, match="flair_quantile"):
         VolumeRule(flair_quantile=1.0)

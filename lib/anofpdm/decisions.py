@@ -195,7 +195,7 @@ class VolumeRule:
     flair_quantile: float = 0.8
 
     def __post_init__(self) -> None:
-        if self.map_z < 0:
+        if not self.map_z >= 0:  # NaN too
             raise ValueError(f"map_z must be >= 0, got {self.map_z}")
         if not 0.0 <= self.flair_quantile < 1.0:
             raise ValueError(f"flair_quantile must lie in [0, 1), got {self.flair_quantile}")
@@ -218,7 +218,6 @@ class VolumeDecisions:
 
     Attributes:
         candidate: S x S x N pixels masked before the component filter.
-        unhealthy: N slice verdicts (the slice holds a candidate pixel).
         eligible: S x S x N pixels the rule may mask (brain pixels with a bright enough FLAIR).
         slice_z: N, each slice's highest robust z-score of the map among its eligible pixels (the volume's lowest
             z-score where it has none); the slice score the verdict rests on, higher = more anomalous.
@@ -226,7 +225,6 @@ class VolumeDecisions:
     """
 
     candidate: torch.Tensor
-    unhealthy: torch.Tensor
     eligible: torch.Tensor
     slice_z: torch.Tensor
     thresholds: torch.Tensor
@@ -253,4 +251,4 @@ def decide_by_volume(
     candidate = eligible & (z >= rule.map_z) & (filtered_map >= thresholds)
     slice_z = torch.where(eligible, z, z.min()).amax(dim=(0, 1)).float()
     levels = thresholds.clamp_min(median + rule.map_z * spread)
-    return VolumeDecisions(candidate, candidate.any(dim=0).any(dim=0), eligible, slice_z, levels)
+    return VolumeDecisions(candidate, eligible, slice_z, levels)

@@ -343,8 +343,9 @@ def decide_slices(
         volume = decide_by_volume(torch.from_numpy(filtered), torch.from_numpy(brain),
                                   torch.from_numpy(np.ascontiguousarray(flair)), thresholds,
                                   volume_rule or VolumeRule())
-        return SliceDecisions(volume.unhealthy, volume.thresholds, raw_map, filtered, volume.candidate.numpy(),
-                              kernel, -volume.slice_z, volume.eligible.numpy())
+        candidate = volume.candidate.numpy()
+        return SliceDecisions(torch.from_numpy(candidate.any(axis=(0, 1))), volume.thresholds, raw_map, filtered,
+                              candidate, kernel, -volume.slice_z, volume.eligible.numpy())
     candidate = (filtered >= thresholds.numpy()[None, None, :]) & unhealthy.numpy()[None, None, :]
     return SliceDecisions(unhealthy, thresholds, raw_map, filtered, candidate, kernel, stats.scores)
 
