@@ -19,10 +19,10 @@ from sklearn.metrics import average_precision_score
 
 from anofpdm.arguments import comma_ints
 from anofpdm.data.slices import SliceDataset
-from anofpdm.diffusion import NoiseSchedule
-from anofpdm.forward_process import guided_and_null_noise
-from anofpdm.model import HEALTHY, NULL_LABEL, UNHEALTHY, load_model
-from anofpdm.volume import BACKGROUND
+from anofpdm.method.diffusion import NoiseSchedule
+from anofpdm.method.forward_process import guided_and_null_noise
+from anofpdm.method.model import HEALTHY, NULL_LABEL, UNHEALTHY, load_model
+from anofpdm.volumes.slicing import BACKGROUND
 
 
 def main() -> None:

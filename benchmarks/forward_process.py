@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from anofpdm.diffusion import NoiseSchedule
-from anofpdm.forward_process import ForwardProcessConfig, run_forward_process
-from anofpdm.model import PRESETS, build_network
+from anofpdm.method.diffusion import NoiseSchedule
+from anofpdm.method.forward_process import ForwardProcessConfig, run_forward_process
+from anofpdm.method.model import PRESETS, build_network
 from anofpdm.runtime import default_device, reuse_heap_memory
 
 

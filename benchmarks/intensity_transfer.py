@@ -5,7 +5,7 @@ process runs twice: on percentile-scaled slices (the model as it is) and on hist
 model given the landmarks of its training volumes, ``anofpdm.data.slices.training_landmarks``). Each is decided
 with the paper's rule and the per-volume rule, beside the FLAIR-percentile baseline. Prints per case and the means:
 3-D Dice over tumour cases, healthy volumes' false-positive mL and how many were called healthy, slice AUROC and
-map AUPRC (``anofpdm.metrics``).
+map AUPRC (``anofpdm.evaluation.metrics``).
 
     PYTHONPATH=lib python benchmarks/intensity_transfer.py --model model/anofpdm.pt --data data/shifted12 \\
         --training-cases data/synth80 --prepared data/slices64 --cases SYN_00000,SYN_00001 --cache runs/transfer
@@ -17,20 +17,20 @@ compared again without the network.
 from __future__ import annotations
 
 import argparse
-import pickle
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from anofpdm.arguments import comma_list
-from anofpdm.baselines import BaselineOptions, FixedThreshold, run_baseline
-from anofpdm.case_scoring import SliceProtocol, prepare_case, score_result
+from anofpdm.evaluation.baselines import BaselineOptions, FixedThreshold, run_baseline
+from anofpdm.evaluation.case_scoring import SliceProtocol, score_result
 from anofpdm.data.brats import find_cases
 from anofpdm.data.slices import load_manifest, training_landmarks
-from anofpdm.model import LoadedModel, load_model
-from anofpdm.pipeline import InferenceOptions, run_forward, segment_volume
+from anofpdm.method.model import LoadedModel, load_model
+from anofpdm.method.pipeline import InferenceOptions, segment_volume
 from anofpdm.runtime import default_device
+from cases import prepared_forward, select_cases
 
 NORMALISATIONS = ("percentile", "standardised")
 RULES = ("paper", "volume")
@@ -66,21 +66,11 @@ def main() -> None:
     plain = load_model(args.model, args.device or default_device())
     models = {"percentile": plain, "standardised": with_landmarks(plain, args.training_cases, args.prepared)}
     rows: dict[str, dict[str, tuple]] = {}
-    for files in find_cases(args.data):
-        if args.cases and files.case_id not in args.cases:
-            continue
+    for files in select_cases(args.data, case_ids=args.cases):
         row = {}
         for normalisation, model in models.items():
             cached = args.cache / normalisation / f"{files.case_id}.pkl" if args.cache else None
-            if cached is not None and cached.is_file():
-                stored = pickle.loads(cached.read_bytes())
-                case, forward = stored["case"], stored["forward"]
-            else:
-                case = prepare_case(files, model.config)
-                forward = run_forward(model, case.images, InferenceOptions())
-                if cached is not None:
-                    cached.parent.mkdir(parents=True, exist_ok=True)
-                    cached.write_bytes(pickle.dumps({"case": case, "forward": forward}))
+            case, forward = prepared_forward(files, model, InferenceOptions(), cached)
             for rule in RULES:
                 result = segment_volume(model, case.images, InferenceOptions(decision_rule=rule),
                                         forward_outputs=forward)

@@ -19,13 +19,16 @@ import numpy as np
 from scipy import ndimage
 
 from anofpdm.arguments import comma_list
-from anofpdm.case_scoring import prepare_case
-from anofpdm.data.brats import find_cases
-from anofpdm.evaluate import split_case_ids
-from anofpdm.metrics import dice
-from anofpdm.model import load_model
-from anofpdm.pipeline import InferenceOptions, decide_slices, default_median_kernel, finish_on_input_grid, run_forward
+from anofpdm.evaluation.metrics import dice
+from anofpdm.method.model import load_model
+from anofpdm.method.pipeline import (
+    InferenceOptions,
+    decide_slices,
+    default_median_kernel,
+    finish_on_input_grid,
+)
 from anofpdm.runtime import default_device
+from cases import prepared_forward, select_cases
 
 NO_FILTER = "none"
 
@@ -55,14 +58,13 @@ def main() -> None:
 
     model = load_model(args.model, args.device)
     options = InferenceOptions(mode=args.mode)
-    found = {files.case_id: files for files in find_cases(args.data)}
     map_kernel = default_median_kernel(model.config.image_size)
     print(f"{args.model}, mode {args.mode}; map median kernel {map_kernel}; 3-D Dice per mask-filter kernel")
     for split in args.splits:
         rows = []
-        for case_id in split_case_ids(args.prepared, split)[: args.max_cases]:
-            case = prepare_case(found[case_id], model.config)
-            outputs = run_forward(model, case.images, options)
+        for files in select_cases(args.data, args.prepared, [split])[: args.max_cases]:
+            case, outputs = prepared_forward(files, model, options, cache=None)
+            case_id = case.case_id
             decided = decide_slices(model, outputs, options)
             gated = decided.candidate
             row = {"case": case_id, "tumour": bool(case.truth.any())}

@@ -29,16 +29,15 @@ import torch
 from scipy.ndimage import distance_transform_edt
 
 from anofpdm.arguments import comma_floats, comma_ints, comma_list
-from anofpdm.baselines import BaselineOptions, FixedThreshold, run_baseline
-from anofpdm.case_scoring import EvaluationCase, prepare_case
-from anofpdm.data.brats import find_cases
-from anofpdm.decisions import row_quantiles
-from anofpdm.evaluate import split_case_ids
-from anofpdm.metrics import dice
-from anofpdm.model import PRESETS, load_model
-from anofpdm.pipeline import default_median_kernel
-from anofpdm.postprocess import median_filter_3d
-from anofpdm.volume import to_input_grid
+from anofpdm.evaluation.baselines import BaselineOptions, FixedThreshold, run_baseline
+from anofpdm.evaluation.case_scoring import EvaluationCase, prepare_case
+from anofpdm.method.decisions import row_quantiles
+from anofpdm.evaluation.metrics import dice
+from anofpdm.method.model import PRESETS, load_model
+from anofpdm.method.pipeline import default_median_kernel
+from anofpdm.method.postprocess import median_filter_3d
+from anofpdm.volumes.slicing import to_input_grid
+from cases import select_cases
 
 QUANTILES = (0.98, 0.90)  # Algorithm 1's range: b (no divergence) and a (divergence at Dmax)
 IDEAL_DECAY_PX = 2.0
@@ -82,11 +81,7 @@ def main() -> None:
     flair_model = load_model(args.flair_model, "cpu") if args.flair_model else None
     flair_options = BaselineOptions(threshold=FixedThreshold(quantile=args.flair_quantile))
 
-    cases = find_cases(args.data)
-    if args.prepared:
-        wanted = {case for split in args.split for case in split_case_ids(args.prepared, split)}
-        cases = [c for c in cases if c.case_id in wanted]
-    cases = cases[: args.max_cases]
+    cases = select_cases(args.data, args.prepared, args.split)[: args.max_cases]
     print("| image size | pixel (mm) | mask | cases with tumour | 3-D Dice per case | mean |")
     print("|---|---|---|---|---|---|")
     tables = []

@@ -27,15 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anofpdm.calibration import MODES, calibrate_mode
-from anofpdm.case_scoring import SliceProtocol, prepare_case, score_result
-from anofpdm.data.brats import find_cases
+from anofpdm.method.calibration import MODES, calibrate_mode
+from anofpdm.evaluation.case_scoring import SliceProtocol, score_result
 from anofpdm.data.slices import SliceDataset
-from anofpdm.evaluate import split_case_ids
-from anofpdm.metrics import aggregate_cases
-from anofpdm.model import LoadedModel, load_model
-from anofpdm.pipeline import InferenceOptions, default_batch_size, segment_volume
+from anofpdm.evaluation.metrics import aggregate_cases
+from anofpdm.method.model import LoadedModel, load_model
+from anofpdm.method.pipeline import InferenceOptions, default_batch_size, segment_volume
 from anofpdm.runtime import default_device, reuse_heap_memory
+from cases import readable_cases, select_cases
 
 NO_EARLY_STOP = "none"
 OWN_CALIBRATION = "setting"  # the mode name a setting's own calibration is stored under
@@ -103,13 +102,8 @@ def main() -> None:
         parser.error("--calibrate-split needs --prepared")
 
     model = load_model(args.model, args.device)
-    found = find_cases(args.data)
-    if args.prepared:
-        held_out = set(split_case_ids(args.prepared, args.split))
-        found = [files for files in found if files.case_id in held_out]
     cases = []
-    for files in found:
-        case = prepare_case(files, model.config)
+    for case in readable_cases(select_cases(args.data, args.prepared, [args.split]), model.config):
         if case.truth.any():
             cases.append(case)
         if len(cases) == args.cases:

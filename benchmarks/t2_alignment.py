@@ -1,4 +1,5 @@
-"""T2 alignment (``anofpdm.alignment``): recovered rigid transforms, time per pair, and the segmentation it gives.
+"""T2 alignment (``anofpdm.volumes.alignment``): recovered rigid transforms, time per pair, and the segmentation it
+gives.
 
 For each study (FLAIR ``<studies>/<id>.nii.gz``, T2 ``<studies>/t2/<id>.nii.gz``, on one grid and aligned), the
 T2 is moved by known rigid transforms (rotation about a random axis through the brain centre, 0 to
@@ -34,9 +35,15 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
-from anofpdm.alignment import REGISTRATION_MODES, RegistrationSettings, align_to_reference, nifti_to_itk, rigid_motion
-from anofpdm.inputs import LPS_TO_RAS, read_volume
-from anofpdm.metrics import dice
+from anofpdm.volumes.alignment import (
+    REGISTRATION_MODES,
+    RegistrationSettings,
+    align_to_reference,
+    nifti_to_itk,
+    rigid_motion,
+)
+from anofpdm.volumes.reading import LPS_TO_RAS, read_volume
+from anofpdm.evaluation.metrics import dice
 
 GRIDS = ("same", "coarse", "oblique")
 OBLIQUE_TILT_DEG = (15.0, 5.0, 0.0)  # about the R-L, A-P and S-I axes
@@ -159,8 +166,8 @@ def segment_pairs(args: argparse.Namespace, folder: Path) -> None:
     """Dice of the masks from misaligned T2s against the aligned-input mask (the shipped model, slow on a CPU)."""
     import torch
 
-    from anofpdm.model import load_model
-    from anofpdm.pipeline import InferenceOptions, segment_volume
+    from anofpdm.method.model import load_model
+    from anofpdm.method.pipeline import InferenceOptions, segment_volume
 
     model = load_model(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for study in args.segment:

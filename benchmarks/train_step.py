@@ -19,8 +19,8 @@ import torch
 from anofpdm.data.slices import SliceDataset
 from anofpdm.distributed import Distributed
 from anofpdm.runtime import default_device, describe_device, reuse_heap_memory
-from anofpdm.train import Trainer
-from anofpdm.train_config import TrainConfig, read_manifest, resolve_network
+from anofpdm.training.trainer import Trainer
+from anofpdm.training.config import TrainConfig, read_manifest, resolve_network
 
 
 def main() -> None:

@@ -13,10 +13,10 @@ import argparse
 import time
 
 from anofpdm.arguments import comma_ints, comma_list
-from anofpdm.diffusion import NoiseSchedule
-from anofpdm.model import load_model
-from anofpdm.train_config import TrainConfig
-from anofpdm.validation import ValidationLoss
+from anofpdm.method.diffusion import NoiseSchedule
+from anofpdm.method.model import load_model
+from anofpdm.training.config import TrainConfig
+from anofpdm.training.validation import ValidationLoss
 
 
 def main() -> None:

@@ -19,9 +19,9 @@ import torch
 
 from anofpdm.arguments import comma_ints
 from anofpdm.data.slices import MANIFEST_NAME, SliceDataset
-from anofpdm.forward_process import run_on_slices
-from anofpdm.model import load_model
-from anofpdm.pipeline import InferenceOptions, resolve_options
+from anofpdm.method.forward_process import run_on_slices
+from anofpdm.method.model import load_model
+from anofpdm.method.pipeline import InferenceOptions, resolve_options
 from anofpdm.runtime import default_device
 
 

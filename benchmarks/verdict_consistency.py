@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from anofpdm.data.slices import SliceDataset
-from anofpdm.forward_process import SliceStatistics, run_on_slices
-from anofpdm.model import load_model
-from anofpdm.pipeline import InferenceOptions, resolve_options
+from anofpdm.method.forward_process import SliceStatistics, run_on_slices
+from anofpdm.method.model import load_model
+from anofpdm.method.pipeline import InferenceOptions, resolve_options
 
 
 def parse_settings(text: str) -> list[tuple[str, int]]:

@@ -22,8 +22,8 @@ import torch
 
 from anofpdm.arguments import comma_list
 from anofpdm.data.brats import find_cases, load_case
-from anofpdm.model import load_model
-from anofpdm.pipeline import InferenceOptions, resolve_options, segment_volume
+from anofpdm.method.model import load_model
+from anofpdm.method.pipeline import InferenceOptions, resolve_options, segment_volume
 from anofpdm.runtime import default_device, reuse_heap_memory
 
 STAGES = ("load_s", "preprocess_s", "network_s", "postprocess_s", "write_s")

@@ -2,7 +2,8 @@
 
 Each case's forward process runs once (fast mode unless ``--mode``); every rule setting is then decided and scored
 by the pipeline and the evaluation's own scoring (``segment_volume`` with the cached forward process,
-``anofpdm.case_scoring.score_result``). Prints one row per setting: 3-D Dice over tumour cases, healthy volumes'
+``anofpdm.evaluation.case_scoring.score_result``). Prints one row per setting: 3-D Dice over tumour cases, healthy
+volumes'
 false-positive mL and how many were called healthy, and the slice AUROC of the rule's slice score. Pick settings on
 a validation split, never on the test cases you report.
 
@@ -16,19 +17,17 @@ without the network.
 from __future__ import annotations
 
 import argparse
-import pickle
 from pathlib import Path
 
 import numpy as np
 
 from anofpdm.arguments import comma_floats
-from anofpdm.case_scoring import SliceProtocol, prepare_case, score_result
-from anofpdm.data.brats import find_cases
-from anofpdm.decisions import VolumeRule
-from anofpdm.evaluate import split_case_ids
-from anofpdm.model import load_model
-from anofpdm.pipeline import InferenceOptions, run_forward, segment_volume
+from anofpdm.evaluation.case_scoring import SliceProtocol, score_result
+from anofpdm.method.decisions import VolumeRule
+from anofpdm.method.model import load_model
+from anofpdm.method.pipeline import InferenceOptions, segment_volume
 from anofpdm.runtime import default_device
+from cases import prepared_forward, select_cases
 
 
 def main() -> None:
@@ -46,27 +45,17 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model(args.model, device=args.device or default_device())
-    cases = find_cases(args.data)
-    if args.prepared is not None:
-        wanted = set(split_case_ids(args.prepared, args.split))
-        cases = [c for c in cases if c.case_id in wanted]
+    cases = select_cases(args.data, args.prepared, [args.split])
     options = InferenceOptions(mode=args.mode, batch_size=args.batch_size, decision_rule="volume")
     rules = [VolumeRule(map_z=z, flair_quantile=q) for z in args.map_z for q in args.flair_quantile]
     rows: dict[VolumeRule, list[tuple[float, float, float, float | None]]] = {rule: [] for rule in rules}
     for files in cases:
+        cached = None if args.cache is None else args.cache / f"{files.case_id}.{args.mode}.pkl"
         try:
-            case = prepare_case(files, model.config)
+            case, outputs = prepared_forward(files, model, options, cached)
         except ValueError as exc:  # an unreadable or invalid case is reported and left out, as evaluate does
             print(f"{files.case_id} left out: {exc}", flush=True)
             continue
-        cached = None if args.cache is None else args.cache / f"{files.case_id}.{args.mode}.pkl"
-        if cached is not None and cached.exists():
-            outputs = pickle.loads(cached.read_bytes())
-        else:
-            outputs = run_forward(model, case.images, options)
-            if cached is not None:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                cached.write_bytes(pickle.dumps(outputs))
         for rule in rules:
             result = segment_volume(model, case.images, options, forward_outputs=outputs, volume_rule=rule)
             scored = score_result(result, case, SliceProtocol())

@@ -1,6 +1,6 @@
 """The README's picture: FLAIR, anomaly map and mask of one demo study, segmented by the shipped model.
 
-Runs the library's pipeline (``anofpdm.pipeline.segment_volume``, the code path of the app and of ``anofpdm
+Runs the library's pipeline (``anofpdm.method.pipeline.segment_volume``, the code path of the app and of ``anofpdm
 segment``) in the model's default mode, then draws the axial plane with the most tumour in the demo truth:
 the FLAIR, the anomaly map over it, and the returned mask with the truth's outline. About a minute on an idle
 2-core CPU. From the repository root:
@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from anofpdm.inputs import read_image, read_sequence
-from anofpdm.metrics import dice
-from anofpdm.model import load_model
-from anofpdm.pipeline import InferenceOptions, segment_volume
+from anofpdm.volumes.reading import read_image, read_sequence
+from anofpdm.evaluation.metrics import dice
+from anofpdm.method.model import load_model
+from anofpdm.method.pipeline import InferenceOptions, segment_volume
 from anofpdm.progress import progress_bar
 from anofpdm.runtime import reuse_heap_memory
 

@@ -19,9 +19,9 @@ import pytest
 import requests
 import torch
 
-from anofpdm.decisions import Calibration
-from anofpdm.diffusion import ScheduleConfig
-from anofpdm.model import NetworkConfig, build_network, save_checkpoint
+from anofpdm.method.decisions import Calibration
+from anofpdm.method.diffusion import ScheduleConfig
+from anofpdm.method.model import NetworkConfig, build_network, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "apps" / "anofpdm"

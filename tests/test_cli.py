@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from anofpdm.cli import main
-from anofpdm.model import load_checkpoint, load_model
+from anofpdm.method.model import load_checkpoint, load_model
 
 from conftest import make_phantom, make_volume_pair, phantom_grid, rigid_ras
 
@@ -160,7 +160,7 @@ def test_bad_settings_are_a_one_line_error_and_nothing_is_written(tmp_path, caps
 
 
 def test_calibrate_stores_each_mode_in_the_model_file(tiny_model_path, tmp_path):
-    from anofpdm.model import save_checkpoint
+    from anofpdm.method.model import save_checkpoint
 
     payload = load_checkpoint(tiny_model_path)
     model_path = tmp_path / "model.pt"

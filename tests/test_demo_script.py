@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from anofpdm.model import load_model
+from anofpdm.method.model import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "train_demo_model.sh"

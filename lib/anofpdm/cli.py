@@ -48,7 +48,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from anofpdm.train import run_from_args
+    from anofpdm.training.trainer import run_from_args
 
     return run_from_args(args)
 
@@ -56,9 +56,9 @@ def _train(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from anofpdm.calibration import MODES, calibrate_mode, choose_guidance
+    from anofpdm.method.calibration import MODES, calibrate_mode, choose_guidance
     from anofpdm.data.slices import SliceDataset
-    from anofpdm.model import load_model, update_calibration
+    from anofpdm.method.model import load_model, update_calibration
     from anofpdm.runtime import default_device
 
     model = load_model(args.model, args.device or default_device())
@@ -87,12 +87,12 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _segment(args: argparse.Namespace) -> int:
     import nibabel as nib
 
-    from anofpdm.inputs import read_image, read_sequence
-    from anofpdm.model import load_model
-    from anofpdm.pipeline import InferenceOptions, segment_volume
-    from anofpdm.postprocess import UNCERTAIN_TUMOUR
+    from anofpdm.volumes.reading import read_image, read_sequence
+    from anofpdm.method.model import load_model
+    from anofpdm.method.pipeline import InferenceOptions, segment_volume
+    from anofpdm.method.postprocess import UNCERTAIN_TUMOUR
     from anofpdm.runtime import default_device
-    from anofpdm.volume import InputError
+    from anofpdm.volumes.checks import InputError
 
     model = load_model(args.model, args.device or default_device())
     options = InferenceOptions(
@@ -135,14 +135,14 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from anofpdm.evaluate import run_from_args
+    from anofpdm.evaluation.evaluate import run_from_args
 
     return run_from_args(args)
 
 
 def _to_dicom(args: argparse.Namespace) -> int:
-    from anofpdm.dicom import write_study
-    from anofpdm.inputs import read_sequence
+    from anofpdm.volumes.dicom import write_study
+    from anofpdm.volumes.reading import read_sequence
 
     volumes = {name: read_sequence(name, path) for name, path in (("flair", args.flair), ("t2", args.t2)) if path}
     study = write_study(volumes, args.out, args.patient_id)
@@ -152,9 +152,9 @@ def _to_dicom(args: argparse.Namespace) -> int:
 
 
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
-    from anofpdm.decisions import UNCERTAIN_PROBABILITY
-    from anofpdm.alignment import REGISTRATION_MODES
-    from anofpdm.pipeline import DECISION_RULES, InferenceOptions
+    from anofpdm.method.decisions import UNCERTAIN_PROBABILITY
+    from anofpdm.volumes.alignment import REGISTRATION_MODES
+    from anofpdm.method.pipeline import DECISION_RULES, InferenceOptions
 
     defaults = InferenceOptions()
     parser.add_argument("--mode", default=defaults.mode,
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare", help="volumes -> normalised training slices with a split")
     prepare.add_argument("--data", type=Path, required=True, help="BraTS21 / BraTS2023 / MSD Task01 / synth folder")
     prepare.add_argument("--out", type=Path, required=True)
-    from anofpdm.sequences import SEQUENCES
+    from anofpdm.volumes.sequences import SEQUENCES
 
     prepare.add_argument("--sequences", type=comma_list, default=SEQUENCES)
     prepare.add_argument("--size", type=int, default=128)
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(run=_prepare)
 
     train = commands.add_parser("train", help="classifier-free-guidance training (torchrun for several GPUs)")
-    from anofpdm.train import add_train_arguments
+    from anofpdm.training.trainer import add_train_arguments
 
     add_train_arguments(train)
     train.set_defaults(run=_train)
@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate", help="AnoFPDM variants and baselines on volume folders: metrics, tables, overlays")
-    from anofpdm.evaluate import add_evaluate_arguments
+    from anofpdm.evaluation.evaluate import add_evaluate_arguments
 
     add_evaluate_arguments(evaluate)
     evaluate.set_defaults(run=_evaluate)

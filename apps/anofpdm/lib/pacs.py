@@ -7,7 +7,7 @@ to start. :class:`PACSDatastore` is MONAI Label's ``DICOMWebDatastore`` with the
 pydicom-seg writer), so nothing is downloaded. It also:
 
 - finds the T2 (any sequence besides the FLAIR) of a FLAIR series in the same study, by the words of
-  SeriesDescription and ProtocolName (``anofpdm.inputs.named_sequences``: "AX T2" is a T2, "AX T2 FLAIR"
+  SeriesDescription and ProtocolName (``anofpdm.volumes.reading.named_sequences``: "AX T2" is a T2, "AX T2 FLAIR"
   a FLAIR), or takes the series a request names (``t2_series``), and fetches and converts it once, as
   MONAI Label does the FLAIR (cached under ``MONAI_LABEL_DICOMWEB_CACHE_PATH``);
 - refuses unknown and non-MR series with an ``InputError`` (HTTP 422), and turns a DICOMweb server that
@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import pydicom_seg
 import requests
-from anofpdm.inputs import named_sequences, read_volume
-from anofpdm.postprocess import LABEL_NAMES
-from anofpdm.volume import InputError
+from anofpdm.volumes.reading import named_sequences, read_volume
+from anofpdm.method.postprocess import LABEL_NAMES
+from anofpdm.volumes.checks import InputError
 from dicomweb_client import DICOMwebClient
 from dicomweb_client.ext.gcp.session_utils import create_session_from_gcp_credentials
 from dicomweb_client.session_utils import create_session_from_user_pass

@@ -29,12 +29,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from anofpdm.volume import InputError
+from anofpdm.volumes.checks import InputError
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
 from fastapi.responses import FileResponse
 from fastapi.routing import APIRoute, APIRouter
 from lib.infers.anofpdm import MAP_SUFFIX, ModelUnavailableError
-from lib.inputs import IMAGE_ID, IMAGE_NAME
+from lib.request_inputs import IMAGE_ID, IMAGE_NAME
 from lib.pacs import PACSUnavailableError
 from monailabel.config import settings
 from monailabel.endpoints import datastore as datastore_endpoint

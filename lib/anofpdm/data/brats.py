@@ -2,7 +2,7 @@
 
 Every layout is read into the same form: float32 arrays keyed by the canonical sequence names
 ``SEQUENCES`` (flair, t1, t1ce, t2), the whole-tumour mask (label > 0) and the affine, all reoriented
-to RAS (a lossless axis permutation / flip) so that training slices match what ``anofpdm.volume``
+to RAS (a lossless axis permutation / flip) so that training slices match what ``anofpdm.volumes.slicing``
 feeds the network at inference.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from anofpdm.sequences import MSD_CHANNELS, SEQUENCES
+from anofpdm.volumes.sequences import MSD_CHANNELS, SEQUENCES
 
 __all__ = [
     "SEQUENCES",

@@ -3,13 +3,13 @@
 ``prepare_dataset`` turns a folder of cases into compact per-split arrays:
 
 - ``{split}_images.npy``: N x C x S x S float16, per volume and sequence normalised to [-1, 1]
-  with ``anofpdm.intensity.normalise`` (histogram-standardised onto the training split's landmarks by default);
+  with ``anofpdm.volumes.intensity.normalise`` (histogram-standardised onto the training split's landmarks by default);
 - ``{split}_labels.npy``: N uint8, 1 when any tumour pixel remains after resizing (unhealthy);
 - ``{split}_masks.npy``: N x S x S uint8 pixel truth (evaluation only, never for training);
 - ``{split}_index.json``: the case id and axial index (in the RAS volume) of every row;
 - ``manifest.json``: settings, split cases, slice counts, skipped cases with the reason.
 
-Slices are made by ``anofpdm.volume.to_model_slices``, the same code inference uses: RAS axial planes
+Slices are made by ``anofpdm.volumes.slicing.to_model_slices``, the same code inference uses: RAS axial planes
 ``volume[:, :, k]`` (x, y), a square field of view centred on the brain (BraTS: 240 mm), resized.
 """
 
@@ -28,10 +28,10 @@ import torch
 from torch.utils.data import Dataset
 
 from anofpdm.data.brats import SEQUENCES, CaseFiles, find_cases, load_case
-from anofpdm.intensity import brain_landmarks, percentile_normalise
+from anofpdm.volumes.intensity import brain_landmarks, percentile_normalise
 from anofpdm.parallel import ordered_map
 from anofpdm.progress import ProgressCallback
-from anofpdm.volume import MIN_BRAIN_AREA_MM2, to_model_slices
+from anofpdm.volumes.slicing import MIN_BRAIN_AREA_MM2, to_model_slices
 
 __all__ = [
     "SPLITS",
@@ -139,7 +139,7 @@ def case_slices(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Brain slices of one case: images N x C x S x S, labels N, masks N x S x S and axial indices N.
 
-    The slices come from ``anofpdm.volume.to_model_slices``, the function inference uses, so the
+    The slices come from ``anofpdm.volumes.slicing.to_model_slices``, the function inference uses, so the
     network is trained on exactly the slice geometry (orientation, brain-centred field of view,
     resizing, brain-slice selection) and intensity normalisation (``landmarks``: histogram standardisation,
     None: percentile scaling only) it later sees.
@@ -242,10 +242,10 @@ def prepare_dataset(
         split: train / val / test fractions of the cases.
         progress: optional callable(done, total) after each case.
         field_of_view_mm: in-plane extent of a slice, centred on the brain (BraTS: 240 mm). Axial
-            planes with less than ``anofpdm.volume.MIN_BRAIN_AREA_MM2`` of brain are left out.
+            planes with less than ``anofpdm.volumes.slicing.MIN_BRAIN_AREA_MM2`` of brain are left out.
         workers: processes reading cases in parallel (the arrays are identical for any number).
         standardise: histogram-standardise every volume onto the training split's mean landmarks
-            (``anofpdm.intensity``; written to the manifest, and from there into every model trained on it);
+            (``anofpdm.volumes.intensity``; written to the manifest, and from there into every model trained on it);
             False: percentile scaling only, as the paper.
 
     Returns:
@@ -285,8 +285,9 @@ def prepare_dataset(
         "min_brain_area_mm2": MIN_BRAIN_AREA_MM2,
         "image_dtype": np.dtype(IMAGE_DTYPE).name,
         "orientation": "RAS; axial planes volume[:, :, k] as (x, y); a square field of view centred on the brain "
-                       "(anofpdm.volume.to_model_slices)",
-        "normalisation": "per volume and sequence: anofpdm.intensity.normalise (99th percentile of nonzero voxels "
+                       "(anofpdm.volumes.slicing.to_model_slices)",
+        "normalisation": "per volume and sequence: anofpdm.volumes.intensity.normalise "
+                         "(99th percentile of nonzero voxels "
         + ("-> 1, histogram standardisation onto intensity_landmarks" if standardise else "-> 1")
         + ", [0, 1] -> [-1, 1])",
         "intensity_landmarks": landmarks,

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 import lib.infers
-from anofpdm.postprocess import LABEL_NAMES
+from anofpdm.method.postprocess import LABEL_NAMES
 from lib.serving import anomaly_map_url
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask

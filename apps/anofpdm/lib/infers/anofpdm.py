@@ -1,6 +1,6 @@
-"""The MONAI Label infer task: find the request's sequences, call ``anofpdm.pipeline``, write the results.
+"""The MONAI Label infer task: find the request's sequences, call ``anofpdm.method.pipeline``, write the results.
 
-No method logic lives here: the segmentation is ``anofpdm.pipeline.segment_volume``.
+No method logic lives here: the segmentation is ``anofpdm.method.pipeline.segment_volume``.
 """
 
 from __future__ import annotations
@@ -17,12 +17,18 @@ from typing import Any, NamedTuple
 import nibabel as nib
 import SimpleITK as sitk
 import torch
-from anofpdm.alignment import REGISTRATION_MODES
-from anofpdm.model import LoadedModel, load_checkpoint, load_model
-from anofpdm.pipeline import DECISION_RULES, InferenceOptions, SegmentationResult, resolve_options, segment_volume
+from anofpdm.volumes.alignment import REGISTRATION_MODES
+from anofpdm.method.model import LoadedModel, load_checkpoint, load_model
+from anofpdm.method.pipeline import (
+    DECISION_RULES,
+    InferenceOptions,
+    SegmentationResult,
+    resolve_options,
+    segment_volume,
+)
 from anofpdm.runtime import default_device
-from anofpdm.volume import InputError
-from lib.inputs import IMAGE_ID, ResolvedInputs, StudyLookup, resolve_inputs
+from anofpdm.volumes.checks import InputError
+from lib.request_inputs import IMAGE_ID, ResolvedInputs, StudyLookup, resolve_inputs
 from lib.pacs import PACSDatastore
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
@@ -106,7 +112,7 @@ def _parse_option(name: str, value: Any) -> Any:
 
 
 class AnoFPDM(InferTask):
-    """Whole-tumour segmentation of a FLAIR + T2 volume by AnoFPDM (``anofpdm.pipeline``).
+    """Whole-tumour segmentation of a FLAIR + T2 volume by AnoFPDM (``anofpdm.method.pipeline``).
 
     Args:
         path: the model checkpoint (weights + calibration); the task is offered only if it is valid.

@@ -1,0 +1,56 @@
+"""Plumbing the benchmarks share: which labelled cases a run takes, and a cache of each case's forward process.
+
+Every benchmark that scores cases picks them the same way (a data folder, optionally the cases of named splits of
+a prepared data set, optionally listed ids) and, where it compares decision rules or settings on one forward
+process, keeps that process on disk with ``prepared_forward`` so the comparison can be run again without the
+network. The cache holds pickles made by this code for these scripts only: never point it at files from elsewhere.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from anofpdm.data.brats import CaseFiles, find_cases
+from anofpdm.evaluation.case_scoring import EvaluationCase, prepare_case
+from anofpdm.evaluation.evaluate import split_case_ids
+from anofpdm.method.model import LoadedModel, NetworkConfig
+from anofpdm.method.pipeline import ForwardOutputs, InferenceOptions, run_forward
+
+
+def select_cases(
+    data: Path, prepared: Path | None = None, splits: Sequence[str] = (), case_ids: Sequence[str] | None = None
+) -> list[CaseFiles]:
+    """The cases under ``data``, in order: those of ``splits`` of ``prepared`` when given, then ``case_ids``."""
+    cases = find_cases(data)
+    if prepared is not None and splits:
+        wanted = {case for split in splits for case in split_case_ids(prepared, split)}
+        cases = [files for files in cases if files.case_id in wanted]
+    if case_ids:
+        cases = [files for files in cases if files.case_id in set(case_ids)]
+    return cases
+
+
+def readable_cases(cases: Sequence[CaseFiles], config: NetworkConfig) -> Iterator[EvaluationCase]:
+    """Each case prepared for ``config``; an unreadable or invalid one is reported and left out, as evaluate does."""
+    for files in cases:
+        try:
+            yield prepare_case(files, config)
+        except ValueError as exc:
+            print(f"{files.case_id} left out: {exc}", flush=True)
+
+
+def prepared_forward(
+    files: CaseFiles, model: LoadedModel, options: InferenceOptions, cache: Path | None
+) -> tuple[EvaluationCase, ForwardOutputs]:
+    """A case and its forward process, from ``cache`` (a file path) when it holds them, else computed and stored."""
+    if cache is not None and cache.is_file():
+        stored = pickle.loads(cache.read_bytes())
+        return stored["case"], stored["forward"]
+    case = prepare_case(files, model.config)
+    forward = run_forward(model, case.images, options)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_bytes(pickle.dumps({"case": case, "forward": forward}))
+    return case, forward

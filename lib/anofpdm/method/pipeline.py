@@ -1,0 +1,490 @@
+"""One volume in, tumour mask + anomaly map + report out: the code path of the app, the CLI and evaluation.
+
+Steps: the other sequences onto the FLAIR grid (``alignment``: resampled, registered when they do not line up),
+input checks and slicing (``volume``), the forward process on all brain slices in chunks
+(``forward_process``), the per-slice decisions (``decisions``), restacking with the 3-D median and
+connected-component filters (``postprocess``), and the inverse mapping onto the input grid.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from anofpdm.volumes.alignment import REGISTRATION_MODES, Alignment, align_sequences
+from anofpdm.method.decisions import (
+    UNCERTAIN_PROBABILITY,
+    Calibration,
+    QuantileRule,
+    VolumeRule,
+    combine_maps,
+    decide_by_volume,
+    is_uncertain,
+    slice_thresholds,
+)
+from anofpdm.method.forward_process import ForwardProcessConfig, SliceStatistics, run_on_slices
+from anofpdm.method.model import MAP_SEQUENCES, LoadedModel
+from anofpdm.method.postprocess import (
+    LABEL_NAMES,
+    TUMOUR,
+    lesion_table,
+    mark_uncertain_lesions,
+    median_filter_3d,
+    remove_small_components,
+)
+from anofpdm.progress import StageProgressCallback
+from anofpdm.volumes.checks import InputError
+from anofpdm.volumes.slicing import VolumeGeometry, brain_pixels, to_input_grid, to_model_slices
+
+__all__ = ["InferenceOptions", "InputError", "ModelGridOutputs", "SegmentationResult", "ForwardOutputs", "run_forward",
+           "SliceDecisions", "decide_slices", "segment_volume", "resolve_options", "finish_on_input_grid", "image_like",
+           "default_median_kernel", "default_batch_size"]
+
+MAP_VARIANTS = ("mean", "end_step")
+DECISION_RULES = ("volume", "paper")  # the default first
+PAPER_MEDIAN_KERNEL = 5  # 5 x 5 at 128 px (1.875 mm): the paper's
+PAPER_IMAGE_SIZE = 128
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """What a user may set for one segmentation; ``None`` means "the model's calibrated value".
+
+    Args:
+        mode: a calibrated mode of the model ("fast" or "full"); it supplies the forward-process
+            settings and the calibration constants.
+        guidance, forward_steps, stride, encoding, early_stop: overrides of the mode's settings.
+        seed: noise seed.
+        min_lesion_mm3: connected components of this volume or less are removed.
+        median_kernel: odd 3-D median kernel in voxels (None: the paper's 5 px at 128 px, scaled).
+        batch_size: slices per network batch (None: 8 on CPU, 64 on CUDA).
+        bf16: run the network under bfloat16 autocast (fast on recent GPUs; calibrated in float32).
+        map_variant: "mean" (docs/method.md section 4: mean error before t_e) or "end_step" (the paper's
+            S_te variant: the error at t_e alone).
+        mark_uncertain: label lesions whose unhealthy probability stays below the confident level
+            (``UNCERTAIN_PROBABILITY[1]``) as "tumour (uncertain)" (2) instead of "tumour" (1); needs a
+            calibration with unhealthy probabilities.
+        decision_rule: "volume" (each pixel's map value and FLAIR judged against its own volume's, and a slice
+            unhealthy when it holds a masked pixel: ``anofpdm.method.decisions.VolumeRule``) or "paper" (each slice's
+            cosine score against the calibrated c*, and Algorithm 1's threshold).
+        registration: rigid registration of the T2 (and other sequences) to the FLAIR: "auto" (when their
+            brain regions do not line up), "always" or "never" (``anofpdm.volumes.alignment``); a sequence on another
+            grid is resampled onto the FLAIR's in every case.
+    """
+
+    mode: str = "fast"
+    guidance: float | None = None
+    forward_steps: int | None = None
+    stride: int | None = None
+    encoding: str | None = None
+    early_stop: int | None = None
+    seed: int = 0
+    min_lesion_mm3: float = 500.0
+    median_kernel: int | None = None
+    batch_size: int | None = None
+    bf16: bool = False
+    map_variant: str = "mean"
+    mark_uncertain: bool = True
+    decision_rule: str = "volume"
+    registration: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name, choices in (("registration", REGISTRATION_MODES), ("map_variant", MAP_VARIANTS),
+                              ("decision_rule", DECISION_RULES)):
+            if getattr(self, name) not in choices:
+                raise InputError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.min_lesion_mm3 < 0:
+            raise InputError(f"min_lesion_mm3 must be >= 0, got {self.min_lesion_mm3}")
+        if self.median_kernel is not None and (self.median_kernel < 1 or self.median_kernel % 2 == 0):
+            raise InputError(f"median_kernel must be odd and positive, got {self.median_kernel}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class ModelGridOutputs:
+    """Per-slice results on the network grid (N brain slices of S x S), for slice-level evaluation.
+
+    Attributes:
+        slices: N x C x S x S network input.
+        raw_map: N x S x S combined anomaly map before any median filter.
+        scores: N slice scores the verdict rests on, low = unhealthy: the cosine scores (paper's rule) or minus
+            each slice's highest robust z-score of the map (volume rule, ``anofpdm.method.decisions.VolumeDecisions``).
+        unhealthy: N slice verdicts.
+        thresholds: N thresholds (tau; with the volume rule at least the volume's map floor).
+        geometry: the mapping between the input grid and these slices.
+        eligible: N x S x S pixels the decision rule may mask (None: all).
+    """
+
+    slices: np.ndarray
+    raw_map: np.ndarray
+    scores: np.ndarray
+    unhealthy: np.ndarray
+    thresholds: np.ndarray
+    geometry: VolumeGeometry
+    eligible: np.ndarray | None = None
+
+
+@dataclass
+class SegmentationResult:
+    """Mask and anomaly map on the input grid, the JSON-ready report, and the model-grid outputs."""
+
+    mask: nib.Nifti1Image
+    anomaly_map: nib.Nifti1Image
+    report: dict[str, Any] = field(default_factory=dict)
+    model_grid: ModelGridOutputs | None = None
+
+
+def resolve_options(
+    model: LoadedModel, options: InferenceOptions
+) -> tuple[ForwardProcessConfig, Calibration, list[str]]:
+    """The forward-process settings and calibration for ``options``, and warnings about overrides."""
+    modes = model.calibration or {}
+    if options.mode not in modes:
+        raise InputError(
+            f"model {model.path} has no calibration for mode {options.mode!r} "
+            f"(calibrated modes: {sorted(modes) or 'none; run anofpdm calibrate'})"
+        )
+    calibration = Calibration.from_dict(modes[options.mode])
+    if calibration.outdated:
+        raise InputError(
+            f"model {model.path}: mode {options.mode!r} was calibrated with an earlier forward process whose early "
+            "stop ended whole batches; its c* does not fit this version's scores. Recalibrate: anofpdm calibrate "
+            f"--model {model.path} --data <prepared slices> --modes {options.mode}"
+        )
+    settings = {
+        "guidance": calibration.guidance,
+        "forward_steps": calibration.forward_steps,
+        "stride": calibration.stride,
+        "encoding": calibration.encoding,
+        "early_stop": calibration.early_stop,
+    }
+    warnings = []
+    if not calibration.unhealthy_frequency:
+        warnings.append(f"mode {options.mode!r} was calibrated before unhealthy probabilities were recorded, so "
+                        "no uncertain slices are reported; recalibrate for them "
+                        f"(anofpdm calibrate --modes {options.mode})")
+    for name in settings:
+        value = getattr(options, name)
+        if value is not None and value != settings[name]:
+            warnings.append(f"{name}={value} differs from the {settings[name]} the model was calibrated at: "
+                            "the verdict and threshold may be off")
+            settings[name] = value
+    try:
+        forward = ForwardProcessConfig(seed=options.seed, **settings)
+    except ValueError as exc:  # an override out of range: the user's request, not a bug
+        raise InputError(str(exc)) from exc
+    return forward, calibration, warnings
+
+
+def default_median_kernel(image_size: int) -> int:
+    """The paper's 5 px kernel at 128 px, scaled to ``image_size`` (odd, at least 3)."""
+    scaled = int(round(PAPER_MEDIAN_KERNEL * image_size / PAPER_IMAGE_SIZE))
+    return max(3, scaled + (scaled + 1) % 2)
+
+
+@dataclass
+class ForwardOutputs:
+    """The network part of one segmentation, before any per-slice decision.
+
+    Attributes:
+        slices: N x C x S x S network input.
+        geometry: the mapping between the input grid and the slices.
+        forward: the forward-process settings used.
+        calibration: the mode's calibration.
+        stats: the forward process's per-slice statistics.
+        warnings: warnings about overridden settings and large alignment corrections.
+        timings: "alignment_s", "preprocess_s" and "network_s".
+        alignment: what was done to each sequence besides the FLAIR to put it on the FLAIR grid.
+    """
+
+    slices: np.ndarray
+    geometry: VolumeGeometry
+    forward: ForwardProcessConfig
+    calibration: Calibration
+    stats: SliceStatistics
+    warnings: list[str]
+    timings: dict[str, float]
+    alignment: dict[str, Alignment] = field(default_factory=dict)
+
+
+def run_forward(
+    model: LoadedModel,
+    images: Mapping[str, nib.spatialimages.SpatialImage],
+    options: InferenceOptions,
+    progress: StageProgressCallback | None = None,
+) -> ForwardOutputs:
+    """Alignment, input checks, slicing and the forward process of ``segment_volume``: everything but the decisions.
+
+    ``options.map_variant`` plays no part here, so the map variants of one setting can share the result.
+    """
+    config = model.config
+    missing_maps = [name for name in MAP_SEQUENCES if name not in config.sequences]
+    if missing_maps:
+        raise ValueError(f"model sequences {config.sequences} lack {missing_maps} needed for the anomaly maps")
+    forward, calibration, warnings = resolve_options(model, options)
+    start = time.perf_counter()
+    images, alignment = align_sequences(images, config.sequences, options.registration)
+    warnings += [warning for record in alignment.values() for warning in record.warnings]
+    alignment_s = time.perf_counter() - start
+    start = time.perf_counter()
+    slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm,
+                                          landmarks=config.landmarks)
+    preprocess_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    batch = options.batch_size or default_batch_size(model.device)
+    report_step = None if progress is None else (lambda done, total: progress("forward process", done, total))
+    stats = run_on_slices(model, slices, forward, batch, report_step, bf16=options.bf16)
+    timings = {"alignment_s": alignment_s, "preprocess_s": preprocess_s, "network_s": time.perf_counter() - start}
+    return ForwardOutputs(slices, geometry, forward, calibration, stats, warnings, timings, alignment)
+
+
+def segment_volume(
+    model: LoadedModel,
+    images: Mapping[str, nib.spatialimages.SpatialImage],
+    options: InferenceOptions | None = None,
+    progress: StageProgressCallback | None = None,
+    forward_outputs: ForwardOutputs | None = None,
+    volume_rule: VolumeRule | None = None,
+) -> SegmentationResult:
+    """Segment the tumour in one skull-stripped FLAIR + T2 (+ other) volume set.
+
+    Args:
+        model: a calibrated model (``anofpdm.method.model.load_model``).
+        images: sequence name -> image; must hold the model's sequences. The FLAIR's grid is the output grid;
+            the others are resampled onto it and registered to it as ``options.registration`` says.
+        options: mode and overrides.
+        progress: called with (stage, done, total) as the forward process advances.
+        forward_outputs: ``run_forward(model, images, options)`` already computed (e.g. for another map
+            variant of the same options); None computes it.
+        volume_rule: the per-volume rule's settings (None: ``VolumeRule()``'s defaults).
+
+    Returns:
+        label map (uint8: tumour = 1, tumour (uncertain) = 2) and anomaly map (float32) on the FLAIR grid,
+        and the report.
+
+    Raises:
+        InputError: the inputs cannot be segmented (missing sequence, NaN, empty, not overlapping...).
+    """
+    options = options or InferenceOptions()
+    outputs = forward_outputs or run_forward(model, images, options, progress)
+    stats, geometry = outputs.stats, outputs.geometry
+    start = time.perf_counter()
+    decided = decide_slices(model, outputs, options, volume_rule)
+    probability = outputs.calibration.unhealthy_probability(stats.scores)
+    mask_model, labels_input, map_input, lesions, removed = finish_on_input_grid(
+        decided.filtered_map, decided.candidate, geometry, options.min_lesion_mm3, probability, options.mark_uncertain
+    )
+    unhealthy = decided.unhealthy
+    if options.decision_rule == "volume":  # its verdict: the slice holds a lesion that passed the component filter
+        unhealthy = torch.from_numpy(mask_model.any(axis=(0, 1)))
+    timings = {**outputs.timings, "postprocess_s": time.perf_counter() - start}
+
+    mask_image = image_like(images[MAP_SEQUENCES[0]], labels_input, np.uint8)
+    map_image = image_like(images[MAP_SEQUENCES[0]], map_input, np.float32)
+    report = _report(model, options, outputs.forward, outputs.calibration, geometry, stats.scores, probability,
+                     unhealthy, decided.thresholds, stats, lesions, removed, decided.median_kernel,
+                     outputs.warnings, timings, outputs.alignment)
+    eligible = None if decided.eligible is None else decided.eligible.transpose(2, 0, 1)
+    model_grid = ModelGridOutputs(outputs.slices, decided.raw_map.transpose(2, 0, 1), decided.slice_scores.numpy(),
+                                  unhealthy.numpy(), decided.thresholds.numpy(), geometry, eligible)
+    return SegmentationResult(mask=mask_image, anomaly_map=map_image, report=report, model_grid=model_grid)
+
+
+@dataclass
+class SliceDecisions:
+    """The per-slice decisions on the restacked model grid (N slices of S x S).
+
+    Attributes:
+        unhealthy: N slice verdicts (paper's rule: score <= c*; volume rule: the slice holds a candidate pixel;
+            ``segment_volume`` then reports a slice unhealthy when it holds a lesion that passed the component
+            filter).
+        thresholds: N thresholds (Algorithm 1's tau; volume rule: at least the volume's map floor).
+        raw_map: S x S x N combined anomaly map of the options' map variant.
+        filtered_map: ``raw_map`` after the 3-D median filter.
+        candidate: S x S x N mask before the component filter (paper's rule: ``filtered_map >= tau`` on unhealthy
+            slices only).
+        median_kernel: the median kernel used.
+        slice_scores: N scores the verdict rests on, low = unhealthy (``ModelGridOutputs.scores``).
+        eligible: S x S x N pixels the rule may mask (None: all).
+    """
+
+    unhealthy: torch.Tensor
+    thresholds: torch.Tensor
+    raw_map: np.ndarray
+    filtered_map: np.ndarray
+    candidate: np.ndarray
+    median_kernel: int
+    slice_scores: torch.Tensor
+    eligible: np.ndarray | None = None
+
+
+def decide_slices(
+    model: LoadedModel, outputs: ForwardOutputs, options: InferenceOptions, volume_rule: VolumeRule | None = None
+) -> SliceDecisions:
+    """Verdicts, thresholds and the gated mask from a forward process (docs/method.md section 4, 3-D median); the
+    volume rule's settings are ``volume_rule`` (None: its defaults)."""
+    stats, calibration = outputs.stats, outputs.calibration
+    unhealthy = stats.scores <= calibration.cosine_threshold
+    maps = stats.anomaly_maps if options.map_variant == "mean" else stats.end_step_maps
+    thresholds = slice_thresholds(maps, stats.max_divergence, torch.tensor(calibration.max_divergence), QuantileRule())
+    raw_map = combine_maps(maps).numpy().transpose(1, 2, 0)  # S x S x N
+    kernel = options.median_kernel or default_median_kernel(model.config.image_size)
+    filtered = median_filter_3d(raw_map, kernel)
+    if options.decision_rule == "volume":
+        brain = brain_pixels(outputs.slices).transpose(1, 2, 0)
+        flair = outputs.slices[:, model.config.sequences.index(MAP_SEQUENCES[0])].transpose(1, 2, 0)
+        volume = decide_by_volume(torch.from_numpy(filtered), torch.from_numpy(brain),
+                                  torch.from_numpy(np.ascontiguousarray(flair)), thresholds,
+                                  volume_rule or VolumeRule())
+        candidate = volume.candidate.numpy()
+        return SliceDecisions(torch.from_numpy(candidate.any(axis=(0, 1))), volume.thresholds, raw_map, filtered,
+                              candidate, kernel, -volume.slice_z, volume.eligible.numpy())
+    candidate = (filtered >= thresholds.numpy()[None, None, :]) & unhealthy.numpy()[None, None, :]
+    return SliceDecisions(unhealthy, thresholds, raw_map, filtered, candidate, kernel, stats.scores)
+
+
+def finish_on_input_grid(
+    filtered: np.ndarray,
+    candidate: np.ndarray,
+    geometry: VolumeGeometry,
+    min_lesion_mm3: float,
+    unhealthy_probability: torch.Tensor | None = None,
+    mark_uncertain: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]], int]:
+    """Component filter on the model grid, then label map and map onto the input grid, and the lesion table.
+
+    Args:
+        filtered: S x S x N median-filtered anomaly map.
+        candidate: S x S x N thresholded (and, for AnoFPDM, verdict-gated) mask.
+        geometry: the volume's model-grid mapping.
+        min_lesion_mm3: components of at most this volume are removed.
+        unhealthy_probability: optional N per-slice unhealthy probabilities: each lesion then gets the highest
+            of its slices.
+        mark_uncertain: with ``unhealthy_probability``, label lesions below the confident level
+            ``UNCERTAIN_PROBABILITY[1]`` as ``UNCERTAIN_TUMOUR``.
+
+    Returns:
+        The filtered model-grid mask, the input-grid label map (uint8, ``TUMOUR`` or ``UNCERTAIN_TUMOUR``)
+        and map, the lesion table, and the number of components removed.
+    """
+    mask, removed = remove_small_components(candidate, geometry.spacing_mm, min_lesion_mm3)
+    # resampling can leave a kept component smaller (cut by the field of view) or split off pieces of it: the
+    # lesions the user gets are held to the same minimum on the input grid
+    mask_input, fragments = remove_small_components(
+        to_input_grid(mask.astype(np.float32), geometry) >= 0.5, nib.affines.voxel_sizes(geometry.affine),
+        min_lesion_mm3,
+    )
+    map_input = to_input_grid(filtered, geometry)
+    labels_input = mask_input.astype(np.uint8) * TUMOUR
+    probability_input = None
+    if unhealthy_probability is not None:  # constant per slice, so each input plane gets its slice's value
+        planes = np.broadcast_to(unhealthy_probability.numpy().astype(np.float32), filtered.shape)
+        probability_input = to_input_grid(np.ascontiguousarray(planes), geometry)
+        if mark_uncertain:
+            labels_input = mark_uncertain_lesions(mask_input, probability_input, UNCERTAIN_PROBABILITY[1])
+    lesions = lesion_table(labels_input, map_input, geometry.affine, probability_input)
+    return mask, labels_input, map_input, lesions, removed + fragments
+
+
+def image_like(reference: nib.spatialimages.SpatialImage, data: np.ndarray, dtype: type) -> nib.Nifti1Image:
+    """A NIfTI image of ``data`` on exactly the reference's grid (affine and qform/sform codes)."""
+    header = nib.Nifti1Header()
+    if isinstance(reference, nib.Nifti1Image):
+        header = reference.header.copy()
+    image = nib.Nifti1Image(data.astype(dtype), reference.affine, header)
+    image.set_data_dtype(dtype)
+    image.header["scl_slope"], image.header["scl_inter"] = 1.0, 0.0
+    return image
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Slices per network batch when the request names none."""
+    # 2-core CPU, one volume's network time: batch 8 85-99 s, 32 88-89 s (docs/performance.md), for ~0.7 GB more memory
+    return 64 if device.type == "cuda" else 8
+
+
+def _report(
+    model: LoadedModel,
+    options: InferenceOptions,
+    forward: ForwardProcessConfig,
+    calibration: Calibration,
+    geometry: VolumeGeometry,
+    scores: torch.Tensor,
+    probability: torch.Tensor | None,
+    unhealthy: torch.Tensor,
+    thresholds: torch.Tensor,
+    stats: SliceStatistics,
+    lesions: list[dict[str, Any]],
+    removed: int,
+    kernel: int,
+    warnings: list[str],
+    timings: dict[str, float],
+    alignment: Mapping[str, Alignment],
+) -> dict[str, Any]:
+    """The JSON-ready description of one segmentation."""
+    total_ml = round(sum(row["volume_ml"] for row in lesions), 3)
+    present = {row["label"] for row in lesions} or {TUMOUR}
+    return {
+        # the label map's values, only those it holds: Slicer names its segments by this, in value order
+        "label_names": {name: value for name, value in LABEL_NAMES.items() if value in present},
+        "verdict": "unhealthy" if lesions else "healthy",
+        # the most anomalous slice's cosine score; slices at or below the threshold are unhealthy
+        "score": float(scores.min()),
+        "cosine_threshold": calibration.cosine_threshold,
+        # how often validation slices at the volume's score were unhealthy, and the slices whose verdict is a
+        # toss-up by that measure (None: the calibration predates it)
+        "unhealthy_probability": None if probability is None else round(float(probability.max()), 4),
+        "uncertain_slices": None if probability is None else int(is_uncertain(probability).sum()),
+        "slices": {
+            "segmented": len(geometry.slices),
+            "unhealthy": int(unhealthy.sum()),
+            "index": list(geometry.slices),
+            "score": [round(float(v), 6) for v in scores],
+            "unhealthy_flag": [bool(v) for v in unhealthy],
+            "unhealthy_probability": None if probability is None else [round(float(v), 4) for v in probability],
+            "threshold": [float(v) for v in thresholds],
+            "end_step": {name: [int(v) for v in stats.end_steps[:, i]] for i, name in enumerate(MAP_SEQUENCES)},
+        },
+        "lesions": lesions,
+        "lesion_count": len(lesions),
+        "total_volume_ml": total_ml,
+        "components_removed": removed,
+        "network_evaluations": stats.network_evaluations,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        # per sequence besides the FLAIR: used as is, resampled or registered onto the FLAIR grid, and how much
+        "alignment": {name: record.to_dict() for name, record in alignment.items()},
+        "settings": {
+            **asdict(forward),
+            "mode": options.mode,
+            "map_variant": options.map_variant,
+            "decision_rule": options.decision_rule,
+            "mark_uncertain": options.mark_uncertain and probability is not None,
+            "registration": options.registration,
+            "visited_steps": stats.visited_steps,
+            "min_lesion_mm3": options.min_lesion_mm3,
+            "median_kernel": kernel,
+            "model_grid_spacing_mm": [round(s, 4) for s in geometry.spacing_mm],
+            "device": str(model.device),
+            "precision": "bf16 autocast" if options.bf16 else "fp32",
+        },
+        "model": {
+            "path": str(model.path) if model.path else None,
+            "sequences": list(model.config.sequences),
+            "image_size": model.config.image_size,
+            "training_data": model.training.get("data_description", model.training.get("data")),
+            "training_iterations": model.training.get("iterations"),
+            # how well this mode's verdict did on the calibration's validation slices (None: not recorded)
+            "calibration_validation": {key: calibration.validation.get(key)
+                                       for key in ("slices", "accuracy", "device")},
+        },
+        "warnings": warnings,
+        "notice": "Research software, not for clinical use. Assumes skull-stripped FLAIR and T2 of one examination.",
+    }

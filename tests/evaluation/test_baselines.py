@@ -1,0 +1,141 @@
+"""Baselines: DDIM decoding against an oracle network, the labels they use, and their pipeline-shaped outputs."""
+
+import numpy as np
+import pytest
+import torch
+
+from anofpdm.evaluation.baselines import (
+    BaselineOptions,
+    FixedThreshold,
+    baseline_maps,
+    decoding_steps,
+    finish_baseline,
+    reconstruct_from_noise,
+    reconstruct_guided,
+    run_baseline,
+)
+from anofpdm.method.diffusion import NoiseSchedule
+from anofpdm.evaluation.metrics import dice
+from anofpdm.method.model import HEALTHY, NULL_LABEL, LoadedModel, NetworkConfig, build_network, load_model
+
+from conftest import make_volume_pair
+
+
+class OracleNetwork(torch.nn.Module):
+    """Predicts the exact noise that separates z from the known clean slices, plus a per-label offset.
+
+    Records (timestep, sorted labels) per call so tests can check which steps and labels a baseline used.
+    """
+
+    def __init__(self, x0: torch.Tensor, schedule: NoiseSchedule, offsets: dict[int, float]) -> None:
+        super().__init__()
+        self.x0, self.schedule, self.offsets = x0, schedule, offsets
+        self.calls: list[tuple[int, tuple[int, ...]]] = []
+
+    def forward(self, z, timesteps, class_labels):
+        repeats = z.shape[0] // self.x0.shape[0]
+        x0 = self.x0.repeat(repeats, 1, 1, 1)
+        alpha_bar = self.schedule.alpha_bar[timesteps].float()[:, None, None, None]
+        eps = (z - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+        offset = torch.tensor([self.offsets[int(label)] for label in class_labels])[:, None, None, None]
+        self.calls.append((int(timesteps[0]), tuple(sorted(set(class_labels.tolist())))))
+        return eps + offset
+
+
+@pytest.fixture
+def clean():
+    return torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.8 - 0.9
+
+
+def test_decoding_steps_end_at_zero():
+    assert decoding_steps(100, 30) == [100, 70, 40, 10, 0]
+    assert decoding_steps(90, 30) == [90, 60, 30, 0]
+    assert decoding_steps(5, 1) == [5, 4, 3, 2, 1, 0]
+    with pytest.raises(ValueError, match="stride"):
+        decoding_steps(100, 0)
+
+
+def test_reconstruction_decodes_with_the_null_label_only(clean):
+    schedule = NoiseSchedule()
+    # the healthy label would add 0.5 to the noise and spoil the reconstruction
+    oracle = OracleNetwork(clean, schedule, {NULL_LABEL: 0.0, HEALTHY: 0.5})
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
+    reconstruction, evaluations = reconstruct_from_noise(oracle, schedule, clean, 100, 30, noise)
+    torch.testing.assert_close(reconstruction, clean, atol=2e-5, rtol=0)
+    assert [t for t, _ in oracle.calls] == [100, 70, 40, 10, 0]
+    assert {labels for _, labels in oracle.calls} == {(NULL_LABEL,)}
+    assert evaluations == 3 * 5
+    with pytest.raises(ValueError, match="noise_level"):
+        reconstruct_from_noise(oracle, schedule, clean, 1000, 30, noise)
+
+
+def test_cfg_encodes_with_null_and_decodes_with_the_guided_noise(clean):
+    schedule = NoiseSchedule()
+    # with w = 2 the guided noise (1 + w) eps_h - w eps_null = eps + 3 * 0.2 - 2 * 0.3 = eps: exact only if
+    # decoding uses exactly that combination
+    oracle = OracleNetwork(clean, schedule, {HEALTHY: 0.2, NULL_LABEL: 0.3})
+    reconstruction, evaluations = reconstruct_guided(oracle, schedule, clean, 100, 30, guidance=2.0)
+    torch.testing.assert_close(reconstruction, clean, atol=2e-5, rtol=0)
+    encoding, decoding = oracle.calls[:4], oracle.calls[4:]
+    assert encoding == [(0, (NULL_LABEL,)), (10, (NULL_LABEL,)), (40, (NULL_LABEL,)), (70, (NULL_LABEL,))]
+    assert decoding == [(t, (HEALTHY, NULL_LABEL)) for t in (100, 70, 40, 10, 0)]
+    assert evaluations == 3 * (4 + 2 * 5)
+    # the oracle re-aims at the clean slices at every step, so a wrong noise shows at the last one,
+    # scaled by sqrt(1 - alpha_bar_0) / sqrt(alpha_bar_0) = 0.01: w = 1 leaves 2 * 0.2 - 0.3 = 0.1 -> 1e-3
+    wrong, _ = reconstruct_guided(oracle, schedule, clean, 100, 30, guidance=1.0)
+    assert (wrong - clean).abs().max() > 5e-4
+
+
+def test_threshold_rule_validation():
+    assert FixedThreshold(quantile=None, value=0.3).resolve(np.zeros((1, 2, 2)), np.ones((1, 2, 2), bool)) == 0.3
+    values = np.arange(5.0).reshape(1, 1, 5)
+    brain = np.array([[[True, True, True, False, False]]])
+    assert FixedThreshold(quantile=0.5).resolve(values, brain) == 1.0  # median of the brain values 0, 1, 2
+    with pytest.raises(ValueError, match="exactly one"):
+        FixedThreshold(quantile=0.9, value=0.1)
+    with pytest.raises(ValueError, match="exactly one"):
+        FixedThreshold(quantile=None)
+    with pytest.raises(ValueError, match="quantile"):
+        FixedThreshold(quantile=99)
+    with pytest.raises(ValueError, match="stride"):
+        BaselineOptions(stride=0)
+
+
+def test_flair_threshold_finds_the_bright_lesion():
+    # the CPU preset grid (64 px of 3.75 mm) resolves the 40 mm lesion of make_volume_pair; the network is unused
+    config = NetworkConfig()
+    model = LoadedModel(network=build_network(config), config=config, schedule={})
+    images = make_volume_pair()
+    result = run_baseline("flair-threshold", model, images,
+                          BaselineOptions(threshold=FixedThreshold(quantile=0.95), min_lesion_mm3=0))
+    truth = np.zeros(images["flair"].shape, dtype=bool)
+    truth[15:25, 15:25, 4:8] = True
+    assert dice(np.asanyarray(result.mask.dataobj) > 0, truth) > 0.8
+    assert result.report["network_evaluations"] == 0
+    assert result.model_grid.unhealthy.sum() == 4  # the four lesion slices, nothing else survives
+    # the same maps under another threshold: a fixed intensity above all brain (at most 1) finds nothing
+    maps = baseline_maps("flair-threshold", model, images, BaselineOptions())
+    assert maps.raw_map.max() == pytest.approx(1.0, abs=1e-3) and maps.raw_map.min() == pytest.approx(0.0, abs=1e-6)
+    nothing = finish_baseline(maps, model, images, BaselineOptions(threshold=FixedThreshold(quantile=None, value=1.5)))
+    assert np.asanyarray(nothing.mask.dataobj).sum() == 0 and not nothing.model_grid.unhealthy.any()
+    with pytest.raises(ValueError, match="unknown baseline"):
+        run_baseline("magic", model, images)
+
+
+@pytest.mark.parametrize("method, per_slice_evaluations", [("anoddpm-reconstruction", 3), ("cfg-ddim", 2 + 2 * 3)])
+def test_network_baselines_have_the_pipeline_form(tiny_model_path, method, per_slice_evaluations):
+    model = load_model(tiny_model_path)
+    images = make_volume_pair()
+    options = BaselineOptions(noise_level=20, stride=10, min_lesion_mm3=0, batch_size=4)
+    result = run_baseline(method, model, images, options)
+    grid = result.model_grid
+    n, size = 10, model.config.image_size  # make_volume_pair's brain spans 10 slices
+    assert grid.raw_map.shape == (n, size, size) and grid.slices.shape == (n, 2, size, size)
+    assert grid.thresholds.shape == (n,) and np.all(grid.thresholds == grid.thresholds[0])
+    assert result.report["network_evaluations"] == n * per_slice_evaluations  # steps 20, 10, 0
+    assert result.mask.shape == images["flair"].shape
+    np.testing.assert_array_equal(result.mask.affine, images["flair"].affine)
+    np.testing.assert_array_equal(grid.unhealthy, [bool(np.asanyarray(result.mask.dataobj)[:, :, z].any())
+                                                   for z in range(1, 11)])
+    again = run_baseline(method, model, images, options)
+    np.testing.assert_array_equal(again.model_grid.raw_map, grid.raw_map)  # seeded
