@@ -35,6 +35,7 @@ DISTANCE_STEP_MM = 2.0  # the distance-from-brain map is kept at this spacing (i
 DISTANCE_PADDING_MM = 48.0  # room around the template's box for the layers, the face and the neck
 THICKNESS_CONTROL_MM = 35.0  # scale of the smooth variation of the layer thicknesses
 MIN_THICKNESS_FRACTION = 0.4  # a layer never thins below this fraction of its drawn thickness
+JITTER_LIMIT = 2.0  # contrast jitter is clipped at this many standard deviations (fat stays brighter than bone)
 
 # --- anatomy (MNI millimetres, right-anterior-superior) -----------------------------------------------------
 SKULL_TABLE_FRACTION = 0.3  # each table of cortical bone is this fraction of the skull's thickness
@@ -146,8 +147,14 @@ def draw_head(rng: np.random.Generator, shape: HeadShape) -> HeadLayout:
 
 
 def draw_head_contrast(rng: np.random.Generator, sequence: str, csf: float, jitter: float) -> dict[str, float]:
-    """The head tissues' relative signals in ``sequence``, jittered; outer CSF is given (the brain's CSF)."""
-    contrast = {name: value * (1.0 + jitter * float(rng.standard_normal()))
+    """The head tissues' relative signals in ``sequence``, jittered; outer CSF is given (the brain's CSF).
+
+    Raises:
+        ValueError: for a negative jitter or one that could reverse a contrast (above 1 / (2 JITTER_LIMIT)).
+    """
+    if not 0.0 <= jitter <= 0.5 / JITTER_LIMIT:
+        raise ValueError(f"jitter must be in [0, {0.5 / JITTER_LIMIT}], got {jitter}")
+    contrast = {name: value * (1.0 + jitter * float(np.clip(rng.standard_normal(), -JITTER_LIMIT, JITTER_LIMIT)))
                 for name, value in HEAD_CONTRAST[sequence].items()}
     return {"csf": csf, **{name: max(value, 0.0) for name, value in contrast.items()}}
 
