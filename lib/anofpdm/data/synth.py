@@ -6,6 +6,8 @@ enhancing rim 4) with mild mass effect, adds tumour-like but benign FLAIR findin
 small white-matter hyperintensities) and renders FLAIR, T1, T1ce and T2 with per-case contrast jitter,
 a bias field, slight blur and Rician noise. The output is on the BraTS grid (240 x 240 x 155, 1 mm,
 skull-stripped: exactly 0 outside the brain) in the BraTS21 layout, plus a MONAI Label studies folder.
+With heads on, the rest of the head is grown around the brain (``anofpdm.data.heads``) and each case also
+carries its truth brain mask, for brain extraction.
 
 The images are synthetic: they exercise the pipeline end to end, they do not replace BraTS. The ranges of
 pose, anatomy and acquisition are a ``Domain`` (``anofpdm.data.domains``): the training domain, or the shifted
