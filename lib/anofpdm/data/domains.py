@@ -7,7 +7,8 @@ does. Stronger and coarser deformations, larger heads, enlarged or smaller ventr
 (widened sulci), other tissue contrasts, stronger bias fields, more blur and noise, another global scanner
 gain, smaller tumours, and other grids: a 181 x 217 x 181 1 mm RAS grid, thick axial slices, an oblique
 grid and a sagittally stored 3-D acquisition. It is a proxy for an unseen brain, not a replacement: the
-anatomy is still the MNI152 template's (no other brain ships in a package that installs here).
+anatomy is still the MNI152 template's (no other brain ships in a package that installs here). The head grown
+around the brain when heads are on (``HeadShape``) varies more widely there: its ranges enclose the training ones.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["OutputGrid", "Domain", "TRAINING", "SHIFTED", "DOMAINS", "grid_affine", "reslice"]
+__all__ = [
+    "OutputGrid", "HeadShape", "Domain", "TRAINING", "SHIFTED", "DOMAINS", "grid_affine", "reslice", "reslice_labels",
+]
 
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
@@ -52,6 +55,42 @@ class OutputGrid:
 
 
 @dataclass(frozen=True)
+class HeadShape:
+    """Ranges of the head grown around the brain when heads are on (``(low, high)`` pairs are uniform draws).
+
+    Args:
+        subarachnoid_mm: CSF between the brain and the skull.
+        skull_mm: skull thickness (inner and outer tables of cortical bone, diploic marrow between them).
+        temporalis_mm: largest thickness of the temporal muscles over the sides of the skull.
+        fat_mm: subcutaneous fat under the skin.
+        skin_mm: skin and galea.
+        thickness_variation: relative smooth spatial variation of every layer's thickness.
+        face_scale: size of the face (orbits, nose, jaw) and neck relative to the nominal one.
+        eye_offset_mm: largest shift of each eye from its nominal place, per axis.
+        contrast_jitter: relative per-case jitter of each head tissue's contrast.
+    """
+
+    subarachnoid_mm: tuple[float, float] = (1.5, 3.5)
+    skull_mm: tuple[float, float] = (4.5, 7.5)
+    temporalis_mm: tuple[float, float] = (5.0, 10.0)
+    fat_mm: tuple[float, float] = (2.5, 6.0)
+    skin_mm: tuple[float, float] = (1.5, 2.5)
+    thickness_variation: float = 0.25
+    face_scale: tuple[float, float] = (0.95, 1.05)
+    eye_offset_mm: float = 2.0
+    contrast_jitter: float = 0.08
+
+    def __post_init__(self) -> None:
+        for name in ("subarachnoid_mm", "skull_mm", "temporalis_mm", "fat_mm", "skin_mm", "face_scale"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high < np.inf:
+                raise ValueError(f"head shape: {name} must be (low, high) with 0 < low <= high, got {(low, high)}")
+        for name in ("thickness_variation", "eye_offset_mm", "contrast_jitter"):
+            if not 0 <= getattr(self, name) < np.inf:
+                raise ValueError(f"head shape: {name} must be finite and non-negative, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class Domain:
     """Ranges the generator draws from (``(low, high)`` pairs are uniform draws).
 
@@ -70,6 +109,8 @@ class Domain:
         bias_amplitude, blur_sigma_mm, noise_fraction: bias field, blur and Rician noise ranges.
         tumour_volume_ml: nominal whole-tumour volume range (log-uniform).
         grids: output grids, cycled over case indices; empty: the BraTS grid.
+        head: ranges of the head grown around the brain when heads are on (not part of ``to_dict``: the
+            manifest of cases without heads stays as it was).
     """
 
     name: str
@@ -90,9 +131,11 @@ class Domain:
     noise_fraction: tuple[float, float] = (0.015, 0.04)
     tumour_volume_ml: tuple[float, float] = (8.0, 250.0)
     grids: tuple[OutputGrid, ...] = ()
+    head: HeadShape = HeadShape()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The ranges of the brain and the acquisition (the head's: ``asdict(domain.head)``)."""
+        return {name: value for name, value in asdict(self).items() if name != "head"}
 
 
 TRAINING = Domain(name="training")
@@ -119,6 +162,17 @@ SHIFTED = Domain(
         OutputGrid("axial_thick", (240, 240, 36), (0.9375, 0.9375, 4.5)),
         OutputGrid("oblique_1p2mm", (200, 200, 150), (1.2, 1.2, 1.2), tilt_deg=14.0),
         OutputGrid("sagittal_3d", (240, 240, 176), (1.0, 1.0, 1.0), axes=(1, 2, 0)),
+    ),
+    head=HeadShape(
+        subarachnoid_mm=(1.0, 6.0),  # atrophy widens it
+        skull_mm=(3.0, 10.0),
+        temporalis_mm=(3.0, 15.0),
+        fat_mm=(1.5, 11.0),
+        skin_mm=(1.0, 3.5),
+        thickness_variation=0.4,
+        face_scale=(0.85, 1.15),
+        eye_offset_mm=4.0,
+        contrast_jitter=0.2,
     ),
 )
 DOMAINS = {domain.name: domain for domain in (TRAINING, SHIFTED)}
@@ -160,6 +214,13 @@ def reslice(
         out = ndimage.affine_transform(blurred.astype(np.float32), to_source[:3, :3], to_source[:3, 3],
                                        output_shape=grid.shape, order=1, mode="constant", cval=0.0)
         resliced[name] = np.rint(np.maximum(out, 0.0)).astype(image.dtype)
-    labels = ndimage.affine_transform(seg, to_source[:3, :3], to_source[:3, 3], output_shape=grid.shape, order=0,
-                                      mode="constant", cval=0)
-    return resliced, labels.astype(seg.dtype), target
+    return resliced, reslice_labels(seg, affine, grid), target
+
+
+def reslice_labels(labels: np.ndarray, affine: np.ndarray, grid: OutputGrid) -> np.ndarray:
+    """Resample a 1 mm label map (a segmentation, a brain mask) onto ``grid`` by nearest neighbour, as ``reslice``."""
+    centre = (affine @ np.append((np.asarray(labels.shape) - 1) / 2.0, 1.0))[:3]
+    to_source = np.linalg.inv(affine) @ grid_affine(grid, centre)
+    out = ndimage.affine_transform(labels, to_source[:3, :3], to_source[:3, 3], output_shape=grid.shape, order=0,
+                                   mode="constant", cval=0)
+    return out.astype(labels.dtype)

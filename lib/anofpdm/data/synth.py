@@ -6,6 +6,8 @@ enhancing rim 4) with mild mass effect, adds tumour-like but benign FLAIR findin
 small white-matter hyperintensities) and renders FLAIR, T1, T1ce and T2 with per-case contrast jitter,
 a bias field, slight blur and Rician noise. The output is on the BraTS grid (240 x 240 x 155, 1 mm,
 skull-stripped: exactly 0 outside the brain) in the BraTS21 layout, plus a MONAI Label studies folder.
+With heads on, the rest of the head is grown around the brain (``anofpdm.data.heads``) and each case also
+carries its truth brain mask, for brain extraction.
 
 The images are synthetic: they exercise the pipeline end to end, they do not replace BraTS. The ranges of
 pose, anatomy and acquisition are a ``Domain`` (``anofpdm.data.domains``): the training domain, or the shifted
@@ -23,7 +25,7 @@ import gzip
 import json
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from anofpdm.data import heads
 from anofpdm.data.brats import SEQUENCES
-from anofpdm.data.domains import DOMAINS, TRAINING, Domain, reslice
+from anofpdm.data.domains import DOMAINS, TRAINING, Domain, reslice, reslice_labels
 from anofpdm.parallel import ordered_map
 
 __all__ = [
@@ -59,6 +62,8 @@ STUDIES_DIR = "studies"
 STUDIES_T2_DIR = "t2"
 MANIFEST_NAME = "manifest.json"
 TRUTH_DIR = "truth"
+BRAIN_MASK_SUFFIX = "brainmask"  # <CASE>_brainmask.nii.gz: the truth brain mask of a case with heads
+HEAD_STREAM = 39  # the head's random stream is SeedSequence([case seed, HEAD_STREAM]): the brain's is untouched
 DATASET_COMPRESS_LEVEL = 1  # gzip level of generated data sets (fast)
 DEMO_COMPRESS_LEVEL = 9  # the committed demo is written once: smallest files
 LABEL_NECROTIC, LABEL_OEDEMA, LABEL_ENHANCING = 1, 2, 4
@@ -150,12 +155,17 @@ class _Atlas:
 
 @dataclass(frozen=True)
 class SyntheticCase:
-    """One generated case: int16 images (sequence -> array), uint8 seg, affine and description."""
+    """One generated case: int16 images (sequence -> array), uint8 seg, affine and description.
+
+    With heads, the images hold the whole head and ``brain_mask`` (uint8, 1 in the brain) is where the
+    skull-stripped images are nonzero; without, the images are skull-stripped and ``brain_mask`` is None.
+    """
 
     images: dict[str, np.ndarray]
     seg: np.ndarray
     affine: np.ndarray
     info: dict[str, Any]
+    brain_mask: np.ndarray | None = None
 
 
 def brats_affine(shape: Sequence[int] = BRATS_SHAPE, voxel_mm: float = 1.0) -> np.ndarray:
@@ -312,7 +322,7 @@ def _coarse_axes(axes_mm: list[np.ndarray]) -> list[np.ndarray]:
     return [np.linspace(a[0], a[-1], max(2, int(np.ceil((len(a) - 1) / COORDINATE_STEP)) + 1)) for a in axes_mm]
 
 
-def _source_grid(
+def _source_map(
     rng: np.random.Generator,
     atlas: _Atlas,
     pose: _Pose,
@@ -320,11 +330,11 @@ def _source_grid(
     tumour: _TumourPlan | None,
     voxel_mm: float,
     domain: Domain,
-) -> torch.Tensor:
-    """Sampling grid (1 x crop x 3, grid_sample order) of every crop voxel in the template.
+) -> np.ndarray:
+    """Template voxel (3 x coarse crop, float32) of every point of the crop's coarse axes (``_coarse_axes``).
 
     The map (pose, smooth deformation, mass effect, ventricle size) is smooth, so it is computed on a
-    coarse grid and upsampled trilinearly.
+    coarse grid; ``_sampling_grid`` upsamples it.
     """
     coarse = _coarse_axes(axes_mm)
     d = np.stack(np.meshgrid(*[a.astype(np.float32) for a in coarse], indexing="ij"))
@@ -338,12 +348,44 @@ def _source_grid(
     source += (atlas.centre + pose.shift).astype(np.float32)[:, None, None, None]
     control = domain.deformation_control_mm / (voxel_mm * COORDINATE_STEP)
     source += domain.deformation_sd_mm * _smooth_noise(rng, source.shape[1:], control, channels=3)
+    return source
+
+
+def _sampling_grid(source: np.ndarray, atlas: _Atlas, crop_shape: Sequence[int]) -> torch.Tensor:
+    """The coarse source map upsampled to a sampling grid of the template (1 x crop x 3, grid_sample order)."""
     size = np.asarray(atlas.channels.shape[2:], dtype=np.float32)
     normalised = 2.0 * source / (size - 1)[:, None, None, None] - 1.0
-    crop_shape = tuple(len(a) for a in axes_mm)
     coarse_grid = torch.from_numpy(normalised[::-1].copy())[None]
-    fine = F.interpolate(coarse_grid, size=crop_shape, mode="trilinear", align_corners=True)
+    fine = F.interpolate(coarse_grid, size=tuple(crop_shape), mode="trilinear", align_corners=True)
     return fine.permute(0, 2, 3, 4, 1).contiguous()
+
+
+def _affine_source(pose: _Pose, atlas: _Atlas, coarse: list[np.ndarray]) -> np.ndarray:
+    """Template voxel (3 x coarse) of each point of ``coarse`` axes under the pose alone."""
+    d = np.stack(np.meshgrid(*[a.astype(np.float32) for a in coarse], indexing="ij"))
+    source = np.tensordot(pose.matrix.astype(np.float32), d, axes=1)
+    return source + (atlas.centre + pose.shift).astype(np.float32)[:, None, None, None]
+
+
+def _head_source(
+    source: np.ndarray, pose: _Pose, atlas: _Atlas, crop_axes_mm: list[np.ndarray], shape: Sequence[int],
+    voxel_mm: float,
+) -> np.ndarray:
+    """Template voxel (3 x shape) of every voxel of the whole grid, through the brain's pose and deformation.
+
+    Beyond the crop, the deformation (and any mass effect or ventricle change) is that of the crop's nearest
+    edge: the head follows the brain and the map stays smooth.
+    """
+    crop_coarse = _coarse_axes(crop_axes_mm)
+    displacement = source - _affine_source(pose, atlas, crop_coarse)
+    full_coarse = _coarse_axes(_grid_mm(shape, voxel_mm))
+    index = [np.clip((f - c[0]) / (c[-1] - c[0]) * (len(c) - 1), 0.0, len(c) - 1.0)
+             for f, c in zip(full_coarse, crop_coarse)]
+    points = np.stack(np.meshgrid(*index, indexing="ij"))
+    moved = np.stack([ndimage.map_coordinates(channel, points, order=1) for channel in displacement])
+    coarse = _affine_source(pose, atlas, full_coarse) + moved
+    fine = F.interpolate(torch.from_numpy(coarse)[None], size=tuple(shape), mode="trilinear", align_corners=True)
+    return fine[0].numpy()
 
 
 def _pull(points_mm: np.ndarray, centre_mm: np.ndarray, sigma_mm: float, strength: float) -> np.ndarray:
@@ -478,14 +520,36 @@ def _hyperintensities(
 
 
 # --- rendering ------------------------------------------------------------------------------------------
-def _bias_field(rng: np.random.Generator, axes_mm: list[np.ndarray], amplitude: tuple[float, float]) -> np.ndarray:
-    """Smooth multiplicative bias: exp of a random quadratic polynomial over the crop."""
-    x, y, z = [(a / max(float(np.abs(a).max()), 1.0)).astype(np.float32) for a in axes_mm]
+def _bias_coefficients(rng: np.random.Generator, amplitude: tuple[float, float]) -> np.ndarray:
+    """The nine coefficients of a random quadratic polynomial (the log of a bias field)."""
+    return rng.standard_normal(9).astype(np.float32) * (_uniform(rng, amplitude) / 3.0)
+
+
+def _bias_extent(axes_mm: list[np.ndarray]) -> np.ndarray:
+    """Half-size (mm) per axis over which a bias polynomial runs from -1 to 1: the crop's."""
+    return np.array([max(float(np.abs(a).max()), 1.0) for a in axes_mm])
+
+
+def _bias_field(c: np.ndarray, axes_mm: list[np.ndarray], extent: np.ndarray) -> np.ndarray:
+    """Smooth multiplicative bias: exp of the quadratic polynomial ``c``, constant beyond ``extent``."""
+    x, y, z = [np.clip((a / e).astype(np.float32), -1.0, 1.0) for a, e in zip(axes_mm, extent)]
     x, y, z = x[:, None, None], y[None, :, None], z[None, None, :]
-    c = rng.standard_normal(9).astype(np.float32) * (_uniform(rng, amplitude) / 3.0)
     in_plane = c[0] * x + c[1] * x * x + c[2] * x * y + c[3] * y + c[4] * y * y  # X x Y x 1
     field = in_plane + (c[5] * z + c[6] * z * z) + c[7] * x * z + c[8] * y * z
     return np.exp(field)
+
+
+@dataclass(frozen=True)
+class _Rendering:
+    """One sequence of the brain on the crop, and how it was acquired (for a head around it)."""
+
+    image: np.ndarray  # int16, skull-stripped
+    blurred: np.ndarray  # the blurred brain signal in image units, before noise (it spills past the brain)
+    contrast: dict[str, float]  # jittered relative signal per tissue
+    bias: np.ndarray  # the bias polynomial's coefficients (over the crop's extent)
+    blur_mm: float
+    scale: float
+    noise_sigma: float
 
 
 def _render(
@@ -498,7 +562,7 @@ def _render(
     voxel_mm: float,
     domain: Domain,
     gain: float,
-) -> np.ndarray:
+) -> _Rendering:
     """One sequence on the crop: tissue mix, lesion, benign findings, bias, blur, Rician noise (int16)."""
     template_t1, hyper, brain = anatomy
     contrast = {t: v * (1.0 + domain.tissue_jitter * rng.standard_normal()) for t, v in CONTRAST[sequence].items()}
@@ -510,7 +574,8 @@ def _render(
         box, fractions = lesion
         signal[box] += sum(f * contrast[t] for t, f in fractions.items())
     signal *= 1.0 + HYPERINTENSITY_GAIN[sequence] * hyper
-    signal *= _bias_field(rng, axes_mm, domain.bias_amplitude)
+    bias = _bias_coefficients(rng, domain.bias_amplitude)
+    signal *= _bias_field(bias, axes_mm, _bias_extent(axes_mm))
     blur_mm = _uniform(rng, domain.blur_sigma_mm)
     signal = ndimage.gaussian_filter(signal * brain, blur_mm / voxel_mm, truncate=BLUR_TRUNCATE)
     scale = gain * SCANNER_SCALE[sequence] * (1.0 + domain.scale_jitter * rng.uniform(-1.0, 1.0))
@@ -520,7 +585,7 @@ def _render(
     imaginary = sigma * rng.standard_normal(inside.shape, dtype=np.float32)
     out = np.zeros(signal.shape, np.int16)
     out[brain] = np.clip(np.rint(np.sqrt(real**2 + imaginary**2)), 1, INT16_MAX).astype(np.int16)
-    return out
+    return _Rendering(out, signal * scale, contrast, bias, blur_mm, scale, sigma)
 
 
 def _labels(brain: np.ndarray, fields: _TumourFields | None, enhancing: bool) -> np.ndarray:
@@ -574,6 +639,7 @@ def synthesize_case(
     voxel_mm: float = 1.0,
     tumour_volume_ml: Sequence[float] | None = None,
     domain: Domain = TRAINING,
+    heads: bool = False,
 ) -> SyntheticCase:
     """Generate one case in memory, on the 1 mm grid it is drawn on (``reslice_case`` puts it on a domain's grid).
 
@@ -587,10 +653,14 @@ def synthesize_case(
             (the labelled volume differs: oedema reach, irregularity and the brain's edge change it);
             None: the domain's.
         domain: the anatomy and acquisition ranges (``anofpdm.data.domains``).
+        heads: grow the rest of the head around the brain (``anofpdm.data.heads``, ranges ``domain.head``),
+            from a random stream of its own: the brain, its labels and its skull-stripped images are those
+            drawn without heads.
 
     Returns:
-        The case: int16 images keyed by ``SEQUENCES``, uint8 seg (0, 1, 2, 4), LPS affine and a
-        description (tumour plan, label volumes in mL, benign findings).
+        The case: int16 images keyed by ``SEQUENCES`` (skull-stripped, or whole heads with ``heads``), uint8
+        seg (0, 1, 2, 4), LPS affine, a description (tumour plan, label volumes in mL, benign findings, the
+        head's layout) and with ``heads`` the uint8 brain mask.
     """
     if len(shape) != 3 or min(shape) < MIN_GRID:
         raise ValueError(f"shape must be three sizes of at least {MIN_GRID}, got {tuple(shape)}")
@@ -603,7 +673,8 @@ def synthesize_case(
     tumour = None if healthy else _plan_tumour(rng, atlas, pose, tumour_volume_ml, domain)
     crop = _crop_box(atlas, pose, shape, voxel_mm)
     axes_mm = [axis[c] for axis, c in zip(_grid_mm(shape, voxel_mm), crop)]
-    grid = _source_grid(rng, atlas, pose, axes_mm, tumour, voxel_mm, domain)
+    source = _source_map(rng, atlas, pose, axes_mm, tumour, voxel_mm, domain)
+    grid = _sampling_grid(source, atlas, [len(a) for a in axes_mm])
     gm, wm, brain_p, periventricular, template_t1 = _sample_atlas(grid, atlas)  # ATLAS_CHANNELS order
     atrophy = 0.0
     if domain.cortical_atrophy != (0.0, 0.0):
@@ -619,11 +690,12 @@ def synthesize_case(
     lesion = None if fields is None else (fields.box, _lesion_fractions(rng, fields, enhancing, voxel_mm))
     hyper, pv_gain, wmh_count = _hyperintensities(rng, periventricular, tissue["wm"], brain, fields, voxel_mm)
     gain = 1.0 if domain.scanner_gain == (1.0, 1.0) else float(np.exp(_uniform(rng, np.log(domain.scanner_gain))))
+    renderings = {sequence: _render(rng, sequence, tissue, lesion, (template_t1, hyper, brain), axes_mm, voxel_mm,
+                                    domain, gain) for sequence in SEQUENCES}
     images = {}
-    for sequence in SEQUENCES:
+    for sequence, rendering in renderings.items():
         images[sequence] = np.zeros(tuple(shape), np.int16)
-        images[sequence][crop] = _render(rng, sequence, tissue, lesion, (template_t1, hyper, brain), axes_mm, voxel_mm,
-                                         domain, gain)
+        images[sequence][crop] = rendering.image
     seg = np.zeros(tuple(shape), np.uint8)
     seg[crop] = _labels(brain, fields, enhancing)
     info = {
@@ -638,19 +710,60 @@ def synthesize_case(
     }
     if domain != TRAINING:
         info.update(domain=domain.name, cortical_atrophy=round(atrophy, 3), scanner_gain=round(gain, 3))
-    return SyntheticCase(images, seg, brats_affine(shape, voxel_mm), info)
+    if not heads:
+        return SyntheticCase(images, seg, brats_affine(shape, voxel_mm), info)
+    brain_mask = np.zeros(tuple(shape), bool)
+    brain_mask[crop] = brain
+    template_vox = _head_source(source, pose, atlas, axes_mm, shape, voxel_mm)
+    head_images, layout = _grow_head(seed, template_vox, brain_mask, images, renderings, crop, voxel_mm, domain)
+    info["head"] = layout
+    return SyntheticCase(head_images, seg, brats_affine(shape, voxel_mm), info, brain_mask.astype(np.uint8))
+
+
+def _grow_head(
+    seed: int,
+    template_vox: np.ndarray,
+    brain_mask: np.ndarray,
+    stripped: dict[str, np.ndarray],
+    renderings: dict[str, _Rendering],
+    crop: tuple[slice, ...],
+    voxel_mm: float,
+    domain: Domain,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The head images around the skull-stripped ones (same bias, blur, scale and noise level) and the layout."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, HEAD_STREAM]))
+    layout = heads.draw_head(rng, domain.head)
+    tissues = heads.head_tissues(rng, layout, template_vox, voxel_mm)
+    shape = brain_mask.shape
+    full_axes = _grid_mm(shape, voxel_mm)
+    crop_axes = [axis[c] for axis, c in zip(full_axes, crop)]
+    images = {}
+    for sequence, rendering in renderings.items():
+        spill = np.zeros(shape, np.float32)
+        spill[crop] = rendering.blurred
+        bias = _bias_field(rendering.bias, full_axes, _bias_extent(crop_axes))
+        acquisition = heads.Acquisition(bias, rendering.blur_mm / voxel_mm, BLUR_TRUNCATE, rendering.scale,
+                                        rendering.noise_sigma)
+        contrast = heads.draw_head_contrast(rng, sequence, rendering.contrast["csf"], domain.head.contrast_jitter)
+        images[sequence] = heads.render_head(rng, tissues, contrast, brain_mask, stripped[sequence], spill,
+                                             acquisition)
+    return images, layout.describe()
 
 
 def reslice_case(case: SyntheticCase, domain: Domain, index: int) -> SyntheticCase:
-    """Case ``index`` on its domain's grid (the grids are cycled over case indices); unchanged without grids."""
+    """Case ``index`` on its domain's grid (the grids are cycled over case indices); unchanged without grids.
+
+    A brain mask is resampled by nearest neighbour, as the labels are.
+    """
     if not domain.grids:
         return case
     grid = domain.grids[index % len(domain.grids)]
     images, seg, affine = reslice(case.images, case.seg, case.affine, grid)
+    brain_mask = None if case.brain_mask is None else reslice_labels(case.brain_mask, case.affine, grid)
     voxel_ml = float(np.prod(grid.spacing_mm)) / 1000.0
     info = {**case.info, "grid": grid.name, "tumour_volume_ml": round(float(np.count_nonzero(seg)) * voxel_ml, 3),
             "tumour_centre_voxel": _centroid(seg)}
-    return SyntheticCase(images, seg, affine, info)
+    return SyntheticCase(images, seg, affine, info, brain_mask)
 
 
 # --- writing --------------------------------------------------------------------------------------------
@@ -671,12 +784,17 @@ def case_name(index: int) -> str:
 
 
 def write_case(case: SyntheticCase, out_dir: Path, name: str) -> Path:
-    """Write one case in the BraTS21 layout ``out_dir/<name>/<name>_{flair,t1,t1ce,t2,seg}.nii.gz``."""
+    """Write one case in the BraTS21 layout ``out_dir/<name>/<name>_{flair,t1,t1ce,t2,seg}.nii.gz``.
+
+    A case with heads also gets ``<name>_brainmask.nii.gz`` (uint8).
+    """
     case_dir = Path(out_dir) / name
     case_dir.mkdir(parents=True, exist_ok=True)
     for sequence, array in case.images.items():
         _save_nifti(array, case.affine, case_dir / f"{name}_{sequence}.nii.gz")
     _save_nifti(case.seg, case.affine, case_dir / f"{name}_seg.nii.gz")
+    if case.brain_mask is not None:
+        _save_nifti(case.brain_mask, case.affine, case_dir / f"{name}_{BRAIN_MASK_SUFFIX}.nii.gz")
     return case_dir
 
 
@@ -699,11 +817,12 @@ def _validate_generation(n_cases: int, seed: int, healthy_fraction: float) -> No
 def _generate_case(
     index: int, out_dir: Path, seed: int, healthy_fraction: float, tumour_volume_ml: tuple[float, float],
     domain: Domain,
+    heads: bool,
 ) -> dict[str, Any]:
     """Synthesise and write case ``index``; its manifest entry."""
     name = case_name(index)
     case = synthesize_case(case_seed(seed, index), is_healthy_index(index, healthy_fraction),
-                           tumour_volume_ml=tumour_volume_ml, domain=domain)
+                           tumour_volume_ml=tumour_volume_ml, domain=domain, heads=heads)
     case = reslice_case(case, domain, index)
     case_dir = write_case(case, out_dir, name)
     _write_studies(case_dir, out_dir / STUDIES_DIR, name)
@@ -719,6 +838,7 @@ def generate_cases(
     workers: int = 1,
     tumour_volume_ml: Sequence[float] | None = None,
     domain: Domain | str = TRAINING,
+    heads: bool = False,
 ) -> dict[str, Any]:
     """Generate synthetic BraTS-format cases and a MONAI Label studies folder.
 
@@ -736,6 +856,8 @@ def generate_cases(
         tumour_volume_ml: (low, high) range of the nominal whole-tumour volume in mL (log-uniform); None: the
             domain's.
         domain: a ``Domain`` or the name of one in ``anofpdm.data.domains.DOMAINS`` ("training", "shifted").
+        heads: whole heads (``synthesize_case``): the images and studies hold the head, each case also gets
+            ``<CASE>_brainmask.nii.gz`` and the manifest says ``"heads": true`` with the head's ranges.
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -748,7 +870,7 @@ def generate_cases(
     tumour_volume_ml = _check_tumour_volume(domain.tumour_volume_ml if tumour_volume_ml is None else tumour_volume_ml)
     out_dir = Path(out_dir)
     generate = functools.partial(_generate_case, out_dir=out_dir, seed=seed, healthy_fraction=healthy_fraction,
-                                 tumour_volume_ml=tumour_volume_ml, domain=domain)
+                                 tumour_volume_ml=tumour_volume_ml, domain=domain, heads=heads)
     results = ordered_map(generate, range(n_cases), workers, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = list(results)
@@ -762,6 +884,7 @@ def generate_cases(
         **({"domain": domain.to_dict()} if domain != TRAINING else {
             "shape": list(BRATS_SHAPE), "voxel_mm": 1.0, "affine": brats_affine().tolist()}),
         "labels": {"1": "necrotic / non-enhancing core", "2": "oedema", "4": "enhancing"},
+        **({"heads": True, "head_shape": asdict(domain.head)} if heads else {}),
         "cases": cases,
     }
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
