@@ -100,6 +100,7 @@ def _segment(args: argparse.Namespace) -> int:
         encoding=args.encoding, early_stop=args.early_stop, seed=args.seed, min_lesion_mm3=args.min_lesion_mm3,
         median_kernel=args.median_kernel, batch_size=args.batch_size, bf16=args.bf16,
         mark_uncertain=args.mark_uncertain, decision_rule=args.decision_rule, registration=args.registration,
+        brain_extraction=args.brain_extraction,
     )
     images = read_image(args.flair).images
     if args.t2 is not None:
@@ -114,9 +115,15 @@ def _segment(args: argparse.Namespace) -> int:
     nib.save(result.mask, args.out)
     if args.map:
         nib.save(result.anomaly_map, args.map)
+    if args.brain_mask:
+        nib.save(result.brain_mask, args.brain_mask)
     if args.report:
         args.report.write_text(json.dumps(result.report, indent=2))
     report = result.report
+    brain = report["brain_extraction"]
+    if brain["extracted"]:
+        print(f"brain: {brain['brain_ml']:.0f} mL, extracted by {brain['method'] or 'the FLAIR'} "
+              f"in {brain['time_s']:.1f} s")
     certainty = "" if report["uncertain_slices"] is None else (
         f"; validation slices at that score {report['unhealthy_probability']:.0%} unhealthy, "
         f"{report['uncertain_slices']} uncertain slice(s)")
@@ -153,8 +160,9 @@ def _to_dicom(args: argparse.Namespace) -> int:
 
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     from anofpdm.method.decisions import UNCERTAIN_PROBABILITY
-    from anofpdm.volumes.alignment import REGISTRATION_MODES
     from anofpdm.method.pipeline import DECISION_RULES, InferenceOptions
+    from anofpdm.volumes.alignment import REGISTRATION_MODES
+    from anofpdm.volumes.brain_extraction import BRAIN_EXTRACTION_MODES
 
     defaults = InferenceOptions()
     parser.add_argument("--mode", default=defaults.mode,
@@ -183,6 +191,9 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registration", choices=REGISTRATION_MODES, default=defaults.registration,
                         help="rigid registration of the T2 to the FLAIR: when their brain regions do not line up "
                              "(auto, the default), always, or never")
+    parser.add_argument("--brain-extraction", choices=BRAIN_EXTRACTION_MODES, default=defaults.brain_extraction,
+                        help="extract the brain from a head (skull, scalp, background): auto (the default; a "
+                             "skull-stripped brain is used as it is), always, or never")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment = commands.add_parser("segment", help="segment one FLAIR + T2 volume")
     segment.add_argument("--model", type=Path, required=True)
     segment.add_argument("--flair", type=Path, required=True,
-                         help="FLAIR volume (NIfTI, NRRD or MetaImage), or one multi-channel image: 2 channels "
+                         help="FLAIR volume (NIfTI, NRRD or MetaImage; a head or a skull-stripped brain), or one "
+                              "multi-channel image: 2 channels "
                               "(FLAIR, T2) or 4 (MSD Task01 order)")
     segment.add_argument("--t2", type=Path, help="T2 volume, on any grid: resampled onto the FLAIR's (not needed for a "
                                                  "multi-channel image)")
@@ -254,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="label map NIfTI (uint8: tumour = 1, tumour (uncertain) = 2)")
     segment.add_argument("--map", type=Path, help="also write the anomaly map NIfTI")
     segment.add_argument("--report", type=Path, help="also write the JSON report")
+    segment.add_argument("--brain-mask", type=Path, help="also write the brain mask NIfTI (uint8, on the FLAIR grid)")
     _add_inference_options(segment)
     segment.set_defaults(run=_segment)
 

@@ -39,7 +39,7 @@ SHAPE = (40, 44, 12)
 # the paper's rule with unhealthy_model's c* masks a quantile of every slice: lesions for the mechanics to handle
 SHOW_LESIONS = {"median_kernel": 1, "min_lesion_mm3": 0, "decision_rule": "paper"}
 OPTIONS = {"device", "mode", "forward_steps", "stride", "guidance", "encoding", "min_lesion_mm3", "seed",
-           "mark_uncertain", "decision_rule", "registration", "t2"}
+           "mark_uncertain", "decision_rule", "registration", "brain_extraction", "brain_segment", "t2"}
 
 
 @pytest.fixture(autouse=True)
@@ -192,6 +192,8 @@ def test_config_lists_the_options_slicer_shows(tiny_model_path):
     assert config["mark_uncertain"] is True  # a checkbox in Slicer, ticked
     assert config["decision_rule"] == ["volume", "paper"]  # a drop-down, the per-volume rule first (the default)
     assert config["t2"] == ""  # a text cell in Slicer: the T2's path on the server
+    assert config["brain_extraction"] == ["auto", "always", "never"]  # a drop-down, auto (the default) first
+    assert config["brain_segment"] is False  # a checkbox, off: the label map holds the tumour only
 
 
 def test_request_options_override_the_calibration(tmp_path, tiny_model_path, pair):
@@ -343,8 +345,9 @@ def bad_inputs(pair: dict[str, nib.Nifti1Image]) -> dict[str, tuple[nib.Nifti1Im
                      r"t2 and flair do not overlap: Dice 0\.63 on the flair grid"),  # a block on 10 of 12 slices
         "z_scored": (nib.Nifti1Image((flair - flair.mean()) / flair.std(), AFFINE), t2,
                      "flair has 55% negative voxels"),  # the background: 11600 of 21120 voxels
-        "not_skull_stripped": (nib.Nifti1Image(flair + 1.0, AFFINE * [[2], [2], [2], [1]]), t2,
-                               "flair has 13517 mL of nonzero voxels"),  # 21120 voxels of 640 mm^3
+        # 21120 nonzero voxels of 640 mm^3: more than any brain, so a head to extract, in which no brain is found
+        "head_without_a_brain": (nib.Nifti1Image(flair + 1.0, AFFINE * [[2], [2], [2], [1]]), t2,
+                                 r"brain extraction on flair found \d+ mL of brain, outside the plausible 600-2400"),
         "misaligned": (pair["flair"], nib.Nifti1Image(np.roll(t2.get_fdata(dtype=np.float32), 20, axis=1), AFFINE),
                        r"t2 and flair do not overlap: Dice 0\.71 on the flair grid, 0\.71 after rigid registration"),
         # (rolled by 20 of 44 columns, the brain wraps round: no rigid motion undoes it)

@@ -33,7 +33,7 @@ from anofpdm.volumes.checks import InputError
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
 from fastapi.responses import FileResponse
 from fastapi.routing import APIRoute, APIRouter
-from lib.infers.anofpdm import MAP_SUFFIX, ModelUnavailableError
+from lib.infers.anofpdm import OUTPUT_SUFFIXES, ModelUnavailableError
 from lib.request_inputs import IMAGE_ID, IMAGE_NAME
 from lib.pacs import PACSUnavailableError
 from monailabel.config import settings
@@ -147,8 +147,8 @@ def serve_infer_in_worker_threads() -> None:
 
 
 def serve_anomaly_maps(map_dirs: Mapping[str, Path]) -> None:
-    """Add ``GET /infer/{model}/anomaly_maps/{name}``, serving the files ``*_anomaly_map.nii.gz`` of
-    ``map_dirs[model]`` (idempotent)."""
+    """Add ``GET /infer/{model}/anomaly_maps/{name}``, serving the anomaly maps and brain masks
+    (``*_anomaly_map.nii.gz``, ``*_brain_mask.nii.gz``) of ``map_dirs[model]`` (idempotent)."""
     router = infer_endpoint.router
     if any(isinstance(r, APIRoute) and r.path == router.prefix + ANOMALY_MAP_PATH for r in router.routes):
         return
@@ -157,12 +157,12 @@ def serve_anomaly_maps(map_dirs: Mapping[str, Path]) -> None:
     def get_anomaly_map(
         model: str, name: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))
     ) -> FileResponse:
-        """An anomaly map named by an inference result (float32 NIfTI on the input's grid)."""
+        """An anomaly map (float32) or brain mask (uint8) named by an inference result, NIfTI on the input's grid."""
         folder = folders.get(model)
         path = folder / name if folder is not None and Path(name).name == name else None
-        if path is None or not name.endswith(MAP_SUFFIX) or not path.is_file():
-            raise HTTPException(status_code=404, detail=f"no anomaly map {name!r} for model {model!r} (the server "
-                                f"keeps the newest maps only; run the inference again)")
+        if path is None or not name.endswith(OUTPUT_SUFFIXES) or not path.is_file():
+            raise HTTPException(status_code=404, detail=f"no anomaly map or brain mask {name!r} for model {model!r} "
+                                "(the server keeps the newest ones only; run the inference again)")
         return FileResponse(path, media_type="application/gzip", filename=name)
 
     router.add_api_route(ANOMALY_MAP_PATH, get_anomaly_map, methods=["GET"], summary="Download an anomaly map")

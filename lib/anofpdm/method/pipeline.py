@@ -1,6 +1,7 @@
 """One volume in, tumour mask + anomaly map + report out: the code path of the app, the CLI and evaluation.
 
-Steps: the other sequences onto the FLAIR grid (``alignment``: resampled, registered when they do not line up),
+Steps: the brain out of a head (``brain_extraction``: FLAIR and T2 as the scanner wrote them), the other sequences
+onto the FLAIR grid (``alignment``: resampled, registered when they do not line up),
 input checks and slicing (``volume``), the forward process on all brain slices in chunks
 (``forward_process``), the per-slice decisions (``decisions``), restacking with the 3-D median and
 connected-component filters (``postprocess``), and the inverse mapping onto the input grid.
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from anofpdm.volumes.alignment import REGISTRATION_MODES, Alignment, align_sequences
+from anofpdm.volumes.brain_extraction import BRAIN_EXTRACTION_MODES, BrainExtraction, apply_brain, extract_brain
 from anofpdm.method.decisions import (
     UNCERTAIN_PROBABILITY,
     Calibration,
@@ -76,6 +78,8 @@ class InferenceOptions:
         registration: rigid registration of the T2 (and other sequences) to the FLAIR: "auto" (when their
             brain regions do not line up), "always" or "never" (``anofpdm.volumes.alignment``); a sequence on another
             grid is resampled onto the FLAIR's in every case.
+        brain_extraction: "auto" (the brain is extracted from a head, a skull-stripped brain used as it is),
+            "always" or "never" (``anofpdm.volumes.brain_extraction``).
     """
 
     mode: str = "fast"
@@ -93,10 +97,11 @@ class InferenceOptions:
     mark_uncertain: bool = True
     decision_rule: str = "volume"
     registration: str = "auto"
+    brain_extraction: str = "auto"
 
     def __post_init__(self) -> None:
         for name, choices in (("registration", REGISTRATION_MODES), ("map_variant", MAP_VARIANTS),
-                              ("decision_rule", DECISION_RULES)):
+                              ("decision_rule", DECISION_RULES), ("brain_extraction", BRAIN_EXTRACTION_MODES)):
             if getattr(self, name) not in choices:
                 raise InputError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.min_lesion_mm3 < 0:
@@ -133,12 +138,13 @@ class ModelGridOutputs:
 
 @dataclass
 class SegmentationResult:
-    """Mask and anomaly map on the input grid, the JSON-ready report, and the model-grid outputs."""
+    """Mask, anomaly map and brain mask on the input grid, the JSON-ready report, and the model-grid outputs."""
 
     mask: nib.Nifti1Image
     anomaly_map: nib.Nifti1Image
     report: dict[str, Any] = field(default_factory=dict)
     model_grid: ModelGridOutputs | None = None
+    brain_mask: nib.Nifti1Image | None = None
 
 
 def resolve_options(
@@ -200,8 +206,9 @@ class ForwardOutputs:
         calibration: the mode's calibration.
         stats: the forward process's per-slice statistics.
         warnings: warnings about overridden settings and large alignment corrections.
-        timings: "alignment_s", "preprocess_s" and "network_s".
+        timings: "brain_extraction_s", "alignment_s", "preprocess_s" and "network_s".
         alignment: what was done to each sequence besides the FLAIR to put it on the FLAIR grid.
+        brain_extraction: what brain extraction did, and the brain mask on the FLAIR grid.
     """
 
     slices: np.ndarray
@@ -212,6 +219,7 @@ class ForwardOutputs:
     warnings: list[str]
     timings: dict[str, float]
     alignment: dict[str, Alignment] = field(default_factory=dict)
+    brain_extraction: BrainExtraction | None = None
 
 
 def run_forward(
@@ -220,7 +228,8 @@ def run_forward(
     options: InferenceOptions,
     progress: StageProgressCallback | None = None,
 ) -> ForwardOutputs:
-    """Alignment, input checks, slicing and the forward process of ``segment_volume``: everything but the decisions.
+    """Brain extraction, alignment, input checks, slicing and the forward process of ``segment_volume``: everything
+    but the decisions.
 
     ``options.map_variant`` plays no part here, so the map variants of one setting can share the result.
     """
@@ -229,8 +238,10 @@ def run_forward(
     if missing_maps:
         raise ValueError(f"model sequences {config.sequences} lack {missing_maps} needed for the anomaly maps")
     forward, calibration, warnings = resolve_options(model, options)
+    images, extraction = extract_brain(images, config.sequences, options.brain_extraction, model.device)
     start = time.perf_counter()
     images, alignment = align_sequences(images, config.sequences, options.registration)
+    images = apply_brain(images, extraction, config.sequences)
     warnings += [warning for record in alignment.values() for warning in record.warnings]
     alignment_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -242,8 +253,9 @@ def run_forward(
     batch = options.batch_size or default_batch_size(model.device)
     report_step = None if progress is None else (lambda done, total: progress("forward process", done, total))
     stats = run_on_slices(model, slices, forward, batch, report_step, bf16=options.bf16)
-    timings = {"alignment_s": alignment_s, "preprocess_s": preprocess_s, "network_s": time.perf_counter() - start}
-    return ForwardOutputs(slices, geometry, forward, calibration, stats, warnings, timings, alignment)
+    timings = {"brain_extraction_s": extraction.time_s, "alignment_s": alignment_s, "preprocess_s": preprocess_s,
+               "network_s": time.perf_counter() - start}
+    return ForwardOutputs(slices, geometry, forward, calibration, stats, warnings, timings, alignment, extraction)
 
 
 def segment_volume(
@@ -254,7 +266,7 @@ def segment_volume(
     forward_outputs: ForwardOutputs | None = None,
     volume_rule: VolumeRule | None = None,
 ) -> SegmentationResult:
-    """Segment the tumour in one skull-stripped FLAIR + T2 (+ other) volume set.
+    """Segment the tumour in one FLAIR + T2 (+ other) volume set: heads as the scanner wrote them, or brains.
 
     Args:
         model: a calibrated model (``anofpdm.method.model.load_model``).
@@ -291,11 +303,14 @@ def segment_volume(
     map_image = image_like(images[MAP_SEQUENCES[0]], map_input, np.float32)
     report = _report(model, options, outputs.forward, outputs.calibration, geometry, stats.scores, probability,
                      unhealthy, decided.thresholds, stats, lesions, removed, decided.median_kernel,
-                     outputs.warnings, timings, outputs.alignment)
+                     outputs.warnings, timings, outputs.alignment, outputs.brain_extraction)
     eligible = None if decided.eligible is None else decided.eligible.transpose(2, 0, 1)
     model_grid = ModelGridOutputs(outputs.slices, decided.raw_map.transpose(2, 0, 1), decided.slice_scores.numpy(),
                                   unhealthy.numpy(), decided.thresholds.numpy(), geometry, eligible)
-    return SegmentationResult(mask=mask_image, anomaly_map=map_image, report=report, model_grid=model_grid)
+    brain = outputs.brain_extraction
+    brain_image = None if brain is None else image_like(images[MAP_SEQUENCES[0]], brain.mask, np.uint8)
+    return SegmentationResult(mask=mask_image, anomaly_map=map_image, report=report, model_grid=model_grid,
+                              brain_mask=brain_image)
 
 
 @dataclass
@@ -428,6 +443,7 @@ def _report(
     warnings: list[str],
     timings: dict[str, float],
     alignment: Mapping[str, Alignment],
+    brain_extraction: BrainExtraction | None,
 ) -> dict[str, Any]:
     """The JSON-ready description of one segmentation."""
     total_ml = round(sum(row["volume_ml"] for row in lesions), 3)
@@ -461,6 +477,8 @@ def _report(
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         # per sequence besides the FLAIR: used as is, resampled or registered onto the FLAIR grid, and how much
         "alignment": {name: record.to_dict() for name, record in alignment.items()},
+        # whether the brain was extracted from a head, how, its volume and the time taken
+        "brain_extraction": None if brain_extraction is None else brain_extraction.to_dict(),
         "settings": {
             **asdict(forward),
             "mode": options.mode,
@@ -468,6 +486,7 @@ def _report(
             "decision_rule": options.decision_rule,
             "mark_uncertain": options.mark_uncertain and probability is not None,
             "registration": options.registration,
+            "brain_extraction": options.brain_extraction,
             "visited_steps": stats.visited_steps,
             "min_lesion_mm3": options.min_lesion_mm3,
             "median_kernel": kernel,
@@ -486,5 +505,5 @@ def _report(
                                        for key in ("slices", "accuracy", "device")},
         },
         "warnings": warnings,
-        "notice": "Research software, not for clinical use. Assumes skull-stripped FLAIR and T2 of one examination.",
+        "notice": "Research software, not for clinical use. Assumes FLAIR and T2 of one examination.",
     }

@@ -8,11 +8,12 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["TUMOUR", "UNCERTAIN_TUMOUR", "LABEL_NAMES", "median_filter_2d", "median_filter_3d",
+__all__ = ["TUMOUR", "UNCERTAIN_TUMOUR", "BRAIN_LABEL", "LABEL_NAMES", "median_filter_2d", "median_filter_3d",
            "remove_small_components", "mark_uncertain_lesions", "lesion_table"]
 
 MM3_PER_ML = 1000.0
 TUMOUR, UNCERTAIN_TUMOUR = 1, 2  # values of the returned label map
+BRAIN_LABEL = 3  # the app's label map may also show the extracted brain (its other voxels), on request
 LABEL_NAMES = {"tumour": TUMOUR, "tumour (uncertain)": UNCERTAIN_TUMOUR}
 
 

@@ -102,7 +102,8 @@ def _check_brain_like(name: str, data: np.ndarray, affine: np.ndarray) -> None:
     if brain_ml > MAX_BRAIN_ML:
         raise InputError(
             f"{name} has {brain_ml:.0f} mL of nonzero voxels, more than any skull-stripped brain ({MAX_BRAIN_ML:.0f} "
-            "mL at most): skull-strip the volumes (background exactly 0) before segmenting"
+            "mL at most): a head with skull and scalp; let the brain be extracted (brain_extraction auto or always) or "
+            "skull-strip the volumes (background exactly 0) yourself"
         )
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import nibabel as nib
+import numpy as np
 import SimpleITK as sitk
 import torch
-from anofpdm.volumes.alignment import REGISTRATION_MODES
 from anofpdm.method.model import LoadedModel, load_checkpoint, load_model
 from anofpdm.method.pipeline import (
     DECISION_RULES,
@@ -26,7 +26,10 @@ from anofpdm.method.pipeline import (
     resolve_options,
     segment_volume,
 )
+from anofpdm.method.postprocess import BRAIN_LABEL
 from anofpdm.runtime import default_device
+from anofpdm.volumes.alignment import REGISTRATION_MODES
+from anofpdm.volumes.brain_extraction import BRAIN_EXTRACTION_MODES
 from anofpdm.volumes.checks import InputError
 from lib.request_inputs import IMAGE_ID, ResolvedInputs, StudyLookup, resolve_inputs
 from lib.pacs import PACSDatastore
@@ -40,8 +43,10 @@ logger = logging.getLogger(__name__)
 CALIBRATED = "calibrated"  # shown in Slicer for options that default to the mode's calibrated value
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 MAP_SUFFIX = "_anomaly_map.nii.gz"
+BRAIN_SUFFIX = "_brain_mask.nii.gz"
+OUTPUT_SUFFIXES = (MAP_SUFFIX, BRAIN_SUFFIX)  # the extra outputs kept in map_dir and offered by URL
 MAP_FOLDER = "anofpdm_anomaly_maps"  # under the temp folder; MONAI Label deletes the label once sent, not the map
-KEPT_MAPS = 50  # the newest maps stay for clients to fetch; older ones are deleted as new ones are written
+KEPT_MAPS = 50  # the newest maps (and brain masks) stay for clients to fetch; older ones are deleted
 PROGRESS_STEP_PERCENT = 10
 # request option -> type; a value of "", "calibrated" or None means the model's calibrated value
 OPTION_TYPES: dict[str, type] = {
@@ -58,7 +63,10 @@ OPTION_TYPES: dict[str, type] = {
     "mark_uncertain": bool,
     "registration": str,
     "decision_rule": str,
+    "brain_extraction": str,
+    "brain_segment": bool,  # the app's own: the extracted brain as label BRAIN_LABEL of the returned label map
 }
+APP_OPTIONS = ("brain_segment",)  # request options that are not InferenceOptions
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -122,10 +130,11 @@ class AnoFPDM(InferTask):
         sessions: returns MONAI Label's session store (or None when sessions are off).
         datastore: returns the app's datastore; on a PACS (``lib.pacs.PACSDatastore``) the T2 of a FLAIR
             series is the T2 series of its study.
-        map_dir: where anomaly maps are written (default: ``<TMPDIR>/anofpdm_anomaly_maps``).
-        kept_maps: how many of the newest anomaly maps are kept there.
-        map_url: the server path that offers ``map_dir``'s files; the result JSON then names each map's URL
-            (``anomaly_map_url``) beside its path, for clients on another machine.
+        map_dir: where anomaly maps and brain masks are written (default: ``<TMPDIR>/anofpdm_anomaly_maps``).
+        kept_maps: how many of the newest anomaly maps (and as many brain masks) are kept there.
+        map_url: the server path that offers ``map_dir``'s files; the result JSON then names each map's and
+            brain mask's URL (``anomaly_map_url``, ``brain_mask_url``) beside its path, for clients on another
+            machine.
     """
 
     def __init__(
@@ -196,6 +205,10 @@ class AnoFPDM(InferTask):
             # the T2 onto the FLAIR grid: rigid registration when they do not line up (auto), always or never
             "registration": [defaults.registration, *(m for m in REGISTRATION_MODES if m != defaults.registration)],
             "decision_rule": [defaults.decision_rule, *(r for r in DECISION_RULES if r != defaults.decision_rule)],
+            # the brain out of a head (skull, scalp, background): auto leaves a skull-stripped brain as it is
+            "brain_extraction": [defaults.brain_extraction,
+                                 *(m for m in BRAIN_EXTRACTION_MODES if m != defaults.brain_extraction)],
+            "brain_segment": False,  # the brain as a segment of the label map
             **{name: "" for name in self._other_sequences()},
         }
 
@@ -213,8 +226,13 @@ class AnoFPDM(InferTask):
         result = self._segment(model, inputs, options, Path(str(request["image"])).name)
 
         write_start = time.perf_counter()
-        label_path, map_path = self._write(result.mask, result.anomaly_map, extension)
         report = result.report
+        mask = result.mask
+        if _parse_option("brain_segment", request.get("brain_segment")):
+            mask = _with_brain(mask, result.brain_mask)
+            report["label_names"] = {**report["label_names"], "brain": BRAIN_LABEL}
+        label_path, map_path = self._write(mask, result.anomaly_map, extension)
+        brain_path = self._write_output(result.brain_mask, map_path.name[: -len(MAP_SUFFIX)], BRAIN_SUFFIX)
         report["timings_s"]["write_s"] = round(time.perf_counter() - write_start, 3)
         report["timings_s"]["total_s"] = round(time.perf_counter() - start, 3)
         logger.info(f"anofpdm: {report['verdict']}, {report['lesion_count']} lesion(s), "
@@ -223,6 +241,8 @@ class AnoFPDM(InferTask):
             **report,
             "anomaly_map": str(map_path),
             **({"anomaly_map_url": f"{self.map_url}/{map_path.name}"} if self.map_url else {}),
+            "brain_mask": str(brain_path),
+            **({"brain_mask_url": f"{self.map_url}/{brain_path.name}"} if self.map_url else {}),
             "inputs": inputs.sources,
             **({"series": {model.config.sequences[0]: request[IMAGE_ID], **inputs.series}} if inputs.series else {}),
         }
@@ -286,7 +306,8 @@ class AnoFPDM(InferTask):
     # ---- request -----------------------------------------------------------------------------------------
     def _options(self, model: LoadedModel, request: dict[str, Any]) -> InferenceOptions:
         """The request's options, checked against the model; no mode means the first calibrated one ("fast")."""
-        parsed = {name: _parse_option(name, request[name]) for name in OPTION_TYPES if name in request}
+        parsed = {name: _parse_option(name, request[name]) for name in OPTION_TYPES
+                  if name in request and name not in APP_OPTIONS}
         if parsed.get("mode") is None:
             parsed["mode"] = self._modes()[0]
         # a None keeps the InferenceOptions default (seed 0, the mode's calibrated settings...); a bad
@@ -341,15 +362,25 @@ class AnoFPDM(InferTask):
             nifti_path.unlink()
         else:
             nib.save(mask, label_path)
-        return label_path, self._write_map(anomaly_map, base)
+        return label_path, self._write_output(anomaly_map, base, MAP_SUFFIX)
 
-    def _write_map(self, anomaly_map: nib.Nifti1Image, base: str) -> Path:
-        """Save the map, then delete all but the ``kept_maps`` newest maps (disk use stays bounded)."""
+    def _write_output(self, image: nib.Nifti1Image, base: str, suffix: str) -> Path:
+        """Save an extra output (anomaly map or brain mask) to ``map_dir``, then delete all but the ``kept_maps``
+        newest of its kind (disk use stays bounded)."""
         with self._map_lock:
             self.map_dir.mkdir(parents=True, exist_ok=True)
-            map_path = self.map_dir / (base + MAP_SUFFIX)
-            nib.save(anomaly_map, map_path)
-            maps = sorted(self.map_dir.glob(f"*{MAP_SUFFIX}"), key=lambda p: (p == map_path, p.stat().st_mtime_ns))
-            for old in maps[: -self.kept_maps]:
+            path = self.map_dir / (base + suffix)
+            nib.save(image, path)
+            kept = sorted(self.map_dir.glob(f"*{suffix}"), key=lambda p: (p == path, p.stat().st_mtime_ns))
+            for old in kept[: -self.kept_maps]:
                 old.unlink(missing_ok=True)
-        return map_path
+        return path
+
+
+def _with_brain(mask: nib.Nifti1Image, brain: nib.Nifti1Image) -> nib.Nifti1Image:
+    """The label map with the brain's other voxels labelled ``BRAIN_LABEL`` (tumour labels kept)."""
+    labels = np.asanyarray(mask.dataobj)
+    combined = np.where(labels > 0, labels, np.where(np.asanyarray(brain.dataobj) > 0, BRAIN_LABEL, 0))
+    out = nib.Nifti1Image(combined.astype(labels.dtype), mask.affine, mask.header)
+    out.set_data_dtype(labels.dtype)
+    return out

@@ -1,0 +1,296 @@
+"""Brain extraction from FLAIR and T2 heads, the first step of the pipeline (docs/brain-extraction.md).
+
+Scans as a scanner writes them hold the skull, scalp, fat, eyes, neck and a noisy background; the method (and the
+network) knows only skull-stripped brains. Each sequence that is a head (more nonzero voxels than any brain,
+``HEAD_MIN_NONZERO_ML``) is resampled to ``WORKING_SPACING_MM`` isotropic RAS and passed through deepbet's two
+networks (Fisch et al., 2024: a box network at 128^3, then the brain network at 256^3 inside the box), whose
+TorchScript weights ship inside the ``deepbet`` wheel: nothing is downloaded. The brain probability goes back onto
+the sequence's own grid, its largest piece is kept, holes are filled, and the mask is checked (volume in a
+plausible range, one piece, not cut by the field of view) before the sequence is stripped (0 outside).
+
+``brain_extraction``: ``auto`` (default) extracts a head and leaves a skull-stripped brain as it is, so such
+inputs give the same mask as without this step; ``always`` extracts every sequence; ``never`` leaves every
+sequence as it is (a head is then refused by the input checks).
+
+deepbet was trained on T1 images; its figures on FLAIR and T2 heads are in docs/brain-extraction.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from anofpdm.volumes.alignment import nifti_to_itk
+from anofpdm.volumes.checks import InputError, as_3d, same_grid
+from anofpdm.volumes.reading import LPS_TO_RAS
+
+__all__ = ["BRAIN_EXTRACTION_MODES", "BrainExtraction", "extract_brain", "apply_brain", "brain_probability"]
+
+BRAIN_EXTRACTION_MODES = ("auto", "always", "never")
+HEAD_MIN_NONZERO_ML = 2500.0  # no skull-stripped brain has this much nonzero volume (intracranial: ~1.1-1.9 L)
+WORKING_SPACING_MM = 1.0  # deepbet's networks were trained on ~1 mm T1 images
+BOX_SHAPE = (128, 128, 128)  # deepbet's box network input
+BRAIN_SHAPE = (256, 256, 256)  # deepbet's brain network input
+BOX_MARGIN = 0.1  # share of the box size added on each side, as deepbet does
+INTENSITY_QUANTILES = (0.005, 0.995)  # deepbet's intensity window, from the box-network input
+IMAGENET_MEAN, IMAGENET_STD = 0.449, 0.226  # deepbet's input standardisation
+PROBABILITY_THRESHOLD = 0.5
+BRAIN_ML_RANGE = (600.0, 2400.0)  # an extracted brain outside this is a failure, not a brain
+MAX_OTHER_PIECES_ML = 20.0  # a second piece of brain mask larger than this: the extraction is not one brain
+MAX_EDGE_BRAIN_MM2 = 400.0  # brain on one face of the field of view beyond this: the brain is cut off
+DEEPBET_MODELS = ("bbox_model.pt", "model.pt")  # box network, brain network (in the wheel's data/models/)
+STRIP_MARGIN_MM = 4.0  # a head on another grid is stripped this far beyond the brain, for head motion
+
+
+@dataclass
+class BrainExtraction:
+    """What brain extraction did (the report's ``brain_extraction`` entry) and the brain mask it gives.
+
+    Attributes:
+        mode: the option it ran under ("auto", "always", "never").
+        extracted: whether a brain was extracted here (False: every sequence was used as it came).
+        method: the extractor and its version when extracted, else None.
+        brain_ml: the brain's volume in mL (the reference's nonzero volume when nothing was extracted).
+        sequences: per sequence, what was done to it and why.
+        nonzero_ml: per sequence, its nonzero volume in mL as it came (what tells a head from a brain).
+        time_s: time taken.
+        mask: the brain on the reference (FLAIR) grid (not part of ``to_dict``).
+    """
+
+    mode: str
+    extracted: bool
+    method: str | None
+    brain_ml: float
+    sequences: dict[str, str]
+    nonzero_ml: dict[str, float]
+    time_s: float
+    mask: np.ndarray = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, rounded, without the mask."""
+        out = {key: value for key, value in asdict(self).items() if key != "mask"}
+        out["brain_ml"] = round(self.brain_ml, 1)
+        out["nonzero_ml"] = {name: round(value, 1) for name, value in self.nonzero_ml.items()}
+        out["time_s"] = round(self.time_s, 3)
+        return out
+
+
+def voxel_ml(affine: np.ndarray) -> float:
+    """Volume of one voxel of ``affine`` in mL."""
+    return abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+
+
+@functools.lru_cache(maxsize=2)
+def _deepbet_networks(device: str) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule, str]:
+    """deepbet's box and brain networks on ``device``, and the package version.
+
+    The weights are read from the installed wheel's ``data/models`` (where deepbet itself reads them) without
+    importing the package, whose ``__init__`` pulls in its own post-processing dependencies that this project
+    does with scipy.
+    """
+    spec = importlib.util.find_spec("deepbet")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("brain extraction needs the deepbet package (pip install deepbet==1.0.2 --no-deps)")
+    models = Path(spec.origin).resolve().parents[1] / "data" / "models"
+    missing = [name for name in DEEPBET_MODELS if not (models / name).is_file()]
+    if missing:
+        raise RuntimeError(f"deepbet's weights {missing} are not under {models}: reinstall deepbet")
+    networks = tuple(torch.jit.load(str(models / name), map_location=device).eval() for name in DEEPBET_MODELS)
+    from importlib.metadata import version
+
+    return networks[0], networks[1], f"deepbet {version('deepbet')}"
+
+
+def _working_image(data: np.ndarray, affine: np.ndarray) -> tuple[sitk.Image, sitk.Image]:
+    """The volume as an ITK image and its resampling on an isotropic RAS grid of ``WORKING_SPACING_MM``."""
+    image = nifti_to_itk(data, affine, "the volume")
+    corners = np.array([[i, j, k, 1.0] for i in (0, data.shape[0] - 1) for j in (0, data.shape[1] - 1)
+                        for k in (0, data.shape[2] - 1)])
+    ras = (np.asarray(affine) @ corners.T).T[:, :3]
+    low, high = ras.min(axis=0), ras.max(axis=0)
+    size = np.maximum(1, np.ceil((high - low) / WORKING_SPACING_MM).astype(int) + 1)
+    grid = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
+    grid.SetSpacing([WORKING_SPACING_MM] * 3)
+    grid.SetDirection(np.diag(np.diag(LPS_TO_RAS)[:3]).flatten().tolist())  # RAS axes in ITK's LPS space
+    grid.SetOrigin((np.diag(LPS_TO_RAS)[:3] * low).tolist())
+    working = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return image, working
+
+
+def _standardise(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    x = ((x - low) / (high - low)).clamp(0.0, 1.0)
+    return IMAGENET_STD * (x - x.mean()) / x.std() + IMAGENET_MEAN
+
+
+def _box(probability: torch.Tensor, shape: Sequence[int]) -> tuple[slice, slice, slice]:
+    """The box (with ``BOX_MARGIN``) around the largest piece of the box network's brain, on a grid of ``shape``."""
+    labels, count = ndimage.label(probability.cpu().numpy() > PROBABILITY_THRESHOLD)
+    if count == 0:
+        raise InputError("brain extraction found no brain-like region in the volume: is it a head MRI?")
+    largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    points = np.argwhere(labels == largest)
+    scale = np.asarray(shape, dtype=np.float64) / np.asarray(probability.shape, dtype=np.float64)
+    first, last = points.min(axis=0) * scale, (points.max(axis=0) + 1) * scale
+    centre, size = (first + last) / 2.0, (last - first) * (1.0 + 2.0 * BOX_MARGIN)
+    return tuple(slice(max(0, int(round(c - s / 2))), min(n, int(round(c + s / 2))))
+                 for c, s, n in zip(centre, size, shape))
+
+
+@torch.no_grad()
+def brain_probability(data: np.ndarray, affine: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """deepbet's brain probability for a head volume, on the volume's own grid (float32 in [0, 1]).
+
+    Args:
+        data: the 3-D volume as stored.
+        affine: its voxel-to-RAS affine.
+        device: torch device of the networks.
+    """
+    box_network, brain_network, _ = _deepbet_networks(str(device))
+    image, working = _working_image(data, affine)
+    x = torch.from_numpy(sitk.GetArrayFromImage(working).transpose(2, 1, 0).copy()).to(device)
+    small = F.interpolate(x[None, None], BOX_SHAPE, mode="nearest-exact")[0, 0]
+    low, high = torch.quantile(small.flatten(), torch.tensor(INTENSITY_QUANTILES, device=device))
+    if not high > low:
+        raise InputError("brain extraction: the volume has no contrast (its intensities are one value)")
+    box = _box(box_network(_standardise(small, low, high)[None, None])[0, 1], x.shape)
+    inside = F.interpolate(x[box][None, None], BRAIN_SHAPE, mode="nearest-exact")
+    brain = brain_network(_standardise(inside, low, high))[0, 1]
+    probability = torch.zeros_like(x)
+    probability[box] = F.interpolate(brain[None, None], x[box].shape, mode="trilinear", align_corners=False)[0, 0]
+    working_probability = sitk.GetImageFromArray(probability.cpu().numpy().transpose(2, 1, 0).copy())
+    working_probability.CopyInformation(working)
+    back = sitk.Resample(working_probability, image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(back).transpose(2, 1, 0)
+
+
+def _brain_mask(probability: np.ndarray, affine: np.ndarray, name: str) -> np.ndarray:
+    """The largest piece of the thresholded probability, holes filled; refused when it is not one whole brain."""
+    labels, count = ndimage.label(probability > PROBABILITY_THRESHOLD)
+    ml = voxel_ml(affine)
+    sizes = np.bincount(labels.ravel())[1:] * ml if count else np.zeros(0)
+    if count == 0 or not BRAIN_ML_RANGE[0] <= sizes.max() <= BRAIN_ML_RANGE[1]:
+        found = 0.0 if count == 0 else float(sizes.max())
+        raise InputError(
+            f"brain extraction on {name} found {found:.0f} mL of brain, outside the plausible "
+            f"{BRAIN_ML_RANGE[0]:.0f}-{BRAIN_ML_RANGE[1]:.0f} mL: is it a head MRI of this sequence? (or give a "
+            "skull-stripped volume with brain_extraction=never)"
+        )
+    order = np.argsort(sizes)[::-1]
+    if count > 1 and sizes[order[1]] > MAX_OTHER_PIECES_ML:
+        raise InputError(
+            f"brain extraction on {name} found several large pieces ({sizes[order[0]]:.0f} mL and "
+            f"{sizes[order[1]]:.0f} mL), not one brain: check the volume (or skull-strip it yourself)"
+        )
+    mask = ndimage.binary_fill_holes(labels == order[0] + 1)
+    _check_field_of_view(mask, affine, name)
+    return mask
+
+
+def _check_field_of_view(mask: np.ndarray, affine: np.ndarray, name: str) -> None:
+    """Refuse a brain that runs off a face of the field of view (a scan cut off at the vertex, say)."""
+    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    for axis in range(3):
+        face_mm2 = float(np.prod(np.delete(spacing, axis)))
+        for index in (0, mask.shape[axis] - 1):
+            area = float(np.take(mask, index, axis=axis).sum()) * face_mm2
+            if area > MAX_EDGE_BRAIN_MM2:
+                raise InputError(
+                    f"the brain in {name} runs off the edge of the field of view ({area:.0f} mm^2 of brain on its "
+                    f"{'first' if index == 0 else 'last'} plane along voxel axis {axis}): the scan cuts the brain "
+                    "off (at the vertex?); segment a scan that covers the whole brain"
+                )
+
+
+def _on_grid(mask: np.ndarray, affine: np.ndarray, image: nib.spatialimages.SpatialImage) -> np.ndarray:
+    """``mask`` (on ``affine``'s grid) on ``image``'s grid by world coordinates, grown by ``STRIP_MARGIN_MM`` so
+    that registration after it still finds the sequence's whole brain."""
+    reference = nifti_to_itk(mask.astype(np.float32), affine, "the brain mask")
+    target = nifti_to_itk(np.zeros(image.shape[:3], np.float32), image.affine, "the sequence")
+    moved = sitk.GetArrayFromImage(sitk.Resample(reference, target, sitk.Transform(), sitk.sitkLinear, 0.0))
+    grown = moved.transpose(2, 1, 0) > 0.0
+    spacing = np.sqrt((np.asarray(image.affine)[:3, :3] ** 2).sum(axis=0))
+    radius = np.maximum(1, np.round(STRIP_MARGIN_MM / spacing).astype(int))
+    return ndimage.binary_dilation(grown, np.ones(2 * radius + 1, bool)) if grown.any() else grown
+
+
+def _strip(image: nib.spatialimages.SpatialImage, data: np.ndarray, mask: np.ndarray) -> nib.Nifti1Image:
+    """The sequence with 0 outside ``mask`` (and no negative values inside: background is 0 in skull-stripped data)."""
+    return nib.Nifti1Image(np.where(mask, np.maximum(data, 0.0), 0.0).astype(np.float32), image.affine)
+
+
+def extract_brain(
+    images: Mapping[str, nib.spatialimages.SpatialImage],
+    sequences: Sequence[str],
+    mode: str = "auto",
+    device: str | torch.device = "cpu",
+) -> tuple[dict[str, nib.spatialimages.SpatialImage], BrainExtraction]:
+    """Strip the heads among ``sequences`` to the brain found on the reference (the first, the FLAIR).
+
+    The brain is extracted once, on the reference when it is a head (or always); other heads are stripped with
+    that brain, mapped onto their grid by world coordinates and grown by ``STRIP_MARGIN_MM`` (alignment then puts
+    them onto the reference grid, and ``apply_brain`` gives every sequence the one mask). A reference that is a
+    skull-stripped brain gives its nonzero voxels as the brain. Sequences missing or not finite are left for the
+    input checks to name.
+
+    Returns:
+        the images (stripped where they were heads) and the record with the brain mask on the reference grid.
+
+    Raises:
+        InputError: the extraction did not find one whole brain inside the field of view.
+    """
+    if mode not in BRAIN_EXTRACTION_MODES:
+        raise InputError(f"brain_extraction must be one of {BRAIN_EXTRACTION_MODES}, got {mode!r}")
+    start = time.perf_counter()
+    out = dict(images)
+    present = [name for name in sequences if name in images]
+    arrays = {name: as_3d(name, images[name]) for name in present}
+    nonzero = {name: float(np.count_nonzero(arrays[name])) * voxel_ml(images[name].affine) for name in present}
+    heads = {name for name in present if mode == "always" or (mode == "auto" and nonzero[name] > HEAD_MIN_NONZERO_ML)}
+    if any(not np.isfinite(arrays[name]).all() for name in heads):
+        heads = set()  # NaNs: the input checks name the sequence
+    reference = sequences[0]
+    if reference not in images:
+        return out, BrainExtraction(mode, False, None, 0.0, {}, nonzero, 0.0, np.zeros(0, bool))
+    ref_image, ref_data = images[reference], arrays[reference]
+    done = {name: "used as it came" + (" (brain_extraction=never)" if mode == "never" else "") for name in present}
+    method = None
+    if reference in heads:
+        mask = _brain_mask(brain_probability(ref_data, ref_image.affine, str(device)), ref_image.affine, reference)
+        method = _deepbet_networks(str(device))[2]
+        out[reference] = _strip(ref_image, ref_data, mask)
+        done[reference] = f"brain extracted ({method})"
+    else:
+        mask = ref_data > 0
+    for name in sorted(heads - {reference}, key=present.index):
+        image = images[name]
+        on_grid = mask if same_grid(image, ref_image) else _on_grid(mask, ref_image.affine, image)
+        out[name] = _strip(image, arrays[name], on_grid)
+        done[name] = f"stripped with the brain of {reference}"
+    brain_ml = float(mask.sum()) * voxel_ml(ref_image.affine)
+    return out, BrainExtraction(mode, bool(heads), method, brain_ml, done, nonzero, time.perf_counter() - start, mask)
+
+
+def apply_brain(
+    images: Mapping[str, nib.spatialimages.SpatialImage], extraction: BrainExtraction, sequences: Sequence[str]
+) -> dict[str, nib.spatialimages.SpatialImage]:
+    """After alignment: every sequence on the reference grid given the reference's brain (one mask on all, as in
+    skull-stripped training data). Unchanged when nothing was extracted."""
+    if not extraction.extracted:
+        return dict(images)
+    out = dict(images)
+    for name in sequences[1:]:
+        if name in images and images[name].shape[:3] == extraction.mask.shape:
+            out[name] = _strip(images[name], as_3d(name, images[name]), extraction.mask)
+    return out
