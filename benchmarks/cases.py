@@ -9,14 +9,17 @@ network. The cache holds pickles made by this code for these scripts only: never
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from anofpdm.data.brats import CaseFiles, find_cases
 from anofpdm.evaluation.case_scoring import EvaluationCase, prepare_case
 from anofpdm.evaluation.evaluate import split_case_ids
 from anofpdm.method.model import LoadedModel, NetworkConfig
 from anofpdm.method.pipeline import ForwardOutputs, InferenceOptions, run_forward
+
+T = TypeVar("T")
 
 
 def select_cases(
@@ -41,16 +44,24 @@ def readable_cases(cases: Sequence[CaseFiles], config: NetworkConfig) -> Iterato
             print(f"{files.case_id} left out: {exc}", flush=True)
 
 
+def cached(cache: Path | None, compute: Callable[[], T]) -> T:
+    """``compute()``, kept in ``cache`` (a file path; None: not kept) and read from there when it holds it."""
+    if cache is not None and cache.is_file():
+        return pickle.loads(cache.read_bytes())
+    value = compute()
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_bytes(pickle.dumps(value))
+    return value
+
+
 def prepared_forward(
     files: CaseFiles, model: LoadedModel, options: InferenceOptions, cache: Path | None
 ) -> tuple[EvaluationCase, ForwardOutputs]:
     """A case and its forward process, from ``cache`` (a file path) when it holds them, else computed and stored."""
-    if cache is not None and cache.is_file():
-        stored = pickle.loads(cache.read_bytes())
-        return stored["case"], stored["forward"]
-    case = prepare_case(files, model.config)
-    forward = run_forward(model, case.images, options)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_bytes(pickle.dumps({"case": case, "forward": forward}))
-    return case, forward
+
+    def compute() -> tuple[EvaluationCase, ForwardOutputs]:
+        case = prepare_case(files, model.config)
+        return case, run_forward(model, case.images, options)
+
+    return cached(cache, compute)

@@ -29,7 +29,8 @@ def _synth(args: argparse.Namespace) -> int:
         return 0
     manifest = generate_cases(args.out, args.cases, args.seed, args.healthy_fraction,
                               progress=progress_bar("synth", unit="case"), workers=args.workers,
-                              tumour_volume_ml=args.tumour_volume_ml, domain=args.domain, heads=args.heads)
+                              tumour_volume_ml=args.tumour_volume_ml, domain=args.domain, heads=args.heads,
+                              tumour_site=args.tumour_site)
     if args.preview:
         case_dirs = [args.out / case["case"] for case in manifest["cases"][: args.preview_cases]]
         render_preview(case_dirs, args.preview)
@@ -214,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--heads", action="store_true",
                        help="whole heads (skull, scalp, eyes, neck) around the brain instead of skull-stripped "
                             "images; each case also gets <CASE>_brainmask.nii.gz, the truth brain mask")
+    synth.add_argument("--tumour-site", choices=("deep", "surface"), default="deep",
+                       help="where tumours grow: deep white matter (the default) or just under the brain's surface "
+                            "(at the cortex, where brain extraction may cut them)")
     synth.add_argument("--workers", type=int, default=1, help="cases generated in parallel (same output)")
     synth.add_argument("--preview", type=Path, help="also render a PNG of the first cases")
     synth.add_argument("--preview-cases", type=int, default=4)

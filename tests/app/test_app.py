@@ -347,7 +347,7 @@ def bad_inputs(pair: dict[str, nib.Nifti1Image]) -> dict[str, tuple[nib.Nifti1Im
                      "flair has 55% negative voxels"),  # the background: 11600 of 21120 voxels
         # 21120 nonzero voxels of 640 mm^3: more than any brain, so a head to extract, in which no brain is found
         "head_without_a_brain": (nib.Nifti1Image(flair + 1.0, AFFINE * [[2], [2], [2], [1]]), t2,
-                                 r"brain extraction on flair found \d+ mL of brain, outside the plausible 600-2400"),
+                                 r"brain extraction on flair found \d+ mL of brain, outside the plausible 500-3000"),
         "misaligned": (pair["flair"], nib.Nifti1Image(np.roll(t2.get_fdata(dtype=np.float32), 20, axis=1), AFFINE),
                        r"t2 and flair do not overlap: Dice 0\.71 on the flair grid, 0\.71 after rigid registration"),
         # (rolled by 20 of 44 columns, the brain wraps round: no rigid motion undoes it)

@@ -81,6 +81,8 @@ TUMOUR_SITE_MIN_DEPTH_MM = 18.0
 TUMOUR_SITE_MIN_WM = 0.6
 TUMOUR_SITE_MIN_Z_MM = -10.0  # MNI z: above the cerebellum and brainstem
 TUMOUR_SITES_KEPT = 4000
+SURFACE_SITE_DEPTH_MM = (3.0, 9.0)  # "surface" tumours grow from this deep under the brain's surface (at the cortex)
+TUMOUR_SITES = ("deep", "surface")  # where tumour centres are drawn: deep white matter (the default) or the cortex
 VENTRICLE_EXPANSION_WIDTH_MM = 28.0  # Gaussian reach of a domain's ventricle enlargement
 ATROPHY_REACH_MM = 1.5  # grey matter within about this of CSF can be lost to it
 ATROPHY_CSF_GAIN = 3.0
@@ -150,6 +152,7 @@ class _Atlas:
     centre: np.ndarray
     bbox: np.ndarray  # 2 x 3: first and last voxel of the brain
     tumour_sites: np.ndarray  # N x 3 voxel indices
+    surface_sites: np.ndarray  # M x 3 voxel indices just under the brain's surface
     ventricle_centre: np.ndarray  # voxel centroid of the ventricles
 
 
@@ -209,12 +212,15 @@ def _atlas() -> _Atlas:
     above = (z_mm > TUMOUR_SITE_MIN_Z_MM)[None, None, :]
     sites = np.argwhere((wm > TUMOUR_SITE_MIN_WM) & (depth > TUMOUR_SITE_MIN_DEPTH_MM) & above)
     keep = np.linspace(0, len(sites) - 1, min(TUMOUR_SITES_KEPT, len(sites))).astype(int)
+    shallow = (depth >= SURFACE_SITE_DEPTH_MM[0]) & (depth <= SURFACE_SITE_DEPTH_MM[1])
+    surface = np.argwhere(shallow & (brain > MEMBERSHIP_THRESHOLD) & above)
+    surface = surface[np.linspace(0, len(surface) - 1, min(TUMOUR_SITES_KEPT, len(surface))).astype(int)]
     inside = np.argwhere(brain > MEMBERSHIP_THRESHOLD)
     bbox = np.stack([inside.min(0), inside.max(0)]).astype(np.float64)
     maps = {"gm": gm, "wm": wm, "brain": brain, "periventricular": periventricular, "t1": t1}
     stacked = np.ascontiguousarray(np.stack([maps[name] for name in ATLAS_CHANNELS]), dtype=np.float32)
     channels = torch.from_numpy(stacked)[None].contiguous(memory_format=torch.channels_last_3d)
-    return _Atlas(channels, bbox.mean(0), bbox, sites[keep], np.argwhere(ventricles > 0).mean(0))
+    return _Atlas(channels, bbox.mean(0), bbox, sites[keep], surface, np.argwhere(ventricles > 0).mean(0))
 
 
 # --- random fields ------------------------------------------------------------------------------------
@@ -294,9 +300,11 @@ class _TumourPlan:
 
 
 def _plan_tumour(
-    rng: np.random.Generator, atlas: _Atlas, pose: _Pose, tumour_volume_ml: tuple[float, float], domain: Domain
+    rng: np.random.Generator, atlas: _Atlas, pose: _Pose, tumour_volume_ml: tuple[float, float], domain: Domain,
+    tumour_site: str = "deep",
 ) -> _TumourPlan:
-    site = atlas.tumour_sites[rng.integers(len(atlas.tumour_sites))].astype(np.float64)
+    sites = atlas.surface_sites if tumour_site == "surface" else atlas.tumour_sites
+    site = sites[rng.integers(len(sites))].astype(np.float64)
     centre = pose.to_target(site[None], atlas.centre)[0]
     low, high = np.log(tumour_volume_ml)
     volume_mm3 = float(np.exp(rng.uniform(low, high))) * 1000.0
@@ -640,6 +648,7 @@ def synthesize_case(
     tumour_volume_ml: Sequence[float] | None = None,
     domain: Domain = TRAINING,
     heads: bool = False,
+    tumour_site: str = "deep",
 ) -> SyntheticCase:
     """Generate one case in memory, on the 1 mm grid it is drawn on (``reslice_case`` puts it on a domain's grid).
 
@@ -656,6 +665,8 @@ def synthesize_case(
         heads: grow the rest of the head around the brain (``anofpdm.data.heads``, ranges ``domain.head``),
             from a random stream of its own: the brain, its labels and its skull-stripped images are those
             drawn without heads.
+        tumour_site: "deep" (white matter at least 18 mm under the brain's surface) or "surface" (3-9 mm under
+            it: tumours at the cortex, which a brain extractor may cut).
 
     Returns:
         The case: int16 images keyed by ``SEQUENCES`` (skull-stripped, or whole heads with ``heads``), uint8
@@ -667,10 +678,12 @@ def synthesize_case(
     if voxel_mm <= 0:
         raise ValueError(f"voxel_mm must be positive, got {voxel_mm}")
     tumour_volume_ml = _check_tumour_volume(domain.tumour_volume_ml if tumour_volume_ml is None else tumour_volume_ml)
+    if tumour_site not in TUMOUR_SITES:
+        raise ValueError(f"tumour_site must be one of {TUMOUR_SITES}, got {tumour_site!r}")
     rng = np.random.default_rng(seed)
     atlas = _atlas()
     pose = _draw_pose(rng, domain)
-    tumour = None if healthy else _plan_tumour(rng, atlas, pose, tumour_volume_ml, domain)
+    tumour = None if healthy else _plan_tumour(rng, atlas, pose, tumour_volume_ml, domain, tumour_site)
     crop = _crop_box(atlas, pose, shape, voxel_mm)
     axes_mm = [axis[c] for axis, c in zip(_grid_mm(shape, voxel_mm), crop)]
     source = _source_map(rng, atlas, pose, axes_mm, tumour, voxel_mm, domain)
@@ -710,6 +723,8 @@ def synthesize_case(
     }
     if domain != TRAINING:
         info.update(domain=domain.name, cortical_atrophy=round(atrophy, 3), scanner_gain=round(gain, 3))
+    if tumour is not None and tumour_site != "deep":
+        info["tumour_site"] = tumour_site
     if not heads:
         return SyntheticCase(images, seg, brats_affine(shape, voxel_mm), info)
     brain_mask = np.zeros(tuple(shape), bool)
@@ -818,11 +833,12 @@ def _generate_case(
     index: int, out_dir: Path, seed: int, healthy_fraction: float, tumour_volume_ml: tuple[float, float],
     domain: Domain,
     heads: bool,
+    tumour_site: str,
 ) -> dict[str, Any]:
     """Synthesise and write case ``index``; its manifest entry."""
     name = case_name(index)
     case = synthesize_case(case_seed(seed, index), is_healthy_index(index, healthy_fraction),
-                           tumour_volume_ml=tumour_volume_ml, domain=domain, heads=heads)
+                           tumour_volume_ml=tumour_volume_ml, domain=domain, heads=heads, tumour_site=tumour_site)
     case = reslice_case(case, domain, index)
     case_dir = write_case(case, out_dir, name)
     _write_studies(case_dir, out_dir / STUDIES_DIR, name)
@@ -839,6 +855,7 @@ def generate_cases(
     tumour_volume_ml: Sequence[float] | None = None,
     domain: Domain | str = TRAINING,
     heads: bool = False,
+    tumour_site: str = "deep",
 ) -> dict[str, Any]:
     """Generate synthetic BraTS-format cases and a MONAI Label studies folder.
 
@@ -858,6 +875,7 @@ def generate_cases(
         domain: a ``Domain`` or the name of one in ``anofpdm.data.domains.DOMAINS`` ("training", "shifted").
         heads: whole heads (``synthesize_case``): the images and studies hold the head, each case also gets
             ``<CASE>_brainmask.nii.gz`` and the manifest says ``"heads": true`` with the head's ranges.
+        tumour_site: "deep" or "surface" (``synthesize_case``).
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -870,7 +888,8 @@ def generate_cases(
     tumour_volume_ml = _check_tumour_volume(domain.tumour_volume_ml if tumour_volume_ml is None else tumour_volume_ml)
     out_dir = Path(out_dir)
     generate = functools.partial(_generate_case, out_dir=out_dir, seed=seed, healthy_fraction=healthy_fraction,
-                                 tumour_volume_ml=tumour_volume_ml, domain=domain, heads=heads)
+                                 tumour_volume_ml=tumour_volume_ml, domain=domain, heads=heads,
+                                 tumour_site=tumour_site)
     results = ordered_map(generate, range(n_cases), workers, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = list(results)
@@ -885,6 +904,7 @@ def generate_cases(
             "shape": list(BRATS_SHAPE), "voxel_mm": 1.0, "affine": brats_affine().tolist()}),
         "labels": {"1": "necrotic / non-enhancing core", "2": "oedema", "4": "enhancing"},
         **({"heads": True, "head_shape": asdict(domain.head)} if heads else {}),
+        **({"tumour_site": tumour_site} if tumour_site != "deep" else {}),
         "cases": cases,
     }
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))

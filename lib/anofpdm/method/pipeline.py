@@ -242,7 +242,7 @@ def run_forward(
     start = time.perf_counter()
     images, alignment = align_sequences(images, config.sequences, options.registration)
     images = apply_brain(images, extraction, config.sequences)
-    warnings += [warning for record in alignment.values() for warning in record.warnings]
+    warnings += extraction.warnings + [warning for record in alignment.values() for warning in record.warnings]
     alignment_s = time.perf_counter() - start
     start = time.perf_counter()
     slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm,

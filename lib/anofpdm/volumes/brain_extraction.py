@@ -1,18 +1,21 @@
 """Brain extraction from FLAIR and T2 heads, the first step of the pipeline (docs/brain-extraction.md).
 
 Scans as a scanner writes them hold the skull, scalp, fat, eyes, neck and a noisy background; the method (and the
-network) knows only skull-stripped brains. Each sequence that is a head (more nonzero voxels than any brain,
-``HEAD_MIN_NONZERO_ML``) is resampled to ``WORKING_SPACING_MM`` isotropic RAS and passed through deepbet's two
-networks (Fisch et al., 2024: a box network at 128^3, then the brain network at 256^3 inside the box), whose
-TorchScript weights ship inside the ``deepbet`` wheel: nothing is downloaded. The brain probability goes back onto
-the sequence's own grid, its largest piece is kept, holes are filled, and the mask is checked (volume in a
-plausible range, one piece, not cut by the field of view) before the sequence is stripped (0 outside).
+network) knows only skull-stripped brains. When the reference sequence (the FLAIR) is a head (more nonzero volume
+than any brain, ``HEAD_MIN_NONZERO_ML``), it is resampled to ``WORKING_SPACING_MM`` isotropic RAS and passed
+through deepbet's two networks (Fisch et al., 2024: a box network at 128^3, then the brain network at 256^3 inside
+the box), whose TorchScript weights ship inside the ``deepbet`` wheel: nothing is downloaded. The brain
+probability goes back onto the FLAIR's grid; its largest piece is kept and its holes filled, and it is refused when
+its volume is implausible, when it is in several large pieces or when the scan cuts it off at the vertex (a brain
+reaching another edge of the field of view is a warning). The other sequences that are heads are stripped with that
+brain; after alignment every sequence gets the one brain (``apply_brain``), as skull-stripped training data has it.
 
-``brain_extraction``: ``auto`` (default) extracts a head and leaves a skull-stripped brain as it is, so such
-inputs give the same mask as without this step; ``always`` extracts every sequence; ``never`` leaves every
-sequence as it is (a head is then refused by the input checks).
+``brain_extraction``: ``auto`` (default) extracts from a head and leaves a skull-stripped brain as it is, so such
+inputs give the same mask as without this step; ``always`` extracts in every case; ``never`` leaves every sequence
+as it came (a head is then refused by the input checks).
 
-deepbet was trained on T1 images; its figures on FLAIR and T2 heads are in docs/brain-extraction.md.
+deepbet was trained on T1 images; on FLAIR heads it does better than on T2 heads, hence the FLAIR's brain for all
+(figures in docs/brain-extraction.md).
 """
 
 from __future__ import annotations
@@ -47,9 +50,15 @@ BOX_MARGIN = 0.1  # share of the box size added on each side, as deepbet does
 INTENSITY_QUANTILES = (0.005, 0.995)  # deepbet's intensity window, from the box-network input
 IMAGENET_MEAN, IMAGENET_STD = 0.449, 0.226  # deepbet's input standardisation
 PROBABILITY_THRESHOLD = 0.5
-BRAIN_ML_RANGE = (600.0, 2400.0)  # an extracted brain outside this is a failure, not a brain
+# an extracted brain outside this is a failure, not a brain (intracranial volumes ~1.1-1.9 L; the synthetic shifted
+# domain's brains reach 2.4 L; the skull-stripped input check allows up to MAX_BRAIN_ML, 3 L)
+BRAIN_ML_RANGE = (500.0, 3000.0)
 MAX_OTHER_PIECES_ML = 20.0  # a second piece of brain mask larger than this: the extraction is not one brain
-MAX_EDGE_BRAIN_MM2 = 400.0  # brain on one face of the field of view beyond this: the brain is cut off
+# brain on a face of the field of view (the lowest excepted: the brainstem leaves every scan there): beyond the
+# first the brain may be cut off (a warning); beyond the second on the top face, about 5 mm of brain is missing at
+# the vertex (a cap of a 75 mm sphere cut 5 mm deep has a 2400 mm^2 base): refused
+EDGE_WARNING_MM2 = 400.0
+MAX_TOP_BRAIN_MM2 = 2500.0
 DEEPBET_MODELS = ("bbox_model.pt", "model.pt")  # box network, brain network (in the wheel's data/models/)
 STRIP_MARGIN_MM = 4.0  # a head on another grid is stripped this far beyond the brain, for head motion
 
@@ -67,6 +76,7 @@ class BrainExtraction:
         nonzero_ml: per sequence, its nonzero volume in mL as it came (what tells a head from a brain).
         time_s: time taken.
         mask: the brain on the reference (FLAIR) grid (not part of ``to_dict``).
+        warnings: a brain that reaches the edge of the field of view.
     """
 
     mode: str
@@ -77,6 +87,7 @@ class BrainExtraction:
     nonzero_ml: dict[str, float]
     time_s: float
     mask: np.ndarray = field(repr=False)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, rounded, without the mask."""
@@ -193,24 +204,37 @@ def _brain_mask(probability: np.ndarray, affine: np.ndarray, name: str) -> np.nd
             f"brain extraction on {name} found several large pieces ({sizes[order[0]]:.0f} mL and "
             f"{sizes[order[1]]:.0f} mL), not one brain: check the volume (or skull-strip it yourself)"
         )
-    mask = ndimage.binary_fill_holes(labels == order[0] + 1)
-    _check_field_of_view(mask, affine, name)
-    return mask
+    return ndimage.binary_fill_holes(labels == order[0] + 1)
 
 
-def _check_field_of_view(mask: np.ndarray, affine: np.ndarray, name: str) -> None:
-    """Refuse a brain that runs off a face of the field of view (a scan cut off at the vertex, say)."""
-    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+def field_of_view_warnings(mask: np.ndarray, affine: np.ndarray, name: str) -> list[str]:
+    """Warnings for a brain that reaches a face of the field of view other than the lowest (the brainstem leaves
+    every scan there).
+
+    Raises:
+        InputError: the brain is cut off at the vertex (more than ``MAX_TOP_BRAIN_MM2`` on the top face).
+    """
+    affine = np.asarray(affine)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    superior = affine[2, :3] / spacing  # how far up (RAS z) one voxel step along each axis goes, per mm
+    warnings = []
     for axis in range(3):
         face_mm2 = float(np.prod(np.delete(spacing, axis)))
         for index in (0, mask.shape[axis] - 1):
+            step_up = superior[axis] if index == mask.shape[axis] - 1 else -superior[axis]
             area = float(np.take(mask, index, axis=axis).sum()) * face_mm2
-            if area > MAX_EDGE_BRAIN_MM2:
+            if step_up < -0.5 or area <= EDGE_WARNING_MM2:  # the bottom face, or little brain on it
+                continue
+            where = f"{'first' if index == 0 else 'last'} plane along voxel axis {axis}"
+            if step_up > 0.5 and area > MAX_TOP_BRAIN_MM2:
                 raise InputError(
-                    f"the brain in {name} runs off the edge of the field of view ({area:.0f} mm^2 of brain on its "
-                    f"{'first' if index == 0 else 'last'} plane along voxel axis {axis}): the scan cuts the brain "
-                    "off (at the vertex?); segment a scan that covers the whole brain"
+                    f"the brain in {name} runs off the top of the field of view ({area:.0f} mm^2 of brain on its "
+                    f"{where}, more than {MAX_TOP_BRAIN_MM2:.0f}): the scan cuts the brain off at the vertex; segment "
+                    "a scan that covers the whole brain"
                 )
+            warnings.append(f"the brain in {name} reaches the edge of the field of view ({area:.0f} mm^2 of brain on "
+                            f"its {where}): a part of it may lie outside the scan and was not segmented")
+    return warnings
 
 
 def _on_grid(mask: np.ndarray, affine: np.ndarray, image: nib.spatialimages.SpatialImage) -> np.ndarray:
@@ -265,9 +289,10 @@ def extract_brain(
         return out, BrainExtraction(mode, False, None, 0.0, {}, nonzero, 0.0, np.zeros(0, bool))
     ref_image, ref_data = images[reference], arrays[reference]
     done = {name: "used as it came" + (" (brain_extraction=never)" if mode == "never" else "") for name in present}
-    method = None
+    method, warnings = None, []
     if reference in heads:
         mask = _brain_mask(brain_probability(ref_data, ref_image.affine, str(device)), ref_image.affine, reference)
+        warnings = field_of_view_warnings(mask, ref_image.affine, reference)
         method = _deepbet_networks(str(device))[2]
         out[reference] = _strip(ref_image, ref_data, mask)
         done[reference] = f"brain extracted ({method})"
@@ -279,7 +304,8 @@ def extract_brain(
         out[name] = _strip(image, arrays[name], on_grid)
         done[name] = f"stripped with the brain of {reference}"
     brain_ml = float(mask.sum()) * voxel_ml(ref_image.affine)
-    return out, BrainExtraction(mode, bool(heads), method, brain_ml, done, nonzero, time.perf_counter() - start, mask)
+    return out, BrainExtraction(mode, bool(heads), method, brain_ml, done, nonzero, time.perf_counter() - start, mask,
+                                warnings)
 
 
 def apply_brain(

@@ -20,6 +20,12 @@ AFFINE_TOLERANCE_MM = 1e-3
 MAX_BRAIN_ML = 3000.0  # intracranial volumes are ~1.1-1.9 L; a head with skull and scalp or a noisy background is more
 MAX_NEGATIVE_SHARE = 0.05  # of the nonzero voxels; interpolation ringing stays far below, z-scored volumes far above
 MIN_BRAIN_OVERLAP = 0.8  # Dice of two sequences' nonzero regions; one brain mask on all sequences gives 1
+# A T1 given as the FLAIR: grey and white matter are told apart by the T2 (white matter darkest, CSF brightest), and
+# the FLAIR's grey/white median ratio is ~1.1-1.3 in FLAIR (synthetic shifted-domain volumes down to 0.90 at 3 mm) and
+# ~0.7 in T1 (synthetic: 0.70-0.90): at or below this the FLAIR is refused as a T1
+T1_LIKE_GREY_WHITE_RATIO = 0.8
+T2_TISSUE_QUANTILES = (0.3, 0.45, 0.7)  # brain T2 below the first: white-matter-like; between the others: grey-like
+MIN_TISSUE_VOXELS = 500  # fewer voxels in either class: the check is skipped (too little brain to tell)
 
 
 class InputError(ValueError):
@@ -64,6 +70,8 @@ def check_inputs(
             )
     for name in required[1:]:
         _check_same_brain(name, arrays[name], reference, arrays[reference])
+    if "flair" in arrays and "t2" in arrays:
+        _check_flair_contrast(arrays["flair"], arrays["t2"])
     return arrays
 
 
@@ -120,4 +128,29 @@ def _check_same_brain(name: str, data: np.ndarray, reference: str, reference_dat
             f"the brain regions (nonzero voxels) of {name} and {reference} overlap with Dice {overlap:.2f} only "
             f"(at least {MIN_BRAIN_OVERLAP} expected): co-register the sequences and apply one brain mask to all "
             "(or was a segmentation loaded as an image?)"
+        )
+
+
+def grey_white_ratio(image: np.ndarray, t2: np.ndarray) -> float | None:
+    """Median of ``image`` in grey-matter-like over white-matter-like brain voxels, the tissues told apart by the
+    T2 (``T2_TISSUE_QUANTILES``); None when the brain is too small or the T2 too flat to tell them apart."""
+    brain = (image > 0) & (t2 > 0)
+    values, reference = image[brain], t2[brain]
+    if values.size < 2 * MIN_TISSUE_VOXELS:
+        return None
+    low, grey_low, grey_high = np.quantile(reference, T2_TISSUE_QUANTILES)
+    white, grey = values[reference <= low], values[(reference > grey_low) & (reference <= grey_high)]
+    if min(white.size, grey.size) < MIN_TISSUE_VOXELS or not np.median(white) > 0:
+        return None
+    return float(np.median(grey) / np.median(white))
+
+
+def _check_flair_contrast(flair: np.ndarray, t2: np.ndarray) -> None:
+    """Refuse a FLAIR whose grey matter is darker than its white matter as in a T1 (``T1_LIKE_GREY_WHITE_RATIO``)."""
+    ratio = grey_white_ratio(flair, t2)
+    if ratio is not None and ratio <= T1_LIKE_GREY_WHITE_RATIO:
+        raise InputError(
+            f"flair does not look like a FLAIR: its grey matter is {ratio:.2f} times as bright as its white matter "
+            f"(the two told apart by the T2), where a FLAIR shows grey matter brighter (about 1.1-1.3) and a T1 "
+            f"darker (about 0.7; refused at {T1_LIKE_GREY_WHITE_RATIO} or below): was a T1 given as the FLAIR?"
         )

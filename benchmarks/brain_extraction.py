@@ -1,0 +1,101 @@
+"""Brain extraction on head cases (#39): the brain mask against the truth, the tumour kept, the time, and what the
+app's default segmentation loses on the head against the same case skull-stripped.
+
+Head cases come from ``anofpdm synth --heads`` (each case has ``<CASE>_brainmask.nii.gz``, the truth brain). Per
+case it prints the extracted brain's Dice against the truth, both volumes, the share of tumour voxels inside the
+extracted brain and the extraction time; with ``--model``, the 3-D Dice (or a healthy volume's false-positive mL)
+of the app's default segmentation on the head and on the case skull-stripped with the truth brain (head x truth
+mask), each beside the network-free FLAIR rule on the same inputs.
+
+    PYTHONPATH=lib python benchmarks/brain_extraction.py --data data/heads_train data/heads_shifted \\
+        --model model/anofpdm.pt --cache runs/heads
+
+``--cache`` keeps each segmentation (pickles, for this benchmark only), so the table can be printed again without
+the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from anofpdm.data.brats import find_cases, load_case
+from anofpdm.data.synth import BRAIN_MASK_SUFFIX
+from anofpdm.evaluation.baselines import BaselineOptions, FixedThreshold, run_baseline
+from anofpdm.method.model import load_model
+from anofpdm.method.pipeline import InferenceOptions, segment_volume
+from anofpdm.runtime import default_device
+from anofpdm.volumes.brain_extraction import extract_brain
+from anofpdm.volumes.checks import InputError
+from anofpdm.volumes.overlap import dice
+from cases import cached
+
+SEQUENCES = ("flair", "t2")
+
+
+def _volume_ml(mask: np.ndarray, affine: np.ndarray) -> float:
+    return float(mask.sum()) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+
+
+def _score(label: nib.Nifti1Image, truth: np.ndarray) -> float:
+    """3-D Dice for a tumour case, false-positive mL for a healthy one."""
+    mask = np.asanyarray(label.dataobj) > 0
+    return dice(mask, truth) if truth.any() else _volume_ml(mask, label.affine)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, nargs="+", required=True, help="folders of head cases")
+    parser.add_argument("--model", type=Path, help="also segment each case as a head and skull-stripped")
+    parser.add_argument("--flair-quantile", type=float, default=0.97, help="the FLAIR rule's brain quantile")
+    parser.add_argument("--cache", type=Path, help="folder keeping each segmentation")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+    device = args.device or default_device()
+    model = load_model(args.model, device) if args.model else None
+    flair_rule = BaselineOptions(threshold=FixedThreshold(args.flair_quantile))
+
+    print("| case | truth brain (mL) | extracted (mL) | brain Dice | tumour inside (%) | extraction (s) |"
+          + (" head: app | stripped: app | head: FLAIR rule | stripped: FLAIR rule |" if model else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|---|---|" if model else ""))
+    for folder in args.data:
+        for files in find_cases(folder):
+            case_dir = files.seg.parent
+            volume = load_case(files, sequences=SEQUENCES)
+            heads = {name: nib.Nifti1Image(volume.images[name], volume.affine) for name in SEQUENCES}
+            truth_brain = nib.as_closest_canonical(
+                nib.load(case_dir / f"{files.case_id}_{BRAIN_MASK_SUFFIX}.nii.gz")).get_fdata() > 0
+            tumour = volume.mask > 0
+            start = time.perf_counter()
+            try:
+                _, extraction = extract_brain(heads, SEQUENCES, "auto", device)
+            except InputError as exc:  # a refusal is a result: the app would answer it with a 422
+                print(f"| {folder.name}/{files.case_id} | refused: {exc} |", flush=True)
+                continue
+            seconds = time.perf_counter() - start
+            inside = 100.0 * float(extraction.mask[tumour].mean()) if tumour.any() else float("nan")
+            row = [f"{folder.name}/{files.case_id}", f"{_volume_ml(truth_brain, volume.affine):.0f}",
+                   f"{extraction.brain_ml:.0f}", f"{dice(extraction.mask, truth_brain):.4f}", f"{inside:.2f}",
+                   f"{seconds:.1f}"]
+            if model is not None:
+                stripped = {name: nib.Nifti1Image(volume.images[name] * truth_brain, volume.affine)
+                            for name in SEQUENCES}
+                for inputs, variant in ((heads, "head"), (stripped, "stripped")):
+                    cache = args.cache / folder.name / f"{files.case_id}.{variant}.pkl" if args.cache else None
+                    result = cached(cache, lambda inputs=inputs: segment_volume(model, inputs, InferenceOptions()))
+                    row.append(f"{_score(result.mask, tumour):.3f}")
+                for inputs in (heads, stripped):
+                    brain_inputs = extract_brain(inputs, SEQUENCES, "auto", device)[0]
+                    result = run_baseline("flair-threshold", model, brain_inputs, flair_rule)
+                    row.append(f"{_score(result.mask, tumour):.3f}")
+            print("| " + " | ".join(row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
