@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
+from anofpdm.data.synth import synthesize_case
 from anofpdm.evaluation.metrics import dice
 from conftest import (
     APP_DIR,
@@ -93,6 +94,28 @@ def bad_cases(pair: dict[str, nib.Nifti1Image], studies: Path) -> dict[str, tupl
     }
 
 
+def head_cases(studies: Path) -> tuple[dict[str, nib.Nifti1Image], dict[str, tuple[str, ...]]]:
+    """Write a synthetic head study (``head``: FLAIR and T2 with skull, scalp and background, on a 2 mm grid) and two
+    bad heads: its T1 given as the FLAIR, and the head cut off 20 mm below the vertex. Returns the head's volumes
+    (flair, t2, the truth brain "brain" and tumour "tumour") and the bad heads' expected error texts."""
+    case = synthesize_case(11, False, shape=(120, 120, 78), voxel_mm=2.0, heads=True)
+    volumes = {name: nib.Nifti1Image(case.images[name].astype(np.float32), case.affine) for name in case.images}
+    volumes |= {"brain": nib.Nifti1Image(case.brain_mask, case.affine),
+                "tumour": nib.Nifti1Image((case.seg > 0).astype(np.uint8), case.affine)}
+    top = int(np.nonzero(case.brain_mask.any(axis=(0, 1)))[0].max())
+    heads = {"head": ("flair", "t2"), "head_t1_as_flair": ("t1", "t2")}
+    for name, (flair, t2) in heads.items():
+        nib.save(volumes[flair], studies / f"{name}.nii.gz")
+        nib.save(volumes[t2], studies / "t2" / f"{name}.nii.gz")
+    for sequence, folder in (("flair", studies), ("t2", studies / "t2")):
+        cut = volumes[sequence].get_fdata(dtype=np.float32)[:, :, : top - 10]
+        nib.save(nib.Nifti1Image(cut, case.affine), folder / "head_cut.nii.gz")
+    return volumes, {
+        "head_t1_as_flair": ("flair does not look like a FLAIR: its grey matter is", "was a T1 given as the FLAIR?"),
+        "head_cut": ("the brain in flair runs off the top of the field of view", "at the vertex"),
+    }
+
+
 def alignment_cases(pair: dict[str, nib.Nifti1Image], studies: Path, files: Path) -> dict[str, tuple[str, ...]]:
     """Write T2s from other series into the datastore: one phantom brain (``conftest.make_phantom``) on other
     grids, moved, or far away, and the box pair's T2 with a header shifted 6 mm; id -> what the T2 is.
@@ -136,6 +159,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, unhealthy_model: Path) -> d
         sitk.WriteImage(sitk.ReadImage(str(folder / "brain.nii.gz")), str(folder / "saved_by_slicer.nrrd"))
     bad = bad_cases(pair, studies)
     bad |= alignment_cases(pair, studies, files)
+    head, bad_heads = head_cases(studies)
+    bad |= bad_heads
     for name in ("flair", "t2"):
         nib.save(pair[name], files / f"case_{name}.nii.gz")
     nib.save(stack(pair, 2), files / "two_channels.nii.gz")
@@ -159,7 +184,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, unhealthy_model: Path) -> d
         server.wait_ready()
         no_weights.wait_ready()
         yield {"server": server, "no_weights": no_weights, "studies": studies, "files": files, "root": root,
-               "pair": pair, "other": other, "bad": bad}
+               "pair": pair, "other": other, "bad": bad, "head": head}
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
@@ -221,7 +246,7 @@ def test_model_is_listed_and_t2_folder_is_not_an_image(served):
     assert model["config"]["decision_rule"] == ["volume", "paper"]  # the per-volume rule is the default
     objects = MONAILabelClient(url).datastore()["objects"]
     assert set(objects) == {"brain", "other", "multi2", "multi4", "saved_by_slicer", "shifted", "phantom",
-                            "phantom_coarse", "phantom_oblique", "phantom_moved", *served["bad"]}
+                            "phantom_coarse", "phantom_oblique", "phantom_moved", "head", *served["bad"]}
 
 
 def test_rest_infer_datastore_image(served, tmp_path):
@@ -254,6 +279,45 @@ def test_anomaly_map_is_served_over_http(served, tmp_path):
         assert missing.status_code == 404, name
     other_model = requests.get(url + result["anomaly_map_url"].replace("/anofpdm/", "/other/"), timeout=30)
     assert other_model.status_code == 404 and "for model 'other'" in other_model.json()["detail"]
+    info_answers(url)
+
+
+def test_a_head_is_segmented_on_its_own_grid_with_its_brain_extracted(served, tmp_path):
+    """A FLAIR and T2 as a scanner writes them (skull, scalp, background) through MONAILabelClient, brain extraction
+    left at its default: the label on the head's grid, the brain extracted by deepbet (the result says so), the brain
+    mask by URL, and on request the brain as label 3 beside the tumour."""
+    url, head = served["server"].url, served["head"]
+    client = MONAILabelClient(url, tmpdir=str(tmp_path))
+    label_file, result = client.infer("anofpdm", "head", SHOW_LESIONS)
+    mask = check_label(label_file, result, head["flair"])
+    extraction = result["brain_extraction"]
+    assert extraction["extracted"] and extraction["method"] == "deepbet 1.0.2"
+    assert extraction["sequences"] == {"flair": "brain extracted (deepbet 1.0.2)",
+                                       "t2": "stripped with the brain of flair"}
+    assert extraction["nonzero_ml"]["flair"] > 3000 and 1000 < extraction["brain_ml"] < 2200
+    assert result["settings"]["brain_extraction"] == "auto" and result["timings_s"]["brain_extraction_s"] > 0
+    response = requests.get(url + result["brain_mask_url"], timeout=30)
+    assert response.status_code == 200
+    (tmp_path / "brain.nii.gz").write_bytes(response.content)
+    brain = nib.load(tmp_path / "brain.nii.gz")
+    assert brain.shape == head["flair"].shape and np.array_equal(brain.affine, head["flair"].affine)
+    truth = np.asanyarray(head["brain"].dataobj) > 0
+    assert dice(np.asanyarray(brain.dataobj) > 0, truth) > 0.93
+    # the head gives the label of the same case skull-stripped with that brain (auto leaves a brain as it is)
+    for name in ("flair", "t2"):
+        stripped = head[name].get_fdata(dtype=np.float32) * (np.asanyarray(brain.dataobj) > 0)
+        nib.save(nib.Nifti1Image(stripped, head[name].affine), tmp_path / f"stripped_{name}.nii.gz")
+    as_brain = post_infer(url, params={"t2": str(tmp_path / "stripped_t2.nii.gz"), **SHOW_LESIONS},
+                          files={"file": ("stripped_flair.nii.gz", (tmp_path / "stripped_flair.nii.gz").read_bytes())})
+    brain_label, brain_result = parse_multipart(as_brain, tmp_path)
+    assert not brain_result["brain_extraction"]["extracted"]
+    assert np.array_equal(np.asanyarray(nib.load(brain_label).dataobj), mask)
+    with_brain, shown = client.infer("anofpdm", "head", {"brain_segment": True, **SHOW_LESIONS})
+    labels = np.asanyarray(nib.load(with_brain).dataobj)
+    assert shown["label_names"]["brain"] == 3 and set(np.unique(labels)) <= {0, 1, 2, 3}
+    assert np.array_equal(labels == 3, (np.asanyarray(brain.dataobj) > 0) & (mask == 0))
+    never = post_infer(url, "head", {"brain_extraction": "never"})
+    assert never.status_code == 422 and "brain_extraction auto or always" in never.json()["detail"]
     info_answers(url)
 
 
