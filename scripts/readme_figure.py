@@ -2,10 +2,11 @@
 
 Runs the library's pipeline (``anofpdm.method.pipeline.segment_volume``, the code path of the app and of ``anofpdm
 segment``) in the model's default mode, then draws the axial plane with the most tumour in the demo truth:
-the FLAIR, the anomaly map over it, and the returned mask with the truth's outline. About a minute on an idle
-2-core CPU. From the repository root:
+the FLAIR, the anomaly map over it, and the returned mask with the truth's outline; for a head, the FLAIR panel
+also outlines the brain the app extracted. About a minute on an idle 2-core CPU. From the repository root:
 
     PYTHONPATH=lib python scripts/readme_figure.py            # writes docs/demo_result.png
+    PYTHONPATH=lib python scripts/readme_figure.py --case SYN_00003 --out docs/demo_head_result.png  # a head
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def main() -> int:
     plane = int(truth.sum(axis=(0, 1)).argmax())
     score = dice(mask, truth)
 
-    brain = flair[flair > 0]
+    extracted = report["brain_extraction"]["extracted"]
+    brain_mask = canonical(result.brain_mask) > 0
+    brain = flair[brain_mask]
     flair_range = dict(cmap="gray", vmin=0.0, vmax=float(np.percentile(brain, 99.5)))
 
     def axial(volume: np.ndarray) -> np.ndarray:
@@ -69,7 +72,9 @@ def main() -> int:
     fig = Figure(figsize=(9.0, 3.4), dpi=DPI)
     axes = fig.subplots(1, 3)
     axes[0].imshow(flair_plane, origin="lower", **flair_range)
-    axes[0].set_title("FLAIR")
+    axes[0].set_title("FLAIR" + (", extracted brain (green)" if extracted else ""))
+    if extracted:
+        axes[0].contour(axial(brain_mask), levels=[0.5], colors="lime", linewidths=0.8)
     axes[1].imshow(flair_plane, origin="lower", **flair_range)
     heat = np.ma.masked_where(axial(anomaly) <= 0, axial(anomaly))
     axes[1].imshow(heat, origin="lower", cmap="inferno", alpha=0.6)
@@ -80,7 +85,8 @@ def main() -> int:
     axes[2].set_title("mask (red), truth outline (cyan)")
     for ax in axes:
         ax.set_axis_off()
-    fig.suptitle(f"demo study {args.case}, axial plane {plane}: verdict {report['verdict']}, "
+    what = f"demo study {args.case}" + (" (a head)" if extracted else "")
+    fig.suptitle(f"{what}, axial plane {plane}: verdict {report['verdict']}, "
                  f"{report['total_volume_ml']:.0f} mL masked, 3-D Dice {score:.2f} against the truth", fontsize=9)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,7 @@ BRAIN_MASK_SUFFIX = "brainmask"  # <CASE>_brainmask.nii.gz: the truth brain mask
 HEAD_STREAM = 39  # the head's random stream is SeedSequence([case seed, HEAD_STREAM]): the brain's is untouched
 DATASET_COMPRESS_LEVEL = 1  # gzip level of generated data sets (fast)
 DEMO_COMPRESS_LEVEL = 9  # the committed demo is written once: smallest files
+DEMO_HEAD_GRID = ((160, 160, 104), 1.5)  # the BraTS field of view at 1.5 mm: a demo head study of ~2 MB a volume
 LABEL_NECROTIC, LABEL_OEDEMA, LABEL_ENHANCING = 1, 2, 4
 INT16_MAX = 32767
 MIN_GRID = 8
@@ -912,31 +913,41 @@ def generate_cases(
 
 
 def write_demo_studies(
-    demo_dir: Path, n_cases: int = 3, seed: int = 0, healthy_fraction: float = 1 / 3
+    demo_dir: Path, n_cases: int = 3, seed: int = 0, healthy_fraction: float = 1 / 3, head_cases: int = 0
 ) -> dict[str, Any]:
     """Write a small MONAI Label studies folder: FLAIR + T2 only, truth kept outside the studies.
 
     Layout: ``demo_dir/studies/<CASE>.nii.gz`` (FLAIR), ``demo_dir/studies/t2/<CASE>.nii.gz`` and
-    ``demo_dir/truth/<CASE>_seg.nii.gz``, plus ``demo_dir/truth/manifest.json``.
+    ``demo_dir/truth/<CASE>_seg.nii.gz``, plus ``demo_dir/truth/manifest.json``. The ``head_cases`` after the
+    ``n_cases`` skull-stripped ones hold the whole head, on the ``DEMO_HEAD_GRID`` (a 1 mm head's background noise
+    does not compress: 6 MB a volume), with their truth brain ``truth/<CASE>_brainmask.nii.gz``.
     """
     _validate_generation(n_cases, seed, healthy_fraction)
+    if head_cases < 0:
+        raise ValueError(f"head_cases must be >= 0, got {head_cases}")
     demo_dir = Path(demo_dir)
     studies, truth = demo_dir / STUDIES_DIR, demo_dir / TRUTH_DIR
     (studies / STUDIES_T2_DIR).mkdir(parents=True, exist_ok=True)
     truth.mkdir(parents=True, exist_ok=True)
     cases = []
-    for index in range(n_cases):
+    for index in range(n_cases + head_cases):
         name = case_name(index)
-        case = synthesize_case(case_seed(seed, index), is_healthy_index(index, healthy_fraction))
+        head = index >= n_cases
+        grid = dict(zip(("shape", "voxel_mm"), DEMO_HEAD_GRID)) if head else {}
+        case = synthesize_case(case_seed(seed, index), is_healthy_index(index, healthy_fraction), heads=head, **grid)
         _save_nifti(case.images["flair"], case.affine, studies / f"{name}.nii.gz", DEMO_COMPRESS_LEVEL)
         _save_nifti(case.images["t2"], case.affine, studies / STUDIES_T2_DIR / f"{name}.nii.gz", DEMO_COMPRESS_LEVEL)
         _save_nifti(case.seg, case.affine, truth / f"{name}_seg.nii.gz", DEMO_COMPRESS_LEVEL)
+        if head:
+            _save_nifti(case.brain_mask, case.affine, truth / f"{name}_{BRAIN_MASK_SUFFIX}.nii.gz", DEMO_COMPRESS_LEVEL)
         cases.append({"case": name, **case.info})
     manifest = {
         "synthetic": True,
         "seed": seed,
         "n_cases": n_cases,
         "healthy_fraction": healthy_fraction,
+        **({"head_cases": head_cases, "head_grid": {"shape": list(DEMO_HEAD_GRID[0]), "voxel_mm": DEMO_HEAD_GRID[1]}}
+           if head_cases else {}),
         "cases": cases,
     }
     (truth / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
