@@ -428,37 +428,52 @@ def test_a_t2_from_another_series_is_resampled_and_registered(served, tmp_path):
     info_answers(url)
 
 
-def test_info_answers_during_two_concurrent_inferences(served, tmp_path):
+def test_concurrent_inferences_queue_behind_the_cap_and_info_answers(served, tmp_path):
+    """Three clients click Run at once on a server with the default cap of 1: all get their masks, bit for bit
+    those of a single run; they ran one after another (each waited for those admitted before it), and /info/
+    answered meanwhile, showing the queue."""
     url = served["server"].url
     references = {case: parse_multipart(post_infer(url, case, SLOW), tmp_path) for case in ("brain", "other")}
-    results: dict[str, tuple[float, requests.Response]] = {}
+    cases = ("brain", "other", "brain")
+    results: dict[int, tuple[float, requests.Response]] = {}
 
-    def infer(case: str) -> None:
-        response = post_infer(url, case, SLOW)
-        results[case] = (time.monotonic(), response)
+    def infer(index: int) -> None:
+        response = post_infer(url, cases[index], SLOW)
+        results[index] = (time.monotonic(), response)
 
-    threads = [threading.Thread(target=infer, args=(case,)) for case in ("brain", "other")]
+    threads = [threading.Thread(target=infer, args=(index,)) for index in range(len(cases))]
     for thread in threads:
         thread.start()
-    polls: list[tuple[float, float]] = []
+    polls: list[tuple[float, float, dict]] = []
     while any(thread.is_alive() for thread in threads):
         sent = time.monotonic()
-        assert requests.get(f"{url}/info/", timeout=10).status_code == 200
-        polls.append((sent, time.monotonic() - sent))
+        info = requests.get(f"{url}/info/", timeout=10)
+        assert info.status_code == 200
+        polls.append((sent, time.monotonic() - sent, info.json()["inference_queue"]))
         threads[0].join(timeout=0.1)  # the pause between polls: a bounded wait on the inference itself
     for thread in threads:
         thread.join()
 
     first_done = min(done for done, _ in results.values())
-    during = [latency for sent, latency in polls if sent < first_done]
-    assert len(during) >= 5, f"only {len(during)} /info/ polls while both inferences ran"
-    assert max(latency for _, latency in polls) < INFO_LATENCY_LIMIT_S, polls
-    for case, flair in (("brain", served["pair"]["flair"]), ("other", served["other"]["flair"])):
-        label, result = parse_multipart(results[case][1], tmp_path)
+    assert len([sent for sent, _, _ in polls if sent < first_done]) >= 5, "too few /info/ polls during the first"
+    assert max(latency for _, latency, _ in polls) < INFO_LATENCY_LIMIT_S, polls
+    assert all(queue["max_concurrent"] == 1 and queue["running"] <= 1 for _, _, queue in polls), polls
+    assert max(queue["waiting"] for _, _, queue in polls) >= 1, polls
+    flairs = {"brain": served["pair"]["flair"], "other": served["other"]["flair"]}
+    timings = []
+    for index, case in enumerate(cases):
+        label, result = parse_multipart(results[index][1], tmp_path)
         reference_label, reference = references[case]
-        mask = check_label(label, result, flair)
+        mask = check_label(label, result, flairs[case])
         assert np.array_equal(mask, np.asanyarray(nib.load(reference_label).dataobj))
         assert result["score"] == reference["score"] and result["lesions"] == reference["lesions"]
+        timings.append(result["timings_s"])
+    timings.sort(key=lambda t: t["queue_wait_s"])  # the order they were let in
+    for position, timing in enumerate(timings):  # one at a time: each waited out every run admitted before it
+        # (less the moments between their arrivals, well under a quarter second)
+        assert timing["queue_wait_s"] >= sum(t["total_s"] for t in timings[:position]) - 0.25, timings
+    assert requests.get(f"{url}/info/", timeout=5).json()["inference_queue"] == {"max_concurrent": 1, "running": 0,
+                                                                               "waiting": 0}
     assert "forward process 100%" in served["server"].log()
 
 
