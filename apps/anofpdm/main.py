@@ -14,6 +14,7 @@ from typing import Any
 
 import anofpdm
 import lib.configs
+from lib.batch import BatchInfer
 from anofpdm.runtime import reuse_heap_memory
 from lib.pacs import PACSDatastore
 from lib.queueing import InferenceGate
@@ -57,6 +58,9 @@ class AnoFPDMApp(MONAILabelApp):
 
     def init_infers(self) -> dict[str, InferTask]:
         return {name: config.infer() for name, config in self.models.items()}
+
+    def init_batch_infer(self) -> BatchInfer:
+        return BatchInfer()
 
     def info(self) -> dict[str, Any]:
         """MONAI Label's ``/info/``, with the inference queue: the cap, what runs and what waits now."""

@@ -41,6 +41,7 @@ from monailabel.client.client import MONAILabelClientException
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 INFO_LATENCY_LIMIT_S = 1.0
+BATCH_DEADLINE_S = 120.0
 
 AFFINE = np.array([[0.0, 0.0, 5.0, -30.0], [-4.0, 0.0, 0.0, 80.0], [0.0, 4.0, 0.0, -60.0], [0.0, 0.0, 0.0, 1.0]])
 SHAPE = (40, 44, 12)
@@ -475,6 +476,52 @@ def test_concurrent_inferences_queue_behind_the_cap_and_info_answers(served, tmp
     assert requests.get(f"{url}/info/", timeout=5).json()["inference_queue"] == {"max_concurrent": 1, "running": 0,
                                                                                "waiting": 0}
     assert "forward process 100%" in served["server"].log()
+
+
+def test_batch_inference_of_the_whole_datastore_on_a_cpu_server(tmp_path, unhealthy_model):
+    """``POST /batch/infer/anofpdm?images=all`` with an empty body, as a new user calls it: on a server without CUDA
+    MONAI Label's task would divide by its zero GPUs. Here every study gets its label stored in the datastore (the
+    mask an interactive request gives), a bad study is skipped with a warning, and ``GET /batch/infer`` reports the
+    progress. The server runs two inferences at once (``--conf max_concurrent_inferences 2``), as /info/ says."""
+    studies = tmp_path / "studies"
+    (studies / "t2").mkdir(parents=True)
+    cases = {"brain": make_volume_pair(SHAPE, AFFINE, seed=0), "other": make_volume_pair(OTHER_SHAPE, OTHER_AFFINE,
+                                                                                          seed=1)}
+    nib.save(stack(cases["brain"], 2), studies / "multi2.nii.gz")
+    for name, pair in cases.items():
+        nib.save(pair["flair"], studies / f"{name}.nii.gz")
+        nib.save(pair["t2"], studies / "t2" / f"{name}.nii.gz")
+    nib.save(cases["brain"]["flair"], studies / "alone.nii.gz")  # no T2: skipped
+    (tmp_path / "run").mkdir()
+    server = Server.start(studies, unhealthy_model, tmp_path / "run", conf={"max_concurrent_inferences": "2"})
+    try:
+        server.wait_ready()
+        assert requests.get(f"{server.url}/info/", timeout=5).json()["inference_queue"]["max_concurrent"] == 2
+        interactive = {case: parse_multipart(post_infer(server.url, case), tmp_path)
+                       for case in ("brain", "other", "multi2")}
+        started = requests.post(f"{server.url}/batch/infer/anofpdm", params={"images": "all"}, timeout=30)
+        assert started.status_code == 200, started.text
+        statuses = [requests.get(f"{server.url}/batch/infer", timeout=10).json()]
+        deadline = time.monotonic() + BATCH_DEADLINE_S
+        while statuses[-1]["status"] in ("SUBMITTED", "RUNNING") and time.monotonic() < deadline:
+            server.pause(0.5)
+            statuses.append(requests.get(f"{server.url}/batch/infer", timeout=10).json())
+        objects = MONAILabelClient(server.url).datastore()["objects"]
+    finally:
+        server.stop()
+    assert statuses[-1]["status"] == "DONE" and statuses[-1]["id"] == started.json()["id"], statuses[-1]
+    details = "\n".join(statuses[-1]["details"])
+    assert "=> cpu => 4 / 4" in details, details  # MONAI Label's progress line, each image on the CPU
+    log = server.log()
+    assert "batch infer: alone skipped: T2 for datastore image 'alone' not found" in log
+    for case, (label, result) in interactive.items():  # the default options: these random-weight masks are empty
+        assert f"batch infer: {case} done in" in log
+        stored = nib.load(studies / "labels" / "original" / f"{case}.nii.gz")
+        assert np.array_equal(stored.affine, nib.load(label).affine), case
+        assert np.array_equal(np.asanyarray(stored.dataobj), np.asanyarray(nib.load(label).dataobj)), case
+        record = objects[case]["labels"]["original"]["info"]["params"]  # the batch's result JSON, in the datastore
+        assert record["score"] == result["score"] and record["slices"] == result["slices"], case
+    assert "original" not in objects["alone"]["labels"]
 
 
 def test_no_weights_server_lists_no_model_and_says_why(served):
