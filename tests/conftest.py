@@ -172,11 +172,13 @@ class Server:
                                             env=env, cwd=REPO, start_new_session=True)
 
     @classmethod
-    def start(cls, studies: Path | str, model_path: Path, workdir: Path, env: dict[str, str] | None = None) -> Server:
+    def start(cls, studies: Path | str, model_path: Path, workdir: Path, env: dict[str, str] | None = None,
+              conf: dict[str, str] | None = None) -> Server:
         """The README's start command on ``studies`` (a folder or a DICOMweb URL), serving ``model_path``;
-        ``env``: extra environment variables (MONAI Label settings)."""
+        ``env``: extra environment variables (MONAI Label settings); ``conf``: more ``--conf`` settings of the app."""
         port = free_port()
-        arguments = ["--app", APP_DIR, "--studies", studies, "--conf", "model_path", model_path,
+        settings = [part for key, value in (conf or {}).items() for part in ("--conf", key, value)]
+        arguments = ["--app", APP_DIR, "--studies", studies, "--conf", "model_path", model_path, *settings,
                      "--host", "127.0.0.1", "--port", port]
         return cls(f". {shlex.quote(str(ACTIVATE))} && monailabel start_server {shlex.join(map(str, arguments))}",
                    port, workdir, env)
@@ -187,6 +189,14 @@ class Server:
     def wait_ready(self) -> None:
         """Poll ``/info/`` until it answers or the deadline passes."""
         wait_until_answering(f"{self.url}/info/", self.process, "server", self.log)
+
+    def pause(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for the server to exit (the pause between polls); an error with its log if it did."""
+        try:
+            code = self.process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            return
+        raise RuntimeError(f"server exited with {code}:\n{self.log()[-4000:]}")
 
     def stop(self) -> None:
         if self.process.poll() is not None:  # it exited already (a failed start): nothing to stop

@@ -1,7 +1,8 @@
 """MONAI Label app for AnoFPDM brain-tumour segmentation: wiring only.
 
 Start: ``monailabel start_server --app apps/anofpdm --studies demo/studies``
-(``--conf model_path PATH`` for other weights, ``--conf device cpu|cuda``), or ``--studies
+(``--conf model_path PATH`` for other weights, ``--conf device cpu|cuda``, ``--conf max_concurrent_inferences N``
+to run N inferences at once, default 1, and queue the rest), or ``--studies
 http://<pacs>/dicom-web`` for a PACS (``docs/pacs.md``).
 """
 
@@ -9,11 +10,14 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import anofpdm
 import lib.configs
+from lib.batch import BatchInfer
 from anofpdm.runtime import reuse_heap_memory
 from lib.pacs import PACSDatastore
+from lib.queueing import InferenceGate
 from lib.serving import serve_anomaly_maps, serve_infer_in_worker_threads
 from lib.strategies import RandomNotRecent
 from monailabel.interfaces.app import MONAILabelApp
@@ -30,13 +34,14 @@ class AnoFPDMApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         reuse_heap_memory()  # process-wide: network buffers stay in the heap instead of paging in afresh
         model_dir = os.path.realpath(os.path.join(app_dir, "..", "..", "model"))
+        self.gate = InferenceGate.from_conf(conf)  # one queue for all models: they share the machine
         self.models: dict[str, TaskConfig] = {}
         for class_path in get_class_names(lib.configs, "TaskConfig"):
             module, _, class_name = class_path.rpartition(".")
             name = module.rpartition(".")[2]
             self.models[name] = getattr(sys.modules[module], class_name)()
             self.models[name].init(name, model_dir, conf, None, studies=studies, sessions=self.sessions,
-                                   datastore=self.datastore)
+                                   datastore=self.datastore, gate=self.gate)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -53,6 +58,13 @@ class AnoFPDMApp(MONAILabelApp):
 
     def init_infers(self) -> dict[str, InferTask]:
         return {name: config.infer() for name, config in self.models.items()}
+
+    def init_batch_infer(self) -> BatchInfer:
+        return BatchInfer()
+
+    def info(self) -> dict[str, Any]:
+        """MONAI Label's ``/info/``, with the inference queue: the cap, what runs and what waits now."""
+        return {**super().info(), "inference_queue": self.gate.status()}
 
     def init_strategies(self) -> dict[str, Strategy]:
         return {"random": RandomNotRecent()}

@@ -438,3 +438,15 @@ def test_next_sample_still_picks_when_every_image_was_just_offered(tmp_path, pai
     image = app.datastore().list_images()[0]
     app.datastore().update_image_info(image, {"strategy": {"random": {"ts": int(time.time()) + 3600}}})
     assert app.next_sample({"strategy": "random"})["id"] == image
+
+
+def test_the_concurrency_cap_is_a_whole_number_of_at_least_one():
+    from lib.queueing import InferenceGate
+
+    assert InferenceGate.from_conf({}).status() == {"max_concurrent": 1, "running": 0, "waiting": 0}
+    assert InferenceGate.from_conf({"max_concurrent_inferences": " 3 "}).limit == 3
+    for text in ("0", "-1", "two", "1.5", ""):
+        with pytest.raises(ValueError, match="max_concurrent_inferences must be a whole number >= 1"):
+            InferenceGate.from_conf({"max_concurrent_inferences": text})
+    with pytest.raises(ValueError, match="an integer >= 1, got True"):
+        InferenceGate(True)

@@ -42,6 +42,7 @@ from monailabel.client.client import MONAILabelClientException
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 INFO_LATENCY_LIMIT_S = 1.0
+BATCH_DEADLINE_S = 120.0
 
 AFFINE = np.array([[0.0, 0.0, 5.0, -30.0], [-4.0, 0.0, 0.0, 80.0], [0.0, 4.0, 0.0, -60.0], [0.0, 0.0, 0.0, 1.0]])
 SHAPE = (40, 44, 12)
@@ -493,38 +494,99 @@ def test_a_t2_from_another_series_is_resampled_and_registered(served, tmp_path):
     info_answers(url)
 
 
-def test_info_answers_during_two_concurrent_inferences(served, tmp_path):
+def test_concurrent_inferences_queue_behind_the_cap_and_info_answers(served, tmp_path):
+    """Three clients click Run at once on a server with the default cap of 1: all get their masks, bit for bit
+    those of a single run; they ran one after another (each waited for those admitted before it), and /info/
+    answered meanwhile, showing the queue."""
     url = served["server"].url
     references = {case: parse_multipart(post_infer(url, case, SLOW), tmp_path) for case in ("brain", "other")}
-    results: dict[str, tuple[float, requests.Response]] = {}
+    cases = ("brain", "other", "brain")
+    results: dict[int, tuple[float, requests.Response]] = {}
 
-    def infer(case: str) -> None:
-        response = post_infer(url, case, SLOW)
-        results[case] = (time.monotonic(), response)
+    def infer(index: int) -> None:
+        response = post_infer(url, cases[index], SLOW)
+        results[index] = (time.monotonic(), response)
 
-    threads = [threading.Thread(target=infer, args=(case,)) for case in ("brain", "other")]
+    threads = [threading.Thread(target=infer, args=(index,)) for index in range(len(cases))]
     for thread in threads:
         thread.start()
-    polls: list[tuple[float, float]] = []
+    polls: list[tuple[float, float, dict]] = []
     while any(thread.is_alive() for thread in threads):
         sent = time.monotonic()
-        assert requests.get(f"{url}/info/", timeout=10).status_code == 200
-        polls.append((sent, time.monotonic() - sent))
+        info = requests.get(f"{url}/info/", timeout=10)
+        assert info.status_code == 200
+        polls.append((sent, time.monotonic() - sent, info.json()["inference_queue"]))
         threads[0].join(timeout=0.1)  # the pause between polls: a bounded wait on the inference itself
     for thread in threads:
         thread.join()
 
     first_done = min(done for done, _ in results.values())
-    during = [latency for sent, latency in polls if sent < first_done]
-    assert len(during) >= 5, f"only {len(during)} /info/ polls while both inferences ran"
-    assert max(latency for _, latency in polls) < INFO_LATENCY_LIMIT_S, polls
-    for case, flair in (("brain", served["pair"]["flair"]), ("other", served["other"]["flair"])):
-        label, result = parse_multipart(results[case][1], tmp_path)
+    assert len([sent for sent, _, _ in polls if sent < first_done]) >= 5, "too few /info/ polls during the first"
+    assert max(latency for _, latency, _ in polls) < INFO_LATENCY_LIMIT_S, polls
+    assert all(queue["max_concurrent"] == 1 and queue["running"] <= 1 for _, _, queue in polls), polls
+    assert max(queue["waiting"] for _, _, queue in polls) >= 1, polls
+    flairs = {"brain": served["pair"]["flair"], "other": served["other"]["flair"]}
+    timings = []
+    for index, case in enumerate(cases):
+        label, result = parse_multipart(results[index][1], tmp_path)
         reference_label, reference = references[case]
-        mask = check_label(label, result, flair)
+        mask = check_label(label, result, flairs[case])
         assert np.array_equal(mask, np.asanyarray(nib.load(reference_label).dataobj))
         assert result["score"] == reference["score"] and result["lesions"] == reference["lesions"]
+        timings.append(result["timings_s"])
+    timings.sort(key=lambda t: t["queue_wait_s"])  # the order they were let in
+    for position, timing in enumerate(timings):  # one at a time: each waited out every run admitted before it
+        # (less the moments between their arrivals, well under a quarter second)
+        assert timing["queue_wait_s"] >= sum(t["total_s"] for t in timings[:position]) - 0.25, timings
+    assert requests.get(f"{url}/info/", timeout=5).json()["inference_queue"] == {"max_concurrent": 1, "running": 0,
+                                                                               "waiting": 0}
     assert "forward process 100%" in served["server"].log()
+
+
+def test_batch_inference_of_the_whole_datastore_on_a_cpu_server(tmp_path, unhealthy_model):
+    """``POST /batch/infer/anofpdm?images=all`` with an empty body, as a new user calls it: on a server without CUDA
+    MONAI Label's task would divide by its zero GPUs. Here every study gets its label stored in the datastore (the
+    mask an interactive request gives), a bad study is skipped with a warning, and ``GET /batch/infer`` reports the
+    progress. The server runs two inferences at once (``--conf max_concurrent_inferences 2``), as /info/ says."""
+    studies = tmp_path / "studies"
+    (studies / "t2").mkdir(parents=True)
+    cases = {"brain": make_volume_pair(SHAPE, AFFINE, seed=0), "other": make_volume_pair(OTHER_SHAPE, OTHER_AFFINE,
+                                                                                          seed=1)}
+    nib.save(stack(cases["brain"], 2), studies / "multi2.nii.gz")
+    for name, pair in cases.items():
+        nib.save(pair["flair"], studies / f"{name}.nii.gz")
+        nib.save(pair["t2"], studies / "t2" / f"{name}.nii.gz")
+    nib.save(cases["brain"]["flair"], studies / "alone.nii.gz")  # no T2: skipped
+    (tmp_path / "run").mkdir()
+    server = Server.start(studies, unhealthy_model, tmp_path / "run", conf={"max_concurrent_inferences": "2"})
+    try:
+        server.wait_ready()
+        assert requests.get(f"{server.url}/info/", timeout=5).json()["inference_queue"]["max_concurrent"] == 2
+        interactive = {case: parse_multipart(post_infer(server.url, case), tmp_path)
+                       for case in ("brain", "other", "multi2")}
+        started = requests.post(f"{server.url}/batch/infer/anofpdm", params={"images": "all"}, timeout=30)
+        assert started.status_code == 200, started.text
+        statuses = [requests.get(f"{server.url}/batch/infer", timeout=10).json()]
+        deadline = time.monotonic() + BATCH_DEADLINE_S
+        while statuses[-1]["status"] in ("SUBMITTED", "RUNNING") and time.monotonic() < deadline:
+            server.pause(0.5)
+            statuses.append(requests.get(f"{server.url}/batch/infer", timeout=10).json())
+        objects = MONAILabelClient(server.url).datastore()["objects"]
+    finally:
+        server.stop()
+    assert statuses[-1]["status"] == "DONE" and statuses[-1]["id"] == started.json()["id"], statuses[-1]
+    details = "\n".join(statuses[-1]["details"])
+    assert "=> cpu => 4 / 4" in details, details  # MONAI Label's progress line, each image on the CPU
+    log = server.log()
+    assert "batch infer: alone skipped: T2 for datastore image 'alone' not found" in log
+    for case, (label, result) in interactive.items():  # the default options: these random-weight masks are empty
+        assert f"batch infer: {case} done in" in log
+        stored = nib.load(studies / "labels" / "original" / f"{case}.nii.gz")
+        assert np.array_equal(stored.affine, nib.load(label).affine), case
+        assert np.array_equal(np.asanyarray(stored.dataobj), np.asanyarray(nib.load(label).dataobj)), case
+        record = objects[case]["labels"]["original"]["info"]["params"]  # the batch's result JSON, in the datastore
+        assert record["score"] == result["score"] and record["slices"] == result["slices"], case
+    assert "original" not in objects["alone"]["labels"]
 
 
 def test_no_weights_server_lists_no_model_and_says_why(served):

@@ -5,8 +5,8 @@ inference directly, so one inference freezes the event loop and every other requ
 included) waits for it. ``MONAI_LABEL_INFER_CONCURRENCY`` does not help: it moves the task into a
 thread pool, but the event loop still waits on that pool's future. This module re-registers the same
 route with a plain (synchronous) endpoint, which FastAPI runs in its worker threads; the event loop
-stays free, several inferences can run at once, and ``MONAI_LABEL_INFER_CONCURRENCY=N`` (a MONAI
-Label setting) still caps how many run together. The endpoint also maps errors to status codes with
+stays free, and the infer task lets ``--conf max_concurrent_inferences`` of them run at once while the
+others wait their turn (``lib.queueing``). The endpoint also maps errors to status codes with
 the message in the body: ``InputError`` -> 422, a PACS that does not answer -> 502, model unavailable -> 503,
 anything else -> 500; ``output=dicom_seg`` (written by dcmqi in MONAI Label) is a 422 pointing to Submit
 Label. It passes the name the client gave the image to the task as ``image_name`` (an upload's file name, or

@@ -18,8 +18,8 @@ class AnoFPDM(TaskConfig):
 
     Conf keys: ``model_path`` (default ``<model_dir>/anofpdm.pt``, i.e. the repository's ``model/``) and
     ``device`` (default CUDA when present, else CPU). ``init`` also takes ``studies`` (the datastore
-    folder or URL), ``sessions`` and ``datastore`` (the app's session store and datastore accessors) as
-    keyword arguments.
+    folder or URL), ``sessions`` and ``datastore`` (the app's session store and datastore accessors) and
+    ``gate`` (the app's cap on concurrent inferences, ``lib.queueing``) as keyword arguments.
     """
 
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs: Any) -> None:
@@ -36,6 +36,7 @@ class AnoFPDM(TaskConfig):
             sessions=self.kwargs.get("sessions"),
             datastore=self.kwargs.get("datastore"),
             map_url=anomaly_map_url(self.name),
+            gate=self.kwargs.get("gate"),
         )
 
     def trainer(self) -> TrainTask | None:

@@ -33,6 +33,7 @@ from anofpdm.volumes.brain_extraction import BRAIN_EXTRACTION_MODES
 from anofpdm.volumes.checks import InputError
 from lib.request_inputs import IMAGE_ID, ResolvedInputs, StudyLookup, resolve_inputs
 from lib.pacs import PACSDatastore
+from lib.queueing import InferenceGate
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.utils.others.generic import device_list, device_map
@@ -135,6 +136,7 @@ class AnoFPDM(InferTask):
         map_url: the server path that offers ``map_dir``'s files; the result JSON then names each map's and
             brain mask's URL (``anomaly_map_url``, ``brain_mask_url``) beside its path, for clients on another
             machine.
+        gate: caps the inferences that run at once (the app's, shared by its tasks; None: a cap of 1 of its own).
     """
 
     def __init__(
@@ -148,6 +150,7 @@ class AnoFPDM(InferTask):
         map_dir: str | None = None,
         kept_maps: int = KEPT_MAPS,
         map_url: str | None = None,
+        gate: InferenceGate | None = None,
     ) -> None:
         if kept_maps < 1:
             raise ValueError(f"kept_maps must be >= 1, got {kept_maps}")
@@ -165,6 +168,7 @@ class AnoFPDM(InferTask):
         self.map_dir = Path(map_dir) if map_dir else Path(tempfile.gettempdir()) / MAP_FOLDER
         self.kept_maps = kept_maps
         self.map_url = map_url
+        self.gate = gate or InferenceGate()
         self._map_lock = threading.Lock()
         self._default_device = device or default_device()
         self._check_lock = threading.Lock()  # separate locks: /info/ must not wait for a model to load
@@ -213,6 +217,14 @@ class AnoFPDM(InferTask):
         }
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Segment the request's image when the gate lets it in; returns the label file and the result JSON, whose
+        ``timings_s.queue_wait_s`` is the time spent waiting (``total_s`` leaves it out)."""
+        with self.gate.slot() as waited_s:
+            label, result = self._infer(request)
+        result["timings_s"]["queue_wait_s"] = round(waited_s, 3)
+        return label, result
+
+    def _infer(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Segment the request's image; returns the label file and the result JSON."""
         start = time.perf_counter()
         model = self._model(self._device(request.get("device")))
