@@ -54,11 +54,14 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="also segment each case as a head and skull-stripped")
     parser.add_argument("--flair-quantile", type=float, default=0.97, help="the FLAIR rule's brain quantile")
     parser.add_argument("--cache", type=Path, help="folder keeping each segmentation")
+    parser.add_argument("--reference", choices=SEQUENCES, default=SEQUENCES[0],
+                        help="the sequence the brain is extracted from (the app's: flair)")
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
     device = args.device or default_device()
     model = load_model(args.model, device) if args.model else None
     flair_rule = BaselineOptions(threshold=FixedThreshold(args.flair_quantile))
+    order = (args.reference, *(name for name in SEQUENCES if name != args.reference))
 
     print("| case | truth brain (mL) | extracted (mL) | brain Dice | tumour inside (%) | extraction (s) |"
           + (" head: app | stripped: app | head: FLAIR rule | stripped: FLAIR rule |" if model else ""))
@@ -73,7 +76,7 @@ def main() -> None:
             tumour = volume.mask > 0
             start = time.perf_counter()
             try:
-                _, extraction = extract_brain(heads, SEQUENCES, "auto", device)
+                _, extraction = extract_brain(heads, order, "auto", device)
             except InputError as exc:  # a refusal is a result: the app would answer it with a 422
                 print(f"| {folder.name}/{files.case_id} | refused: {exc} |", flush=True)
                 continue

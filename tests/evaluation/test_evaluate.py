@@ -16,11 +16,13 @@ from anofpdm.evaluation.baseline_tuning import tune_thresholds
 from anofpdm.evaluation.case_scoring import SliceProtocol, prepare_case, score_result
 from anofpdm.cli import main as cli_main
 from anofpdm.data.brats import find_cases
+from anofpdm.data.synth import synthesize_case, write_case
 from anofpdm.evaluation.evaluate import evaluate
 from anofpdm.evaluation.methods import ANOFPDM_VARIANTS, METHODS, EvaluationSettings, run_method
 from anofpdm.evaluation.store import run_key, source_digest
 from anofpdm.method.model import load_model
 from anofpdm.method.pipeline import ModelGridOutputs, SegmentationResult
+from anofpdm.volumes.overlap import dice
 from anofpdm.volumes.slicing import to_input_grid
 
 from conftest import make_volume_pair
@@ -302,3 +304,21 @@ def test_bad_arguments_are_refused(tiny_model_path, data_dir, tmp_path):
     results = evaluate(tiny_model_path, data_dir, ["flair-threshold"], tmp_path, max_cases=1,
                        progress=lambda done, total: calls.append((done, total)))
     assert calls == [(1, 1)] and results["settings"]["cases"] == ["BraTS2021_00001"]
+
+
+def test_head_cases_are_scored_through_the_apps_brain_extraction(tiny_model_path, tmp_path):
+    """A case written as a head (``synth --heads``): the methods get the head and extract its brain as the app
+    does, the truth slices are those of that brain (the scoring checks the slices match), and the brain the
+    false positives are counted in is the extracted one, close to the case's truth brain."""
+    case = synthesize_case(21, False, shape=(120, 120, 78), voxel_mm=2.0, heads=True)
+    write_case(case, tmp_path / "heads", "SYN_00000")
+    model = load_model(tiny_model_path)
+    prepared_case = prepare_case(find_cases(tmp_path / "heads")[0], model.config)
+    head_flair = prepared_case.images["flair"].get_fdata()
+    assert (head_flair > 0).sum() * 8 / 1000 > 3000  # the methods' input is the head, 8 mm^3 voxels
+    truth_brain = nib.as_closest_canonical(nib.load(tmp_path / "heads" / "SYN_00000" / "SYN_00000_brainmask.nii.gz"))
+    assert dice(prepared_case.brain, np.asanyarray(truth_brain.dataobj) > 0) > 0.93
+    results = evaluate(tiny_model_path, tmp_path / "heads", ["anofpdm-volume-fast", "flair-threshold"],
+                       tmp_path / "out")
+    assert results["failed_cases"] == [] and len(results["cases"]) == 1
+    assert set(results["cases"][0]["methods"]) == {"anofpdm-volume-fast", "flair-threshold"}

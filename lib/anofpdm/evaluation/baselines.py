@@ -41,6 +41,7 @@ from anofpdm.method.pipeline import (
     image_like,
 )
 from anofpdm.method.postprocess import median_filter_3d
+from anofpdm.volumes.brain_extraction import apply_brain, extract_brain
 from anofpdm.volumes.slicing import BACKGROUND, VolumeGeometry, brain_pixels, to_model_slices
 
 __all__ = [
@@ -328,8 +329,9 @@ def baseline_maps(
         raise ValueError(f"unknown baseline {method!r}; known: {', '.join(BASELINES)}")
     config = model.config
     start = time.perf_counter()
-    slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm,
-                                          landmarks=config.landmarks)
+    stripped, extraction = extract_brain(images, config.sequences, "auto", model.device)  # a head: its brain
+    slices, geometry, _ = to_model_slices(apply_brain(stripped, extraction, config.sequences), config.sequences,
+                                          config.image_size, config.field_of_view_mm, landmarks=config.landmarks)
     preprocess_s = time.perf_counter() - start
     start = time.perf_counter()
     raw_map, evaluations, settings = BASELINES[method](model, slices, options)

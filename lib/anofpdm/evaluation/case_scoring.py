@@ -19,6 +19,7 @@ from anofpdm.evaluation.metrics import slice_protocol, verdict_reliability, volu
 from anofpdm.method.model import NetworkConfig
 from anofpdm.method.pipeline import PAPER_IMAGE_SIZE, SegmentationResult, default_median_kernel
 from anofpdm.method.postprocess import median_filter_2d, remove_small_components
+from anofpdm.volumes.brain_extraction import apply_brain, extract_brain
 from anofpdm.volumes.slicing import VolumeGeometry, brain_pixels, to_model_slices
 
 __all__ = ["SliceProtocol", "EvaluationCase", "prepare_case", "score_result"]
@@ -81,15 +82,23 @@ class EvaluationCase:
 
 
 def prepare_case(files: CaseFiles, config: NetworkConfig) -> EvaluationCase:
-    """Load a case's sequences and truth, and resample the truth onto the model grid's slices."""
+    """Load a case's sequences and truth, and resample the truth onto the model grid's slices.
+
+    A case whose FLAIR is a head (``anofpdm synth --heads``, a scan as the scanner wrote it) keeps the head as the
+    methods' input, so they run the app's whole path, brain extraction included; its model grid, truth slices and
+    brain are those of the brain the app extracts from it (the same step, so the slices match the results').
+    """
     volume = load_case(files, sequences=config.sequences, with_seg=True)
     images = {name: nib.Nifti1Image(volume.images[name], volume.affine) for name in config.sequences}
     truth = volume.mask.astype(bool)
-    slices, geometry, extra = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm,
-                                              extra={"truth": truth})
+    stripped, extraction = extract_brain(images, config.sequences)
+    slices, geometry, extra = to_model_slices(apply_brain(stripped, extraction, config.sequences), config.sequences,
+                                              config.image_size, config.field_of_view_mm, extra={"truth": truth})
     brain = np.zeros(truth.shape, dtype=bool)
     for array in volume.images.values():
         brain |= array > 0
+    if extraction.extracted:
+        brain = extraction.mask
     return EvaluationCase(
         case_id=files.case_id,
         images=images,
