@@ -104,7 +104,9 @@ def test_results_json_markdown_and_overlays(single_process):
         assert summary["volume"]["dice"]["std"] == 0.0
         for case in results["cases"]:
             scored = case["methods"][method]
-            assert set(scored) == {"slice", "volume", "reliability", "seconds", "network_evaluations", "warnings"}
+            assert set(scored) == {"slice", "volume", "lesion_wise", "reliability", "seconds", "network_evaluations",
+                                   "warnings"}
+            assert 0 <= scored["lesion_wise"]["dice"] <= 1 and 0 <= scored["lesion_wise"]["hd95_mm"] <= 374
             assert scored["slice"]["n_slices"] == 10
             # AnoFPDM's calibration reports unhealthy probabilities; the baselines have no slice classifier
             assert (scored["reliability"] is not None) == (method in ANOFPDM_VARIANTS)
@@ -115,6 +117,7 @@ def test_results_json_markdown_and_overlays(single_process):
     assert not results["cases"][0]["methods"]["anofpdm-ddpm-fast"]["warnings"]  # its own calibration: no override
     table = (out / "results.md").read_text()
     assert all(f"| {method} |" in table for method in METHODS)
+    assert "| lesion-wise Dice | lesion-wise HD95 (mm) |" in table
     assert "Verdict reliability" in table
     assert (out / "overlays" / "BraTS2021_00001.png").stat().st_size > 0
     assert not (out / "overlays" / "BraTS2021_00002.png").exists()  # --overlays 1
@@ -226,6 +229,8 @@ def test_truth_as_prediction_scores_one(tiny_model_path, data_dir):
         assert scored["slice"][name] == pytest.approx(1.0), name
     for name in ("dice", "iou", "precision", "recall", "auprc"):
         assert scored["volume"][name] == pytest.approx(1.0), name
+    assert scored["lesion_wise"]["dice"] == 1.0 and scored["lesion_wise"]["hd95_mm"] == 0.0
+    assert case.spacing_mm == (4.0, 4.0, 5.0)  # make_volume_pair's grid: the lesion-wise HD95 is in these mm
     assert scored["volume"]["volume_error_ml"] == 0 and scored["volume"]["verdict_correct"]
 
 
