@@ -1,6 +1,12 @@
 """Baselines on the same model, data and post-processing as AnoFPDM (docs/method.md section 6).
 
 - "flair-threshold": no network. The normalised FLAIR on the model grid is the anomaly map.
+- "flair-zscore": no network. The map is each pixel's robust z-score of the FLAIR within its own volume's brain
+  (``anofpdm.method.decisions.robust_z_scores``: median and 1.4826 x MAD of the brain pixels, the statistics and
+  brain the per-volume decision rule judges its anomaly map by), thresholded at a fixed z* (``FixedThreshold.value``).
+  It is taken on the model-grid slices, not the input volume: there it has the same brain, grid and filters as
+  AnoFPDM, so the two differ only in what the network adds (a z-score is unchanged by the slices' linear
+  intensity scaling; histogram standardisation moves it only between landmarks).
 - "anoddpm-reconstruction" (AnoDDPM-style, Gaussian noise): noise every slice to one fixed step t,
   decode it back to t = 0 with the unguided (null-label) network by deterministic DDIM steps, and finish
   with the network's clean-image prediction at t = 0. The map is the squared reconstruction error.
@@ -29,6 +35,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from anofpdm.method.decisions import robust_z_scores
 from anofpdm.method.diffusion import NoiseSchedule, SliceNoise
 from anofpdm.method.model import MAP_SEQUENCES, NULL_LABEL, LoadedModel
 from anofpdm.method.forward_process import guided_and_null_noise
@@ -45,7 +52,9 @@ from anofpdm.volumes.slicing import BACKGROUND, VolumeGeometry, brain_pixels, to
 
 __all__ = [
     "BASELINES",
+    "FLAIR_ZSCORE",
     "FixedThreshold",
+    "default_threshold",
     "BaselineOptions",
     "BaselineMaps",
     "decoding_steps",
@@ -59,6 +68,8 @@ __all__ = [
 ]
 
 DEFAULT_QUANTILE = 0.99  # the FLAIR baseline's usual 99th percentile; tune on validation cases
+FLAIR_ZSCORE = "flair-zscore"
+DEFAULT_FLAIR_Z = 3.0  # a round z*, not tuned on anything: tune it on validation cases (evaluate --tune-split)
 ANODDPM_NOISE_LEVEL = 250  # AnoDDPM's noise level: 250 of 1000 steps
 CFG_NOISE_LEVEL = 500  # a setting for the CFG baseline, not from the paper: tune on validation cases
 DEFAULT_DECODING_STRIDE = 10
@@ -257,6 +268,13 @@ def _flair_maps(model: LoadedModel, slices: np.ndarray, options: BaselineOptions
     return (slices[:, flair] - BACKGROUND) / (1.0 - BACKGROUND), 0, {}
 
 
+def _flair_zscore_maps(model: LoadedModel, slices: np.ndarray, options: BaselineOptions) -> MapOutput:
+    """The FLAIR's robust z-score within the volume's brain pixels on the model grid."""
+    flair, _, _ = _flair_maps(model, slices, options)
+    z, median, spread = robust_z_scores(torch.from_numpy(flair), torch.from_numpy(brain_pixels(slices)))
+    return z.float().numpy(), 0, {"brain_flair_median": median, "brain_flair_spread": spread}
+
+
 def _reconstruction_maps(model: LoadedModel, slices: np.ndarray, options: BaselineOptions) -> MapOutput:
     schedule = NoiseSchedule.from_dict(model.schedule, device=model.device)
     noise_level = options.noise_level or ANODDPM_NOISE_LEVEL
@@ -287,7 +305,16 @@ BASELINES: dict[str, MapFunction] = {
     "anoddpm-reconstruction": _reconstruction_maps,
     "cfg-ddim": _cfg_maps,
     "flair-threshold": _flair_maps,
+    FLAIR_ZSCORE: _flair_zscore_maps,
 }
+
+
+def default_threshold(method: str) -> FixedThreshold:
+    """A baseline's threshold rule when none is tuned: z >= ``DEFAULT_FLAIR_Z`` for the FLAIR z-score, the brain
+    quantile ``DEFAULT_QUANTILE`` of the map for the others."""
+    if method not in BASELINES:
+        raise ValueError(f"unknown baseline {method!r}; known: {', '.join(BASELINES)}")
+    return FixedThreshold(quantile=None, value=DEFAULT_FLAIR_Z) if method == FLAIR_ZSCORE else FixedThreshold()
 
 
 @dataclass
@@ -319,8 +346,8 @@ def baseline_maps(
     """Slice one volume onto the model grid and compute a baseline's raw anomaly maps.
 
     Args:
-        method: "flair-threshold", "anoddpm-reconstruction" or "cfg-ddim".
-        model: the model (for FLAIR, only its grid: image size and field of view).
+        method: a key of ``BASELINES``.
+        model: the model (for the FLAIR baselines, only its grid: image size, field of view, standardisation).
         images: sequence name -> image, as for ``segment_volume``.
         options: the baseline's settings (the threshold rule is not used here).
     """
@@ -393,13 +420,13 @@ def run_baseline(
     """Segment one volume with a baseline: its maps, then the pipeline's threshold and post-processing.
 
     Args:
-        method: "flair-threshold", "anoddpm-reconstruction" or "cfg-ddim".
-        model: the model whose grid (and, except for FLAIR, network) the baseline uses.
+        method: a key of ``BASELINES``.
+        model: the model whose grid (and, except for the FLAIR baselines, network) the baseline uses.
         images: sequence name -> image, as for ``segment_volume``.
-        options: the baseline's settings (default: ``BaselineOptions()``).
+        options: the baseline's settings (default: ``BaselineOptions`` with the method's ``default_threshold``).
 
     Returns:
         The pipeline's result form: mask and map on the input grid, a report and the model-grid outputs.
     """
-    options = options or BaselineOptions()
+    options = options or BaselineOptions(threshold=default_threshold(method))
     return finish_baseline(baseline_maps(method, model, images, options), model, images, options)
