@@ -30,7 +30,7 @@ __all__ = ["DEFAULT_TUNE_QUANTILES", "DEFAULT_TUNE_ZSCORES", "DEFAULT_TUNE_MIN_L
 
 TUNING_JSON = "tuning.json"  # the tuned baseline thresholds, reused by --resume
 DEFAULT_TUNE_QUANTILES = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
-DEFAULT_TUNE_ZSCORES = (1.5, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0)
+DEFAULT_TUNE_ZSCORES = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0)
 DEFAULT_TUNE_MIN_LESION_MM3 = (250.0, 500.0, 1000.0, 2000.0)  # 500: the pipeline's default
 
 
