@@ -28,7 +28,7 @@ export WORK=${WORK:-/tmp/demo} ANOFPDM="$PY -m anofpdm.cli" CASES=${CASES:-80} S
 export PRESET=${PRESET:-cpu} ITERATIONS=${ITERATIONS:-15000} BATCH=${BATCH:-256} LR=${LR:-5e-4} EMA=${EMA:-0.999}
 export VALIDATE_EVERY=${VALIDATE_EVERY:-500} CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-500} NUM_WORKERS=${NUM_WORKERS:-4}
 export INFER_BATCH=${INFER_BATCH:-512} EVAL_CASES=${EVAL_CASES:-16} CALIBRATION_MODES=${CALIBRATION_MODES:-fast,fast-ddpm}
-METHODS=${METHODS:-anofpdm-ddim-fast,anofpdm-volume-fast,flair-threshold}
+METHODS=${METHODS:-anofpdm-ddim-fast,anofpdm-volume-fast,flair-threshold,flair-zscore}
 MODELS=${MODELS:-new,shipped}   # which models to evaluate: the one trained here, model/anofpdm.pt
 RESULTS=$WORK/lease
 mkdir -p "$RESULTS"

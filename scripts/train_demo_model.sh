@@ -37,11 +37,11 @@ CALIBRATION_SLICES=${CALIBRATION_SLICES:-1000}
 CALIBRATION_MODES=${CALIBRATION_MODES:-fast,full}
 INFER_BATCH=${INFER_BATCH:-8}   # slices per network batch in calibration and evaluation: 8 serves on 2 CPU cores (32: at most ~8 % faster, for ~0.7 GB more); ~512 on a GPU
 EVAL_CASES=${EVAL_CASES:-16}
-EVAL_METHODS=${EVAL_METHODS:-anofpdm-ddim-fast,anofpdm-volume-fast,anofpdm-ddim-full,anofpdm-ste-fast,anofpdm-ste-full,anoddpm-reconstruction,cfg-ddim,flair-threshold}
+EVAL_METHODS=${EVAL_METHODS:-anofpdm-ddim-fast,anofpdm-volume-fast,anofpdm-ddim-full,anofpdm-ste-fast,anofpdm-ste-full,anoddpm-reconstruction,cfg-ddim,flair-threshold,flair-zscore}
 EVAL_OUT=${EVAL_OUT:-$WORK/evaluation}
 SHIFTED_CASES=${SHIFTED_CASES:-12}   # shifted-domain test cases (never trained, calibrated or selected on)
 SHIFTED_SEED=${SHIFTED_SEED:-2026}
-SHIFTED_METHODS=${SHIFTED_METHODS:-anofpdm-ddim-fast,anofpdm-volume-fast,flair-threshold}
+SHIFTED_METHODS=${SHIFTED_METHODS:-anofpdm-ddim-fast,anofpdm-volume-fast,flair-threshold,flair-zscore}
 FLAIR_QUANTILE=${FLAIR_QUANTILE:-0.97}   # the FLAIR baseline's brain quantile on the shifted cases (not tuned there)
 STAGES=${STAGES:-data,train,calibrate,evaluate,shifted}
 

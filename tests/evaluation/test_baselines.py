@@ -1,10 +1,13 @@
 """Baselines: DDIM decoding against an oracle network, the labels they use, and their pipeline-shaped outputs."""
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
+from anofpdm.evaluation.baseline_tuning import TuningGrid, tune_thresholds
 from anofpdm.evaluation.baselines import (
+    FLAIR_ZSCORE,
     BaselineOptions,
     FixedThreshold,
     baseline_maps,
@@ -14,11 +17,16 @@ from anofpdm.evaluation.baselines import (
     reconstruct_guided,
     run_baseline,
 )
+from anofpdm.data.brats import find_cases
+from anofpdm.evaluation.case_scoring import prepare_case
+from anofpdm.evaluation.methods import EvaluationSettings
 from anofpdm.method.diffusion import NoiseSchedule
 from anofpdm.evaluation.metrics import dice
 from anofpdm.method.model import HEALTHY, NULL_LABEL, LoadedModel, NetworkConfig, build_network, load_model
 
 from conftest import make_volume_pair
+
+LESION = (slice(15, 25), slice(15, 25), slice(4, 8))  # make_volume_pair's bright block (FLAIR and T2 doubled)
 
 
 class OracleNetwork(torch.nn.Module):
@@ -139,3 +147,64 @@ def test_network_baselines_have_the_pipeline_form(tiny_model_path, method, per_s
                                                    for z in range(1, 11)])
     again = run_baseline(method, model, images, options)
     np.testing.assert_array_equal(again.model_grid.raw_map, grid.raw_map)  # seeded
+
+
+def _cpu_grid_model() -> LoadedModel:
+    """The CPU preset's grid (64 px of 3.75 mm, which resolves make_volume_pair's 40 mm lesion); no network is used."""
+    config = NetworkConfig()
+    return LoadedModel(network=build_network(config), config=config, schedule={})
+
+
+def test_flair_zscore_finds_the_bright_lesion_and_leaves_a_healthy_volume_empty():
+    model = _cpu_grid_model()
+    # the brain's FLAIR is uniform in [100, 110): median 105, MAD 2.5, robust SD 3.7, so no brain voxel lies more
+    # than 1.4 SD from the median; the lesion, at twice that, lies about 27 SD above it
+    options = BaselineOptions(threshold=FixedThreshold(quantile=None, value=3.0), min_lesion_mm3=0)
+    images = make_volume_pair()
+    result = run_baseline(FLAIR_ZSCORE, model, images, options)
+    truth = np.zeros(images["flair"].shape, dtype=bool)
+    truth[LESION] = True
+    assert dice(np.asanyarray(result.mask.dataobj) > 0, truth) > 0.8
+    assert result.model_grid.unhealthy.sum() == 4 and result.report["network_evaluations"] == 0
+    assert result.report["settings"]["threshold_rule"] == {"quantile": None, "value": 3.0}
+    # the brain's statistics, taken on the input FLAIR (not the slices, clipped at the 99th percentile)
+    assert 104 < result.report["settings"]["brain_flair_median"] < 106
+    assert 3.3 < result.report["settings"]["brain_flair_spread"] < 4.1
+    healthy = run_baseline(FLAIR_ZSCORE, model, make_volume_pair(seed=1, lesion=False), options)
+    assert np.asanyarray(healthy.mask.dataobj).sum() == 0 and not healthy.model_grid.unhealthy.any()
+    # the default rule is a z-score threshold, not the quantile rule of the other baselines
+    assert run_baseline(FLAIR_ZSCORE, model, images).report["settings"]["threshold_rule"]["quantile"] is None
+
+
+def _validation_case(root, case_id: str) -> None:
+    """make_volume_pair's tumour (truth) with two bright regions beside it that are not tumour: a large one
+    moderately bright (B: 5 robust SD above the brain's median on the input grid) and a small one as bright as the
+    tumour (C: 4 x 4 x 3 voxels, 3.84 mL at most)."""
+    images = make_volume_pair(seed=4)
+    flair, t2 = (np.asanyarray(images[name].dataobj).copy() for name in ("flair", "t2"))
+    flair[26:32, 28:36, 2:9] = 105 + 5 * 1.4826 * 2.5  # B: 20 mL
+    flair[8:12, 30:34, 2:5] *= 2.0  # C
+    folder = root / case_id
+    folder.mkdir(parents=True)
+    for name, data in (("flair", flair), ("t2", t2)):
+        nib.save(nib.Nifti1Image(data, images["flair"].affine), folder / f"{case_id}_{name}.nii.gz")
+    seg = np.zeros(flair.shape, dtype=np.uint8)
+    seg[LESION] = 2
+    nib.save(nib.Nifti1Image(seg, images["flair"].affine), folder / f"{case_id}_seg.nii.gz")
+
+
+def test_tuning_picks_the_zscore_and_lesion_size_that_keep_only_the_tumour(tmp_path):
+    _validation_case(tmp_path, "BraTS2021_00009")
+    model = _cpu_grid_model()
+    case = prepare_case(find_cases(tmp_path)[0], model.config)
+    # by construction: z* = 2 also masks B, 40 masks nothing (the tumour is about 27 SD up); z* = 10 keeps the tumour
+    # and C, and only a minimum size between C (<= 3.84 mL) and the tumour (32 mL) leaves the tumour alone
+    grid = TuningGrid(quantiles=(0.5,), zscores=(40.0, 2.0, 10.0), min_lesion_mm3=(8000.0, 250.0))
+    settings = EvaluationSettings(min_lesion_mm3=0)
+    tuned = tune_thresholds(model, [case], [FLAIR_ZSCORE, "anofpdm-volume-fast"], settings, grid)
+    assert set(tuned) == {FLAIR_ZSCORE}
+    chosen = tuned[FLAIR_ZSCORE]
+    assert chosen["threshold"] == {"quantile": None, "value": 10.0} and chosen["min_lesion_mm3"] == 8000.0
+    scores = {(row["value"], row["min_lesion_mm3"]): row["dice"] for row in chosen["validation_dice"]}
+    assert len(scores) == 6 and scores[(40.0, 250.0)] == 0.0
+    assert scores[(10.0, 8000.0)] > scores[(10.0, 250.0)] and scores[(10.0, 8000.0)] > scores[(2.0, 8000.0)]

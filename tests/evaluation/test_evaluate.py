@@ -12,7 +12,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from anofpdm.evaluation.baseline_tuning import tune_thresholds
+from anofpdm.evaluation.baseline_tuning import (
+    DEFAULT_TUNE_MIN_LESION_MM3,
+    DEFAULT_TUNE_ZSCORES,
+    TuningGrid,
+    tune_thresholds,
+)
 from anofpdm.evaluation.case_scoring import SliceProtocol, prepare_case, score_result
 from anofpdm.cli import main as cli_main
 from anofpdm.data.brats import find_cases
@@ -88,10 +93,16 @@ def test_results_json_markdown_and_overlays(single_process):
     assert results["settings"]["world_size"] == 1 and results["failed_cases"] == []
     assert results["settings"]["cases"] == ["BraTS2021_00001", "BraTS2021_00002"]  # the test split only
     tuned = results["settings"]["tuned_thresholds"]
-    assert set(tuned) == {"anoddpm-reconstruction", "cfg-ddim", "flair-threshold"}
+    assert set(tuned) == {"anoddpm-reconstruction", "cfg-ddim", "flair-threshold", "flair-zscore"}
     for method, choice in tuned.items():
-        assert choice["cases"] == ["BraTS2021_00003"] and choice["quantile"] in (0.9, 0.95, 0.99)
-        assert results["settings"]["thresholds"][method] == {"quantile": choice["quantile"], "value": None}
+        assert choice["cases"] == ["BraTS2021_00003"]
+        if method == "flair-zscore":  # its z* and minimum lesion size, from the default candidates
+            assert choice["threshold"]["value"] in DEFAULT_TUNE_ZSCORES and choice["threshold"]["quantile"] is None
+            assert choice["min_lesion_mm3"] in DEFAULT_TUNE_MIN_LESION_MM3
+        else:  # a quantile of --tune-quantiles, at the run's --min-lesion-mm3
+            assert choice["threshold"]["quantile"] in (0.9, 0.95, 0.99) and choice["min_lesion_mm3"] == 0
+        assert results["settings"]["thresholds"][method] == choice["threshold"]
+        assert results["settings"]["baseline_min_lesion_mm3"][method] == choice["min_lesion_mm3"]
     tumour_case, healthy_case = results["cases"]
     assert tumour_case["truth_ml"] == pytest.approx(10 * 10 * 4 * 80 / 1000)  # 4 x 4 x 5 mm voxels
     assert healthy_case["truth_ml"] == 0
@@ -106,7 +117,9 @@ def test_results_json_markdown_and_overlays(single_process):
         assert summary["volume"]["dice"]["std"] == 0.0
         for case in results["cases"]:
             scored = case["methods"][method]
-            assert set(scored) == {"slice", "volume", "reliability", "seconds", "network_evaluations", "warnings"}
+            assert set(scored) == {"slice", "volume", "lesion_wise", "reliability", "seconds", "network_evaluations",
+                                   "warnings"}
+            assert 0 <= scored["lesion_wise"]["dice"] <= 1 and 0 <= scored["lesion_wise"]["hd95_mm"] <= 374
             assert scored["slice"]["n_slices"] == 10
             # AnoFPDM's calibration reports unhealthy probabilities; the baselines have no slice classifier
             assert (scored["reliability"] is not None) == (method in ANOFPDM_VARIANTS)
@@ -114,9 +127,11 @@ def test_results_json_markdown_and_overlays(single_process):
             assert summary["verdict_reliability"]["n_slices"] == 20
         assert healthy_case["methods"][method]["slice"]["unhealthy_dice"] is None
     assert results["summary"]["flair-threshold"]["network_evaluations_per_case"] == 0
+    assert results["summary"]["flair-zscore"]["network_evaluations_per_case"] == 0
     assert not results["cases"][0]["methods"]["anofpdm-ddpm-fast"]["warnings"]  # its own calibration: no override
     table = (out / "results.md").read_text()
     assert all(f"| {method} |" in table for method in METHODS)
+    assert "| lesion-wise Dice | lesion-wise HD95 (mm) |" in table
     assert "Verdict reliability" in table
     assert (out / "overlays" / "BraTS2021_00001.png").stat().st_size > 0
     assert not (out / "overlays" / "BraTS2021_00002.png").exists()  # --overlays 1
@@ -166,8 +181,8 @@ def test_resume_reuses_the_stored_tuning_only_for_the_same_validation_setup(tiny
     first = json.loads((tmp_path / "results.json").read_text())
     stored = json.loads((tmp_path / "tuning.json").read_text())
     assert first["settings"]["reused_tuning"] is False and stored["tuned"] == first["settings"]["tuned_thresholds"]
-    assert stored["tuned"]["flair-threshold"]["quantile"] == 0.95  # see test_tuning_picks_the_quantile...
-    stored["tuned"]["flair-threshold"]["quantile"] = 0.5  # a choice tuning would not make: reuse takes it as stored
+    assert stored["tuned"]["flair-threshold"]["threshold"]["quantile"] == 0.95  # see test_tuning_picks_the_quantile...
+    stored["tuned"]["flair-threshold"]["threshold"]["quantile"] = 0.5  # a choice tuning would not make: reuse takes it
     (tmp_path / "tuning.json").write_text(json.dumps(stored))
     assert main([*argv, "--resume"]) == 0
     resumed = json.loads((tmp_path / "results.json").read_text())
@@ -228,6 +243,8 @@ def test_truth_as_prediction_scores_one(tiny_model_path, data_dir):
         assert scored["slice"][name] == pytest.approx(1.0), name
     for name in ("dice", "iou", "precision", "recall", "auprc"):
         assert scored["volume"][name] == pytest.approx(1.0), name
+    assert scored["lesion_wise"]["dice"] == 1.0 and scored["lesion_wise"]["hd95_mm"] == 0.0
+    assert case.spacing_mm == (4.0, 4.0, 5.0)  # make_volume_pair's grid: the lesion-wise HD95 is in these mm
     assert scored["volume"]["volume_error_ml"] == 0 and scored["volume"]["verdict_correct"]
 
 
@@ -281,10 +298,13 @@ def test_tuning_picks_the_quantile_that_fits_the_lesion(tiny_model_path, data_di
     case = prepare_case(find_cases(data_dir)[2], model.config)
     # the lesion is 400 of about 9500 brain voxels (4 %): the 95th percentile fits it, the median marks half the brain
     settings = EvaluationSettings(min_lesion_mm3=0)
-    tuned = tune_thresholds(model, [case], ["flair-threshold", "anofpdm-ddim-fast"], settings, quantiles=(0.5, 0.95))
+    tuned = tune_thresholds(model, [case], ["flair-threshold", "anofpdm-ddim-fast"], settings,
+                            TuningGrid(quantiles=(0.95, 0.5)))
     assert set(tuned) == {"flair-threshold"}  # AnoFPDM is calibrated, not tuned
-    assert tuned["flair-threshold"]["quantile"] == 0.95
-    assert tuned["flair-threshold"]["validation_dice"][0.95] > 2 * tuned["flair-threshold"]["validation_dice"][0.5]
+    assert tuned["flair-threshold"]["threshold"] == {"quantile": 0.95, "value": None}
+    at_95, at_50 = ({row["quantile"]: row["dice"] for row in tuned["flair-threshold"]["validation_dice"]}[q]
+                    for q in (0.95, 0.5))
+    assert at_95 > 2 * at_50
     healthy = prepare_case(find_cases(data_dir)[1], model.config)
     with pytest.raises(ValueError, match="with tumour"):
         tune_thresholds(model, [healthy], ["flair-threshold"], EvaluationSettings())

@@ -8,8 +8,10 @@ from anofpdm.evaluation.metrics import (
     aggregate_reliability,
     average_precision,
     dice,
+    hd95_mm,
     iou,
     lesion_volume_error_ml,
+    lesion_wise_scores,
     overlap_scores,
     precision,
     recall,
@@ -129,7 +131,9 @@ def _case(n, n_tumour, mixed, unhealthy, accuracy, auprc, dice_3d, truth_ml, ver
     volume = {"dice": dice_3d, "iou": dice_3d / 2, "precision": 1.0, "recall": dice_3d, "auprc": auprc and auprc[0],
               "truth_ml": truth_ml, "predicted_ml": 1.0, "volume_error_ml": 1.0 - truth_ml,
               "verdict_correct": verdict}
-    return {"slice": slice_result, "volume": volume}
+    # lesion-wise: made-up per-case values (Dice half the 3-D Dice, HD95 374 mm x (1 - that))
+    lesion_wise = {"dice": dice_3d / 2, "hd95_mm": 374.0 * (1 - dice_3d / 2)}
+    return {"slice": slice_result, "volume": volume, "lesion_wise": lesion_wise}
 
 
 def test_aggregation_pools_slices_and_averages_volumes():
@@ -155,6 +159,10 @@ def test_aggregation_pools_slices_and_averages_volumes():
     # the healthy volume's mask (1 mL) is its false positive; it was not called healthy
     assert volume["healthy_false_positive_ml"] == {"mean": pytest.approx(1.0), "std": pytest.approx(0.0), "n": 1}
     assert volume["healthy_called_healthy"]["mean"] == 0.0
+    # lesion-wise over all three cases, the healthy one included (as BraTS ranks): Dice 0.3, 0.5, 0.1
+    assert result["lesion_wise"]["dice"] == {"mean": pytest.approx(0.3), "std": pytest.approx(np.sqrt(0.08 / 3)),
+                                             "n": 3}
+    assert result["lesion_wise"]["hd95_mm"]["mean"] == pytest.approx(374.0 * 0.7)
     with pytest.raises(ValueError, match="no cases"):
         aggregate_cases([])
 
@@ -189,3 +197,86 @@ def test_slice_score_auroc_ranks_tumour_slices_by_low_scores():
     assert slice_score_auroc(np.ones(5), np.zeros(5, bool)) is None  # a healthy volume
     with pytest.raises(ValueError, match="one score per slice"):
         slice_score_auroc(np.ones(4), tumour)
+
+
+def _cube(mask: np.ndarray, corner: tuple[int, int, int], side: int) -> None:
+    x, y, z = corner
+    mask[x : x + side, y : y + side, z : z + side] = True
+
+
+def test_lesion_wise_one_lesion_found_exactly_and_one_missed_scores_half():
+    truth = np.zeros((40, 20, 20), dtype=bool)
+    _cube(truth, (2, 5, 5), 5)  # 125 voxels of 1 mm^3: above the 50 mm^3 BraTS-GLI floor
+    _cube(truth, (30, 5, 5), 5)  # 23 voxels apart: far beyond the 3-voxel dilation, a lesion of its own
+    prediction = np.zeros_like(truth)
+    _cube(prediction, (2, 5, 5), 5)
+    scores = lesion_wise_scores(prediction, truth, (1.0, 1.0, 1.0))
+    assert scores["dice"] == pytest.approx(0.5)  # (1 + 0) / 2
+    assert scores["hd95_mm"] == pytest.approx((0.0 + 374.0) / 2)  # the missed lesion scores 374 mm
+    assert (scores["truth_lesions"], scores["detected"], scores["missed"], scores["false_positives"]) == (2, 1, 1, 0)
+
+
+def test_lesion_wise_an_invented_lesion_is_a_false_positive_and_empty_cases_score_one():
+    truth = np.zeros((40, 20, 20), dtype=bool)
+    _cube(truth, (2, 5, 5), 5)
+    prediction = truth.copy()
+    _cube(prediction, (30, 5, 5), 3)  # far from the truth lesion
+    scores = lesion_wise_scores(prediction, truth, (1.0, 1.0, 1.0))
+    assert scores["dice"] == pytest.approx(0.5) and scores["hd95_mm"] == pytest.approx(187.0)
+    assert scores["false_positives"] == 1 and scores["missed"] == 0
+    empty = np.zeros_like(truth)
+    assert lesion_wise_scores(empty, empty, (1, 1, 1))["dice"] == 1.0
+    assert lesion_wise_scores(empty, empty, (1, 1, 1))["hd95_mm"] == 0.0
+    invented = lesion_wise_scores(prediction, empty, (1, 1, 1))  # a healthy case with two invented lesions
+    assert invented["dice"] == 0.0 and invented["hd95_mm"] == pytest.approx(374.0)
+    assert invented["false_positives"] == 2
+
+
+def test_lesion_wise_half_found_lesion_gives_its_dice():
+    truth = np.zeros((20, 20, 20), dtype=bool)
+    truth[4:12, 4:9, 4:9] = True  # 8 x 5 x 5 = 200 voxels
+    prediction = np.zeros_like(truth)
+    prediction[4:8, 4:9, 4:9] = True  # its first half, 100 voxels: Dice 2 * 100 / 300
+    assert lesion_wise_scores(prediction, truth, (1, 1, 1))["dice"] == pytest.approx(2 / 3)
+
+
+def test_lesion_wise_small_truth_lesions_are_left_out_by_volume_in_mm3():
+    truth = np.zeros((40, 20, 20), dtype=bool)
+    _cube(truth, (2, 5, 5), 5)  # found
+    truth[30:40, 5:9, 5] = True  # 40 voxels, missed
+    prediction = np.zeros_like(truth)
+    _cube(prediction, (2, 5, 5), 5)
+    at_1mm = lesion_wise_scores(prediction, truth, (1.0, 1.0, 1.0))  # 40 mm^3 <= 50: left out
+    assert at_1mm["dice"] == 1.0 and at_1mm["small_lesions_left_out"] == 1 and at_1mm["truth_lesions"] == 1
+    at_2mm = lesion_wise_scores(prediction, truth, (1.0, 1.0, 2.0))  # 80 mm^3: scored, and missed
+    assert at_2mm["dice"] == pytest.approx(0.5) and at_2mm["small_lesions_left_out"] == 0
+
+
+def test_lesion_wise_truth_lesions_within_the_dilation_count_as_one():
+    truth = np.zeros((50, 20, 20), dtype=bool)
+    _cube(truth, (2, 5, 5), 5)  # x 2..6
+    _cube(truth, (12, 5, 5), 5)  # x 12..16: 5 voxels between, bridged by 3 + 3 dilations
+    prediction = np.zeros_like(truth)
+    _cube(prediction, (2, 5, 5), 5)
+    merged = lesion_wise_scores(prediction, truth, (1, 1, 1))  # one lesion of 250 voxels, half found
+    assert merged["truth_lesions"] == 1 and merged["dice"] == pytest.approx(2 * 125 / (250 + 125))
+    far = np.zeros_like(truth)
+    _cube(far, (2, 5, 5), 5)
+    _cube(far, (20, 5, 5), 5)  # 13 voxels between: two lesions
+    apart = lesion_wise_scores(prediction, far, (1, 1, 1))
+    assert apart["truth_lesions"] == 2 and apart["dice"] == pytest.approx(0.5)
+
+
+def test_lesion_wise_hd95_is_in_mm_on_the_grid_spacing():
+    truth = np.zeros((9, 9, 9), dtype=bool)
+    truth[4, 4, 2] = True
+    prediction = np.zeros_like(truth)
+    prediction[4, 4, 4] = True  # two voxels away along z: within the dilation, so matched, Dice 0
+    scores = lesion_wise_scores(prediction, truth, (1.0, 1.0, 2.5), min_lesion_mm3=0)
+    assert scores["false_positives"] == 0 and scores["detected"] == 1
+    assert scores["dice"] == 0.0 and scores["hd95_mm"] == pytest.approx(5.0)  # 2 voxels of 2.5 mm
+    assert hd95_mm(truth, truth, (1, 1, 1)) == 0.0
+    with pytest.raises(ValueError, match="voxel sizes"):
+        lesion_wise_scores(prediction, truth, (1.0, 1.0))
+    with pytest.raises(ValueError, match="dilation_iterations"):
+        lesion_wise_scores(prediction, truth, (1, 1, 1), dilation_iterations=0)

@@ -1,6 +1,14 @@
 """Baselines on the same model, data and post-processing as AnoFPDM (docs/method.md section 6).
 
 - "flair-threshold": no network. The normalised FLAIR on the model grid is the anomaly map.
+- "flair-zscore": no network. The map is each voxel's robust z-score of the FLAIR within its own volume's brain
+  (``anofpdm.method.decisions.robust_z_scores``: the median and 1.4826 x MAD the per-volume decision rule judges
+  its anomaly map by), thresholded at a fixed z* (``FixedThreshold.value``). The z-score is taken on the input
+  volume, over its brain as the slicing defines it (voxels where any of the model's sequences is above zero, the
+  brain the model-grid slices keep), and then resampled onto the model grid like the images, where the same
+  filters as AnoFPDM's follow. Not on the model-grid slices themselves: they clip the FLAIR at its 99th brain
+  percentile, which capped the tumour's z-score at about 3.5 on two in-domain validation cases (90th percentile of
+  the tumour's z unclipped: 4.8 and 7.4) and would make the baseline weaker than the rule it stands for.
 - "anoddpm-reconstruction" (AnoDDPM-style, Gaussian noise): noise every slice to one fixed step t,
   decode it back to t = 0 with the unguided (null-label) network by deterministic DDIM steps, and finish
   with the network's clean-image prediction at t = 0. The map is the squared reconstruction error.
@@ -29,6 +37,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from anofpdm.method.decisions import robust_z_scores
 from anofpdm.method.diffusion import NoiseSchedule, SliceNoise
 from anofpdm.method.model import MAP_SEQUENCES, NULL_LABEL, LoadedModel
 from anofpdm.method.forward_process import guided_and_null_noise
@@ -42,11 +51,13 @@ from anofpdm.method.pipeline import (
 )
 from anofpdm.method.postprocess import median_filter_3d
 from anofpdm.volumes.brain_extraction import apply_brain, extract_brain
-from anofpdm.volumes.slicing import BACKGROUND, VolumeGeometry, brain_pixels, to_model_slices
+from anofpdm.volumes.slicing import BACKGROUND, VolumeGeometry, brain_pixels, to_model_grid, to_model_slices
 
 __all__ = [
     "BASELINES",
+    "FLAIR_ZSCORE",
     "FixedThreshold",
+    "default_threshold",
     "BaselineOptions",
     "BaselineMaps",
     "decoding_steps",
@@ -60,6 +71,8 @@ __all__ = [
 ]
 
 DEFAULT_QUANTILE = 0.99  # the FLAIR baseline's usual 99th percentile; tune on validation cases
+FLAIR_ZSCORE = "flair-zscore"
+DEFAULT_FLAIR_Z = 3.0  # a round z*, not tuned on anything: tune it on validation cases (evaluate --tune-split)
 ANODDPM_NOISE_LEVEL = 250  # AnoDDPM's noise level: 250 of 1000 steps
 CFG_NOISE_LEVEL = 500  # a setting for the CFG baseline, not from the paper: tune on validation cases
 DEFAULT_DECODING_STRIDE = 10
@@ -252,13 +265,32 @@ def _error_maps(
     return np.concatenate(maps), evaluations
 
 
-def _flair_maps(model: LoadedModel, slices: np.ndarray, options: BaselineOptions) -> MapOutput:
+@dataclass(frozen=True)
+class SlicedVolume:
+    """One volume as the baselines see it: the input images, their model-grid slices and the mapping between."""
+
+    images: Mapping[str, nib.spatialimages.SpatialImage]
+    slices: np.ndarray
+    geometry: VolumeGeometry
+
+
+def _flair_maps(model: LoadedModel, volume: SlicedVolume, options: BaselineOptions) -> MapOutput:
     """The normalised FLAIR, back from [-1, 1] to the [0, 1] intensity scale (background 0, like off-grid voxels)."""
     flair = model.config.sequences.index(MAP_SEQUENCES[0])
-    return (slices[:, flair] - BACKGROUND) / (1.0 - BACKGROUND), 0, {}
+    return (volume.slices[:, flair] - BACKGROUND) / (1.0 - BACKGROUND), 0, {}
 
 
-def _reconstruction_maps(model: LoadedModel, slices: np.ndarray, options: BaselineOptions) -> MapOutput:
+def _flair_zscore_maps(model: LoadedModel, volume: SlicedVolume, options: BaselineOptions) -> MapOutput:
+    """The input FLAIR's robust z-score within the input brain, resampled onto the model grid."""
+    arrays = {name: np.ascontiguousarray(volume.images[name].dataobj, dtype=np.float32)
+              for name in model.config.sequences}
+    brain = np.any([array > 0 for array in arrays.values()], axis=0)
+    z, median, spread = robust_z_scores(torch.from_numpy(arrays[MAP_SEQUENCES[0]]), torch.from_numpy(brain))
+    settings = {"brain_flair_median": median, "brain_flair_spread": spread, "grid": "input, resampled"}
+    return to_model_grid(z.float().numpy(), volume.geometry), 0, settings
+
+
+def _reconstruction_maps(model: LoadedModel, volume: SlicedVolume, options: BaselineOptions) -> MapOutput:
     schedule = NoiseSchedule.from_dict(model.schedule, device=model.device)
     noise_level = options.noise_level or ANODDPM_NOISE_LEVEL
 
@@ -266,29 +298,38 @@ def _reconstruction_maps(model: LoadedModel, slices: np.ndarray, options: Baseli
         noise = SliceNoise(options.seed, begin, x0).draw()
         return reconstruct_from_noise(model.network, schedule, x0, noise_level, options.stride, noise)
 
-    maps, evaluations = _error_maps(model, slices, options, reconstruct)
+    maps, evaluations = _error_maps(model, volume.slices, options, reconstruct)
     return maps, evaluations, {"noise_level": noise_level, "stride": options.stride, "seed": options.seed,
                                "decoding": "ddim, null label, clean-image prediction at t = 0"}
 
 
-def _cfg_maps(model: LoadedModel, slices: np.ndarray, options: BaselineOptions) -> MapOutput:
+def _cfg_maps(model: LoadedModel, volume: SlicedVolume, options: BaselineOptions) -> MapOutput:
     schedule = NoiseSchedule.from_dict(model.schedule, device=model.device)
     noise_level = options.noise_level or CFG_NOISE_LEVEL
 
     def reconstruct(x0: torch.Tensor, begin: int) -> tuple[torch.Tensor, int]:
         return reconstruct_guided(model.network, schedule, x0, noise_level, options.stride, options.guidance)
 
-    maps, evaluations = _error_maps(model, slices, options, reconstruct)
+    maps, evaluations = _error_maps(model, volume.slices, options, reconstruct)
     return maps, evaluations, {"noise_level": noise_level, "stride": options.stride, "guidance": options.guidance,
                                "encoding": "ddim, null label, from the clean slice", "decoding": "ddim, healthy-guided"}
 
 
-MapFunction = Callable[[LoadedModel, np.ndarray, BaselineOptions], MapOutput]
+MapFunction = Callable[[LoadedModel, SlicedVolume, BaselineOptions], MapOutput]
 BASELINES: dict[str, MapFunction] = {
     "anoddpm-reconstruction": _reconstruction_maps,
     "cfg-ddim": _cfg_maps,
     "flair-threshold": _flair_maps,
+    FLAIR_ZSCORE: _flair_zscore_maps,
 }
+
+
+def default_threshold(method: str) -> FixedThreshold:
+    """A baseline's threshold rule when none is tuned: z >= ``DEFAULT_FLAIR_Z`` for the FLAIR z-score, the brain
+    quantile ``DEFAULT_QUANTILE`` of the map for the others."""
+    if method not in BASELINES:
+        raise ValueError(f"unknown baseline {method!r}; known: {', '.join(BASELINES)}")
+    return FixedThreshold(quantile=None, value=DEFAULT_FLAIR_Z) if method == FLAIR_ZSCORE else FixedThreshold()
 
 
 @dataclass
@@ -320,8 +361,8 @@ def baseline_maps(
     """Slice one volume onto the model grid and compute a baseline's raw anomaly maps.
 
     Args:
-        method: "flair-threshold", "anoddpm-reconstruction" or "cfg-ddim".
-        model: the model (for FLAIR, only its grid: image size and field of view).
+        method: a key of ``BASELINES``.
+        model: the model (for the FLAIR baselines, only its grid: image size, field of view, standardisation).
         images: sequence name -> image, as for ``segment_volume``.
         options: the baseline's settings (the threshold rule is not used here).
     """
@@ -330,11 +371,12 @@ def baseline_maps(
     config = model.config
     start = time.perf_counter()
     stripped, extraction = extract_brain(images, config.sequences, "auto", model.device)  # a head: its brain
-    slices, geometry, _ = to_model_slices(apply_brain(stripped, extraction, config.sequences), config.sequences,
-                                          config.image_size, config.field_of_view_mm, landmarks=config.landmarks)
+    images = apply_brain(stripped, extraction, config.sequences)
+    slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm,
+                                          landmarks=config.landmarks)
     preprocess_s = time.perf_counter() - start
     start = time.perf_counter()
-    raw_map, evaluations, settings = BASELINES[method](model, slices, options)
+    raw_map, evaluations, settings = BASELINES[method](model, SlicedVolume(images, slices, geometry), options)
     timings = {"preprocess_s": preprocess_s, "network_s": time.perf_counter() - start}
     return BaselineMaps(method, slices, geometry, raw_map.astype(np.float32), evaluations, settings, timings)
 
@@ -395,13 +437,13 @@ def run_baseline(
     """Segment one volume with a baseline: its maps, then the pipeline's threshold and post-processing.
 
     Args:
-        method: "flair-threshold", "anoddpm-reconstruction" or "cfg-ddim".
-        model: the model whose grid (and, except for FLAIR, network) the baseline uses.
+        method: a key of ``BASELINES``.
+        model: the model whose grid (and, except for the FLAIR baselines, network) the baseline uses.
         images: sequence name -> image, as for ``segment_volume``.
-        options: the baseline's settings (default: ``BaselineOptions()``).
+        options: the baseline's settings (default: ``BaselineOptions`` with the method's ``default_threshold``).
 
     Returns:
         The pipeline's result form: mask and map on the input grid, a report and the model-grid outputs.
     """
-    options = options or BaselineOptions()
+    options = options or BaselineOptions(threshold=default_threshold(method))
     return finish_baseline(baseline_maps(method, model, images, options), model, images, options)

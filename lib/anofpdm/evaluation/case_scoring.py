@@ -2,7 +2,8 @@
 
 The truth is the whole tumour (label > 0), resampled onto the model grid's slices; a result is scored by the
 paper's slice protocol there (:class:`SliceProtocol`, :func:`anofpdm.evaluation.metrics.slice_protocol`) and by the
-per-volume metrics on the input grid (:func:`anofpdm.evaluation.metrics.volume_metrics`).
+per-volume metrics and the BraTS lesion-wise metrics on the input grid
+(:func:`anofpdm.evaluation.metrics.volume_metrics`, :func:`anofpdm.evaluation.metrics.lesion_wise_scores`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from anofpdm.data.brats import CaseFiles, load_case
 from anofpdm.method.decisions import is_uncertain
-from anofpdm.evaluation.metrics import slice_protocol, verdict_reliability, volume_metrics
+from anofpdm.evaluation.metrics import lesion_wise_scores, slice_protocol, verdict_reliability, volume_metrics
 from anofpdm.method.model import NetworkConfig
 from anofpdm.method.pipeline import PAPER_IMAGE_SIZE, SegmentationResult, default_median_kernel
 from anofpdm.method.postprocess import median_filter_2d, remove_small_components
@@ -66,6 +67,7 @@ class EvaluationCase:
         truth: whole-tumour mask on the input grid.
         brain: brain voxels on the input grid (any sequence above zero).
         voxel_mm3: input voxel volume.
+        spacing_mm: input voxel size along each axis.
         geometry: the model-grid geometry of the case.
         truth_slices: N x S x S whole-tumour mask on the model grid.
         brain_slices: N x S x S brain pixels on the model grid.
@@ -76,6 +78,7 @@ class EvaluationCase:
     truth: np.ndarray
     brain: np.ndarray
     voxel_mm3: float
+    spacing_mm: tuple[float, ...]
     geometry: VolumeGeometry
     truth_slices: np.ndarray
     brain_slices: np.ndarray
@@ -105,6 +108,7 @@ def prepare_case(files: CaseFiles, config: NetworkConfig) -> EvaluationCase:
         truth=truth,
         brain=brain,
         voxel_mm3=float(abs(np.linalg.det(volume.affine[:3, :3]))),
+        spacing_mm=tuple(float(s) for s in nib.affines.voxel_sizes(volume.affine)),
         geometry=geometry,
         truth_slices=extra["truth"] >= TRUTH_LEVEL,
         brain_slices=brain_pixels(slices),
@@ -123,8 +127,9 @@ def score_result(result: SegmentationResult, case: EvaluationCase, protocol: Sli
     """Slice-protocol and per-volume metrics of one method's result on one case.
 
     Returns:
-        {"slice": metrics.slice_protocol(...), "volume": metrics.volume_metrics(...), "reliability":
-        metrics.verdict_reliability(...) of the reported unhealthy probabilities, None where there are none}
+        {"slice": metrics.slice_protocol(...), "volume": metrics.volume_metrics(...), "lesion_wise":
+        metrics.lesion_wise_scores(...) on the input grid's spacing, "reliability": metrics.verdict_reliability(...)
+        of the reported unhealthy probabilities, None where there are none}
     """
     grid = result.model_grid
     if grid is None or tuple(grid.geometry.slices) != tuple(case.geometry.slices):
@@ -142,4 +147,4 @@ def score_result(result: SegmentationResult, case: EvaluationCase, protocol: Sli
     reliability = None if probability is None else verdict_reliability(
         probability, grid.unhealthy, case.truth_slices.any(axis=(1, 2)), is_uncertain(np.asarray(probability)))
     return {"slice": slices, "volume": volume_metrics(mask, scores, case.truth, case.brain, case.voxel_mm3),
-            "reliability": reliability}
+            "lesion_wise": lesion_wise_scores(mask, case.truth, case.spacing_mm), "reliability": reliability}

@@ -3,12 +3,14 @@
 For every case (BraTS21, BraTS 2023, MSD Task01 or synthetic folders; truth = whole tumour, label > 0)
 and method, this computes the paper's slice protocol on the model grid (per-slice Dice / IoU, "mixed"
 and "unhealthy", AUPRC over brain pixels, slice verdict accuracy) and per-volume 3-D metrics on the
-input grid (Dice, IoU, precision, recall, AUPRC, lesion-volume error, volume verdict accuracy). It writes
+input grid (Dice, IoU, precision, recall, AUPRC, lesion-volume error, volume verdict accuracy) and the BraTS
+lesion-wise Dice and HD95 there. It writes
 ``results.json`` (per case and aggregated), ``results.md`` (a table) and PNG overlays of a few cases.
 
 With a prepared data set (``anofpdm prepare``) only its held-out split is evaluated, and the baselines'
-per-volume quantiles can be tuned on its validation split first (best mean 3-D Dice); otherwise they
-keep their fixed defaults. AnoFPDM needs no tuning here: its c* and Dmax come from the model's calibration.
+constants (per-volume quantiles; the FLAIR z-score's z* and minimum lesion size) can be tuned on its validation
+split first (best mean 3-D Dice); otherwise they keep their fixed defaults. AnoFPDM needs no tuning here: its c*
+and Dmax come from the model's calibration.
 
 Each case's result is also stored as soon as it is done (``cases/<case>.json``, tagged with a key of the
 model file, the methods, the settings and the library's code), so a long run that stops loses at most the case in
@@ -39,14 +41,23 @@ from pathlib import Path
 from typing import Any
 
 from anofpdm.arguments import comma_floats, comma_list
-from anofpdm.evaluation.baseline_tuning import DEFAULT_TUNE_QUANTILES, tune_thresholds, tuned_or_stored
+from anofpdm.evaluation.baseline_tuning import (
+    DEFAULT_TUNE_MIN_LESION_MM3,
+    DEFAULT_TUNE_QUANTILES,
+    DEFAULT_TUNE_ZSCORES,
+    TuningGrid,
+    tune_thresholds,
+    tuned_or_stored,
+)
 from anofpdm.evaluation.baselines import (
     ANODDPM_NOISE_LEVEL,
     BASELINES,
     CFG_NOISE_LEVEL,
     DEFAULT_DECODING_STRIDE,
+    DEFAULT_FLAIR_Z,
     DEFAULT_GUIDANCE,
     DEFAULT_QUANTILE,
+    FLAIR_ZSCORE,
     FixedThreshold,
 )
 from anofpdm.evaluation.case_scoring import EvaluationCase, SliceProtocol, prepare_case, score_result
@@ -152,7 +163,7 @@ def evaluate(
     settings: EvaluationSettings | None = None,
     case_ids: Sequence[str] | None = None,
     tune_case_ids: Sequence[str] | None = None,
-    tune_quantiles: Sequence[float] = DEFAULT_TUNE_QUANTILES,
+    tune_grid: TuningGrid = TuningGrid(),
     resume: bool = False,
     tune_progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
@@ -168,9 +179,9 @@ def evaluate(
         device: torch device (default: cuda:LOCAL_RANK if available, else CPU).
         settings: seeds, baseline settings, slice protocol, overlays.
         case_ids: evaluate only these cases (e.g. a prepared data set's test split).
-        tune_case_ids: validation cases on which each baseline's quantile is chosen (``tune_thresholds``)
+        tune_case_ids: validation cases on which each baseline's constants are chosen (``tune_thresholds``)
             before evaluation; must not overlap the evaluated cases.
-        tune_quantiles: the candidate quantiles.
+        tune_grid: the candidate constants.
         resume: reuse the case results stored in ``out_path/cases`` by an earlier run with the same model
             file, methods and settings (cases drawn as overlays are recomputed: their images are not stored),
             and the tuned thresholds stored in ``out_path/tuning.json`` for the same validation cases.
@@ -200,10 +211,12 @@ def evaluate(
         if tune_files and any(m in BASELINES for m in methods):
             if ctx.is_main:
                 tuned, reused_tuning = tuned_or_stored(model, Path(model_path), tune_files, methods, settings,
-                                                        tune_quantiles, out_path, resume, tune_progress)
+                                                        tune_grid, out_path, resume, tune_progress)
             tuned = broadcast_from_main(tuned, ctx.world_size)
-            chosen = {method: FixedThreshold(quantile=t["quantile"]) for method, t in tuned.items()}
-            settings = replace(settings, thresholds={**settings.thresholds, **chosen})
+            chosen = {method: FixedThreshold(**t["threshold"]) for method, t in tuned.items()}
+            sizes = {method: t["min_lesion_mm3"] for method, t in tuned.items()}
+            settings = replace(settings, thresholds={**settings.thresholds, **chosen},
+                               baseline_min_lesion_mm3={**settings.baseline_min_lesion_mm3, **sizes})
         key = run_key(Path(model_path), methods, settings)
         case_dir = out_path / CASE_DIR
         case_dir.mkdir(parents=True, exist_ok=True)
@@ -283,8 +296,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--prepared", type=Path,
                         help="prepared slices folder: evaluate only its --split cases (the model's held-out cases)")
     parser.add_argument("--split", default=DEFAULT_SPLIT, help="with --prepared: the split to evaluate")
-    parser.add_argument("--tune-split", help="with --prepared: tune the baselines' quantiles on this split (e.g. val)")
-    parser.add_argument("--tune-quantiles", type=comma_floats, default=list(DEFAULT_TUNE_QUANTILES))
+    parser.add_argument("--tune-split",
+                        help="with --prepared: tune the baselines' constants on this split (e.g. val), never the test")
+    parser.add_argument("--tune-quantiles", type=comma_floats, default=list(DEFAULT_TUNE_QUANTILES),
+                        help="candidate brain quantiles of the map-quantile baselines")
+    parser.add_argument("--tune-zscores", type=comma_floats, default=list(DEFAULT_TUNE_ZSCORES),
+                        help=f"candidate z* of {FLAIR_ZSCORE}")
+    parser.add_argument("--tune-min-lesion-mm3", type=comma_floats, default=list(DEFAULT_TUNE_MIN_LESION_MM3),
+                        help=f"candidate minimum lesion sizes of {FLAIR_ZSCORE}, each tried with every z*")
     parser.add_argument("--max-cases", type=int, help="only the first N cases in case-id order")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
     parser.add_argument("--seed", type=int, default=EvaluationSettings.seed)
@@ -297,6 +316,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--cfg-guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--flair-quantile", type=float, default=DEFAULT_QUANTILE,
                         help="FLAIR baseline: brain quantile of the normalised FLAIR (0.99 = 99th percentile)")
+    parser.add_argument("--flair-z", type=float, default=DEFAULT_FLAIR_Z,
+                        help=f"{FLAIR_ZSCORE}: the FLAIR's robust z-score within the brain a pixel must reach")
     parser.add_argument("--error-quantile", type=float, default=DEFAULT_QUANTILE,
                         help="network baselines: brain quantile of the error map")
     parser.add_argument("--error-threshold", type=float, help="network baselines: a fixed error value instead")
@@ -315,6 +336,7 @@ def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
              else FixedThreshold(quantile=args.error_quantile))
     thresholds = {method: error for method in BASELINES}
     thresholds["flair-threshold"] = FixedThreshold(quantile=args.flair_quantile)
+    thresholds[FLAIR_ZSCORE] = FixedThreshold(quantile=None, value=args.flair_z)
     return EvaluationSettings(
         seed=args.seed, min_lesion_mm3=args.min_lesion_mm3, batch_size=args.batch_size,
         baseline_stride=args.baseline_stride, anoddpm_noise_level=args.anoddpm_noise_level,
@@ -333,14 +355,18 @@ def run_from_args(args: argparse.Namespace) -> int:
     results = evaluate(args.model, args.data, args.methods, args.out, args.max_cases,
                        progress=progress_bar("evaluate", unit="run") if is_main else None, device=args.device,
                        settings=settings_from_args(args), case_ids=case_ids, tune_case_ids=tune_ids,
-                       tune_quantiles=args.tune_quantiles, resume=args.resume,
+                       tune_grid=TuningGrid(args.tune_quantiles, args.tune_zscores, args.tune_min_lesion_mm3),
+                       resume=args.resume,
                        tune_progress=progress_bar("tune thresholds", unit="map") if is_main else None)
     if is_main:
         print(markdown_table(results["summary"]))
         for failure in results["failed_cases"]:
             print(f"warning: case {failure['case']} not scored: {failure['error']}", file=sys.stderr)
         for method, tuned in (results["settings"]["tuned_thresholds"] or {}).items():
-            print(f"{method}: quantile {tuned['quantile']} tuned on {len(tuned['cases'])} validation cases"
+            rule = tuned["threshold"]
+            chosen = f"quantile {rule['quantile']}" if rule["value"] is None else f"threshold {rule['value']}"
+            print(f"{method}: {chosen}, minimum lesion {tuned['min_lesion_mm3']} mm^3, tuned on "
+                  f"{len(tuned['cases'])} validation cases"
                   + (" (stored by an earlier run)" if results["settings"]["reused_tuning"] else ""))
         if results["settings"]["reused_cases"]:
             print(f"reused the stored results of {len(results['settings']['reused_cases'])} cases")

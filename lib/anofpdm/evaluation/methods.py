@@ -12,8 +12,10 @@ from anofpdm.evaluation.baselines import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_DECODING_STRIDE,
     DEFAULT_GUIDANCE,
+    FLAIR_ZSCORE,
     BaselineOptions,
     FixedThreshold,
+    default_threshold,
     run_baseline,
 )
 from anofpdm.method.calibration import MODES
@@ -40,6 +42,7 @@ BASELINE_DESCRIPTIONS = {
     "anoddpm-reconstruction": "AnoDDPM-style: Gaussian noise to a fixed t, null-label DDIM decoding, squared error",
     "cfg-ddim": "classifier-free guidance: null-label DDIM encoding, healthy-guided DDIM decoding, squared error",
     "flair-threshold": "normalised FLAIR above a per-volume brain percentile (no network)",
+    FLAIR_ZSCORE: "FLAIR robust z-score within the volume's brain at least z*, the app's filters (no network)",
 }
 METHODS: dict[str, str] = {
     **{name: f"AnoFPDM, {MODES[v['mode']].encoding.upper()} forward, mode {v['mode']}"
@@ -48,8 +51,10 @@ METHODS: dict[str, str] = {
        for name, v in ANOFPDM_VARIANTS.items()},
     **BASELINE_DESCRIPTIONS,
 }
-# the app's default (per-volume rule) and the paper's rule share one forward process per case
-DEFAULT_METHODS = ("anofpdm-volume-fast", "anofpdm-ddim-fast", "anoddpm-reconstruction", "cfg-ddim", "flair-threshold")
+# the app's default (per-volume rule) and the paper's rule share one forward process per case; the network-free
+# per-volume FLAIR z-score is the bar the per-volume rule must clear
+DEFAULT_METHODS = ("anofpdm-volume-fast", "anofpdm-ddim-fast", "anoddpm-reconstruction", "cfg-ddim", "flair-threshold",
+                   FLAIR_ZSCORE)
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ class EvaluationSettings:
         cfg_noise_level: the encoding depth of the CFG baseline.
         cfg_guidance: the CFG baseline's guidance weight w.
         thresholds: each baseline's per-volume threshold rule (see ``tune_thresholds``).
+        baseline_min_lesion_mm3: the minimum lesion size of baselines that have their own (tuned), in place of
+            ``min_lesion_mm3``.
         slice_protocol: the 2-D post-processing of the slice protocol.
         overlay_cases: overlays are drawn for this many cases (the first in case-id order).
     """
@@ -76,7 +83,8 @@ class EvaluationSettings:
     anoddpm_noise_level: int = ANODDPM_NOISE_LEVEL
     cfg_noise_level: int = CFG_NOISE_LEVEL
     cfg_guidance: float = DEFAULT_GUIDANCE
-    thresholds: dict[str, FixedThreshold] = field(default_factory=lambda: {m: FixedThreshold() for m in BASELINES})
+    thresholds: dict[str, FixedThreshold] = field(default_factory=lambda: {m: default_threshold(m) for m in BASELINES})
+    baseline_min_lesion_mm3: dict[str, float] = field(default_factory=dict)
     slice_protocol: SliceProtocol = field(default_factory=SliceProtocol)
     overlay_cases: int = DEFAULT_OVERLAY_CASES
 
@@ -86,13 +94,19 @@ class EvaluationSettings:
         missing = sorted(set(BASELINES) - set(self.thresholds))
         if missing:
             raise ValueError(f"thresholds lack a rule for {missing}")
+        unknown = sorted(set(self.baseline_min_lesion_mm3) - set(BASELINES))
+        negative = {m: v for m, v in self.baseline_min_lesion_mm3.items() if v < 0}
+        if unknown or negative:
+            raise ValueError(f"baseline_min_lesion_mm3 needs baselines and sizes >= 0, "
+                             f"got {self.baseline_min_lesion_mm3}")
 
     def baseline_options(self, method: str) -> BaselineOptions:
         """The ``BaselineOptions`` of one baseline."""
         noise_levels = {"cfg-ddim": self.cfg_noise_level, "anoddpm-reconstruction": self.anoddpm_noise_level}
         return BaselineOptions(threshold=self.thresholds[method], noise_level=noise_levels.get(method),
                                stride=self.baseline_stride, guidance=self.cfg_guidance, seed=self.seed,
-                               min_lesion_mm3=self.min_lesion_mm3, batch_size=self.batch_size or DEFAULT_BATCH_SIZE)
+                               min_lesion_mm3=self.baseline_min_lesion_mm3.get(method, self.min_lesion_mm3),
+                               batch_size=self.batch_size or DEFAULT_BATCH_SIZE)
 
     def inference_options(self, method: str) -> InferenceOptions:
         """The pipeline's ``InferenceOptions`` of one AnoFPDM variant."""

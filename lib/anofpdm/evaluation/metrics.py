@@ -7,6 +7,9 @@ The slice protocol scores every model-grid slice of a volume on its own and aver
 "unhealthy" takes the tumour slices only, with the ungated mask (map >= tau). AUPRC is the average
 precision of the ungated map over brain pixels. The mixed Dice is inflated by healthy slices scoring 1,
 so per-volume 3-D metrics are reported beside it.
+
+Lesion-wise Dice and HD95 (``lesion_wise_scores``) are the BraTS 2023+ challenges' ranking metrics, scored per
+lesion of the truth so that a missed small lesion or an invented one weighs as much as a large one.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from anofpdm.method.postprocess import lesion_components
 from anofpdm.volumes.overlap import OVERLAP_NAMES, check_pair, dice, iou, overlap_scores, precision, recall
 
 __all__ = [
@@ -29,6 +34,11 @@ __all__ = [
     "average_precision",
     "lesion_volume_error_ml",
     "volume_metrics",
+    "BRATS_DILATION_ITERATIONS",
+    "BRATS_MIN_LESION_MM3",
+    "BRATS_MISSING_HD95_MM",
+    "hd95_mm",
+    "lesion_wise_scores",
     "slice_protocol",
     "aggregate_cases",
     "verdict_reliability",
@@ -36,6 +46,11 @@ __all__ = [
 ]
 
 MM3_PER_ML = 1000.0
+# BraTS 2023 lesion-wise scoring with the BraTS-GLI settings (the challenge's code: github.com/rachitsaluja/
+# BraTS-2023-Metrics, eval.py, get_LesionWiseScores and get_LesionWiseResults; kept for BraTS 2024)
+BRATS_DILATION_ITERATIONS = 3  # GLI, SSA and PED: 3 iterations of the 18-connected cross; MEN and MET: 1
+BRATS_MIN_LESION_MM3 = 50.0  # truth lesions of at most this volume are left out (GLI, SSA, MEN, PED; MET: 2)
+BRATS_MISSING_HD95_MM = 374.0  # the HD95 of a missed or invented lesion (about the 240 x 240 x 155 mm diagonal)
 # per-case slice-protocol means, the count of slices each is a mean over, and how the pooled value is named
 POOLED_SLICE_METRICS = {
     "mixed_dice": "n_slices",
@@ -105,6 +120,127 @@ def volume_metrics(
         "truth_ml": float(truth.sum() * voxel_volume_mm3 / MM3_PER_ML),
         "volume_error_ml": lesion_volume_error_ml(mask, truth, voxel_volume_mm3),
         "verdict_correct": bool(mask.any() == truth.any()),
+    }
+
+
+def hd95_mm(prediction: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float]) -> float:
+    """The 95th-percentile Hausdorff distance (mm) between the borders of two non-empty masks.
+
+    A border voxel is a mask voxel with a face neighbour outside the mask. The distances (Euclidean, in mm on the
+    grid's spacing) from each border voxel to the nearest border voxel of the other mask give a 95th percentile
+    in each direction; the result is the larger of the two (as the BraTS code's ``compute_robust_hausdorff``,
+    which weights each surface element by its area where this counts border voxels alike).
+    """
+    prediction, truth = check_pair(prediction, truth)
+    spacing = _checked_spacing(spacing_mm, truth.ndim)
+    if not prediction.any() or not truth.any():
+        raise ValueError("HD95 needs two non-empty masks")
+    face = ndimage.generate_binary_structure(truth.ndim, 1)
+    borders = [mask & ~ndimage.binary_erosion(mask, face) for mask in (prediction, truth)]
+    to_truth, to_prediction = (ndimage.distance_transform_edt(~border, sampling=spacing) for border in borders[::-1])
+    return float(max(np.percentile(to_truth[borders[0]], 95), np.percentile(to_prediction[borders[1]], 95)))
+
+
+def _checked_spacing(spacing_mm: Sequence[float], ndim: int) -> tuple[float, ...]:
+    spacing = tuple(float(s) for s in spacing_mm)
+    if len(spacing) != ndim or not all(s > 0 for s in spacing):
+        raise ValueError(f"need {ndim} positive voxel sizes in mm, got {tuple(spacing_mm)}")
+    return spacing
+
+
+def _padded(box: tuple[slice, ...], pad: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(max(s.start - pad, 0), min(s.stop + pad, n)) for s, n in zip(box, shape))
+
+
+def _enclosing(boxes: Sequence[tuple[slice, ...]]) -> tuple[slice, ...]:
+    return tuple(slice(min(b[i].start for b in boxes), max(b[i].stop for b in boxes)) for i in range(len(boxes[0])))
+
+
+def lesion_wise_scores(
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    spacing_mm: Sequence[float],
+    dilation_iterations: int = BRATS_DILATION_ITERATIONS,
+    min_lesion_mm3: float = BRATS_MIN_LESION_MM3,
+) -> dict[str, Any]:
+    """Lesion-wise Dice and HD95 of one case, as the BraTS 2023 challenge computes them (BraTS-GLI settings).
+
+    The definitions of the challenge's code (github.com/rachitsaluja/BraTS-2023-Metrics, ``eval.py``):
+
+    - truth lesions: the truth is dilated ``dilation_iterations`` times with the 18-connected 3-D cross, and truth
+      voxels that fall into one 26-connected component of the dilation form one lesion (lesions close together
+      count as one);
+    - predicted lesions: the 26-connected components of the prediction;
+    - each truth lesion is matched with every predicted lesion that touches its own dilation (same structure and
+      iterations) and scored by the Dice and the HD95 (``hd95_mm``) of it against the union of those predicted
+      lesions; with none it is missed: Dice 0, HD95 ``BRATS_MISSING_HD95_MM`` (374 mm);
+    - a predicted lesion matched with no truth lesion is a false positive: Dice 0, HD95 374 mm;
+    - truth lesions of ``min_lesion_mm3`` or less are left out of the scores (the predicted lesions matched with
+      them are not false positives);
+    - the case's lesion-wise Dice and HD95 are the means over the scored truth lesions and the false positives;
+      with neither (an empty prediction on an empty truth) they are 1 and 0.
+
+    HD95 here counts border voxels alike where the challenge weights surface elements by area (``hd95_mm``);
+    dilation and connectivity are in voxels, as there, whatever the spacing (BraTS grids are 1 mm).
+
+    Args:
+        prediction: binary 3-D prediction.
+        truth: binary 3-D truth on the same grid.
+        spacing_mm: the grid's voxel size along each axis (lesion volumes and distances in mm).
+        dilation_iterations: dilations of a truth lesion that gather its predicted lesions (>= 1).
+        min_lesion_mm3: truth lesions of at most this volume are left out.
+
+    Returns:
+        dice, hd95_mm, truth_lesions (scored), detected (matched with a predicted lesion), missed,
+        false_positives, small_lesions_left_out.
+    """
+    prediction, truth = check_pair(prediction, truth)
+    spacing = _checked_spacing(spacing_mm, truth.ndim)
+    if dilation_iterations < 1:  # scipy dilates until nothing changes at 0
+        raise ValueError(f"dilation_iterations must be >= 1, got {dilation_iterations}")
+    if min_lesion_mm3 < 0:
+        raise ValueError(f"min_lesion_mm3 must be >= 0, got {min_lesion_mm3}")
+    cross = ndimage.generate_binary_structure(truth.ndim, 2)
+    predicted, _ = lesion_components(prediction)
+    predicted_boxes = ndimage.find_objects(predicted)
+    predicted_sizes = np.bincount(predicted.ravel(), minlength=len(predicted_boxes) + 1)
+    lesions = np.zeros(truth.shape, dtype=np.int32)
+    if truth.any():
+        near = _padded(_enclosing(ndimage.find_objects(truth.astype(np.uint8))), dilation_iterations, truth.shape)
+        grouped, _ = lesion_components(ndimage.binary_dilation(truth[near], cross, dilation_iterations))
+        lesions[near] = np.where(truth[near], grouped, 0)
+    voxel_mm3 = float(np.prod(spacing))
+    matched: set[int] = set()
+    dice_scores, hd95_scores, small, missed = [], [], 0, 0
+    for index, box in enumerate(ndimage.find_objects(lesions), start=1):
+        near = _padded(box, dilation_iterations, truth.shape)
+        lesion = lesions[near] == index
+        reach = ndimage.binary_dilation(lesion, cross, dilation_iterations)
+        hits = [int(label) for label in np.unique(predicted[near][reach]) if label]
+        matched.update(hits)
+        size = int(lesion.sum())
+        if size * voxel_mm3 <= min_lesion_mm3:
+            small += 1
+            continue
+        if not hits:
+            missed += 1
+            dice_scores.append(0.0)
+            hd95_scores.append(BRATS_MISSING_HD95_MM)
+            continue
+        overlap = int(np.isin(predicted[near][lesion], hits).sum())
+        dice_scores.append(2.0 * overlap / (size + int(predicted_sizes[hits].sum())))
+        both = _enclosing([box, *(predicted_boxes[label - 1] for label in hits)])
+        hd95_scores.append(hd95_mm(np.isin(predicted[both], hits), lesions[both] == index, spacing))
+    false_positives = len(predicted_boxes) - len(matched)
+    counted = len(dice_scores) + false_positives
+    return {
+        "dice": float(sum(dice_scores) / counted) if counted else 1.0,
+        "hd95_mm": float((sum(hd95_scores) + false_positives * BRATS_MISSING_HD95_MM) / counted) if counted else 0.0,
+        "truth_lesions": len(dice_scores),
+        "detected": len(dice_scores) - missed,
+        "missed": missed,
+        "false_positives": false_positives,
+        "small_lesions_left_out": small,
     }
 
 
@@ -188,10 +324,12 @@ def aggregate_cases(cases: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[st
     per-case values over cases with tumour (the pooled-pixel AUPRC would need every pixel of the data set).
     Per-volume: overlap metrics, AUPRC and volume errors are mean +- std (population) over the cases with
     tumour; ``volume_accuracy`` is over all cases; ``healthy_false_positive_ml`` (the mask volume) and
-    ``healthy_called_healthy`` (an empty mask) over the cases without tumour.
+    ``healthy_called_healthy`` (an empty mask) over the cases without tumour. Lesion-wise Dice and HD95
+    (``lesion_wise_scores``, each case's ``"lesion_wise"``) are mean +- std over all cases, as BraTS ranks them.
 
     Returns:
-        {"cases", "tumour_cases", "slice_protocol": {name: pooled value, ...}, "volume": {name: {mean, std, n}}}
+        {"cases", "tumour_cases", "slice_protocol": {name: pooled value, ...}, "volume": {name: {mean, std, n}},
+        "lesion_wise": {"dice": {mean, std, n}, "hd95_mm": {mean, std, n}}}
     """
     if not cases:
         raise ValueError("no cases to aggregate")
@@ -214,7 +352,9 @@ def aggregate_cases(cases: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[st
     healthy = [case["volume"] for case in cases if case["volume"]["truth_ml"] == 0]
     volume["healthy_false_positive_ml"] = _mean_std([v["predicted_ml"] for v in healthy])
     volume["healthy_called_healthy"] = _mean_std([float(v["predicted_ml"] == 0) for v in healthy])
-    return {"cases": len(cases), "tumour_cases": len(with_tumour), "slice_protocol": pooled, "volume": volume}
+    lesion_wise = {name: _mean_std([case["lesion_wise"][name] for case in cases]) for name in ("dice", "hd95_mm")}
+    return {"cases": len(cases), "tumour_cases": len(with_tumour), "slice_protocol": pooled, "volume": volume,
+            "lesion_wise": lesion_wise}
 
 
 def verdict_reliability(

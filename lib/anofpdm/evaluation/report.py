@@ -52,7 +52,8 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
     """The aggregated results as a Markdown table (overlap metrics in %)."""
     header = ("| method | mixed Dice | mixed IoU | mixed AUPRC | unhealthy Dice | unhealthy IoU | unhealthy AUPRC "
               "| slice acc. | slice AUROC | 3-D Dice | 3-D precision | 3-D recall | abs. volume error (mL) "
-              "| volume acc. | healthy FP (mL) | healthy called healthy | s / case |")
+              "| volume acc. | healthy FP (mL) | healthy called healthy | lesion-wise Dice | lesion-wise HD95 (mm) "
+              "| s / case |")
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for method, result in summary.items():
         if not result["cases"]:
@@ -68,7 +69,11 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
                                             "unhealthy_auprc", "slice_accuracy", "slice_auroc")]
         cells += [spread("dice"), spread("precision"), spread("recall"), spread("abs_volume_error_ml", 1.0),
                   _percent(v["volume_accuracy"]["mean"]), spread("healthy_false_positive_ml", 1.0),
-                  _percent(v["healthy_called_healthy"]["mean"]), f"{result['seconds_per_case']:.1f}"]
+                  _percent(v["healthy_called_healthy"]["mean"])]
+        lesion_wise = result["lesion_wise"]
+        cells += [f"{PERCENT * lesion_wise['dice']['mean']:.1f} ± {PERCENT * lesion_wise['dice']['std']:.1f}",
+                  f"{lesion_wise['hd95_mm']['mean']:.1f} ± {lesion_wise['hd95_mm']['std']:.1f}",
+                  f"{result['seconds_per_case']:.1f}"]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     notes = [
         "",
@@ -76,7 +81,9 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
         "or tumour slices (unhealthy, ungated); AUPRC over brain pixels, mean over cases with tumour; slice acc. = "
         "verdict accuracy; slice AUROC = how well the slice scores rank a volume's tumour slices first, mean over "
         "volumes with both kinds of slice. 3-D metrics: per volume on the input grid, mean ± std over cases with "
-        "tumour; volume acc. over all cases; healthy FP = mask volume on cases without tumour. Baselines have no "
+        "tumour; volume acc. over all cases; healthy FP = mask volume on cases without tumour. Lesion-wise Dice and "
+        "HD95 (mm, on the input grid's spacing): BraTS 2023 (BraTS-GLI settings), per truth lesion and invented "
+        "lesion, mean ± std over all cases (a healthy case with an empty mask scores 100 and 0). Baselines have no "
         "slice classifier: a slice is unhealthy when its final mask is not empty.",
     ]
     reliable = {method: result["verdict_reliability"] for method, result in summary.items()

@@ -27,6 +27,7 @@ __all__ = [
     "combine_maps",
     "VolumeRule",
     "VolumeDecisions",
+    "robust_z_scores",
     "decide_by_volume",
 ]
 
@@ -212,6 +213,18 @@ def _median_and_spread(values: torch.Tensor) -> tuple[float, float]:
     return median, float(MAD_TO_SD * np.median(np.abs(flat - median)))
 
 
+def robust_z_scores(values: torch.Tensor, region: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """Every entry's robust z-score against the entries in ``region``: (value - median) / (1.4826 x the median
+    absolute deviation), in float64; also that median and spread.
+
+    Args:
+        values: any shape.
+        region: boolean, of the same shape: the entries that make the reference (e.g. one volume's brain pixels).
+    """
+    median, spread = _median_and_spread(values[region])
+    return (values.double() - median) / max(spread, 1e-12), median, spread
+
+
 @dataclass
 class VolumeDecisions:
     """The ``VolumeRule``'s decisions for one volume's N slices (maps S x S x N, slices last).
@@ -244,8 +257,7 @@ def decide_by_volume(
     """
     if not bool(brain.any()):
         brain = torch.ones_like(brain)
-    median, spread = _median_and_spread(filtered_map[brain])
-    z = (filtered_map.double() - median) / max(spread, 1e-12)
+    z, median, spread = robust_z_scores(filtered_map, brain)
     flair_level = float(np.quantile(flair[brain].detach().double().cpu().numpy(), rule.flair_quantile))
     eligible = brain & (flair.double() > flair_level)
     candidate = eligible & (z >= rule.map_z) & (filtered_map >= thresholds)

@@ -26,6 +26,7 @@ __all__ = [
     "plan_geometry",
     "ras_transform",
     "to_model_slices",
+    "to_model_grid",
     "to_input_grid",
     "brain_pixels",
 ]
@@ -161,11 +162,16 @@ def to_model_slices(
     channels = [_resize_planes(_crop(normalise(ras[name], landmarks.get(name)), geometry, BACKGROUND), size)
                 for name in sequences]
     slices = np.stack(channels, axis=0).transpose(3, 0, 1, 2)
-    resampled = {}
-    for name, array in (extra or {}).items():
-        oriented = nib.orientations.apply_orientation(np.asarray(array, dtype=np.float32), geometry.to_ras)
-        resampled[name] = _resize_planes(_crop(oriented, geometry, 0.0), size).transpose(2, 0, 1)
+    resampled = {name: to_model_grid(array, geometry) for name, array in (extra or {}).items()}
     return np.ascontiguousarray(slices, dtype=np.float32), geometry, resampled
+
+
+def to_model_grid(array: np.ndarray, geometry: VolumeGeometry) -> np.ndarray:
+    """An array on the input grid resampled onto the model grid's N x S x S slices as the images are (linear
+    interpolation; 0 outside the input)."""
+    oriented = nib.orientations.apply_orientation(np.asarray(array, dtype=np.float32), geometry.to_ras)
+    size = (geometry.image_size, geometry.image_size)
+    return _resize_planes(_crop(oriented, geometry, 0.0), size).transpose(2, 0, 1)
 
 
 def to_input_grid(model_volume: np.ndarray, geometry: VolumeGeometry) -> np.ndarray:
