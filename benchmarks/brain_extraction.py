@@ -5,10 +5,12 @@ Head cases come from ``anofpdm synth --heads`` (each case has ``<CASE>_brainmask
 case it prints the extracted brain's Dice against the truth, both volumes, the share of tumour voxels inside the
 extracted brain and the extraction time; with ``--model``, the 3-D Dice (or a healthy volume's false-positive mL)
 of the app's default segmentation on the head and on the case skull-stripped with the truth brain (head x truth
-mask), each beside the network-free FLAIR rule on the same inputs.
+mask), each beside the network-free per-volume rule (``flair-zscore``: the FLAIR's robust z-score within the
+brain, z >= ``--flair-z``, the app's filters with ``--min-lesion-mm3``; give the constants ``evaluate --tune-split``
+chose on validation cases) on the same inputs, the head's brain extracted as the app does.
 
     PYTHONPATH=lib python benchmarks/brain_extraction.py --data data/heads_train data/heads_shifted \\
-        --model model/anofpdm.pt --cache runs/heads
+        --model model/anofpdm.pt --flair-z 1.5 --min-lesion-mm3 2000 --cache runs/heads
 
 ``--cache`` keeps each segmentation (pickles, for this benchmark only), so the table can be printed again without
 the network.
@@ -26,7 +28,7 @@ import torch
 
 from anofpdm.data.brats import find_cases, load_case
 from anofpdm.data.synth import BRAIN_MASK_SUFFIX
-from anofpdm.evaluation.baselines import BaselineOptions, FixedThreshold, run_baseline
+from anofpdm.evaluation.baselines import DEFAULT_FLAIR_Z, FLAIR_ZSCORE, BaselineOptions, FixedThreshold, run_baseline
 from anofpdm.method.model import load_model
 from anofpdm.method.pipeline import InferenceOptions, segment_volume
 from anofpdm.runtime import default_device
@@ -52,7 +54,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, nargs="+", required=True, help="folders of head cases")
     parser.add_argument("--model", type=Path, help="also segment each case as a head and skull-stripped")
-    parser.add_argument("--flair-quantile", type=float, default=0.97, help="the FLAIR rule's brain quantile")
+    parser.add_argument("--flair-z", type=float, default=DEFAULT_FLAIR_Z, help="the network-free rule's z*")
+    parser.add_argument("--min-lesion-mm3", type=float, default=InferenceOptions.min_lesion_mm3,
+                        help="the network-free rule's minimum lesion size")
     parser.add_argument("--cache", type=Path, help="folder keeping each segmentation")
     parser.add_argument("--reference", choices=SEQUENCES, default=SEQUENCES[0],
                         help="the sequence the brain is extracted from (the app's: flair)")
@@ -60,11 +64,12 @@ def main() -> None:
     args = parser.parse_args()
     device = args.device or default_device()
     model = load_model(args.model, device) if args.model else None
-    flair_rule = BaselineOptions(threshold=FixedThreshold(args.flair_quantile))
+    flair_rule = BaselineOptions(threshold=FixedThreshold(quantile=None, value=args.flair_z),
+                                 min_lesion_mm3=args.min_lesion_mm3)
     order = (args.reference, *(name for name in SEQUENCES if name != args.reference))
 
     print("| case | truth brain (mL) | extracted (mL) | brain Dice | tumour inside (%) | extraction (s) |"
-          + (" head: app | stripped: app | head: FLAIR rule | stripped: FLAIR rule |" if model else ""))
+          + (" head: app | stripped: app | head: FLAIR z rule | stripped: FLAIR z rule |" if model else ""))
     print("|---|---|---|---|---|---|" + ("---|---|---|---|" if model else ""))
     for folder in args.data:
         for files in find_cases(folder):
@@ -93,8 +98,7 @@ def main() -> None:
                     result = cached(cache, lambda inputs=inputs: segment_volume(model, inputs, InferenceOptions()))
                     row.append(f"{_score(result.mask, tumour):.3f}")
                 for inputs in (heads, stripped):
-                    brain_inputs = extract_brain(inputs, SEQUENCES, "auto", device)[0]
-                    result = run_baseline("flair-threshold", model, brain_inputs, flair_rule)
+                    result = run_baseline(FLAIR_ZSCORE, model, inputs, flair_rule)
                     row.append(f"{_score(result.mask, tumour):.3f}")
             print("| " + " | ".join(row) + " |", flush=True)
 

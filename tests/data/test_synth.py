@@ -198,11 +198,15 @@ def test_full_size_studies_layout(full_size: tuple[Path, dict]) -> None:
 def test_demo_studies_are_a_monai_label_folder() -> None:
     studies = REPO / "demo" / "studies"
     flair = sorted(p.name for p in studies.glob("*.nii.gz"))
-    assert len(flair) == 3
+    assert len(flair) == 4  # three skull-stripped studies and one head
     assert sorted(p.name for p in (studies / "t2").glob("*.nii.gz")) == flair
     truth = sorted(p.name for p in (REPO / "demo" / "truth").glob("*_seg.nii.gz"))
     assert truth == [name.replace(".nii.gz", "_seg.nii.gz") for name in flair]
-    assert sum(p.stat().st_size for p in (REPO / "demo").rglob("*") if p.is_file()) < 10 * 1024 * 1024
+    head = nib.load(studies / "SYN_00003.nii.gz")
+    head_ml = np.count_nonzero(np.asanyarray(head.dataobj)) * abs(np.linalg.det(head.affine[:3, :3])) / 1000.0
+    assert head_ml > 2500.0 and (REPO / "demo" / "truth" / "SYN_00003_brainmask.nii.gz").is_file()  # a head
+    # every user clones the demo: three 1 mm studies (10 MB) and the head at 1.5 mm (3.8 MB)
+    assert sum(p.stat().st_size for p in (REPO / "demo").rglob("*") if p.is_file()) < 15 * 1024 * 1024
 
 
 def test_shifted_domain_lies_outside_every_training_range() -> None:
