@@ -33,21 +33,17 @@ from anofpdm.method.model import load_model
 from anofpdm.method.pipeline import InferenceOptions, segment_volume
 from anofpdm.runtime import default_device
 from anofpdm.volumes.brain_extraction import extract_brain
-from anofpdm.volumes.checks import InputError
+from anofpdm.volumes.checks import InputError, voxel_ml
 from anofpdm.volumes.overlap import dice
 from cases import cached
 
 SEQUENCES = ("flair", "t2")
 
 
-def _volume_ml(mask: np.ndarray, affine: np.ndarray) -> float:
-    return float(mask.sum()) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
-
-
 def _score(label: nib.Nifti1Image, truth: np.ndarray) -> float:
     """3-D Dice for a tumour case, false-positive mL for a healthy one."""
     mask = np.asanyarray(label.dataobj) > 0
-    return dice(mask, truth) if truth.any() else _volume_ml(mask, label.affine)
+    return dice(mask, truth) if truth.any() else float(mask.sum()) * voxel_ml(label.affine)
 
 
 def main() -> None:
@@ -87,7 +83,7 @@ def main() -> None:
                 continue
             seconds = time.perf_counter() - start
             inside = 100.0 * float(extraction.mask[tumour].mean()) if tumour.any() else float("nan")
-            row = [f"{folder.name}/{files.case_id}", f"{_volume_ml(truth_brain, volume.affine):.0f}",
+            row = [f"{folder.name}/{files.case_id}", f"{float(truth_brain.sum()) * voxel_ml(volume.affine):.0f}",
                    f"{extraction.brain_ml:.0f}", f"{dice(extraction.mask, truth_brain):.4f}", f"{inside:.2f}",
                    f"{seconds:.1f}"]
             if model is not None:

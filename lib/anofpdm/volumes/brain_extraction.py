@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from anofpdm.volumes.alignment import nifti_to_itk
-from anofpdm.volumes.checks import InputError, as_3d, same_grid
+from anofpdm.volumes.checks import InputError, as_3d, same_grid, voxel_ml
 from anofpdm.volumes.reading import LPS_TO_RAS
 
 __all__ = ["BRAIN_EXTRACTION_MODES", "BrainExtraction", "extract_brain", "apply_brain", "brain_probability"]
@@ -96,11 +96,6 @@ class BrainExtraction:
         out["nonzero_ml"] = {name: round(value, 1) for name, value in self.nonzero_ml.items()}
         out["time_s"] = round(self.time_s, 3)
         return out
-
-
-def voxel_ml(affine: np.ndarray) -> float:
-    """Volume of one voxel of ``affine`` in mL."""
-    return abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
 
 
 @functools.lru_cache(maxsize=2)
@@ -215,7 +210,7 @@ def field_of_view_warnings(mask: np.ndarray, affine: np.ndarray, name: str) -> l
         InputError: the brain is cut off at the vertex (more than ``MAX_TOP_BRAIN_MM2`` on the top face).
     """
     affine = np.asarray(affine)
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing = nib.affines.voxel_sizes(affine)
     superior = affine[2, :3] / spacing  # how far up (RAS z) one voxel step along each axis goes, per mm
     warnings = []
     for axis in range(3):
@@ -244,8 +239,7 @@ def _on_grid(mask: np.ndarray, affine: np.ndarray, image: nib.spatialimages.Spat
     target = nifti_to_itk(np.zeros(image.shape[:3], np.float32), image.affine, "the sequence")
     moved = sitk.GetArrayFromImage(sitk.Resample(reference, target, sitk.Transform(), sitk.sitkLinear, 0.0))
     grown = moved.transpose(2, 1, 0) > 0.0
-    spacing = np.sqrt((np.asarray(image.affine)[:3, :3] ** 2).sum(axis=0))
-    radius = np.maximum(1, np.round(STRIP_MARGIN_MM / spacing).astype(int))
+    radius = np.maximum(1, np.round(STRIP_MARGIN_MM / nib.affines.voxel_sizes(image.affine)).astype(int))
     return ndimage.binary_dilation(grown, np.ones(2 * radius + 1, bool)) if grown.any() else grown
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from anofpdm.volumes.overlap import dice
 
-__all__ = ["InputError", "check_inputs", "check_sequence", "same_grid"]
+__all__ = ["InputError", "check_inputs", "check_sequence", "same_grid", "voxel_ml"]
 
 AFFINE_TOLERANCE_MM = 1e-3
 # Plausibility of skull-stripped, co-registered inputs as BraTS ships them (the model knows nothing else):
@@ -30,6 +30,11 @@ MIN_TISSUE_VOXELS = 500  # fewer voxels in either class: the check is skipped (t
 
 class InputError(ValueError):
     """The input volumes cannot be segmented; the message names the problem."""
+
+
+def voxel_ml(affine: np.ndarray) -> float:
+    """Volume of one voxel of ``affine`` in mL."""
+    return abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
 
 
 def as_3d(name: str, image: nib.spatialimages.SpatialImage) -> np.ndarray:
@@ -106,7 +111,7 @@ def _check_brain_like(name: str, data: np.ndarray, affine: np.ndarray) -> None:
             "intensities as scanners and BraTS store them, non-negative with background 0; z-scored or shifted "
             "volumes cannot be normalised as in training"
         )
-    brain_ml = float((data > 0).sum()) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    brain_ml = float((data > 0).sum()) * voxel_ml(affine)
     if brain_ml > MAX_BRAIN_ML:
         raise InputError(
             f"{name} has {brain_ml:.0f} mL of nonzero voxels, more than any skull-stripped brain ({MAX_BRAIN_ML:.0f} "

@@ -229,6 +229,7 @@ class AnoFPDM(InferTask):
         start = time.perf_counter()
         model = self._model(self._device(request.get("device")))
         options = self._options(model, request)
+        brain_segment = _parse_option("brain_segment", request.get("brain_segment"))  # refused before the work
         extension = request.get("result_extension") or RESULT_EXTENSIONS[0]
         if extension not in RESULT_EXTENSIONS:
             raise InputError(f"result_extension {extension!r} is not supported (use one of {RESULT_EXTENSIONS})")
@@ -240,7 +241,7 @@ class AnoFPDM(InferTask):
         write_start = time.perf_counter()
         report = result.report
         mask = result.mask
-        if _parse_option("brain_segment", request.get("brain_segment")):
+        if brain_segment:
             mask = _with_brain(mask, result.brain_mask)
             report["label_names"] = {**report["label_names"], "brain": BRAIN_LABEL}
         label_path, map_path = self._write(mask, result.anomaly_map, extension)
