@@ -172,10 +172,11 @@ def test_calibrate_stores_each_mode_in_the_model_file(tiny_model_path, tmp_path)
     np.save(data / "val_labels.npy", np.array([0, 1, 0, 1, 0, 1], np.uint8))
     (data / "manifest.json").write_text(json.dumps({"sequences": ["flair", "t2"], "size": 16}))
     code = main(["calibrate", "--model", str(model_path), "--data", str(data), "--modes", "fast",
-                 "--steps", "40", "--guidance", "1,2"])
+                 "--steps", "40", "--stride", "8", "--early-stop", "2", "--guidance", "1,2"])
     assert code == 0
     calibration = load_model(model_path).calibration["fast"]
     assert calibration["forward_steps"] == 40 and calibration["guidance"] in (1.0, 2.0)
+    assert (calibration["stride"], calibration["early_stop"], calibration["encoding"]) == (8, 2, "ddim")
     assert calibration["validation"]["slices"] == 6 and calibration["validation"]["device"] == "cpu"
     counts = calibration["validation"]
     assert counts["true_positive"] + counts["false_negative"] == 3

@@ -67,9 +67,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     images, labels = dataset.sample(args.max_slices, args.seed)
     results = {}
     for mode in args.modes:
-        settings = MODES[mode]
-        if args.steps is not None:
-            settings = replace(settings, forward_steps=args.steps)
+        overrides = {"forward_steps": args.steps, "stride": args.stride, "early_stop": args.early_stop}
+        settings = replace(MODES[mode], **{name: value for name, value in overrides.items() if value is not None})
         candidates = [
             calibrate_mode(model, images, labels, replace(settings, guidance=w, seed=args.seed), args.batch_size,
                            progress_bar(f"calibrate {mode} w={w}"))
@@ -101,7 +100,7 @@ def _segment(args: argparse.Namespace) -> int:
         encoding=args.encoding, early_stop=args.early_stop, seed=args.seed, min_lesion_mm3=args.min_lesion_mm3,
         median_kernel=args.median_kernel, batch_size=args.batch_size, bf16=args.bf16,
         mark_uncertain=args.mark_uncertain, decision_rule=args.decision_rule, registration=args.registration,
-        brain_extraction=args.brain_extraction,
+        brain_extraction=args.brain_extraction, min_brain_fraction=args.min_brain_fraction,
     )
     images = read_image(args.flair).images
     if args.t2 is not None:
@@ -195,6 +194,9 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--brain-extraction", choices=BRAIN_EXTRACTION_MODES, default=defaults.brain_extraction,
                         help="extract the brain from a head (skull, scalp, background): auto (the default; a "
                              "skull-stripped brain is used as it is), always, or never")
+    parser.add_argument("--min-brain-fraction", type=float, default=defaults.min_brain_fraction,
+                        help="slices whose brain area is below this fraction of the largest slice's are not "
+                             f"segmented (default {defaults.min_brain_fraction}; 0: every brain slice)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--modes", type=comma_list, default=("fast", "full"))
     calibrate.add_argument("--guidance", type=comma_floats, help="several w: keep the largest within 99%% of the best")
     calibrate.add_argument("--steps", type=int, help="forward steps T_f (default: each mode's)")
+    calibrate.add_argument("--stride", type=int, help="visit every n-th step (default: each mode's)")
+    calibrate.add_argument("--early-stop", type=int,
+                           help="stop n visited steps after the divergence peak (default: each mode's)")
     calibrate.add_argument("--max-slices", type=int, help="a seeded random subset of the split")
     calibrate.add_argument("--batch-size", type=int, default=32)
     calibrate.add_argument("--seed", type=int, default=0)

@@ -39,7 +39,8 @@ SHAPE = (40, 44, 12)
 # the paper's rule with unhealthy_model's c* masks a quantile of every slice: lesions for the mechanics to handle
 SHOW_LESIONS = {"median_kernel": 1, "min_lesion_mm3": 0, "decision_rule": "paper"}
 OPTIONS = {"device", "mode", "forward_steps", "stride", "guidance", "encoding", "min_lesion_mm3", "seed",
-           "mark_uncertain", "decision_rule", "registration", "brain_extraction", "brain_segment", "t2"}
+           "mark_uncertain", "decision_rule", "registration", "brain_extraction", "min_brain_fraction", "brain_segment",
+           "t2"}
 
 
 @pytest.fixture(autouse=True)
@@ -223,6 +224,7 @@ def test_request_options_override_the_calibration(tmp_path, tiny_model_path, pai
                          ({"stride": 2.5}, "stride=2.5 is not a valid int"),
                          ({"mode": "slow"}, "no calibration for mode 'slow'"),
                          ({"decision_rule": "both"}, "decision_rule must be one of"),
+                         ({"min_brain_fraction": 1.5}, "min_brain_fraction must lie in"),
                          ({"device": "abacus"}, "device 'abacus'"),
                          ({"result_extension": ".mha"}, "result_extension '.mha' is not supported"),
                          ({"mark_uncertain": "maybe"}, "mark_uncertain='maybe' is not a valid bool")):

@@ -197,3 +197,28 @@ def test_the_volume_rule_is_the_default_and_masks_only_flair_bright_brain(model,
     assert np.array_equal(np.asanyarray(paper.anomaly_map.dataobj), np.asanyarray(volume.anomaly_map.dataobj))
     with pytest.raises(InputError, match="decision_rule must be one of"):
         InferenceOptions(decision_rule="both")
+
+
+def test_slices_with_little_brain_are_left_out_of_the_network(model):
+    images = make_volume_pair()
+    for name in ("flair", "t2"):  # the top and bottom brain slices (z = 1 and 10) keep a 4 x 4 corner of brain
+        data = np.asanyarray(images[name].dataobj).copy()
+        corner = data[6:10, 5:9, [1, 10]].copy()
+        data[:, :, [1, 10]] = 0.0
+        data[6:10, 5:9, [1, 10]] = corner
+        images[name] = type(images[name])(data, images[name].affine)
+    every = segment_volume(model, images, InferenceOptions(min_lesion_mm3=0))
+    fewer = segment_volume(model, images, InferenceOptions(min_lesion_mm3=0, min_brain_fraction=0.2))
+    assert every.report["slices"]["visited"] == every.report["slices"]["segmented"] == 10
+    slices = fewer.report["slices"]
+    assert slices["segmented"] == 10 and slices["visited"] == 8
+    left_out = [index for index, flag in zip(slices["index"], slices["visited_flag"]) if not flag]
+    assert left_out == [1, 10]
+    assert fewer.report["network_evaluations"] == every.report["network_evaluations"] * 8 // 10
+    assert fewer.report["settings"]["min_brain_fraction"] == 0.2
+    anomaly_map, mask = np.asanyarray(fewer.anomaly_map.dataobj), np.asanyarray(fewer.mask.dataobj)
+    assert not anomaly_map[:, :, left_out].any() and not mask[:, :, left_out].any()
+    assert anomaly_map[:, :, 2:10].any()
+    assert not any(flag for flag, visited in zip(slices["unhealthy_flag"], slices["visited_flag"]) if not visited)
+    with pytest.raises(InputError, match="min_brain_fraction must lie in"):
+        InferenceOptions(min_brain_fraction=1.0)

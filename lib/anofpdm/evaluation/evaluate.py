@@ -309,6 +309,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--seed", type=int, default=EvaluationSettings.seed)
     parser.add_argument("--min-lesion-mm3", type=float, default=EvaluationSettings.min_lesion_mm3)
     parser.add_argument("--batch-size", type=int, help="slices per network batch")
+    parser.add_argument("--min-brain-fraction", type=float, default=EvaluationSettings.min_brain_fraction,
+                        help="AnoFPDM leaves out slices with less brain than this fraction of the largest slice's")
     parser.add_argument("--baseline-stride", type=int, default=DEFAULT_DECODING_STRIDE,
                         help="DDIM step of the network baselines")
     parser.add_argument("--anoddpm-noise-level", type=int, default=ANODDPM_NOISE_LEVEL)
@@ -339,6 +341,7 @@ def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
     thresholds[FLAIR_ZSCORE] = FixedThreshold(quantile=None, value=args.flair_z)
     return EvaluationSettings(
         seed=args.seed, min_lesion_mm3=args.min_lesion_mm3, batch_size=args.batch_size,
+        min_brain_fraction=args.min_brain_fraction,
         baseline_stride=args.baseline_stride, anoddpm_noise_level=args.anoddpm_noise_level,
         cfg_noise_level=args.cfg_noise_level, cfg_guidance=args.cfg_guidance, thresholds=thresholds,
         slice_protocol=SliceProtocol(min_area_px=args.slice_min_area_px), overlay_cases=args.overlays,

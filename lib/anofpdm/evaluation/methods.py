@@ -65,6 +65,7 @@ class EvaluationSettings:
         seed: noise seed of every method.
         min_lesion_mm3: 3-D components of at most this volume are removed (every method).
         batch_size: slices per network batch (None: the pipeline's default for AnoFPDM).
+        min_brain_fraction: AnoFPDM leaves out slices with less brain than this fraction of the largest slice's.
         baseline_stride: DDIM step of the network baselines' encoding / decoding.
         anoddpm_noise_level: the fixed step t of the reconstruction baseline.
         cfg_noise_level: the encoding depth of the CFG baseline.
@@ -79,6 +80,7 @@ class EvaluationSettings:
     seed: int = InferenceOptions.seed
     min_lesion_mm3: float = InferenceOptions.min_lesion_mm3
     batch_size: int | None = None
+    min_brain_fraction: float = InferenceOptions.min_brain_fraction
     baseline_stride: int = DEFAULT_DECODING_STRIDE
     anoddpm_noise_level: int = ANODDPM_NOISE_LEVEL
     cfg_noise_level: int = CFG_NOISE_LEVEL
@@ -111,7 +113,7 @@ class EvaluationSettings:
     def inference_options(self, method: str) -> InferenceOptions:
         """The pipeline's ``InferenceOptions`` of one AnoFPDM variant."""
         return InferenceOptions(**ANOFPDM_VARIANTS[method], seed=self.seed, min_lesion_mm3=self.min_lesion_mm3,
-                                batch_size=self.batch_size)
+                                batch_size=self.batch_size, min_brain_fraction=self.min_brain_fraction)
 
 
 def run_method(

@@ -255,6 +255,24 @@ class SliceStatistics:
     network_evaluations: int
     visited_steps: int
 
+    def scattered(self, visited: np.ndarray) -> SliceStatistics:
+        """These statistics of the ``visited`` slices spread over all N = len(visited) slices; a slice not visited
+        gets what identical error curves give: cosine score 1 (healthy), zero maps, divergence and end step."""
+        index = torch.from_numpy(np.flatnonzero(visited))
+
+        def spread(values: torch.Tensor, fill: float) -> torch.Tensor:
+            return torch.full((len(visited), *values.shape[1:]), fill, dtype=values.dtype).index_copy(0, index, values)
+
+        return SliceStatistics(
+            scores=spread(self.scores, 1.0),
+            anomaly_maps=spread(self.anomaly_maps, 0.0),
+            end_step_maps=spread(self.end_step_maps, 0.0),
+            end_steps=spread(self.end_steps, 0),
+            max_divergence=spread(self.max_divergence, 0.0),
+            network_evaluations=self.network_evaluations,
+            visited_steps=self.visited_steps,
+        )
+
 
 def run_on_slices(
     model: LoadedModel,

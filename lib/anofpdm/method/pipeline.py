@@ -42,7 +42,7 @@ from anofpdm.method.postprocess import (
 )
 from anofpdm.progress import StageProgressCallback
 from anofpdm.volumes.checks import InputError
-from anofpdm.volumes.slicing import VolumeGeometry, brain_pixels, to_input_grid, to_model_slices
+from anofpdm.volumes.slicing import VolumeGeometry, brain_pixels, slices_with_brain, to_input_grid, to_model_slices
 
 __all__ = ["InferenceOptions", "InputError", "ModelGridOutputs", "SegmentationResult", "ForwardOutputs", "run_forward",
            "SliceDecisions", "decide_slices", "segment_volume", "resolve_options", "finish_on_input_grid", "image_like",
@@ -80,6 +80,8 @@ class InferenceOptions:
             grid is resampled onto the FLAIR's in every case.
         brain_extraction: "auto" (the brain is extracted from a head, a skull-stripped brain used as it is),
             "always" or "never" (``anofpdm.volumes.brain_extraction``).
+        min_brain_fraction: slices whose brain area is below this fraction of the volume's largest slice's (the
+            brain's top and bottom) are not run through the network: no mask there, a zero map; 0 visits all.
     """
 
     mode: str = "fast"
@@ -98,6 +100,7 @@ class InferenceOptions:
     decision_rule: str = "volume"
     registration: str = "auto"
     brain_extraction: str = "auto"
+    min_brain_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         for name, choices in (("registration", REGISTRATION_MODES), ("map_variant", MAP_VARIANTS),
@@ -110,6 +113,8 @@ class InferenceOptions:
             raise InputError(f"median_kernel must be odd and positive, got {self.median_kernel}")
         if self.batch_size is not None and self.batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.min_brain_fraction < 1.0:  # NaN too
+            raise InputError(f"min_brain_fraction must lie in [0, 1), got {self.min_brain_fraction}")
 
 
 @dataclass
@@ -209,6 +214,7 @@ class ForwardOutputs:
         timings: "brain_extraction_s", "alignment_s", "preprocess_s" and "network_s".
         alignment: what was done to each sequence besides the FLAIR to put it on the FLAIR grid.
         brain_extraction: what brain extraction did, and the brain mask on the FLAIR grid.
+        visited: N booleans, the slices run through the network (``InferenceOptions.min_brain_fraction``); None: all.
     """
 
     slices: np.ndarray
@@ -220,6 +226,7 @@ class ForwardOutputs:
     timings: dict[str, float]
     alignment: dict[str, Alignment] = field(default_factory=dict)
     brain_extraction: BrainExtraction | None = None
+    visited: np.ndarray | None = None
 
 
 def run_forward(
@@ -252,10 +259,12 @@ def run_forward(
     start = time.perf_counter()
     batch = options.batch_size or default_batch_size(model.device)
     report_step = None if progress is None else (lambda done, total: progress("forward process", done, total))
-    stats = run_on_slices(model, slices, forward, batch, report_step, bf16=options.bf16)
+    visited = slices_with_brain(slices, options.min_brain_fraction)
+    stats = run_on_slices(model, slices[visited], forward, batch, report_step, bf16=options.bf16).scattered(visited)
     timings = {"brain_extraction_s": extraction.time_s, "alignment_s": alignment_s, "preprocess_s": preprocess_s,
                "network_s": time.perf_counter() - start}
-    return ForwardOutputs(slices, geometry, forward, calibration, stats, warnings, timings, alignment, extraction)
+    return ForwardOutputs(slices, geometry, forward, calibration, stats, warnings, timings, alignment, extraction,
+                          visited)
 
 
 def segment_volume(
@@ -301,9 +310,8 @@ def segment_volume(
 
     mask_image = image_like(images[MAP_SEQUENCES[0]], labels_input, np.uint8)
     map_image = image_like(images[MAP_SEQUENCES[0]], map_input, np.float32)
-    report = _report(model, options, outputs.forward, outputs.calibration, geometry, stats.scores, probability,
-                     unhealthy, decided.thresholds, stats, lesions, removed, decided.median_kernel,
-                     outputs.warnings, timings, outputs.alignment, outputs.brain_extraction)
+    report = _report(model, options, outputs, probability, unhealthy, decided.thresholds, lesions, removed,
+                     decided.median_kernel, timings)
     eligible = None if decided.eligible is None else decided.eligible.transpose(2, 0, 1)
     model_grid = ModelGridOutputs(outputs.slices, decided.raw_map.transpose(2, 0, 1), decided.slice_scores.numpy(),
                                   unhealthy.numpy(), decided.thresholds.numpy(), geometry, eligible)
@@ -354,7 +362,10 @@ def decide_slices(
     kernel = options.median_kernel or default_median_kernel(model.config.image_size)
     filtered = median_filter_3d(raw_map, kernel)
     if options.decision_rule == "volume":
-        brain = brain_pixels(outputs.slices).transpose(1, 2, 0)
+        brain = brain_pixels(outputs.slices)
+        if outputs.visited is not None:  # slices left out of the network are no part of the volume's reference
+            brain &= outputs.visited[:, None, None]
+        brain = brain.transpose(1, 2, 0)
         flair = outputs.slices[:, model.config.sequences.index(MAP_SEQUENCES[0])].transpose(1, 2, 0)
         volume = decide_by_volume(torch.from_numpy(filtered), torch.from_numpy(brain),
                                   torch.from_numpy(np.ascontiguousarray(flair)), thresholds,
@@ -429,23 +440,19 @@ def default_batch_size(device: torch.device) -> int:
 def _report(
     model: LoadedModel,
     options: InferenceOptions,
-    forward: ForwardProcessConfig,
-    calibration: Calibration,
-    geometry: VolumeGeometry,
-    scores: torch.Tensor,
+    outputs: ForwardOutputs,
     probability: torch.Tensor | None,
     unhealthy: torch.Tensor,
     thresholds: torch.Tensor,
-    stats: SliceStatistics,
     lesions: list[dict[str, Any]],
     removed: int,
     kernel: int,
-    warnings: list[str],
     timings: dict[str, float],
-    alignment: Mapping[str, Alignment],
-    brain_extraction: BrainExtraction | None,
 ) -> dict[str, Any]:
     """The JSON-ready description of one segmentation."""
+    forward, calibration, geometry, stats = outputs.forward, outputs.calibration, outputs.geometry, outputs.stats
+    scores, brain_extraction = stats.scores, outputs.brain_extraction
+    visited = np.ones(len(scores), bool) if outputs.visited is None else outputs.visited
     total_ml = round(sum(row["volume_ml"] for row in lesions), 3)
     present = {row["label"] for row in lesions} or {TUMOUR}
     return {
@@ -461,6 +468,8 @@ def _report(
         "uncertain_slices": None if probability is None else int(is_uncertain(probability).sum()),
         "slices": {
             "segmented": len(geometry.slices),
+            # run through the network; the others hold too little brain (settings' min_brain_fraction)
+            "visited": int(visited.sum()),
             "unhealthy": int(unhealthy.sum()),
             "index": list(geometry.slices),
             "score": [round(float(v), 6) for v in scores],
@@ -468,6 +477,7 @@ def _report(
             "unhealthy_probability": None if probability is None else [round(float(v), 4) for v in probability],
             "threshold": [float(v) for v in thresholds],
             "end_step": {name: [int(v) for v in stats.end_steps[:, i]] for i, name in enumerate(MAP_SEQUENCES)},
+            "visited_flag": [bool(v) for v in visited],
         },
         "lesions": lesions,
         "lesion_count": len(lesions),
@@ -476,7 +486,7 @@ def _report(
         "network_evaluations": stats.network_evaluations,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         # per sequence besides the FLAIR: used as is, resampled or registered onto the FLAIR grid, and how much
-        "alignment": {name: record.to_dict() for name, record in alignment.items()},
+        "alignment": {name: record.to_dict() for name, record in outputs.alignment.items()},
         # whether the brain was extracted from a head, how, its volume and the time taken
         "brain_extraction": None if brain_extraction is None else brain_extraction.to_dict(),
         "settings": {
@@ -488,6 +498,7 @@ def _report(
             "registration": options.registration,
             "brain_extraction": options.brain_extraction,
             "visited_steps": stats.visited_steps,
+            "min_brain_fraction": options.min_brain_fraction,
             "min_lesion_mm3": options.min_lesion_mm3,
             "median_kernel": kernel,
             "model_grid_spacing_mm": [round(s, 4) for s in geometry.spacing_mm],
@@ -504,6 +515,6 @@ def _report(
             "calibration_validation": {key: calibration.validation.get(key)
                                        for key in ("slices", "accuracy", "device")},
         },
-        "warnings": warnings,
+        "warnings": outputs.warnings,
         "notice": "Research software, not for clinical use. Assumes FLAIR and T2 of one examination.",
     }

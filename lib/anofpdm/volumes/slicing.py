@@ -22,6 +22,7 @@ from anofpdm.volumes.checks import InputError, check_inputs
 from anofpdm.volumes.intensity import normalise
 
 __all__ = [
+    "slices_with_brain",
     "VolumeGeometry",
     "plan_geometry",
     "ras_transform",
@@ -194,3 +195,16 @@ def to_input_grid(model_volume: np.ndarray, geometry: VolumeGeometry) -> np.ndar
 def brain_pixels(slices: np.ndarray) -> np.ndarray:
     """N x S x S brain pixels of N x C x S x S model-grid slices: any sequence above the background."""
     return (slices > BACKGROUND + BRAIN_TOLERANCE).any(axis=1)
+
+
+def slices_with_brain(slices: np.ndarray, min_fraction: float) -> np.ndarray:
+    """N booleans: the slices whose brain area is at least ``min_fraction`` of the largest slice's (0: every slice).
+
+    Args:
+        slices: N x C x S x S model-grid slices.
+        min_fraction: in [0, 1).
+    """
+    if not 0.0 <= min_fraction < 1.0:
+        raise ValueError(f"min_fraction must lie in [0, 1), got {min_fraction}")
+    area = brain_pixels(slices).sum(axis=(1, 2))
+    return area >= min_fraction * area.max()

@@ -65,6 +65,7 @@ OPTION_TYPES: dict[str, type] = {
     "registration": str,
     "decision_rule": str,
     "brain_extraction": str,
+    "min_brain_fraction": float,
     "brain_segment": bool,  # the app's own: the extracted brain as label BRAIN_LABEL of the returned label map
 }
 APP_OPTIONS = ("brain_segment",)  # request options that are not InferenceOptions
@@ -212,6 +213,8 @@ class AnoFPDM(InferTask):
             # the brain out of a head (skull, scalp, background): auto leaves a skull-stripped brain as it is
             "brain_extraction": [defaults.brain_extraction,
                                  *(m for m in BRAIN_EXTRACTION_MODES if m != defaults.brain_extraction)],
+            # slices with less brain than this fraction of the largest slice's are not segmented (0: all are)
+            "min_brain_fraction": float(defaults.min_brain_fraction),
             "brain_segment": False,  # the brain as a segment of the label map
             **{name: "" for name in self._other_sequences()},
         }
