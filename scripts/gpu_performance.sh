@@ -17,7 +17,8 @@
 #   log.txt                                  everything printed
 # The GPU image lacks monai, nibabel, SimpleITK and deepbet (the head's brain extraction). Bring them in .whl/
 # (git-ignored by .git/info/exclude), as wheels, except SimpleITK: its wheel alone is 52.8 MB, which with the
-# 18 MB of tracked files passes the 64 MiB that travels, so it goes as an xz tarball of its contents (28.7 MB):
+# 18 MB of tracked files passes the 64 MiB that travels, so it goes as an xz tarball of its contents (28.7 MB; about
+# 62 MB travel in all; xz took 5 minutes on the 2-core CPU):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl monai==1.6.1 nibabel==5.4.2 deepbet==1.0.2 simpleitk==2.5.7
@@ -25,8 +26,10 @@
 #   tar -C /tmp/sitk -cJf .whl/simpleitk.tar.xz .
 # and name .whl in the device tool's carry.
 #
-# On a CPU, with small settings (the test, tests/test_gpu_performance_script.py, does this on a tiny model):
-#   DEVICE=cpu CASES=SYN_00001 FULL_STEPS=2 PRECISIONS=fp32,fp32 bash scripts/gpu_performance.sh
+# On a CPU, with small settings (9 minutes on the 2-core CPU, docs/performance.md; tests/test_gpu_performance_script.py
+# runs it on four planes of a demo study):
+#   DEVICE=cpu CASES=SYN_00001 CLI_CASE=SYN_00001 FULL_STEPS=2 PRECISIONS=fp32,bf16 END=1500 \
+#       bash scripts/gpu_performance.sh
 set -uo pipefail
 END=${END:-480}                        # seconds after start by which the measurements must be done
 PY=${PY:-python3}
@@ -42,6 +45,7 @@ DEVICE=${DEVICE:-}                     # empty: cuda when there is one
 WHEELS=${WHEELS:-.whl}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
+tee_pid=$!
 if compgen -G "$WHEELS/*.whl" > /dev/null || compgen -G "$WHEELS/*.tar.xz" > /dev/null; then
     mkdir -p /tmp/site
     if compgen -G "$WHEELS/*.whl" > /dev/null; then
@@ -65,4 +69,6 @@ timeout -k 10 $(( END - SECONDS > 1 ? END - SECONDS : 1 )) $PY benchmarks/volume
 status=$?
 echo "[$SECONDS s] done (exit $status); figures in $OUT/volume_latency.md"
 [[ -f $OUT/volume_latency.md ]] && cat "$OUT/volume_latency.md"
+exec >&- 2>&-
+wait "$tee_pid"  # log.txt complete before the script returns
 exit $status
