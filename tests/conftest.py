@@ -39,6 +39,21 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def network_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Traced networks go to a cache of this test session's (servers started by the tests inherit it), not the
+    user's ``~/.cache/anofpdm``."""
+    from anofpdm.method.model import CACHE_DIR_VARIABLE
+
+    before = os.environ.get(CACHE_DIR_VARIABLE)
+    os.environ[CACHE_DIR_VARIABLE] = str(tmp_path_factory.mktemp("cache"))
+    yield Path(os.environ[CACHE_DIR_VARIABLE])
+    if before is None:
+        del os.environ[CACHE_DIR_VARIABLE]
+    else:
+        os.environ[CACHE_DIR_VARIABLE] = before
+
+
 TINY = NetworkConfig(
     sequences=("flair", "t2"),
     image_size=16,

@@ -17,6 +17,14 @@ def test_alpha_bar_is_the_linear_schedule_product():
     np.testing.assert_allclose(schedule.alpha_bar.numpy(), reference_alpha_bar(), rtol=1e-6)
 
 
+def test_alpha_bar_is_monais_linear_beta_schedule_exactly():
+    from monai.networks.schedulers import DDPMScheduler
+
+    config = ScheduleConfig(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02)
+    monai = DDPMScheduler(num_train_timesteps=1000, schedule="linear_beta", beta_start=1e-4, beta_end=0.02)
+    assert torch.equal(NoiseSchedule(config).alpha_bar, monai.alphas_cumprod.double())
+
+
 def test_add_noise_and_predict_x0_match_closed_forms():
     schedule = NoiseSchedule()
     x0, noise = torch.rand(3, 2, 8, 8) * 2 - 1, torch.randn(3, 2, 8, 8)

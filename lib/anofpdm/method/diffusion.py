@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from monai.networks.schedulers import DDPMScheduler
 
 from anofpdm.seeds import derive_seed
 
@@ -38,19 +37,16 @@ class NoiseSchedule:
     """The closed forms of a variance-preserving diffusion with a linear beta schedule.
 
     Args:
-        config: the schedule; MONAI's ``DDPMScheduler`` computes its cumulative alphas.
+        config: the schedule; its cumulative alphas are MONAI ``DDPMScheduler``'s "linear_beta" ones (float32 betas
+            and products, as MONAI computes them; tested equal), computed here so that serving need not import MONAI.
         device: where the schedule tensors live.
     """
 
     def __init__(self, config: ScheduleConfig | None = None, device: str | torch.device = "cpu") -> None:
         self.config = config or ScheduleConfig()
-        scheduler = DDPMScheduler(
-            num_train_timesteps=self.config.num_train_timesteps,
-            schedule="linear_beta",
-            beta_start=self.config.beta_start,
-            beta_end=self.config.beta_end,
-        )
-        self.alpha_bar = scheduler.alphas_cumprod.to(device=device, dtype=torch.float64)
+        betas = torch.linspace(self.config.beta_start, self.config.beta_end, self.config.num_train_timesteps,
+                               dtype=torch.float32)
+        self.alpha_bar = torch.cumprod(1.0 - betas, dim=0).to(device=device, dtype=torch.float64)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], device: str | torch.device = "cpu") -> NoiseSchedule:

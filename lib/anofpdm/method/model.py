@@ -4,20 +4,32 @@ A checkpoint is a plain dict of tensors and simple types, loadable with
 ``torch.load(..., weights_only=True)``. It carries the network config, the diffusion schedule, the
 EMA weights, a training record and (after ``anofpdm calibrate``) the calibration, so one file is
 enough to serve a model.
+
+On the CPU the network is served as a TorchScript graph traced from those weights and cached under
+``ANOFPDM_CACHE_DIR`` (default ``~/.cache/anofpdm``), named by a digest of the weights, the network config and the
+torch version, so it can never be out of step with the file: its outputs are the eager network's, and a process that
+finds it need not import MONAI (seconds of a command's start-up).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-
+import json
+import os
+import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from monai.networks.nets import DiffusionModelUNet
 
 from anofpdm.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from monai.networks.nets import DiffusionModelUNet
 
 __all__ = [
     "HEALTHY",
@@ -31,6 +43,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_model",
+    "traced_network_path",
     "update_calibration",
 ]
 
@@ -40,6 +53,8 @@ NULL_LABEL = 2  # the classifier-free-guidance "no label" index
 MAP_SEQUENCES = ("flair", "t2")  # the sequences that get anomaly maps (the model may take more)
 NUM_CLASS_EMBEDS = 3
 CHECKPOINT_FORMAT = "anofpdm-checkpoint-v1"
+CACHE_DIR_VARIABLE = "ANOFPDM_CACHE_DIR"
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "anofpdm"
 
 
 @dataclass(frozen=True)
@@ -138,6 +153,8 @@ PRESETS: dict[str, NetworkConfig] = {
 
 def build_network(config: NetworkConfig) -> DiffusionModelUNet:
     """Create the class-conditioned noise-prediction UNet for ``config`` (random weights)."""
+    from monai.networks.nets import DiffusionModelUNet  # here, not above: a cached traced graph needs no MONAI
+
     n = len(config.sequences)
     return DiffusionModelUNet(
         spatial_dims=2,
@@ -207,12 +224,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load an inference checkpoint onto ``device``, in eval mode with gradients off."""
+    """Load an inference checkpoint onto ``device``, in eval mode with gradients off; on the CPU as the cached
+    traced graph of its weights (made on first use)."""
     payload = load_checkpoint(path)
     config = NetworkConfig.from_dict(payload["network"])
-    network = build_network(config)
-    network.load_state_dict(payload["state_dict"])
-    network.to(device).eval().requires_grad_(False)
+    if torch.device(device).type == "cpu":
+        network = _traced_network(config, payload["state_dict"])
+    else:
+        network = _eager_network(config, payload["state_dict"]).to(device)
     return LoadedModel(
         network=network,
         config=config,
@@ -221,6 +240,56 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         calibration=payload.get("calibration"),
         path=Path(path),
     )
+
+
+def _eager_network(config: NetworkConfig, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    network = build_network(config)
+    network.load_state_dict(state_dict)
+    return network.eval().requires_grad_(False)
+
+
+def traced_network_path(config: NetworkConfig, state_dict: dict[str, torch.Tensor]) -> Path:
+    """Where the traced graph of these weights is cached (``ANOFPDM_CACHE_DIR``, default ``~/.cache/anofpdm``)."""
+    key = json.dumps([weights_fingerprint(state_dict), config.to_dict(), torch.__version__], sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return Path(os.environ.get(CACHE_DIR_VARIABLE) or DEFAULT_CACHE_DIR) / "networks" / f"{digest}.torchscript"
+
+
+@contextlib.contextmanager
+def _quiet_torchscript() -> Iterator[None]:
+    """TorchScript without its notices: torch 2.13 calls it deprecated (it is the one format that loads in a fraction
+    of a second without the network's Python classes; ``torch.export``'s took 3 s), and the tracer warns of shape
+    checks it records as constants (the graph is tested batch-free)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
+def _traced_network(config: NetworkConfig, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The CPU network as a TorchScript graph: read from the cache, else traced from the weights and cached (an
+    unwritable cache only costs the next process the tracing)."""
+    path = traced_network_path(config, state_dict)
+    if path.is_file():
+        try:
+            with _quiet_torchscript():
+                return torch.jit.load(str(path), map_location="cpu").eval()
+        except RuntimeError as exc:  # cut short (a full disk, a killed process): trace it again
+            warnings.warn(f"unreadable traced network {path} is traced again: {exc}", stacklevel=3)
+    network = _eager_network(config, state_dict)
+    n = len(config.sequences)
+    example = {"x": torch.zeros(2, n, config.image_size, config.image_size), "timesteps": torch.tensor([0, 1]),
+               "class_labels": torch.tensor([HEALTHY, NULL_LABEL])}
+    with _quiet_torchscript():
+        traced = torch.jit.trace(network, example_kwarg_inputs=example, check_trace=False)
+    try:  # a temporary file of this process's own, renamed: processes starting at once never mix their writes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp, _quiet_torchscript():
+            torch.jit.save(traced, tmp.name)
+        os.replace(tmp.name, path)
+    except OSError as exc:
+        warnings.warn(f"cannot cache the traced network at {path}: {exc}", stacklevel=3)
+    return traced.eval()
 
 
 def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
