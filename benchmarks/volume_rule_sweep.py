@@ -42,10 +42,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=None)
     parser.add_argument("--cache", type=Path, help="folder for each case's forward process")
+    parser.add_argument("--max-cases", type=int, help="the first N cases in case-id order (as evaluate's)")
     args = parser.parse_args()
 
     model = load_model(args.model, device=args.device or default_device())
-    cases = select_cases(args.data, args.prepared, [args.split])
+    cases = select_cases(args.data, args.prepared, [args.split])[:args.max_cases]
     options = InferenceOptions(mode=args.mode, batch_size=args.batch_size, decision_rule="volume")
     rules = [VolumeRule(map_z=z, flair_quantile=q) for z in args.map_z for q in args.flair_quantile]
     rows: dict[VolumeRule, list[tuple[float, float, float, float | None]]] = {rule: [] for rule in rules}
