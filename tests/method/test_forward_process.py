@@ -175,7 +175,7 @@ def test_a_slice_result_depends_on_the_slice_not_on_its_batch(network, encoding)
     scales = torch.linspace(0.05, 1, 6)[:, None, None, None]  # slices whose divergence peaks at different steps
     x0 = (torch.rand(6, 2, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1) * scales
     config = ForwardProcessConfig(forward_steps=400, stride=20, early_stop=1, encoding=encoding, seed=3)
-    alone = [run_forward_process(network, x0[i : i + 1], NoiseSchedule(), config, MAPS, first_slice=i)
+    alone = [run_forward_process(network, x0[i : i + 1], NoiseSchedule(), config, MAPS, slice_indices=[i])
              for i in range(6)]
     together = run_forward_process(network, x0, NoiseSchedule(), config, MAPS)
     stopped_after = [len(result.visited_steps) for result in alone]

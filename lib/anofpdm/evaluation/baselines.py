@@ -295,7 +295,7 @@ def _reconstruction_maps(model: LoadedModel, volume: SlicedVolume, options: Base
     noise_level = options.noise_level or ANODDPM_NOISE_LEVEL
 
     def reconstruct(x0: torch.Tensor, begin: int) -> tuple[torch.Tensor, int]:
-        noise = SliceNoise(options.seed, begin, x0).draw()
+        noise = SliceNoise(options.seed, range(begin, begin + len(x0)), x0).draw()
         return reconstruct_from_noise(model.network, schedule, x0, noise_level, options.stride, noise)
 
     maps, evaluations = _error_maps(model, volume.slices, options, reconstruct)

@@ -5,6 +5,7 @@ Timesteps are 0-based: step ``t`` has cumulative signal fraction ``alpha_bar[t]`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -95,18 +96,19 @@ def slice_noise_seed(seed: int, index: int) -> int:
 class SliceNoise:
     """Standard normal noise for a batch of slices, each slice from its own CPU generator.
 
-    Slice ``first_slice + i`` of a run draws from a generator seeded by ``slice_noise_seed(seed, first_slice + i)``,
-    so its k-th draw is the same whatever batch it shares, however the run is chunked, and on any device.
+    Slice ``i`` of a run draws from a generator seeded by ``slice_noise_seed(seed, i)``, so its k-th draw is the same
+    whatever batch it shares, however the run is chunked or which other slices run, and on any device.
 
     Args:
         seed: the run's noise seed (>= 0).
-        first_slice: the run-wide index of the batch's first slice.
+        slice_indices: the run-wide index of each slice of the batch (e.g. ``range(first, first + B)``).
         like: the B x C x H x W batch; the noise takes its shape, device and dtype.
     """
 
-    def __init__(self, seed: int, first_slice: int, like: torch.Tensor) -> None:
-        self.generators = [torch.Generator().manual_seed(slice_noise_seed(seed, first_slice + i))
-                           for i in range(like.shape[0])]
+    def __init__(self, seed: int, slice_indices: Sequence[int], like: torch.Tensor) -> None:
+        if len(slice_indices) != like.shape[0]:
+            raise ValueError(f"{len(slice_indices)} slice indices for a batch of {like.shape[0]}")
+        self.generators = [torch.Generator().manual_seed(slice_noise_seed(seed, int(i))) for i in slice_indices]
         self.shape, self.device, self.dtype = like.shape[1:], like.device, like.dtype
 
     def draw(self) -> torch.Tensor:

@@ -159,7 +159,7 @@ def run_forward_process(
     config: ForwardProcessConfig,
     map_channels: Sequence[int],
     progress: ProgressCallback | None = None,
-    first_slice: int = 0,
+    slice_indices: Sequence[int] | None = None,
 ) -> ForwardProcessResult:
     """Run the forward process on a batch of clean slices.
 
@@ -173,7 +173,7 @@ def run_forward_process(
         config: guidance weight, steps, stride, encoding, early stop and seed.
         map_channels: indices of the channels that get anomaly maps (FLAIR and T2).
         progress: called with (visited steps done, visited steps planned) after each step.
-        first_slice: the run-wide index of the batch's first slice (it seeds the slices' noise).
+        slice_indices: each slice's run-wide index, which seeds its noise (None: 0 .. B - 1).
 
     Returns:
         The streaming statistics of every slice.
@@ -186,7 +186,7 @@ def run_forward_process(
     if steps[-1] >= schedule.num_timesteps:
         raise ValueError(f"forward_steps {config.forward_steps} exceeds the schedule's {schedule.num_timesteps}")
     channels = list(map_channels)
-    noise = SliceNoise(config.seed, first_slice, x0)
+    noise = SliceNoise(config.seed, range(len(x0)) if slice_indices is None else slice_indices, x0)
     stats = _StreamingStatistics(x0[:, channels].shape, x0.device)
     x0_maps = x0[:, channels]
     z = schedule.add_noise(x0, noise.draw(), steps[0])
@@ -281,11 +281,12 @@ def run_on_slices(
     batch_size: int,
     progress: ProgressCallback | None = None,
     bf16: bool = False,
+    slice_indices: Sequence[int] | None = None,
 ) -> SliceStatistics:
     """Run the forward process over any number of slices in chunks of ``batch_size``.
 
-    Slice i is the run-wide slice i of ``run_forward_process``: its result does not depend on the batch
-    size, on the other slices, or on the device's random generator.
+    Slice i is the run-wide slice i of ``run_forward_process`` (or ``slice_indices[i]``): its result does not depend
+    on the batch size, on the other slices, or on the device's random generator.
 
     Args:
         model: the trained model (its device is used).
@@ -294,6 +295,8 @@ def run_on_slices(
         batch_size: slices per network batch.
         progress: called with (visited steps done, planned) summed over chunks.
         bf16: run the network under bfloat16 autocast (the statistics stay float32).
+        slice_indices: each slice's run-wide index, which seeds its noise (None: 0 .. N - 1), so that a subset of a
+            volume's slices gets the statistics those slices get in a run over all of them.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -311,7 +314,8 @@ def run_on_slices(
                 progress(chunk * planned + done, len(starts) * planned)
 
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-            parts.append(run_forward_process(model.network, x0, schedule, config, map_channels, report_step, begin))
+            indices = range(begin, begin + len(x0)) if slice_indices is None else slice_indices[begin : begin + len(x0)]
+            parts.append(run_forward_process(model.network, x0, schedule, config, map_channels, report_step, indices))
     if not parts:
         raise ValueError("no slices to run the forward process on")
     return SliceStatistics(

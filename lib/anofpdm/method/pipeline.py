@@ -260,7 +260,9 @@ def run_forward(
     batch = options.batch_size or default_batch_size(model.device)
     report_step = None if progress is None else (lambda done, total: progress("forward process", done, total))
     visited = slices_with_brain(slices, options.min_brain_fraction)
-    stats = run_on_slices(model, slices[visited], forward, batch, report_step, bf16=options.bf16).scattered(visited)
+    # each visited slice keeps its noise (seeded by its index among all slices): its statistics are those of a full run
+    stats = run_on_slices(model, slices[visited], forward, batch, report_step, bf16=options.bf16,
+                          slice_indices=np.flatnonzero(visited)).scattered(visited)
     timings = {"brain_extraction_s": extraction.time_s, "alignment_s": alignment_s, "preprocess_s": preprocess_s,
                "network_s": time.perf_counter() - start}
     return ForwardOutputs(slices, geometry, forward, calibration, stats, warnings, timings, alignment, extraction,
