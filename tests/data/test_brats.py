@@ -60,6 +60,9 @@ def test_brats_layouts_round_trip_to_ras(tmp_path: Path, names: dict[str, str], 
         assert loaded.images[name].dtype == np.float32
         np.testing.assert_array_equal(loaded.images[name], _lps_to_ras(volumes[name]))
     np.testing.assert_array_equal(loaded.mask, _lps_to_ras(_seg() > 0).astype(np.uint8))
+    # sub-regions in BraTS21 labels: BraTS 2023's enhancing tumour is 3, so its file's 4 names none
+    expected = _seg() if layout == "brats21" else np.where(_seg() == 4, 0, _seg())
+    np.testing.assert_array_equal(loaded.sub_regions, _lps_to_ras(expected))
     corner = LPS_AFFINE @ np.array([SHAPE[0] - 1, SHAPE[1] - 1, 0, 1.0])
     np.testing.assert_allclose(loaded.affine @ np.array([0, 0, 0, 1.0]), corner)
     assert np.all(np.diag(loaded.affine)[:3] > 0)
@@ -80,6 +83,9 @@ def test_msd_layout_reads_channels_and_whole_tumour(tmp_path: Path) -> None:
     np.testing.assert_array_equal(loaded.images["flair"], volumes["flair"])
     np.testing.assert_array_equal(loaded.images["t2"], volumes["t2"])
     assert loaded.mask.sum() == 3 and loaded.mask[4, 4, 3] == 1
+    # MSD's oedema 1, non-enhancing 2, enhancing 3 in BraTS21 labels
+    assert (loaded.sub_regions[2, 2, 2], loaded.sub_regions[3, 2, 2], loaded.sub_regions[4, 4, 3]) == (2, 1, 4)
+    assert load_case(case, ("flair",), with_seg=False).sub_regions is None
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:

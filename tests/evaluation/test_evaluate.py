@@ -117,12 +117,19 @@ def test_results_json_markdown_and_overlays(single_process):
         assert summary["volume"]["dice"]["std"] == 0.0
         for case in results["cases"]:
             scored = case["methods"][method]
-            assert set(scored) == {"slice", "volume", "lesion_wise", "reliability", "seconds", "network_evaluations",
-                                   "warnings"}
+            assert set(scored) == {"slice", "volume", "lesion_wise", "reliability", "sub_region_recall", "seconds",
+                                   "network_evaluations", "warnings"}
             assert 0 <= scored["lesion_wise"]["dice"] <= 1 and 0 <= scored["lesion_wise"]["hd95_mm"] <= 374
             assert scored["slice"]["n_slices"] == 10
             # AnoFPDM's calibration reports unhealthy probabilities; the baselines have no slice classifier
             assert (scored["reliability"] is not None) == (method in ANOFPDM_VARIANTS)
+        # the tumour case's truth holds oedema and enhancing tumour, no necrotic core; the healthy case none
+        recall = tumour_case["methods"][method]["sub_region_recall"]
+        assert recall["necrotic_core"] is None
+        assert all(0 <= recall[name] <= 1 for name in ("oedema", "enhancing", "faint_edge")), recall
+        assert set(healthy_case["methods"][method]["sub_region_recall"].values()) == {None}
+        assert summary["sub_region_recall"]["necrotic_core"]["n"] == 0
+        assert summary["sub_region_recall"]["oedema"] == {"mean": recall["oedema"], "std": 0.0, "n": 1}
         if method in ANOFPDM_VARIANTS:
             assert summary["verdict_reliability"]["n_slices"] == 20
         assert healthy_case["methods"][method]["slice"]["unhealthy_dice"] is None
@@ -133,6 +140,8 @@ def test_results_json_markdown_and_overlays(single_process):
     assert all(f"| {method} |" in table for method in METHODS)
     assert "| lesion-wise Dice | lesion-wise HD95 (mm) |" in table
     assert "Verdict reliability" in table
+    assert ("| method | necrotic / non-enhancing core (1) | oedema (2) | enhancing (4) | faint edge (outer 2 mm) |"
+            in table)
     assert (out / "overlays" / "BraTS2021_00001.png").stat().st_size > 0
     assert not (out / "overlays" / "BraTS2021_00002.png").exists()  # --overlays 1
 
@@ -244,6 +253,7 @@ def test_truth_as_prediction_scores_one(tiny_model_path, data_dir):
     for name in ("dice", "iou", "precision", "recall", "auprc"):
         assert scored["volume"][name] == pytest.approx(1.0), name
     assert scored["lesion_wise"]["dice"] == 1.0 and scored["lesion_wise"]["hd95_mm"] == 0.0
+    assert scored["sub_region_recall"] == {"necrotic_core": None, "oedema": 1.0, "enhancing": 1.0, "faint_edge": 1.0}
     assert case.spacing_mm == (4.0, 4.0, 5.0)  # make_volume_pair's grid: the lesion-wise HD95 is in these mm
     assert scored["volume"]["volume_error_ml"] == 0 and scored["volume"]["verdict_correct"]
 

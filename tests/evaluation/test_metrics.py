@@ -6,8 +6,10 @@ import pytest
 from anofpdm.evaluation.metrics import (
     aggregate_cases,
     aggregate_reliability,
+    aggregate_sub_region_recall,
     average_precision,
     dice,
+    faint_edge,
     hd95_mm,
     iou,
     lesion_volume_error_ml,
@@ -16,6 +18,7 @@ from anofpdm.evaluation.metrics import (
     precision,
     recall,
     slice_protocol,
+    sub_region_recall,
     verdict_reliability,
     volume_metrics,
 )
@@ -280,3 +283,48 @@ def test_lesion_wise_hd95_is_in_mm_on_the_grid_spacing():
         lesion_wise_scores(prediction, truth, (1.0, 1.0))
     with pytest.raises(ValueError, match="dilation_iterations"):
         lesion_wise_scores(prediction, truth, (1, 1, 1), dilation_iterations=0)
+
+
+def _tumour() -> np.ndarray:
+    """An 8^3 whole tumour in BraTS labels: oedema around a 4^3 enhancing core with a 2^3 necrotic centre."""
+    labels = np.zeros((12, 12, 12), dtype=np.uint8)
+    labels[2:10, 2:10, 2:10] = 2
+    labels[4:8, 4:8, 4:8] = 4
+    labels[5:7, 5:7, 5:7] = 1
+    return labels
+
+
+def test_the_faint_edge_is_the_outer_shell_of_the_whole_tumour():
+    whole = _tumour() > 0
+    edge = faint_edge(whole, (1.0, 1.0, 1.0))  # 1 mm: voxels 1 and 2 mm deep (and 1.4 mm diagonally)
+    assert edge.sum() == 8**3 - 4**3 and not edge[4:8, 4:8, 4:8].any()
+    assert faint_edge(whole, (1.0, 1.0, 1.0), edge_mm=1.0).sum() == 8**3 - 6**3
+    assert faint_edge(whole, (4.0, 4.0, 4.0)).sum() == 8**3 - 6**3  # coarser than 2 mm: the outer layer
+    cored = whole.copy()
+    cored[5:7, 5:7, 5:7] = False  # a hole inside is not outside: no edge around it
+    assert (faint_edge(cored, (1.0, 1.0, 1.0)) == edge).all()
+    assert not faint_edge(np.zeros_like(whole), (1.0, 1.0, 1.0)).any()
+    with pytest.raises(ValueError, match="edge_mm"):
+        faint_edge(whole, (1.0, 1.0, 1.0), edge_mm=0)
+
+
+def test_recall_per_sub_region_and_its_aggregate():
+    labels = _tumour()
+    ring = labels > 0
+    ring[5:7, 5:7, 5:7] = False  # the necrotic centre is a hole in the prediction
+    shrunk = np.zeros_like(ring)
+    shrunk[3:9, 3:9, 3:9] = True  # misses the outer voxel layer: half of the faint edge, 6^3 - 4^3 of the oedema
+    spacing = (1.0, 1.0, 1.0)
+    assert sub_region_recall(ring, labels, spacing) == {
+        "necrotic_core": 0.0, "oedema": 1.0, "enhancing": 1.0, "faint_edge": 1.0}
+    scores = sub_region_recall(shrunk, labels, spacing)
+    assert scores["necrotic_core"] == 1.0 and scores["enhancing"] == 1.0
+    assert scores["oedema"] == pytest.approx((6**3 - 4**3) / (8**3 - 4**3))
+    assert scores["faint_edge"] == pytest.approx((6**3 - 4**3) / (8**3 - 4**3))  # the 2 mm shell is the oedema
+    without_core = np.where(labels == 1, 4, labels)
+    assert sub_region_recall(ring, without_core, spacing)["necrotic_core"] is None
+    assert set(sub_region_recall(ring, np.zeros_like(labels), spacing).values()) == {None}
+    summary = aggregate_sub_region_recall([sub_region_recall(ring, labels, spacing),
+                                           sub_region_recall(ring, without_core, spacing)])
+    assert summary["necrotic_core"] == {"mean": 0.0, "std": 0.0, "n": 1}  # only the case whose truth has it
+    assert summary["oedema"]["n"] == 2 and summary["faint_edge"]["mean"] == 1.0

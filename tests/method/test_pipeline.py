@@ -170,6 +170,22 @@ def test_a_lesion_cut_by_the_field_of_view_is_held_to_the_minimum_on_the_input_g
         assert all(row["volume_ml"] * 1000 > 500 for row in lesions)
 
 
+def test_a_lesion_is_filled_before_the_component_filter_so_its_core_counts_to_its_size():
+    _, geometry, _ = to_model_slices(make_volume_pair(), TINY.sequences, TINY.image_size, TINY.field_of_view_mm)
+    model_voxel_mm3 = float(np.prod(geometry.spacing_mm))
+    hollow = np.zeros((TINY.image_size, TINY.image_size, len(geometry.slices)), dtype=bool)
+    hollow[6:9, 6:9, 3:6] = True
+    hollow[7, 7, 4] = False  # a 26-voxel wall around a one-voxel core
+    wall_mm3 = 26 * model_voxel_mm3
+    kept, _, _, _, _ = finish_on_input_grid(hollow.astype(np.float32), hollow, geometry, wall_mm3)
+    assert kept.sum() == 27 and kept[7, 7, 4]  # the default fills it: 27 voxels, more than the minimum
+    kept, _, _, lesions, removed = finish_on_input_grid(hollow.astype(np.float32), hollow, geometry, wall_mm3,
+                                                        lesion_holes="keep")
+    assert not kept.any() and not lesions and removed == 1  # kept hollow, the wall alone is at the minimum
+    with pytest.raises(InputError, match="lesion_holes"):
+        InferenceOptions(lesion_holes="2d")
+
+
 def test_the_volume_rule_is_the_default_and_masks_only_flair_bright_brain(model, tmp_path):
     never = _with_calibration(model, tmp_path, cosine_threshold=-1.0)  # the paper's rule calls every slice healthy
     images = make_volume_pair()

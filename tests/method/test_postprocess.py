@@ -2,8 +2,17 @@
 
 import numpy as np
 import pytest
+import torch
 
-from anofpdm.method.postprocess import lesion_table, mark_uncertain_lesions, median_filter_3d, remove_small_components
+from anofpdm.data.synth import LABEL_ENHANCING, LABEL_NECROTIC, LABEL_OEDEMA, synthesize_case
+from anofpdm.method.decisions import robust_z_scores
+from anofpdm.method.postprocess import (
+    fill_lesion_holes,
+    lesion_table,
+    mark_uncertain_lesions,
+    median_filter_3d,
+    remove_small_components,
+)
 
 
 def test_median_filter_removes_isolated_voxel_keeps_block():
@@ -71,3 +80,53 @@ def test_lesions_below_the_confident_probability_are_marked_uncertain():
     assert not mark_uncertain_lesions(np.zeros_like(mask), probability, 0.8).any()
     with pytest.raises(ValueError, match="unhealthy probability"):
         mark_uncertain_lesions(mask, probability[:5], 0.8)
+
+
+def _hollow_cube() -> np.ndarray:
+    """A 7^3 lesion wall around a 3^3 core, inside a 12^3 volume."""
+    mask = np.zeros((12, 12, 12), dtype=bool)
+    mask[2:9, 2:9, 2:9] = True
+    mask[4:7, 4:7, 4:7] = False
+    return mask
+
+
+def test_a_core_the_lesion_encloses_is_filled_in_3d_and_the_outline_kept():
+    mask = _hollow_cube()
+    filled = fill_lesion_holes(mask, "3d")
+    assert filled[4:7, 4:7, 4:7].all() and filled.sum() == 7**3  # the core, nothing outside the wall
+    assert (fill_lesion_holes(mask, "keep") == mask).all()
+    assert (fill_lesion_holes(mask, "axial") == filled).all()
+    leak = mask.copy()
+    leak[5, 5, 7:9] = False  # a one-voxel channel to the outside: no longer a hole in 3-D
+    assert (fill_lesion_holes(leak, "3d") == leak).all()
+
+
+def test_a_core_open_above_is_filled_only_within_axial_slices():
+    cup = _hollow_cube()
+    cup[4:7, 4:7, 7:9] = False  # the core reaches the lesion's top: open in 3-D, enclosed in each axial plane
+    assert (fill_lesion_holes(cup, "3d") == cup).all()
+    axial = fill_lesion_holes(cup, "axial")
+    assert axial[4:7, 4:7, 4:9].all() and axial.sum() == 7**3
+    side = _hollow_cube()
+    side[4:7, 7:9, 4:7] = False  # open to the side within the axial planes: neither fills it
+    assert (fill_lesion_holes(side, "axial") == side).all()
+
+
+def test_lesion_holes_are_checked():
+    with pytest.raises(ValueError, match="holes must be one of"):
+        fill_lesion_holes(_hollow_cube(), "2d")
+    with pytest.raises(ValueError, match="3-D"):
+        fill_lesion_holes(_hollow_cube()[0], "3d")
+
+
+def test_a_synthetic_tumours_flair_dark_necrotic_core_is_the_hole_its_flair_bright_rest_encloses():
+    case = synthesize_case(11, False, shape=(64, 64, 48), voxel_mm=3.0, tumour_volume_ml=(40, 80))
+    core = case.seg == LABEL_NECROTIC
+    bright = (case.seg == LABEL_OEDEMA) | (case.seg == LABEL_ENHANCING)  # what a FLAIR-driven mask finds at best
+    flair = case.images["flair"].astype(np.float64)
+    brain = flair > 0
+    z = robust_z_scores(torch.from_numpy(flair), torch.from_numpy(brain))[0].numpy()
+    assert core.sum() >= 20 and np.median(z[core]) < np.median(z[case.seg == LABEL_OEDEMA]) - 1.5  # dark core
+    filled = fill_lesion_holes(bright, "3d")
+    assert (filled == (case.seg > 0)).all()  # exactly the BraTS whole tumour: the core, nothing else
+    assert not fill_lesion_holes(bright, "keep")[core].any()

@@ -21,6 +21,7 @@ from anofpdm.volumes.sequences import MSD_CHANNELS, SEQUENCES
 __all__ = [
     "SEQUENCES",
     "SEG",
+    "SUB_REGIONS",
     "CaseFiles",
     "CaseVolume",
     "find_case",
@@ -36,6 +37,15 @@ FILE_SEPARATORS = ("_", "-")  # BraTS21 uses <case>_flair, BraTS 2023 <case>-t2f
 MSD_IMAGES, MSD_LABELS = "imagesTr", "labelsTr"
 AFFINE_TOLERANCE_MM = 1e-3
 LAYOUTS = {"brats21": BRATS21_NAMES, "brats2023": BRATS2023_NAMES}
+# The BraTS sub-regions as BraTS21 labels them (so do the synthetic cases, anofpdm.data.synth), and each layout's
+# label of them: BraTS 2023 labels enhancing tumour 3; MSD Task01 labels oedema 1, non-enhancing tumour 2,
+# enhancing tumour 3 (its dataset.json)
+SUB_REGIONS = {"necrotic_core": 1, "oedema": 2, "enhancing": 4}
+LAYOUT_SUB_REGION_LABELS = {
+    "brats21": SUB_REGIONS,
+    "brats2023": {"necrotic_core": 1, "oedema": 2, "enhancing": 3},
+    "msd": {"necrotic_core": 2, "oedema": 1, "enhancing": 3},
+}
 
 
 @dataclass(frozen=True)
@@ -69,12 +79,15 @@ class CaseVolume:
         images: sequence name -> float32 3-D array.
         mask: whole tumour (label > 0) as uint8, or None when loaded without the seg.
         affine: RAS voxel-to-world affine shared by all arrays.
+        sub_regions: the label map in BraTS21 labels whatever the layout (``SUB_REGIONS``; 0 elsewhere, and where
+            the layout's label names no sub-region), or None when loaded without the seg.
     """
 
     case_id: str
     images: dict[str, np.ndarray]
     mask: np.ndarray | None
     affine: np.ndarray = field(repr=False)
+    sub_regions: np.ndarray | None = field(default=None, repr=False)
 
 
 def _check_sequences(sequences: Sequence[str]) -> tuple[str, ...]:
@@ -209,7 +222,7 @@ def _check_grid(
 
 
 def load_case(case: CaseFiles, sequences: Sequence[str] = SEQUENCES, with_seg: bool = True) -> CaseVolume:
-    """Load a case as float32 RAS arrays plus the whole-tumour mask.
+    """Load a case as float32 RAS arrays plus the whole-tumour mask and its sub-regions.
 
     Args:
         case: the case files (from ``find_cases`` / ``find_case``).
@@ -234,11 +247,14 @@ def load_case(case: CaseFiles, sequences: Sequence[str] = SEQUENCES, with_seg: b
         _check_grid(case.case_id, name, array, image.affine, reference)
         reference = reference or (array.shape, image.affine)
         images[name] = array
-    mask = None
+    mask = sub_regions = None
     if with_seg:
         seg_image = _load_ras(case.seg)
         seg = np.asarray(seg_image.dataobj)
         seg = seg[..., 0] if seg.ndim == 4 and seg.shape[3] == 1 else seg
         _check_grid(case.case_id, SEG, seg, seg_image.affine, reference)
         mask = (seg > 0).astype(np.uint8)
-    return CaseVolume(case.case_id, images, mask, reference[1])
+        sub_regions = np.zeros(seg.shape, dtype=np.uint8)
+        for name, label in LAYOUT_SUB_REGION_LABELS[case.layout].items():
+            sub_regions[seg == label] = SUB_REGIONS[name]
+    return CaseVolume(case.case_id, images, mask, reference[1], sub_regions)

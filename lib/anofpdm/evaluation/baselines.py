@@ -49,7 +49,7 @@ from anofpdm.method.pipeline import (
     finish_on_input_grid,
     image_like,
 )
-from anofpdm.method.postprocess import median_filter_3d
+from anofpdm.method.postprocess import LESION_HOLES, median_filter_3d
 from anofpdm.volumes.brain_extraction import apply_brain, extract_brain
 from anofpdm.volumes.slicing import BACKGROUND, VolumeGeometry, brain_pixels, to_model_grid, to_model_slices
 
@@ -124,6 +124,7 @@ class BaselineOptions:
         seed: noise seed (the reconstruction baseline's only random draw).
         min_lesion_mm3: connected components of this volume or less are removed.
         median_kernel: odd 3-D median kernel in voxels (None: the paper's 5 px at 128 px, scaled).
+        lesion_holes: the holes a lesion encloses, filled or kept as the pipeline's ``InferenceOptions.lesion_holes``.
         batch_size: slices per network batch.
     """
 
@@ -134,6 +135,7 @@ class BaselineOptions:
     seed: int = InferenceOptions.seed
     min_lesion_mm3: float = InferenceOptions.min_lesion_mm3
     median_kernel: int | None = None
+    lesion_holes: str = InferenceOptions.lesion_holes
     batch_size: int = DEFAULT_BATCH_SIZE
 
     def __post_init__(self) -> None:
@@ -149,6 +151,8 @@ class BaselineOptions:
             raise ValueError(f"median_kernel must be odd and positive, got {self.median_kernel}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.lesion_holes not in LESION_HOLES:
+            raise ValueError(f"lesion_holes must be one of {LESION_HOLES}, got {self.lesion_holes!r}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
@@ -394,7 +398,7 @@ def finish_baseline(
     kernel = options.median_kernel or default_median_kernel(model.config.image_size)
     filtered = median_filter_3d(maps.raw_map.transpose(1, 2, 0), kernel)  # S x S x N
     mask, mask_input, map_input, lesions, removed = finish_on_input_grid(
-        filtered, filtered >= threshold, geometry, options.min_lesion_mm3
+        filtered, filtered >= threshold, geometry, options.min_lesion_mm3, lesion_holes=options.lesion_holes
     )
     unhealthy = mask.any(axis=(0, 1))
     timings = {**maps.timings, "postprocess_s": time.perf_counter() - start}
@@ -411,7 +415,8 @@ def finish_baseline(
         "network_evaluations": maps.network_evaluations,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "settings": {**maps.settings, "threshold_rule": asdict(options.threshold),
-                     "min_lesion_mm3": options.min_lesion_mm3, "median_kernel": kernel, "device": str(model.device)},
+                     "min_lesion_mm3": options.min_lesion_mm3, "median_kernel": kernel,
+                     "lesion_holes": options.lesion_holes, "device": str(model.device)},
         "slices": {"segmented": len(geometry.slices), "unhealthy": int(unhealthy.sum())},
         "warnings": [],
     }

@@ -2,8 +2,9 @@
 
 The truth is the whole tumour (label > 0), resampled onto the model grid's slices; a result is scored by the
 paper's slice protocol there (:class:`SliceProtocol`, :func:`anofpdm.evaluation.metrics.slice_protocol`) and by the
-per-volume metrics and the BraTS lesion-wise metrics on the input grid
-(:func:`anofpdm.evaluation.metrics.volume_metrics`, :func:`anofpdm.evaluation.metrics.lesion_wise_scores`).
+per-volume metrics, the BraTS lesion-wise metrics and the recall per BraTS sub-region on the input grid
+(:func:`anofpdm.evaluation.metrics.volume_metrics`, :func:`anofpdm.evaluation.metrics.lesion_wise_scores`,
+:func:`anofpdm.evaluation.metrics.sub_region_recall`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ import numpy as np
 
 from anofpdm.data.brats import CaseFiles, load_case
 from anofpdm.method.decisions import is_uncertain
-from anofpdm.evaluation.metrics import lesion_wise_scores, slice_protocol, verdict_reliability, volume_metrics
+from anofpdm.evaluation.metrics import (
+    lesion_wise_scores,
+    slice_protocol,
+    sub_region_recall,
+    verdict_reliability,
+    volume_metrics,
+)
 from anofpdm.method.model import NetworkConfig
 from anofpdm.method.pipeline import PAPER_IMAGE_SIZE, SegmentationResult, default_median_kernel
 from anofpdm.method.postprocess import median_filter_2d, remove_small_components
@@ -71,6 +78,7 @@ class EvaluationCase:
         geometry: the model-grid geometry of the case.
         truth_slices: N x S x S whole-tumour mask on the model grid.
         brain_slices: N x S x S brain pixels on the model grid.
+        sub_regions: the truth's BraTS sub-regions on the input grid (``anofpdm.data.brats.SUB_REGIONS``).
     """
 
     case_id: str
@@ -82,6 +90,7 @@ class EvaluationCase:
     geometry: VolumeGeometry
     truth_slices: np.ndarray
     brain_slices: np.ndarray
+    sub_regions: np.ndarray
 
 
 def prepare_case(files: CaseFiles, config: NetworkConfig) -> EvaluationCase:
@@ -112,6 +121,7 @@ def prepare_case(files: CaseFiles, config: NetworkConfig) -> EvaluationCase:
         geometry=geometry,
         truth_slices=extra["truth"] >= TRUTH_LEVEL,
         brain_slices=brain_pixels(slices),
+        sub_regions=volume.sub_regions,
     )
 
 
@@ -129,7 +139,8 @@ def score_result(result: SegmentationResult, case: EvaluationCase, protocol: Sli
     Returns:
         {"slice": metrics.slice_protocol(...), "volume": metrics.volume_metrics(...), "lesion_wise":
         metrics.lesion_wise_scores(...) on the input grid's spacing, "reliability": metrics.verdict_reliability(...)
-        of the reported unhealthy probabilities, None where there are none}
+        of the reported unhealthy probabilities, None where there are none, "sub_region_recall":
+        metrics.sub_region_recall(...)}
     """
     grid = result.model_grid
     if grid is None or tuple(grid.geometry.slices) != tuple(case.geometry.slices):
@@ -147,4 +158,5 @@ def score_result(result: SegmentationResult, case: EvaluationCase, protocol: Sli
     reliability = None if probability is None else verdict_reliability(
         probability, grid.unhealthy, case.truth_slices.any(axis=(1, 2)), is_uncertain(np.asarray(probability)))
     return {"slice": slices, "volume": volume_metrics(mask, scores, case.truth, case.brain, case.voxel_mm3),
-            "lesion_wise": lesion_wise_scores(mask, case.truth, case.spacing_mm), "reliability": reliability}
+            "lesion_wise": lesion_wise_scores(mask, case.truth, case.spacing_mm), "reliability": reliability,
+            "sub_region_recall": sub_region_recall(mask, case.sub_regions, case.spacing_mm)}

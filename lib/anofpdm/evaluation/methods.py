@@ -74,6 +74,7 @@ class EvaluationSettings:
         baseline_min_lesion_mm3: the minimum lesion size of baselines that have their own (tuned), in place of
             ``min_lesion_mm3``.
         slice_protocol: the 2-D post-processing of the slice protocol.
+        lesion_holes: the holes a lesion encloses, filled or kept (every method; ``InferenceOptions.lesion_holes``).
         overlay_cases: overlays are drawn for this many cases (the first in case-id order).
     """
 
@@ -88,6 +89,7 @@ class EvaluationSettings:
     thresholds: dict[str, FixedThreshold] = field(default_factory=lambda: {m: default_threshold(m) for m in BASELINES})
     baseline_min_lesion_mm3: dict[str, float] = field(default_factory=dict)
     slice_protocol: SliceProtocol = field(default_factory=SliceProtocol)
+    lesion_holes: str = InferenceOptions.lesion_holes
     overlay_cases: int = DEFAULT_OVERLAY_CASES
 
     def __post_init__(self) -> None:
@@ -108,12 +110,13 @@ class EvaluationSettings:
         return BaselineOptions(threshold=self.thresholds[method], noise_level=noise_levels.get(method),
                                stride=self.baseline_stride, guidance=self.cfg_guidance, seed=self.seed,
                                min_lesion_mm3=self.baseline_min_lesion_mm3.get(method, self.min_lesion_mm3),
-                               batch_size=self.batch_size or DEFAULT_BATCH_SIZE)
+                               lesion_holes=self.lesion_holes, batch_size=self.batch_size or DEFAULT_BATCH_SIZE)
 
     def inference_options(self, method: str) -> InferenceOptions:
         """The pipeline's ``InferenceOptions`` of one AnoFPDM variant."""
         return InferenceOptions(**ANOFPDM_VARIANTS[method], seed=self.seed, min_lesion_mm3=self.min_lesion_mm3,
-                                batch_size=self.batch_size, min_brain_fraction=self.min_brain_fraction)
+                                lesion_holes=self.lesion_holes, batch_size=self.batch_size,
+                                min_brain_fraction=self.min_brain_fraction)
 
 
 def run_method(

@@ -10,6 +10,9 @@ so per-volume 3-D metrics are reported beside it.
 
 Lesion-wise Dice and HD95 (``lesion_wise_scores``) are the BraTS 2023+ challenges' ranking metrics, scored per
 lesion of the truth so that a missed small lesion or an invented one weighs as much as a large one.
+
+The recall per BraTS sub-region (``sub_region_recall``) says which part of the whole tumour a mask misses: the
+necrotic / non-enhancing core, the oedema, the enhancing tumour, and the oedema's faint outer edge.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from anofpdm.data.brats import SUB_REGIONS
 from anofpdm.method.postprocess import lesion_components
 from anofpdm.volumes.overlap import OVERLAP_NAMES, check_pair, dice, iou, overlap_scores, precision, recall
 
@@ -39,6 +43,11 @@ __all__ = [
     "BRATS_MISSING_HD95_MM",
     "hd95_mm",
     "lesion_wise_scores",
+    "FAINT_EDGE_MM",
+    "FAINT_EDGE",
+    "faint_edge",
+    "sub_region_recall",
+    "aggregate_sub_region_recall",
     "slice_protocol",
     "aggregate_cases",
     "verdict_reliability",
@@ -60,6 +69,11 @@ POOLED_SLICE_METRICS = {
     "slice_accuracy": "n_slices",
 }
 CASE_MEAN_SLICE_METRICS = ("mixed_auprc", "unhealthy_auprc", "slice_auroc")
+# The faint edge of the whole tumour: its voxels within this distance of the nearest voxel outside it. On the
+# synthetic cases the oedema fades there (anofpdm.data.synth.OEDEMA_EDGE_FACTOR), and on the 1 mm BraTS grid it is
+# the outer two voxels: the part of the oedema a reader draws last (docs/evaluation.md, "The whole tumour ...")
+FAINT_EDGE_MM = 2.0
+FAINT_EDGE = "faint_edge"
 
 
 def average_precision(scores: np.ndarray, truth: np.ndarray, region: np.ndarray | None = None) -> float | None:
@@ -242,6 +256,52 @@ def lesion_wise_scores(
         "false_positives": false_positives,
         "small_lesions_left_out": small,
     }
+
+
+def faint_edge(whole_tumour: np.ndarray, spacing_mm: Sequence[float], edge_mm: float = FAINT_EDGE_MM) -> np.ndarray:
+    """The whole tumour's voxels within ``edge_mm`` (Euclidean, on the grid's spacing) of the nearest voxel outside
+    it, and its outer layer (voxels with a face neighbour outside) on grids coarser than that; a hole inside the
+    tumour is not outside it, so only the outer boundary counts."""
+    whole_tumour = np.asarray(whole_tumour).astype(bool)
+    spacing = _checked_spacing(spacing_mm, whole_tumour.ndim)
+    if edge_mm <= 0:
+        raise ValueError(f"edge_mm must be positive, got {edge_mm}")
+    edge = np.zeros(whole_tumour.shape, dtype=bool)
+    if not whole_tumour.any():
+        return edge
+    near = _padded(_enclosing(ndimage.find_objects(whole_tumour.astype(np.uint8))), 1, whole_tumour.shape)
+    filled = np.pad(ndimage.binary_fill_holes(whole_tumour[near]), 1)  # padded: the volume's border is outside
+    inner = (slice(1, -1),) * whole_tumour.ndim
+    depth = ndimage.distance_transform_edt(filled, sampling=spacing)[inner]
+    outer_layer = filled[inner] & ~ndimage.binary_erosion(filled)[inner]
+    edge[near] = whole_tumour[near] & ((depth <= edge_mm) | outer_layer)
+    return edge
+
+
+def sub_region_recall(
+    prediction: np.ndarray, sub_regions: np.ndarray, spacing_mm: Sequence[float], edge_mm: float = FAINT_EDGE_MM
+) -> dict[str, float | None]:
+    """The share of each BraTS sub-region of the truth that a binary prediction covers.
+
+    Args:
+        prediction: binary 3-D prediction.
+        sub_regions: the truth's label map in BraTS21 labels (``anofpdm.data.brats.SUB_REGIONS``).
+        spacing_mm: the grid's voxel size along each axis.
+        edge_mm: the depth of the faint edge (``faint_edge``).
+
+    Returns:
+        {"necrotic_core", "oedema", "enhancing", ``FAINT_EDGE``: recall}, None for a region the truth lacks.
+    """
+    prediction, whole = check_pair(prediction, np.asarray(sub_regions) > 0)
+    regions = {name: np.asarray(sub_regions) == label for name, label in SUB_REGIONS.items()}
+    regions[FAINT_EDGE] = faint_edge(whole, spacing_mm, edge_mm)
+    return {name: float(recall(prediction, region)) if region.any() else None for name, region in regions.items()}
+
+
+def aggregate_sub_region_recall(cases: Sequence[Mapping[str, float | None]]) -> dict[str, dict[str, Any]]:
+    """Mean +- std (population) of ``sub_region_recall`` per region over the cases whose truth has it."""
+    names = (*SUB_REGIONS, FAINT_EDGE)
+    return {name: _mean_std([case[name] for case in cases if case[name] is not None]) for name in names}
 
 
 def slice_score_auroc(scores: np.ndarray, tumour: np.ndarray) -> float | None:

@@ -11,7 +11,14 @@ import numpy as np
 from anofpdm.evaluation.case_scoring import EvaluationCase
 from anofpdm.method.decisions import UNCERTAIN_PROBABILITY
 from anofpdm.evaluation.methods import METHODS
-from anofpdm.evaluation.metrics import aggregate_cases, aggregate_reliability
+from anofpdm.data.brats import SUB_REGIONS
+from anofpdm.evaluation.metrics import (
+    FAINT_EDGE,
+    FAINT_EDGE_MM,
+    aggregate_cases,
+    aggregate_reliability,
+    aggregate_sub_region_recall,
+)
 from anofpdm.method.model import MAP_SEQUENCES
 from anofpdm.method.pipeline import SegmentationResult
 
@@ -21,6 +28,7 @@ OVERLAY_DPI = 90
 OVERLAY_TILE_INCHES = 2.6
 TRUTH_COLOUR, PREDICTION_COLOUR = "lime", "red"
 PERCENT = 100.0
+SUB_REGION_TITLES = {"necrotic_core": "necrotic / non-enhancing core", "oedema": "oedema", "enhancing": "enhancing"}
 
 
 def _mean_of(per_case: Sequence[Mapping[str, Any]], key: str) -> float | None:
@@ -40,6 +48,7 @@ def aggregate_methods(records: Sequence[dict[str, Any]], methods: Sequence[str])
             "seconds_per_case": _mean_of(per_case, "seconds"),
             "network_evaluations_per_case": _mean_of(per_case, "network_evaluations"),
             "verdict_reliability": aggregate_reliability(reliability) if reliability else None,
+            "sub_region_recall": aggregate_sub_region_recall([c["sub_region_recall"] for c in per_case]),
         }
     return summary
 
@@ -100,7 +109,23 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
                        f"score lies between {low} and {high}; accuracies in %; Brier score of the probability against "
                        "whether the slice holds tumour, beside that of a constant probability equal to the share of "
                        "tumour slices (lower is better).")]
-    return "\n".join(lines + notes) + "\n"
+    return "\n".join(lines + notes + _sub_region_table(summary)) + "\n"
+
+
+def _sub_region_table(summary: Mapping[str, Any]) -> list[str]:
+    """The recall per BraTS sub-region, a table of its own under the main one."""
+    names = {**{name: f"{SUB_REGION_TITLES[name]} ({label})" for name, label in SUB_REGIONS.items()},
+             FAINT_EDGE: f"faint edge (outer {FAINT_EDGE_MM:g} mm)"}
+    lines = ["", "| method | " + " | ".join(names.values()) + " |", "|---|" + "---|" * len(names)]
+    for method, result in summary.items():
+        recall = result["sub_region_recall"]
+        cells = ["n/a" if recall[n]["mean"] is None else
+                 f"{PERCENT * recall[n]['mean']:.1f} ± {PERCENT * recall[n]['std']:.1f} ({recall[n]['n']})"
+                 for n in names]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines + ["", "Recall per BraTS sub-region (%): the share of the truth's region inside the mask, mean ± std "
+                        "over the cases whose truth has it (their number in brackets); the faint edge is the whole "
+                        f"tumour's voxels within {FAINT_EDGE_MM:g} mm of the nearest voxel outside it."]
 
 
 def _overlay_slice(case: EvaluationCase) -> int:

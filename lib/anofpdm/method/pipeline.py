@@ -34,7 +34,9 @@ from anofpdm.method.forward_process import ForwardProcessConfig, SliceStatistics
 from anofpdm.method.model import MAP_SEQUENCES, LoadedModel
 from anofpdm.method.postprocess import (
     LABEL_NAMES,
+    LESION_HOLES,
     TUMOUR,
+    fill_lesion_holes,
     lesion_table,
     mark_uncertain_lesions,
     median_filter_3d,
@@ -65,6 +67,8 @@ class InferenceOptions:
         seed: noise seed.
         min_lesion_mm3: connected components of this volume or less are removed.
         median_kernel: odd 3-D median kernel in voxels (None: the paper's 5 px at 128 px, scaled).
+        lesion_holes: the holes a lesion encloses on the model grid, filled before the component filter ("3d",
+            "axial") or kept ("keep"): ``anofpdm.method.postprocess.fill_lesion_holes``.
         batch_size: slices per network batch (None: 8 on CPU, 64 on CUDA).
         bf16: run the network under bfloat16 autocast (fast on recent GPUs; calibrated in float32).
         map_variant: "mean" (docs/method.md section 4: mean error before t_e) or "end_step" (the paper's
@@ -93,6 +97,7 @@ class InferenceOptions:
     seed: int = 0
     min_lesion_mm3: float = 500.0
     median_kernel: int | None = None
+    lesion_holes: str = LESION_HOLES[0]
     batch_size: int | None = None
     bf16: bool = False
     map_variant: str = "mean"
@@ -104,7 +109,8 @@ class InferenceOptions:
 
     def __post_init__(self) -> None:
         for name, choices in (("registration", REGISTRATION_MODES), ("map_variant", MAP_VARIANTS),
-                              ("decision_rule", DECISION_RULES), ("brain_extraction", BRAIN_EXTRACTION_MODES)):
+                              ("decision_rule", DECISION_RULES), ("brain_extraction", BRAIN_EXTRACTION_MODES),
+                              ("lesion_holes", LESION_HOLES)):
             if getattr(self, name) not in choices:
                 raise InputError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.min_lesion_mm3 < 0:
@@ -303,7 +309,8 @@ def segment_volume(
     decided = decide_slices(model, outputs, options, volume_rule)
     probability = outputs.calibration.unhealthy_probability(stats.scores)
     mask_model, labels_input, map_input, lesions, removed = finish_on_input_grid(
-        decided.filtered_map, decided.candidate, geometry, options.min_lesion_mm3, probability, options.mark_uncertain
+        decided.filtered_map, decided.candidate, geometry, options.min_lesion_mm3, probability, options.mark_uncertain,
+        options.lesion_holes,
     )
     unhealthy = decided.unhealthy
     if options.decision_rule == "volume":  # its verdict: the slice holds a lesion that passed the component filter
@@ -386,8 +393,10 @@ def finish_on_input_grid(
     min_lesion_mm3: float,
     unhealthy_probability: torch.Tensor | None = None,
     mark_uncertain: bool = False,
+    lesion_holes: str = InferenceOptions.lesion_holes,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]], int]:
-    """Component filter on the model grid, then label map and map onto the input grid, and the lesion table.
+    """Hole and component filters on the model grid, then label map and map onto the input grid, and the lesion
+    table.
 
     Args:
         filtered: S x S x N median-filtered anomaly map.
@@ -398,12 +407,15 @@ def finish_on_input_grid(
             of its slices.
         mark_uncertain: with ``unhealthy_probability``, label lesions below the confident level
             ``UNCERTAIN_PROBABILITY[1]`` as ``UNCERTAIN_TUMOUR``.
+        lesion_holes: how the holes a lesion encloses are filled, before the component filter so that a lesion's
+            size counts its core (``anofpdm.method.postprocess.fill_lesion_holes``).
 
     Returns:
         The filtered model-grid mask, the input-grid label map (uint8, ``TUMOUR`` or ``UNCERTAIN_TUMOUR``)
         and map, the lesion table, and the number of components removed.
     """
-    mask, removed = remove_small_components(candidate, geometry.spacing_mm, min_lesion_mm3)
+    mask, removed = remove_small_components(fill_lesion_holes(candidate, lesion_holes), geometry.spacing_mm,
+                                            min_lesion_mm3)
     # resampling can leave a kept component smaller (cut by the field of view) or split off pieces of it: the
     # lesions the user gets are held to the same minimum on the input grid
     mask_input, fragments = remove_small_components(
@@ -503,6 +515,7 @@ def _report(
             "min_brain_fraction": options.min_brain_fraction,
             "min_lesion_mm3": options.min_lesion_mm3,
             "median_kernel": kernel,
+            "lesion_holes": options.lesion_holes,
             "model_grid_spacing_mm": [round(s, 4) for s in geometry.spacing_mm],
             "device": str(model.device),
             "precision": "bf16 autocast" if options.bf16 else "fp32",
