@@ -11,21 +11,27 @@ a validation split, never on the test cases you report.
         --prepared data/slices64s --split val --map-z 4,6,8,10,12,16 --cache runs/sweep_val
 
 ``--cache`` keeps each case's forward process (pickles, for this benchmark only), so settings can be compared again
-without the network.
+without the network. ``--min-brain-fraction 0,0.1`` also scores leaving out the slices with little brain
+(``InferenceOptions.min_brain_fraction``) from the same forward process: exactly what the option gives, since a
+visited slice's statistics do not depend on the other slices (``anofpdm.method.forward_process.run_on_slices``).
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from anofpdm.arguments import comma_floats
 from anofpdm.evaluation.case_scoring import SliceProtocol, score_result
 from anofpdm.method.decisions import VolumeRule
 from anofpdm.method.model import load_model
-from anofpdm.method.pipeline import InferenceOptions, segment_volume
+from anofpdm.method.forward_process import SliceStatistics
+from anofpdm.method.pipeline import ForwardOutputs, InferenceOptions, segment_volume
+from anofpdm.volumes.slicing import slices_with_brain
 from anofpdm.runtime import default_device
 from cases import prepared_forward, select_cases
 
@@ -43,13 +49,15 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--cache", type=Path, help="folder for each case's forward process")
     parser.add_argument("--max-cases", type=int, help="the first N cases in case-id order (as evaluate's)")
+    parser.add_argument("--min-brain-fraction", type=comma_floats, default=(InferenceOptions.min_brain_fraction,))
     args = parser.parse_args()
 
     model = load_model(args.model, device=args.device or default_device())
     cases = select_cases(args.data, args.prepared, [args.split])[:args.max_cases]
     options = InferenceOptions(mode=args.mode, batch_size=args.batch_size, decision_rule="volume")
-    rules = [VolumeRule(map_z=z, flair_quantile=q) for z in args.map_z for q in args.flair_quantile]
-    rows: dict[VolumeRule, list[tuple[float, float, float, float | None]]] = {rule: [] for rule in rules}
+    rules = [(VolumeRule(map_z=z, flair_quantile=q), f)
+             for z in args.map_z for q in args.flair_quantile for f in args.min_brain_fraction]
+    rows: dict[tuple[VolumeRule, float], list[tuple[float, float, float, float | None]]] = {rule: [] for rule in rules}
     for files in cases:
         cached = None if args.cache is None else args.cache / f"{files.case_id}.{args.mode}.pkl"
         try:
@@ -57,23 +65,35 @@ def main() -> None:
         except ValueError as exc:  # an unreadable or invalid case is reported and left out, as evaluate does
             print(f"{files.case_id} left out: {exc}", flush=True)
             continue
-        for rule in rules:
-            result = segment_volume(model, case.images, options, forward_outputs=outputs, volume_rule=rule)
+        for rule, fraction in rules:
+            result = segment_volume(model, case.images, options, forward_outputs=left_out(outputs, fraction),
+                                    volume_rule=rule)
             scored = score_result(result, case, SliceProtocol())
             volume = scored["volume"]
-            rows[rule].append((volume["truth_ml"], volume["dice"], volume["predicted_ml"],
+            rows[rule, fraction].append((volume["truth_ml"], volume["dice"], volume["predicted_ml"],
                                scored["slice"]["slice_auroc"]))
         print(f"{files.case_id} done", flush=True)
 
-    print("map_z | flair_quantile | 3-D Dice | healthy FP (mL) | called healthy | slice AUROC | per tumour case")
-    for rule, figures in rows.items():
+    print("map_z | flair_quantile | min brain fraction | 3-D Dice | healthy FP (mL) | called healthy | slice AUROC "
+          "| per tumour case")
+    for (rule, fraction), figures in rows.items():
         tumour = [f for f in figures if f[0] > 0]
         healthy = [f for f in figures if f[0] == 0]
         aurocs = [f[3] for f in tumour if f[3] is not None]
-        print(f"{rule.map_z:g} | {rule.flair_quantile:g} | {np.mean([f[1] for f in tumour]):.3f} | "
+        print(f"{rule.map_z:g} | {rule.flair_quantile:g} | {fraction:g} | {np.mean([f[1] for f in tumour]):.3f} | "
               f"{np.mean([f[2] for f in healthy]) if healthy else float('nan'):.2f} | "
               f"{sum(f[2] == 0 for f in healthy)} of {len(healthy)} | "
               f"{np.mean(aurocs) if aurocs else float('nan'):.3f} | " + " ".join(f"{f[1]:.2f}" for f in tumour))
+
+
+def left_out(outputs: ForwardOutputs, min_brain_fraction: float) -> ForwardOutputs:
+    """``outputs`` as if the slices with less brain than ``min_brain_fraction`` had not been run."""
+    visited = slices_with_brain(outputs.slices, min_brain_fraction)
+    stats, rows = outputs.stats, torch.from_numpy(visited)
+    kept = SliceStatistics(stats.scores[rows], stats.anomaly_maps[rows], stats.end_step_maps[rows],
+                           stats.end_steps[rows], stats.max_divergence[rows], stats.network_evaluations,
+                           stats.visited_steps)
+    return replace(outputs, stats=kept.scattered(visited), visited=visited)
 
 
 if __name__ == "__main__":
