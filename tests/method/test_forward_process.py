@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 from dataclasses import replace
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from anofpdm.method.diffusion import NoiseSchedule, slice_noise_seed
 from anofpdm.method.decisions import cosine_scores
-from anofpdm.method.forward_process import ForwardProcessConfig, run_forward_process, run_on_slices
+from anofpdm.method.forward_process import ForwardProcessConfig, chunk_workers, run_forward_process, run_on_slices
 from anofpdm.method.model import HEALTHY, NULL_LABEL, load_model
 
 from conftest import tiny_network
@@ -220,3 +221,34 @@ def test_bf16_autocast_changes_precision_not_results(tiny_model_path):
     assert not torch.equal(bf16.anomaly_maps, fp32.anomaly_maps)  # it did run in lower precision
     torch.testing.assert_close(bf16.anomaly_maps, fp32.anomaly_maps, rtol=0.1, atol=0.02)
     torch.testing.assert_close(bf16.scores, fp32.scores, rtol=0.02, atol=0.02)
+
+
+def test_on_a_cpu_with_two_threads_two_chunks_run_at_once_with_the_same_results(tiny_model_path):
+    model = load_model(tiny_model_path)
+    slices = (torch.rand(7, 2, 16, 16) * 2 - 1) * torch.linspace(0.1, 1, 7)[:, None, None, None]
+    config = ForwardProcessConfig(forward_steps=120, stride=20, seed=2)
+    one_at_a_time = run_on_slices(model, slices, config, batch_size=2)  # the session's one torch thread: in turn
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert chunk_workers(model.device, 4) == 2 and chunk_workers(model.device, 1) == 1
+        assert chunk_workers(torch.device("cuda"), 4) == 1  # a GPU runs its chunks in turn
+        progress, seen = [], set()
+        bf16_seen = []
+
+        def report(done: int, total: int) -> None:
+            progress.append((done, total))
+            seen.add(threading.get_ident())
+            bf16_seen.append(torch.is_autocast_enabled('cpu'))
+
+        at_once = run_on_slices(model, slices, config, batch_size=2, progress=report)
+        assert torch.get_num_threads() == 2  # restored after the workers' one thread each
+        run_on_slices(model, slices, config, batch_size=2, progress=report, bf16=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) == 2  # two worker threads did the chunks
+    assert [done for done, _ in progress[:24]] == list(range(1, 25)) and progress[23][1] == 4 * 6  # 4 chunks x 6
+    assert not any(bf16_seen[:24]) and all(bf16_seen[24:])  # autocast reaches the worker threads
+    for name in ("scores", "anomaly_maps", "end_steps", "max_divergence"):
+        torch.testing.assert_close(getattr(at_once, name), getattr(one_at_a_time, name), msg=name)
+    assert at_once.network_evaluations == one_at_a_time.network_evaluations == 2 * 7 * 6

@@ -12,7 +12,9 @@ sums and maxima, so memory does not grow with the number of steps:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,7 +27,7 @@ from anofpdm.method.model import HEALTHY, MAP_SEQUENCES, NULL_LABEL, LoadedModel
 from anofpdm.progress import ProgressCallback
 from anofpdm.runtime import release_free_memory
 
-__all__ = ["ForwardProcessConfig", "ForwardProcessResult", "SliceStatistics", "guided_and_null_noise",
+__all__ = ["chunk_workers", "ForwardProcessConfig", "ForwardProcessResult", "SliceStatistics", "guided_and_null_noise",
            "run_forward_process", "run_on_slices"]
 
 Encoding = Literal["ddim", "ddpm"]
@@ -274,6 +276,13 @@ class SliceStatistics:
         )
 
 
+def chunk_workers(device: torch.device, chunks: int) -> int:
+    """Chunks of slices run at once: on a CPU one per torch thread, each chunk on one thread (torch's threads sharing
+    one small network call wait on each other: 1.6 times slower than two single-threaded chunks on the idle 2-core
+    CPU, 3 times on busy cores; docs/performance.md); one on a GPU."""
+    return max(1, min(torch.get_num_threads(), chunks)) if device.type == "cpu" else 1
+
+
 def run_on_slices(
     model: LoadedModel,
     slices: np.ndarray | torch.Tensor,
@@ -286,7 +295,8 @@ def run_on_slices(
     """Run the forward process over any number of slices in chunks of ``batch_size``.
 
     Slice i is the run-wide slice i of ``run_forward_process`` (or ``slice_indices[i]``): its result does not depend
-    on the batch size, on the other slices, or on the device's random generator.
+    on the batch size, on the other slices, or on the device's random generator. On a CPU the chunks run in
+    ``chunk_workers`` threads of one torch thread each.
 
     Args:
         model: the trained model (its device is used).
@@ -303,19 +313,29 @@ def run_on_slices(
     schedule = NoiseSchedule.from_dict(model.schedule, device=model.device)
     map_channels = [model.config.sequences.index(s) for s in MAP_SEQUENCES]
     starts = list(range(0, len(slices), batch_size))
-    planned = len(config.visited_steps)
-    parts: list[ForwardProcessResult] = []
-    for chunk, begin in enumerate(starts):
+    steps_done = itertools.count(1)  # visited steps of all chunks (next() is atomic under the GIL)
+
+    def report_step(done: int, total: int) -> None:
+        if progress is not None:
+            progress(next(steps_done), len(starts) * len(config.visited_steps))
+
+    def run_chunk(begin: int) -> ForwardProcessResult:
         chunk_slices = slices[begin : begin + batch_size]
         x0 = (torch.from_numpy(chunk_slices) if isinstance(chunk_slices, np.ndarray) else chunk_slices).to(model.device)
+        indices = range(begin, begin + len(x0)) if slice_indices is None else slice_indices[begin : begin + len(x0)]
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):  # autocast is per thread
+            return run_forward_process(model.network, x0, schedule, config, map_channels, report_step, indices)
 
-        def report_step(done: int, total: int, chunk: int = chunk) -> None:
-            if progress is not None:
-                progress(chunk * planned + done, len(starts) * planned)
-
-        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-            indices = range(begin, begin + len(x0)) if slice_indices is None else slice_indices[begin : begin + len(x0)]
-            parts.append(run_forward_process(model.network, x0, schedule, config, map_channels, report_step, indices))
+    workers = chunk_workers(model.device, len(starts))
+    if workers == 1:
+        parts = [run_chunk(begin) for begin in starts]
+    else:
+        threads = torch.get_num_threads()
+        try:
+            with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                parts = list(pool.map(run_chunk, starts))
+        finally:
+            torch.set_num_threads(threads)  # the workers' setting is the process's too
     if not parts:
         raise ValueError("no slices to run the forward process on")
     return SliceStatistics(
