@@ -223,15 +223,16 @@ def test_slices_with_little_brain_are_left_out_of_the_network(model):
         data[:, :, [1, 10]] = 0.0
         data[6:10, 5:9, [1, 10]] = corner
         images[name] = type(images[name])(data, images[name].affine)
-    every = segment_volume(model, images, InferenceOptions(min_lesion_mm3=0))
-    fewer = segment_volume(model, images, InferenceOptions(min_lesion_mm3=0, min_brain_fraction=0.2))
+    every = segment_volume(model, images, InferenceOptions(min_lesion_mm3=0, min_brain_fraction=0.0))
+    fewer = segment_volume(model, images, InferenceOptions(min_lesion_mm3=0))
+    assert InferenceOptions().min_brain_fraction == 0.1
     assert every.report["slices"]["visited"] == every.report["slices"]["segmented"] == 10
     slices = fewer.report["slices"]
     assert slices["segmented"] == 10 and slices["visited"] == 8
     left_out = [index for index, flag in zip(slices["index"], slices["visited_flag"]) if not flag]
     assert left_out == [1, 10]
     assert fewer.report["network_evaluations"] == every.report["network_evaluations"] * 8 // 10
-    assert fewer.report["settings"]["min_brain_fraction"] == 0.2
+    assert fewer.report["settings"]["min_brain_fraction"] == 0.1
     anomaly_map, mask = np.asanyarray(fewer.anomaly_map.dataobj), np.asanyarray(fewer.mask.dataobj)
     assert not anomaly_map[:, :, left_out].any() and not mask[:, :, left_out].any()
     assert anomaly_map[:, :, 2:10].any()
