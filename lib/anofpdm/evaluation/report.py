@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from anofpdm.evaluation.benign_findings import aggregate_findings, findings_table
 from anofpdm.evaluation.case_scoring import EvaluationCase
 from anofpdm.method.decisions import UNCERTAIN_PROBABILITY
 from anofpdm.evaluation.methods import METHODS
@@ -28,7 +29,10 @@ def _mean_of(per_case: Sequence[Mapping[str, Any]], key: str) -> float | None:
 
 
 def aggregate_methods(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
-    """Per method: the case metrics aggregated over the scored cases, its cost per case and verdict reliability."""
+    """Per method: the case metrics aggregated over the scored cases, its cost per case and verdict reliability.
+
+    Where cases carry a benign-findings map, also ``"benign_findings"``: ``benign_findings.aggregate_findings``.
+    """
     scored = [r for r in records if "error" not in r]
     summary = {}
     for method in methods:
@@ -41,6 +45,9 @@ def aggregate_methods(records: Sequence[dict[str, Any]], methods: Sequence[str])
             "network_evaluations_per_case": _mean_of(per_case, "network_evaluations"),
             "verdict_reliability": aggregate_reliability(reliability) if reliability else None,
         }
+        findings = aggregate_findings(per_case)
+        if findings is not None:
+            summary[method]["benign_findings"] = findings
     return summary
 
 
@@ -100,7 +107,7 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
                        f"score lies between {low} and {high}; accuracies in %; Brier score of the probability against "
                        "whether the slice holds tumour, beside that of a constant probability equal to the share of "
                        "tumour slices (lower is better).")]
-    return "\n".join(lines + notes) + "\n"
+    return "\n".join(lines + notes) + "\n" + findings_table(summary)
 
 
 def _overlay_slice(case: EvaluationCase) -> int:
