@@ -498,13 +498,17 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def _tumour_box(tumour: _TumourPlan, axes_mm: list[np.ndarray]) -> tuple[slice, ...]:
-    reach = TUMOUR_BOX_RADII * tumour.radius_mm
+def _box_around(centre_mm: np.ndarray, reach_mm: float, axes_mm: list[np.ndarray]) -> tuple[slice, ...]:
+    """Voxel box of the crop within ``reach_mm`` of ``centre_mm`` along each axis (empty slices where none is)."""
     box = []
     for a, axis in enumerate(axes_mm):
-        inside = np.nonzero(np.abs(axis - tumour.centre_mm[a]) <= reach)[0]
+        inside = np.nonzero(np.abs(axis - centre_mm[a]) <= reach_mm)[0]
         box.append(slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0))
     return tuple(box)
+
+
+def _tumour_box(tumour: _TumourPlan, axes_mm: list[np.ndarray]) -> tuple[slice, ...]:
+    return _box_around(tumour.centre_mm, TUMOUR_BOX_RADII * tumour.radius_mm, axes_mm)
 
 
 def _tumour_fields(
@@ -607,7 +611,8 @@ class _BenignAtlas:
 @functools.lru_cache(maxsize=1)
 def _benign_atlas() -> _BenignAtlas:
     """The lateral ventricles of the template, their horns' tips and the distance maps, once per process."""
-    gm, wm, brain = (np.asarray(channel) for channel in _atlas().channels[0, :3].numpy())
+    channels = _atlas().channels[0].numpy()
+    gm, wm, brain = (channels[ATLAS_CHANNELS.index(name)] for name in ("gm", "wm", "brain"))
     csf = np.clip(brain - gm - wm, 0.0, 1.0)
     depth = ndimage.distance_transform_edt(brain > MEMBERSHIP_THRESHOLD)
     components, count = ndimage.label((csf > MEMBERSHIP_THRESHOLD) & (depth > LATERAL_VENTRICLE_MIN_DEPTH_MM))
@@ -726,11 +731,7 @@ def _lacunes(
         centre = pose.to_target(sites[rng.integers(len(sites))][None].astype(np.float64), atlas.centre)[0]
         radius, rim = _uniform(rng, LACUNE_RADIUS_MM), _uniform(rng, LACUNE_GLIOSIS_MM)
         gain = _uniform(rng, LACUNE_GLIOSIS_GAIN)
-        box = []
-        for axis, c in zip(axes_mm, centre):
-            inside = np.nonzero(np.abs(axis - c) <= radius + rim + 3 * BENIGN_EDGE_MM)[0]
-            box.append(slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0))
-        box = tuple(box)
+        box = _box_around(centre, radius + rim + 3 * BENIGN_EDGE_MM, axes_mm)
         nearest = tuple(int(np.abs(axis - c).argmin()) for axis, c in zip(axes_mm, centre))
         if any(b.stop <= b.start for b in box) or not allowed[nearest]:
             continue
