@@ -327,6 +327,7 @@ def test_clinical_findings_lie_outside_the_tumour_and_are_labelled_healthy(clini
             # brighter on FLAIR than the rest of the brain, and than the same voxels in the basic case
             assert clinical.images["flair"][bright].mean() > 1.1 * np.median(clinical.images["flair"][normal_wm])
             assert clinical.images["flair"][bright].mean() > basic.images["flair"][bright].mean()
+            assert clinical.images["t2"][bright].mean() > basic.images["t2"][bright].mean()  # bright on T2 too
     assert seen == {"training", "shifted"}
 
 

@@ -160,7 +160,7 @@ BAND_IRREGULARITY_CONTROL_MM = 8.0
 CAP_RADIUS_MM = (4.0, 9.0)  # reach of a cap from its horn's tip
 CAP_DEPTH_MM = (3.0, 7.0)  # and from the ventricle's wall
 OCCIPITAL_CAP_PROBABILITY = 0.5  # frontal caps always come with grade >= 1, occipital ones with this probability
-CAP_GAIN = (0.35, 0.8)  # FLAIR gain on HYPERINTENSITY_GAIN's scale (1: about as bright as oedema)
+CAP_GAIN = (0.35, 0.8)  # the findings map's value, times CLINICAL_HYPERINTENSITY_GAIN (1: about as bright as oedema)
 LINING_GAIN = (0.3, 0.6)
 HALO_GAIN = (0.35, 0.75)
 CONFLUENT_GAIN = (0.6, 1.0)
@@ -194,7 +194,10 @@ CONTRAST = {
         "t2": (2.1, 1.05, 0.72, 1.55, 1.25, 1.9, 1.6),
     }.items()
 }
-HYPERINTENSITY_GAIN = {"flair": 1.0, "t1": -0.15, "t1ce": -0.15, "t2": 0.6}  # benign findings
+HYPERINTENSITY_GAIN = {"flair": 1.0, "t1": -0.15, "t1ce": -0.15, "t2": 0.6}  # basic benign findings
+# Clinical findings: white-matter lesions and gliosis hold more water, bright on T2 as on FLAIR (at full gain about
+# as bright as oedema on both, above grey matter on T2), mildly dark on T1.
+CLINICAL_HYPERINTENSITY_GAIN = {"flair": 1.0, "t1": -0.2, "t1ce": -0.2, "t2": 1.1}
 TEMPLATE_TEXTURE_SEQUENCES = ("t1", "t1ce")
 TEMPLATE_T1_WEIGHT = 0.5  # T1 and T1ce blend the template's own T1 texture with the tissue model
 SCANNER_SCALE = {"flair": 120.0, "t1": 150.0, "t1ce": 160.0, "t2": 110.0}  # int16 units per relative signal
@@ -844,8 +847,13 @@ def _render(
     voxel_mm: float,
     domain: Domain,
     gain: float,
+    findings_gain: dict[str, float] = HYPERINTENSITY_GAIN,
 ) -> _Rendering:
-    """One sequence on the crop: tissue mix, lesion, benign findings, bias, blur, Rician noise (int16)."""
+    """One sequence on the crop: tissue mix, lesion, benign findings, bias, blur, Rician noise (int16).
+
+    ``anatomy`` is (template T1, benign findings map 0 to 1, brain); the findings raise the signal by
+    ``1 + findings_gain[sequence] * map``.
+    """
     template_t1, hyper, brain = anatomy
     contrast = {t: v * (1.0 + domain.tissue_jitter * rng.standard_normal()) for t, v in CONTRAST[sequence].items()}
     signal = sum(tissue[t] * contrast[t] for t in HEALTHY_TISSUES)
@@ -855,7 +863,7 @@ def _render(
     if lesion is not None:
         box, fractions = lesion
         signal[box] += sum(f * contrast[t] for t, f in fractions.items())
-    signal *= 1.0 + HYPERINTENSITY_GAIN[sequence] * hyper
+    signal *= 1.0 + findings_gain[sequence] * hyper
     bias = _bias_coefficients(rng, domain.bias_amplitude)
     signal *= _bias_field(bias, axes_mm, _bias_extent(axes_mm))
     blur_mm = _uniform(rng, domain.blur_sigma_mm)
@@ -993,8 +1001,9 @@ def synthesize_case(
         hyper, benign_crop, benign_info = _clinical_findings(seed, grid, tissue, brain, fields, atlas, pose, axes_mm,
                                                              voxel_mm)
     gain = 1.0 if domain.scanner_gain == (1.0, 1.0) else float(np.exp(_uniform(rng, np.log(domain.scanner_gain))))
+    findings_gain = CLINICAL_HYPERINTENSITY_GAIN if benign_findings == "clinical" else HYPERINTENSITY_GAIN
     renderings = {sequence: _render(rng, sequence, tissue, lesion, (template_t1, hyper, brain), axes_mm, voxel_mm,
-                                    domain, gain) for sequence in SEQUENCES}
+                                    domain, gain, findings_gain) for sequence in SEQUENCES}
     images = {}
     for sequence, rendering in renderings.items():
         images[sequence] = np.zeros(tuple(shape), np.int16)
