@@ -30,7 +30,7 @@ def _synth(args: argparse.Namespace) -> int:
     manifest = generate_cases(args.out, args.cases, args.seed, args.healthy_fraction,
                               progress=progress_bar("synth", unit="case"), workers=args.workers,
                               tumour_volume_ml=args.tumour_volume_ml, domain=args.domain, heads=args.heads,
-                              tumour_site=args.tumour_site)
+                              tumour_site=args.tumour_site, benign_findings=args.benign_findings)
     if args.preview:
         case_dirs = [args.out / case["case"] for case in manifest["cases"][: args.preview_cases]]
         render_preview(case_dirs, args.preview)
@@ -220,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--tumour-site", choices=("deep", "surface"), default="deep",
                        help="where tumours grow: deep white matter (the default) or just under the brain's surface "
                             "(at the cortex, where brain extraction may cut them)")
+    synth.add_argument("--benign-findings", choices=("basic", "clinical"), default="basic",
+                       help="benign FLAIR-bright findings (labelled healthy): basic caps and blobs (default, every "
+                            "recorded figure) or clinical (Fazekas-graded white-matter lesions, caps, lining, halo, "
+                            "lacunes; each case also gets <CASE>_benign.nii.gz, their truth map)")
     synth.add_argument("--workers", type=int, default=1, help="cases generated in parallel (same output)")
     synth.add_argument("--preview", type=Path, help="also render a PNG of the first cases")
     synth.add_argument("--preview-cases", type=int, default=4)

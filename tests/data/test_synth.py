@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -13,7 +14,15 @@ import pytest
 from anofpdm.data.brats import SEQUENCES, find_cases, load_case
 from anofpdm.data.slices import prepare_dataset
 from anofpdm.data.preview import render_preview
-from anofpdm.data.synth import case_seed, generate_cases, is_healthy_index, synthesize_case, write_case
+from anofpdm.data.domains import SHIFTED, TRAINING
+from anofpdm.data.synth import (
+    BENIGN_CODES,
+    case_seed,
+    generate_cases,
+    is_healthy_index,
+    synthesize_case,
+    write_case,
+)
 
 SMALL = (60, 60, 39)  # the BraTS field of view at 4 mm
 SMALL_MM = 4.0
@@ -253,3 +262,106 @@ def test_shifted_cases_differ_in_anatomy_and_land_on_their_grids() -> None:
 def test_unknown_domain_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown domain 'colour'"):
         generate_cases(tmp_path / "x", 1, 0, domain="colour")
+
+
+# SHA-256 (first 16 hex digits) of the four sequences and the seg of case_seed(7, 0) on SMALL, computed with the code
+# before the clinical benign findings (commit 98ccb8c): the default generator must keep every recorded figure's data.
+BASIC_DIGESTS = {("training", False): "f22509298c4896c5", ("training", True): "1cd925a3aeabb3e7",
+                 ("shifted", False): "91213507317d0019", ("shifted", True): "28aa021ab36d2d18"}
+
+
+def _digest(case) -> str:
+    h = hashlib.sha256()
+    for name in SEQUENCES:
+        h.update(np.ascontiguousarray(case.images[name]).tobytes())
+    h.update(case.seg.tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("domain", [TRAINING, SHIFTED], ids=["training", "shifted"])
+def test_default_benign_findings_keep_the_cases_bit_identical(domain) -> None:
+    for healthy in (False, True):
+        default = synthesize_case(case_seed(7, 0), healthy, shape=SMALL, voxel_mm=SMALL_MM, domain=domain)
+        assert _digest(default) == BASIC_DIGESTS[domain.name, healthy]
+        assert default.benign is None and "benign_findings" not in default.info
+        assert "periventricular_gain" in default.info and "white_matter_hyperintensities" in default.info
+        basic = synthesize_case(case_seed(7, 0), healthy, shape=SMALL, voxel_mm=SMALL_MM, domain=domain,
+                                benign_findings="basic")
+        assert _digest(basic) == _digest(default)
+
+
+@pytest.fixture(scope="module")
+def clinical_cases() -> dict:
+    """Clinical findings on six SMALL cases per domain (odd indices healthy), with the basic case of each seed."""
+    cases = {}
+    for domain in (TRAINING, SHIFTED):
+        for index in range(6):
+            kwargs = dict(shape=SMALL, voxel_mm=SMALL_MM, domain=domain)
+            healthy = index % 2 == 1
+            cases[domain.name, index] = (synthesize_case(case_seed(7, index), healthy, benign_findings="clinical",
+                                                         **kwargs),
+                                         synthesize_case(case_seed(7, index), healthy, **kwargs))
+    return cases
+
+
+def test_clinical_findings_lie_outside_the_tumour_and_are_labelled_healthy(clinical_cases) -> None:
+    codes = set(BENIGN_CODES.values())
+    seen = set()
+    for (domain, index), (clinical, basic) in clinical_cases.items():
+        benign = clinical.benign
+        assert benign.dtype == np.uint8 and benign.shape == SMALL and set(np.unique(benign).tolist()) <= codes | {0}
+        assert not (benign.astype(bool) & (clinical.seg > 0)).any()  # outside the tumour, seg 0 on every finding
+        assert np.all(_brain(clinical)[benign > 0])
+        # only the findings' own stream differs: same anatomy, tumour and seg as the basic case of the seed
+        np.testing.assert_array_equal(clinical.seg, basic.seg)
+        np.testing.assert_array_equal(_brain(clinical), _brain(basic))
+        info = clinical.info["benign_findings"]
+        assert info["model"] == "clinical" and 0 <= info["fazekas_deep"] <= info["fazekas_periventricular"] <= 3
+        assert "periventricular_gain" not in clinical.info
+        volumes = {name: np.count_nonzero(benign == code) * SMALL_MM**3 / 1000.0 for name, code in BENIGN_CODES.items()}
+        assert info["volumes_ml"] == pytest.approx({name: v for name, v in volumes.items() if v > 0})
+        if benign.any():
+            seen.add(domain)
+            bright = np.isin(benign, [code for name, code in BENIGN_CODES.items() if name != "lacune"])
+            normal_wm = _brain(clinical) & (benign == 0) & (clinical.seg == 0)
+            # brighter on FLAIR than the rest of the brain, and than the same voxels in the basic case
+            assert clinical.images["flair"][bright].mean() > 1.1 * np.median(clinical.images["flair"][normal_wm])
+            assert clinical.images["flair"][bright].mean() > basic.images["flair"][bright].mean()
+            assert clinical.images["t2"][bright].mean() > basic.images["t2"][bright].mean()  # bright on T2 too
+    assert seen == {"training", "shifted"}
+
+
+def test_clinical_findings_are_deterministic_and_vary(clinical_cases) -> None:
+    clinical, _ = clinical_cases["shifted", 0]
+    again = synthesize_case(case_seed(7, 0), False, shape=SMALL, voxel_mm=SMALL_MM, domain=SHIFTED,
+                            benign_findings="clinical")
+    np.testing.assert_array_equal(again.benign, clinical.benign)
+    for name in SEQUENCES:
+        np.testing.assert_array_equal(again.images[name], clinical.images[name])
+    grades = {c.info["benign_findings"]["fazekas_periventricular"] for c, _ in clinical_cases.values()}
+    assert len(grades) >= 3
+    with pytest.raises(ValueError, match="benign_findings"):
+        synthesize_case(1, True, shape=SMALL, voxel_mm=SMALL_MM, benign_findings="many")
+
+
+def test_findings_map_is_written_resliced_and_ignored_by_the_readers(tmp_path: Path) -> None:
+    manifest = generate_cases(tmp_path / "data", 2, 7, healthy_fraction=0.5, domain="shifted",
+                              tumour_volume_ml=(20.0, 20.0), benign_findings="clinical")
+    assert manifest["benign_findings"] == "clinical" and manifest["benign_codes"] == BENIGN_CODES
+    for entry, grid in zip(manifest["cases"], SHIFTED.grids):
+        path = tmp_path / "data" / entry["case"] / f"{entry['case']}_benign.nii.gz"
+        benign, seg = nib.load(path), nib.load(path.with_name(f"{entry['case']}_seg.nii.gz"))
+        assert benign.shape == grid.shape and np.allclose(benign.affine, seg.affine)
+        labels = np.asarray(benign.dataobj)
+        assert labels.dtype == np.uint8 and not (labels.astype(bool) & (np.asarray(seg.dataobj) > 0)).any()
+        expected = {name: round(np.count_nonzero(labels == code) * float(np.prod(grid.spacing_mm)) / 1000.0, 3)
+                    for name, code in BENIGN_CODES.items() if np.any(labels == code)}
+        assert entry["benign_findings"]["volumes_ml"] == expected
+    cases = find_cases(tmp_path / "data")
+    assert [sorted(c.images) for c in cases] == [sorted(SEQUENCES)] * 2  # the map is no sequence
+    assert all(c.seg.name.endswith("_seg.nii.gz") for c in cases)
+    load_case(cases[0])
+    prepared = prepare_dataset(tmp_path / "data", tmp_path / "slices", size=32, split=(0.5, 0.0, 0.5))
+    assert prepared["skipped"] == []
+    assert sorted(p.name for p in (tmp_path / "data" / "studies").glob("*.nii.gz")) == ["SYN_00000.nii.gz",
+                                                                                         "SYN_00001.nii.gz"]

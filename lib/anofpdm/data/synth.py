@@ -2,8 +2,9 @@
 
 Each case warps the template's tissue maps (grey matter, white matter, CSF = brain minus both) with a
 small random affine and a smooth deformation, optionally grows a tumour (necrotic core 1, oedema 2,
-enhancing rim 4) with mild mass effect, adds tumour-like but benign FLAIR findings (periventricular caps,
-small white-matter hyperintensities) and renders FLAIR, T1, T1ce and T2 with per-case contrast jitter,
+enhancing rim 4) with mild mass effect, adds tumour-like but benign FLAIR findings (by default periventricular
+caps and small white-matter hyperintensities; with ``benign_findings="clinical"`` a Fazekas-graded small-vessel
+burden and old lacunes, with a truth map of their own) and renders FLAIR, T1, T1ce and T2 with per-case contrast jitter,
 a bias field, slight blur and Rician noise. The output is on the BraTS grid (240 x 240 x 155, 1 mm,
 skull-stripped: exactly 0 outside the brain) in the BraTS21 layout, plus a MONAI Label studies folder.
 With heads on, the rest of the head is grown around the brain (``anofpdm.data.heads``) and each case also
@@ -124,6 +125,62 @@ PERIVENTRICULAR_CONTROL_MM = 30.0  # scale of the pattern that picks caps out of
 PERIVENTRICULAR_PATTERN = (0.6, 0.6)  # pattern = clip(offset + scale * unit smooth noise, 0, 1)
 CONTROL_SMOOTHING = 1.0  # Gaussian sigma (control-grid cells) applied to every random field
 
+# --- benign FLAIR findings, the clinical model (``benign_findings="clinical"``) ---------------------------
+# A per-case small-vessel burden as Fazekas grades (Fazekas et al. 1987, AJR 149:351): periventricular 0 none,
+# 1 caps or a pencil-thin lining, 2 a smooth halo, 3 irregular, reaching into the deep white matter; deep 0 none,
+# 1 punctate foci, 2 beginning confluence, 3 large confluent areas. Frequencies chosen (not fitted) for the
+# age of glioma patients (median about 55-65 years, Ostrom et al., CBTRUS reports): mostly mild, as in community
+# samples of that age and older (Rotterdam Scan Study, de Leeuw et al. 2001, JNNP 70:9, 60-90 years:
+# periventricular lesions in 80 %, subcortical in 92 %, severe grades rare; Wen & Sachdev 2004, NeuroImage 22:144,
+# 60-64 years: nearly all have some, mostly punctate). Silent lacunar infarcts in 8-28 % of older adults
+# (Vermeer et al. 2007, Lancet Neurol 6:611).
+BENIGN_MODELS = ("basic", "clinical")  # basic: the caps and blobs above (every recorded figure); clinical: below
+BENIGN_STREAM = 41  # the clinical findings' random stream is SeedSequence([case seed, BENIGN_STREAM]) (issue #41)
+BENIGN_SUFFIX = "benign"  # <CASE>_benign.nii.gz: the truth map of the clinical findings (uint8, BENIGN_CODES)
+BENIGN_CODES = {  # label of each finding type in the truth map (0: none); a later code wins where two overlap
+    "periventricular_halo": 1, "periventricular_confluent": 2, "periventricular_lining": 3, "periventricular_cap": 4,
+    "deep_punctate": 5, "deep_confluent": 6, "lacune": 7, "lacune_gliosis": 8,
+}
+FAZEKAS_PERIVENTRICULAR = (0.2, 0.45, 0.25, 0.1)  # probability of grade 0, 1, 2, 3
+FAZEKAS_DEEP_DROP = 0.5  # deep grade = periventricular grade, one lower with this probability (deep <= PV)
+LATERAL_VENTRICLE_MIN_DEPTH_MM = 16.0  # template CSF this deep splits into the two lateral ventricles
+LATERAL_VENTRICLE_MIN_ML = 2.0  # smaller deep CSF components (sulci, third ventricle) are not lateral ventricles
+LATERAL_VENTRICLE_MIN_OFFSET_MM = 5.0  # a lateral ventricle's centroid lies at least this far from the midline
+HORN_TIP_SPAN_MM = 3.0  # a horn's tip: its ventricle's voxels within this of the most anterior / posterior one
+DISTANCE_CLIP_MM = 40.0  # template distance maps are clipped here (findings reach far less)
+BENIGN_EDGE_MM = 0.8  # sigmoid width of band and cap edges
+LINING_PROBABILITY = 0.6  # grade 1: a pencil-thin lining besides the caps
+LINING_MM = (1.5, 3.0)
+HALO_MM = (3.0, 6.0)  # grade >= 2: smooth halo thickness where it is full
+CONFLUENT_PV_MM = (6.0, 12.0)  # grade 3: reach of the irregular periventricular lesions into the white matter
+BAND_COVERAGE = (0.75, 0.4, 0.3)  # a band's thickness scales by clip(offset + scale * unit smooth noise, low, 1)
+BAND_COVERAGE_CONTROL_MM = 25.0
+BAND_IRREGULARITY = (0.2, 0.5)  # relative fine variation of the confluent lesions' reach (irregular edges)
+BAND_IRREGULARITY_CONTROL_MM = 8.0
+CAP_RADIUS_MM = (4.0, 9.0)  # reach of a cap from its horn's tip
+CAP_DEPTH_MM = (3.0, 7.0)  # and from the ventricle's wall
+OCCIPITAL_CAP_PROBABILITY = 0.5  # frontal caps always come with grade >= 1, occipital ones with this probability
+CAP_GAIN = (0.35, 0.8)  # the findings map's value, times CLINICAL_HYPERINTENSITY_GAIN (1: about as bright as oedema)
+LINING_GAIN = (0.3, 0.6)
+HALO_GAIN = (0.35, 0.75)
+CONFLUENT_GAIN = (0.6, 1.0)
+DEEP_MIN_VENTRICLE_MM = 10.0  # deep white matter lies at least this far from the lateral ventricles
+PUNCTATE_MEAN_COUNT = (0.0, 3.0, 5.0, 6.0)  # per deep grade, Poisson mean of the punctate foci beyond the first
+PUNCTATE_SIGMA_MM = (0.8, 2.0)
+PUNCTATE_GAIN = (0.45, 1.0)
+CONFLUENT_PATCHES = ((0, 0), (0, 0), (1, 3), (2, 4))  # per deep grade, (low, high) count of confluent patches
+CONFLUENT_PATCH_MM = ((0.0, 0.0), (0.0, 0.0), (2.5, 4.5), (4.5, 8.0))  # per deep grade, patch blob size (sigma)
+CONFLUENT_BLOBS = (3, 7)  # blobs merged into one patch, scattered over about a patch size
+LACUNE_PROBABILITY = 0.15
+LACUNE_EXTRA_MEAN = 0.3  # Poisson mean of further lacunes in a case that has one
+LACUNE_RADIUS_MM = (1.5, 6.0)  # 3-12 mm cavities
+LACUNE_GLIOSIS_MM = (1.5, 3.0)  # the FLAIR-bright gliotic rim around the CSF-filled cavity
+LACUNE_GLIOSIS_GAIN = (0.5, 0.9)
+LACUNE_GREY_SHARE = 0.6  # share of lacunes in the deep grey nuclei (the rest in deep white matter)
+LACUNE_SITE_MIN_DEPTH_MM = (25.0, 15.0)  # deep grey, deep white matter: template depth under the brain's surface
+LACUNE_SITE_MIN_TISSUE = 0.6
+BENIGN_TUMOUR_LEVEL = 0.05  # no finding is labelled where the soft whole-tumour map exceeds this
+
 # --- contrast -------------------------------------------------------------------------------------
 # Relative signal of each tissue per sequence (white matter of FLAIR around 0.75).
 HEALTHY_TISSUES = ("csf", "gm", "wm")
@@ -137,7 +194,10 @@ CONTRAST = {
         "t2": (2.1, 1.05, 0.72, 1.55, 1.25, 1.9, 1.6),
     }.items()
 }
-HYPERINTENSITY_GAIN = {"flair": 1.0, "t1": -0.15, "t1ce": -0.15, "t2": 0.6}  # benign findings
+HYPERINTENSITY_GAIN = {"flair": 1.0, "t1": -0.15, "t1ce": -0.15, "t2": 0.6}  # basic benign findings
+# Clinical findings: white-matter lesions and gliosis hold more water, bright on T2 as on FLAIR (at full gain about
+# as bright as oedema on both, above grey matter on T2), mildly dark on T1.
+CLINICAL_HYPERINTENSITY_GAIN = {"flair": 1.0, "t1": -0.2, "t1ce": -0.2, "t2": 1.1}
 TEMPLATE_TEXTURE_SEQUENCES = ("t1", "t1ce")
 TEMPLATE_T1_WEIGHT = 0.5  # T1 and T1ce blend the template's own T1 texture with the tissue model
 SCANNER_SCALE = {"flair": 120.0, "t1": 150.0, "t1ce": 160.0, "t2": 110.0}  # int16 units per relative signal
@@ -163,6 +223,7 @@ class SyntheticCase:
 
     With heads, the images hold the whole head and ``brain_mask`` (uint8, 1 in the brain) is where the
     skull-stripped images are nonzero; without, the images are skull-stripped and ``brain_mask`` is None.
+    ``benign`` is the truth map of the clinical benign findings (uint8, ``BENIGN_CODES``), None with the basic ones.
     """
 
     images: dict[str, np.ndarray]
@@ -170,6 +231,7 @@ class SyntheticCase:
     affine: np.ndarray
     info: dict[str, Any]
     brain_mask: np.ndarray | None = None
+    benign: np.ndarray | None = None
 
 
 def brats_affine(shape: Sequence[int] = BRATS_SHAPE, voxel_mm: float = 1.0) -> np.ndarray:
@@ -439,13 +501,17 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def _tumour_box(tumour: _TumourPlan, axes_mm: list[np.ndarray]) -> tuple[slice, ...]:
-    reach = TUMOUR_BOX_RADII * tumour.radius_mm
+def _box_around(centre_mm: np.ndarray, reach_mm: float, axes_mm: list[np.ndarray]) -> tuple[slice, ...]:
+    """Voxel box of the crop within ``reach_mm`` of ``centre_mm`` along each axis (empty slices where none is)."""
     box = []
     for a, axis in enumerate(axes_mm):
-        inside = np.nonzero(np.abs(axis - tumour.centre_mm[a]) <= reach)[0]
+        inside = np.nonzero(np.abs(axis - centre_mm[a]) <= reach_mm)[0]
         box.append(slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0))
     return tuple(box)
+
+
+def _tumour_box(tumour: _TumourPlan, axes_mm: list[np.ndarray]) -> tuple[slice, ...]:
+    return _box_around(tumour.centre_mm, TUMOUR_BOX_RADII * tumour.radius_mm, axes_mm)
 
 
 def _tumour_fields(
@@ -499,13 +565,17 @@ def _white_matter_hyperintensities(
     count = int(rng.poisson(WMH_MEAN_COUNT)) if len(sites) else 0
     for _ in range(count):
         centre = sites[rng.integers(len(sites))]
-        sigma = _uniform(rng, WMH_SIGMA_MM) / voxel_mm
-        half = int(np.ceil(3 * sigma))
-        box = tuple(slice(max(c - half, 0), min(c + half + 1, n)) for c, n in zip(centre, wm.shape))
-        grids = np.meshgrid(*[np.arange(b.start, b.stop) - c for b, c in zip(box, centre)], indexing="ij")
-        blob = _uniform(rng, WMH_GAIN) * np.exp(-sum(g.astype(np.float32) ** 2 for g in grids) / (2 * sigma**2))
-        out[box] = np.maximum(out[box], blob)
+        box, blob = _blob(centre, _uniform(rng, WMH_SIGMA_MM) / voxel_mm, wm.shape)
+        out[box] = np.maximum(out[box], _uniform(rng, WMH_GAIN) * blob)
     return out, count
+
+
+def _blob(centre: np.ndarray, sigma: float, shape: Sequence[int]) -> tuple[tuple[slice, ...], np.ndarray]:
+    """A Gaussian blob (peak 1, ``sigma`` in voxels) at voxel ``centre``, within its 3-sigma box of ``shape``."""
+    half = int(np.ceil(3 * sigma))
+    box = tuple(slice(max(int(c) - half, 0), min(int(c) + half + 1, n)) for c, n in zip(centre, shape))
+    grids = np.meshgrid(*[np.arange(b.start, b.stop) - c for b, c in zip(box, centre)], indexing="ij")
+    return box, np.exp(-sum(g.astype(np.float32) ** 2 for g in grids) / (2 * sigma**2))
 
 
 def _hyperintensities(
@@ -526,6 +596,212 @@ def _hyperintensities(
     if fields is not None:
         hyper[fields.box] *= 1.0 - fields.whole
     return hyper, gain, count
+
+
+@dataclass(frozen=True)
+class _BenignAtlas:
+    """Template maps the clinical findings are placed by, and sites for lacunes.
+
+    ``channels`` (1 x 3 x X x Y x Z, channels-last) holds the distance (template mm, clipped) from the lateral
+    ventricles, from their frontal horns' tips and from their occipital horns' tips.
+    """
+
+    channels: torch.Tensor
+    grey_sites: np.ndarray  # N x 3 template voxels in the deep grey nuclei
+    white_sites: np.ndarray  # M x 3 template voxels in deep white matter
+
+
+@functools.lru_cache(maxsize=1)
+def _benign_atlas() -> _BenignAtlas:
+    """The lateral ventricles of the template, their horns' tips and the distance maps, once per process."""
+    channels = _atlas().channels[0].numpy()
+    gm, wm, brain = (channels[ATLAS_CHANNELS.index(name)] for name in ("gm", "wm", "brain"))
+    csf = np.clip(brain - gm - wm, 0.0, 1.0)
+    depth = ndimage.distance_transform_edt(brain > MEMBERSHIP_THRESHOLD)
+    components, count = ndimage.label((csf > MEMBERSHIP_THRESHOLD) & (depth > LATERAL_VENTRICLE_MIN_DEPTH_MM))
+    midline = _atlas().centre[0]
+    lateral = np.zeros(brain.shape, bool)
+    frontal, occipital = [], []
+    for label in range(1, count + 1):
+        points = np.argwhere(components == label)
+        if len(points) < LATERAL_VENTRICLE_MIN_ML * 1000.0 or abs(points[:, 0].mean() - midline) < \
+                LATERAL_VENTRICLE_MIN_OFFSET_MM:
+            continue
+        lateral[components == label] = True
+        y = points[:, 1]  # the template's voxel axes run right, anterior, superior (1 mm)
+        frontal.append(points[y >= y.max() - HORN_TIP_SPAN_MM].mean(0))
+        occipital.append(points[y <= y.min() + HORN_TIP_SPAN_MM].mean(0))
+    if len(frontal) != 2:
+        raise RuntimeError(f"found {len(frontal)} lateral ventricles in the MNI152 template, expected 2")
+    grid = np.indices(brain.shape, dtype=np.float32)
+
+    def distance_to(points: list[np.ndarray]) -> np.ndarray:
+        squared = [sum((grid[a] - np.float32(p[a])) ** 2 for a in range(3)) for p in points]
+        return np.sqrt(np.minimum(*squared))
+
+    maps = [ndimage.distance_transform_edt(~lateral), distance_to(frontal), distance_to(occipital)]
+    stacked = np.minimum(np.stack(maps), DISTANCE_CLIP_MM).astype(np.float32)
+    channels = torch.from_numpy(stacked)[None].contiguous(memory_format=torch.channels_last_3d)
+    grey_depth, white_depth = LACUNE_SITE_MIN_DEPTH_MM
+    grey = np.argwhere((gm > LACUNE_SITE_MIN_TISSUE) & (depth > grey_depth) & (maps[0] > 0))
+    white = np.argwhere((wm > LACUNE_SITE_MIN_TISSUE) & (depth > white_depth) & (maps[0] > DEEP_MIN_VENTRICLE_MM))
+    keep = [np.linspace(0, len(sites) - 1, min(TUMOUR_SITES_KEPT, len(sites))).astype(int) for sites in (grey, white)]
+    return _BenignAtlas(channels, grey[keep[0]], white[keep[1]])
+
+
+class _FindingsMap:
+    """The clinical findings of one case as they are drawn: FLAIR-gain map (0 to 1) and truth labels."""
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        self.hyper = np.zeros(tuple(shape), np.float32)
+        self.labels = np.zeros(tuple(shape), np.uint8)
+        self.counts = {name: 0 for name in BENIGN_CODES}
+
+    def add(self, name: str, shape: np.ndarray, gain: float, box: tuple[slice, ...] = ()) -> None:
+        """One finding of type ``name``: membership ``shape`` (0 to 1) over ``box``, at FLAIR gain ``gain``."""
+        self.hyper[box] = np.maximum(self.hyper[box], gain * shape)
+        labels = self.labels[box]
+        labels[(shape >= MEMBERSHIP_THRESHOLD) & (labels <= BENIGN_CODES[name])] = BENIGN_CODES[name]
+        self.counts[name] += 1
+
+
+def _band(distance: np.ndarray, reach_mm: np.ndarray | float) -> np.ndarray:
+    """Soft band (0 to 1) of the voxels within ``reach_mm`` of what ``distance`` measures from."""
+    return _sigmoid((reach_mm - distance) / BENIGN_EDGE_MM)
+
+
+def _periventricular_findings(
+    rng: np.random.Generator, findings: _FindingsMap, grade: int, distances: np.ndarray, wm: np.ndarray,
+    voxel_mm: float,
+) -> None:
+    """Caps at the horns' tips and a lining, a smooth halo or irregular lesions along the lateral ventricles."""
+    if grade == 0:
+        return
+    ventricle, frontal_tip, occipital_tip = distances
+    tips = [frontal_tip] + ([occipital_tip] if rng.random() < OCCIPITAL_CAP_PROBABILITY else [])
+    for tip in tips:
+        cap = _band(tip, _uniform(rng, CAP_RADIUS_MM)) * _band(ventricle, _uniform(rng, CAP_DEPTH_MM)) * wm
+        findings.add("periventricular_cap", cap, _uniform(rng, CAP_GAIN))
+    if grade == 1:
+        if rng.random() < LINING_PROBABILITY:
+            findings.add("periventricular_lining", _band(ventricle, _uniform(rng, LINING_MM)) * wm,
+                         _uniform(rng, LINING_GAIN))
+        return
+    offset, scale, low = BAND_COVERAGE
+    coverage = np.clip(offset + scale * _smooth_noise(rng, ventricle.shape, BAND_COVERAGE_CONTROL_MM / voxel_mm)[0],
+                       low, 1.0)
+    findings.add("periventricular_halo", _band(ventricle, _uniform(rng, HALO_MM) * coverage) * wm,
+                 _uniform(rng, HALO_GAIN))
+    if grade == 3:
+        edges = _smooth_noise(rng, ventricle.shape, BAND_IRREGULARITY_CONTROL_MM / voxel_mm)[0]
+        reach = _uniform(rng, CONFLUENT_PV_MM) * coverage * (1.0 + _uniform(rng, BAND_IRREGULARITY) * edges)
+        findings.add("periventricular_confluent", _band(ventricle, reach) * wm, _uniform(rng, CONFLUENT_GAIN))
+
+
+def _deep_findings(
+    rng: np.random.Generator, findings: _FindingsMap, grade: int, sites: np.ndarray, wm: np.ndarray, voxel_mm: float
+) -> None:
+    """Punctate foci and (grades 2 and 3) confluent patches of merged blobs in the deep white matter."""
+    if grade == 0 or not len(sites):
+        return
+    for _ in range(1 + int(rng.poisson(PUNCTATE_MEAN_COUNT[grade]))):
+        box, blob = _blob(sites[rng.integers(len(sites))], _uniform(rng, PUNCTATE_SIGMA_MM) / voxel_mm, wm.shape)
+        findings.add("deep_punctate", blob * wm[box], _uniform(rng, PUNCTATE_GAIN), box)
+    low, high = CONFLUENT_PATCHES[grade]
+    for _ in range(int(rng.integers(low, high + 1))):
+        size = _uniform(rng, CONFLUENT_PATCH_MM[grade]) / voxel_mm
+        centre = sites[rng.integers(len(sites))]
+        patch = np.zeros(wm.shape, np.float32)
+        for _ in range(int(rng.integers(CONFLUENT_BLOBS[0], CONFLUENT_BLOBS[1] + 1))):
+            at = np.clip(centre + rng.normal(0.0, size, 3), 0, np.asarray(wm.shape) - 1)
+            box, blob = _blob(at, size * rng.uniform(0.5, 1.0), wm.shape)
+            patch[box] = np.maximum(patch[box], blob)
+        findings.add("deep_confluent", patch * wm, _uniform(rng, CONFLUENT_GAIN))
+
+
+def _lacunes(
+    rng: np.random.Generator, findings: _FindingsMap, tissue: dict[str, np.ndarray], allowed: np.ndarray,
+    benign_atlas: _BenignAtlas, atlas: _Atlas, pose: _Pose, axes_mm: list[np.ndarray],
+) -> None:
+    """Old lacunar infarcts: a CSF-filled cavity (tissue turned to CSF) in a FLAIR-bright gliotic rim.
+
+    A lacune whose centre falls outside ``allowed`` (the brain outside the tumour) is left out.
+    """
+    if rng.random() >= LACUNE_PROBABILITY:
+        return
+    for _ in range(1 + int(rng.poisson(LACUNE_EXTRA_MEAN))):
+        sites = benign_atlas.grey_sites if rng.random() < LACUNE_GREY_SHARE else benign_atlas.white_sites
+        centre = pose.to_target(sites[rng.integers(len(sites))][None].astype(np.float64), atlas.centre)[0]
+        radius, rim = _uniform(rng, LACUNE_RADIUS_MM), _uniform(rng, LACUNE_GLIOSIS_MM)
+        gain = _uniform(rng, LACUNE_GLIOSIS_GAIN)
+        box = _box_around(centre, radius + rim + 3 * BENIGN_EDGE_MM, axes_mm)
+        nearest = tuple(int(np.abs(axis - c).argmin()) for axis, c in zip(axes_mm, centre))
+        if any(b.stop <= b.start for b in box) or not allowed[nearest]:
+            continue
+        offsets = np.meshgrid(*[axis[b].astype(np.float32) - np.float32(c) for axis, b, c in zip(axes_mm, box, centre)],
+                              indexing="ij")
+        distance = np.sqrt(sum(o**2 for o in offsets))
+        cavity = _band(distance, radius)
+        solid = tissue["gm"][box] + tissue["wm"][box]
+        tissue["csf"][box] += cavity * solid
+        tissue["gm"][box] *= 1.0 - cavity
+        tissue["wm"][box] *= 1.0 - cavity
+        findings.add("lacune", cavity * (solid > MEMBERSHIP_THRESHOLD), 0.0, box)
+        gliosis = np.minimum(_band(distance, radius + rim), 1.0 - cavity) * solid  # a shell: the fuzzy intersection
+        findings.add("lacune_gliosis", gliosis, gain, box)
+
+
+def _clinical_findings(
+    seed: int,
+    grid: torch.Tensor,
+    tissue: dict[str, np.ndarray],
+    brain: np.ndarray,
+    fields: _TumourFields | None,
+    atlas: _Atlas,
+    pose: _Pose,
+    axes_mm: list[np.ndarray],
+    voxel_mm: float,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The clinical benign findings of one case, from a random stream of its own (``BENIGN_STREAM``).
+
+    Changes ``tissue`` in place where a lacune's cavity is. Nothing is drawn or labelled inside the tumour.
+
+    Returns:
+        The FLAIR-gain map (0 to 1, as the basic ``_hyperintensities``), the truth labels (uint8,
+        ``BENIGN_CODES``) on the crop, and the description (Fazekas grades, count of each finding type).
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, BENIGN_STREAM]))
+    benign_atlas = _benign_atlas()
+    warped = F.grid_sample(benign_atlas.channels, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    distances = np.ascontiguousarray(warped[0].numpy())
+    outside_tumour = np.ones(brain.shape, bool)
+    if fields is not None:
+        outside_tumour[fields.box] = fields.whole <= BENIGN_TUMOUR_LEVEL
+    wm = tissue["wm"] * brain
+    pv_grade = int(rng.choice(len(FAZEKAS_PERIVENTRICULAR), p=FAZEKAS_PERIVENTRICULAR))
+    deep_grade = max(0, pv_grade - int(rng.random() < FAZEKAS_DEEP_DROP))
+    findings = _FindingsMap(brain.shape)
+    _periventricular_findings(rng, findings, pv_grade, distances, wm, voxel_mm)
+    deep_sites = np.argwhere((wm > WMH_SITE_MIN_WM) & (distances[0] > DEEP_MIN_VENTRICLE_MM) & outside_tumour)
+    _deep_findings(rng, findings, deep_grade, deep_sites, wm, voxel_mm)
+    _lacunes(rng, findings, tissue, brain & outside_tumour, benign_atlas, atlas, pose, axes_mm)
+    hyper, labels = findings.hyper, findings.labels
+    labels[~(brain & outside_tumour)] = 0
+    if fields is not None:
+        hyper[fields.box] *= 1.0 - fields.whole
+    description = {
+        "model": "clinical",
+        "fazekas_periventricular": pv_grade,
+        "fazekas_deep": deep_grade,
+        "counts": {name: count for name, count in findings.counts.items() if count},
+    }
+    return hyper, labels, description
+
+
+def _benign_volumes_ml(benign: np.ndarray, voxel_ml: float) -> dict[str, float]:
+    """Labelled volume (mL) of each finding type present in a truth map."""
+    return {name: round(float(np.count_nonzero(benign == code)) * voxel_ml, 3)
+            for name, code in BENIGN_CODES.items() if np.any(benign == code)}
 
 
 # --- rendering ------------------------------------------------------------------------------------------
@@ -571,8 +847,13 @@ def _render(
     voxel_mm: float,
     domain: Domain,
     gain: float,
+    findings_gain: dict[str, float] = HYPERINTENSITY_GAIN,
 ) -> _Rendering:
-    """One sequence on the crop: tissue mix, lesion, benign findings, bias, blur, Rician noise (int16)."""
+    """One sequence on the crop: tissue mix, lesion, benign findings, bias, blur, Rician noise (int16).
+
+    ``anatomy`` is (template T1, benign findings map 0 to 1, brain); the findings raise the signal by
+    ``1 + findings_gain[sequence] * map``.
+    """
     template_t1, hyper, brain = anatomy
     contrast = {t: v * (1.0 + domain.tissue_jitter * rng.standard_normal()) for t, v in CONTRAST[sequence].items()}
     signal = sum(tissue[t] * contrast[t] for t in HEALTHY_TISSUES)
@@ -582,7 +863,7 @@ def _render(
     if lesion is not None:
         box, fractions = lesion
         signal[box] += sum(f * contrast[t] for t, f in fractions.items())
-    signal *= 1.0 + HYPERINTENSITY_GAIN[sequence] * hyper
+    signal *= 1.0 + findings_gain[sequence] * hyper
     bias = _bias_coefficients(rng, domain.bias_amplitude)
     signal *= _bias_field(bias, axes_mm, _bias_extent(axes_mm))
     blur_mm = _uniform(rng, domain.blur_sigma_mm)
@@ -633,6 +914,11 @@ def _tissue(gm: np.ndarray, wm: np.ndarray, brain_p: np.ndarray, fields: _Tumour
     return tissue
 
 
+def _check_benign_findings(benign_findings: str) -> None:
+    if benign_findings not in BENIGN_MODELS:
+        raise ValueError(f"benign_findings must be one of {BENIGN_MODELS}, got {benign_findings!r}")
+
+
 def _check_tumour_volume(tumour_volume_ml: Sequence[float]) -> tuple[float, float]:
     if len(tumour_volume_ml) != 2 or not 0 < tumour_volume_ml[0] <= tumour_volume_ml[1] < np.inf:
         raise ValueError(
@@ -650,6 +936,7 @@ def synthesize_case(
     domain: Domain = TRAINING,
     heads: bool = False,
     tumour_site: str = "deep",
+    benign_findings: str = "basic",
 ) -> SyntheticCase:
     """Generate one case in memory, on the 1 mm grid it is drawn on (``reslice_case`` puts it on a domain's grid).
 
@@ -668,11 +955,15 @@ def synthesize_case(
             drawn without heads.
         tumour_site: "deep" (white matter at least 18 mm under the brain's surface) or "surface" (3-9 mm under
             it: tumours at the cortex, which a brain extractor may cut).
+        benign_findings: "basic" (periventricular caps and small white-matter blobs; every recorded figure) or
+            "clinical" (a Fazekas-graded small-vessel burden, caps, lining, halo, punctate and confluent deep
+            lesions, old lacunes with a gliotic rim, from a random stream of their own: all else is the basic
+            case of the same seed; the truth map is ``SyntheticCase.benign``).
 
     Returns:
         The case: int16 images keyed by ``SEQUENCES`` (skull-stripped, or whole heads with ``heads``), uint8
         seg (0, 1, 2, 4), LPS affine, a description (tumour plan, label volumes in mL, benign findings, the
-        head's layout) and with ``heads`` the uint8 brain mask.
+        head's layout), with ``heads`` the uint8 brain mask and with clinical findings their truth map.
     """
     if len(shape) != 3 or min(shape) < MIN_GRID:
         raise ValueError(f"shape must be three sizes of at least {MIN_GRID}, got {tuple(shape)}")
@@ -681,6 +972,7 @@ def synthesize_case(
     tumour_volume_ml = _check_tumour_volume(domain.tumour_volume_ml if tumour_volume_ml is None else tumour_volume_ml)
     if tumour_site not in TUMOUR_SITES:
         raise ValueError(f"tumour_site must be one of {TUMOUR_SITES}, got {tumour_site!r}")
+    _check_benign_findings(benign_findings)
     rng = np.random.default_rng(seed)
     atlas = _atlas()
     pose = _draw_pose(rng, domain)
@@ -702,10 +994,16 @@ def synthesize_case(
     tissue = _tissue(gm, wm, brain_p, fields)
     enhancing = tumour is None or tumour.enhancing
     lesion = None if fields is None else (fields.box, _lesion_fractions(rng, fields, enhancing, voxel_mm))
+    # drawn in either model, so that the main stream, and with it all but the findings, is that of the basic case
     hyper, pv_gain, wmh_count = _hyperintensities(rng, periventricular, tissue["wm"], brain, fields, voxel_mm)
+    benign = None
+    if benign_findings == "clinical":
+        hyper, benign_crop, benign_info = _clinical_findings(seed, grid, tissue, brain, fields, atlas, pose, axes_mm,
+                                                             voxel_mm)
     gain = 1.0 if domain.scanner_gain == (1.0, 1.0) else float(np.exp(_uniform(rng, np.log(domain.scanner_gain))))
+    findings_gain = CLINICAL_HYPERINTENSITY_GAIN if benign_findings == "clinical" else HYPERINTENSITY_GAIN
     renderings = {sequence: _render(rng, sequence, tissue, lesion, (template_t1, hyper, brain), axes_mm, voxel_mm,
-                                    domain, gain) for sequence in SEQUENCES}
+                                    domain, gain, findings_gain) for sequence in SEQUENCES}
     images = {}
     for sequence, rendering in renderings.items():
         images[sequence] = np.zeros(tuple(shape), np.int16)
@@ -722,18 +1020,23 @@ def synthesize_case(
         "periventricular_gain": round(pv_gain, 3),
         "white_matter_hyperintensities": wmh_count,
     }
+    if benign_findings == "clinical":
+        benign = np.zeros(tuple(shape), np.uint8)
+        benign[crop] = benign_crop
+        del info["periventricular_gain"], info["white_matter_hyperintensities"]
+        info["benign_findings"] = {**benign_info, "volumes_ml": _benign_volumes_ml(benign, voxel_mm**3 / 1000.0)}
     if domain != TRAINING:
         info.update(domain=domain.name, cortical_atrophy=round(atrophy, 3), scanner_gain=round(gain, 3))
     if tumour is not None and tumour_site != "deep":
         info["tumour_site"] = tumour_site
     if not heads:
-        return SyntheticCase(images, seg, brats_affine(shape, voxel_mm), info)
+        return SyntheticCase(images, seg, brats_affine(shape, voxel_mm), info, benign=benign)
     brain_mask = np.zeros(tuple(shape), bool)
     brain_mask[crop] = brain
     template_vox = _head_source(source, pose, atlas, axes_mm, shape, voxel_mm)
     head_images, layout = _grow_head(seed, template_vox, brain_mask, images, renderings, crop, voxel_mm, domain)
     info["head"] = layout
-    return SyntheticCase(head_images, seg, brats_affine(shape, voxel_mm), info, brain_mask.astype(np.uint8))
+    return SyntheticCase(head_images, seg, brats_affine(shape, voxel_mm), info, brain_mask.astype(np.uint8), benign)
 
 
 def _grow_head(
@@ -769,17 +1072,20 @@ def _grow_head(
 def reslice_case(case: SyntheticCase, domain: Domain, index: int) -> SyntheticCase:
     """Case ``index`` on its domain's grid (the grids are cycled over case indices); unchanged without grids.
 
-    A brain mask is resampled by nearest neighbour, as the labels are.
+    A brain mask and a benign-findings map are resampled by nearest neighbour, as the labels are.
     """
     if not domain.grids:
         return case
     grid = domain.grids[index % len(domain.grids)]
     images, seg, affine = reslice(case.images, case.seg, case.affine, grid)
     brain_mask = None if case.brain_mask is None else reslice_labels(case.brain_mask, case.affine, grid)
+    benign = None if case.benign is None else reslice_labels(case.benign, case.affine, grid)
     voxel_ml = float(np.prod(grid.spacing_mm)) / 1000.0
     info = {**case.info, "grid": grid.name, "tumour_volume_ml": round(float(np.count_nonzero(seg)) * voxel_ml, 3),
             "tumour_centre_voxel": _centroid(seg)}
-    return SyntheticCase(images, seg, affine, info, brain_mask)
+    if benign is not None:
+        info["benign_findings"] = {**info["benign_findings"], "volumes_ml": _benign_volumes_ml(benign, voxel_ml)}
+    return SyntheticCase(images, seg, affine, info, brain_mask, benign)
 
 
 # --- writing --------------------------------------------------------------------------------------------
@@ -802,7 +1108,8 @@ def case_name(index: int) -> str:
 def write_case(case: SyntheticCase, out_dir: Path, name: str) -> Path:
     """Write one case in the BraTS21 layout ``out_dir/<name>/<name>_{flair,t1,t1ce,t2,seg}.nii.gz``.
 
-    A case with heads also gets ``<name>_brainmask.nii.gz`` (uint8).
+    A case with heads also gets ``<name>_brainmask.nii.gz`` (uint8), one with clinical benign findings
+    ``<name>_benign.nii.gz`` (uint8, ``BENIGN_CODES``); neither is a sequence to the readers.
     """
     case_dir = Path(out_dir) / name
     case_dir.mkdir(parents=True, exist_ok=True)
@@ -811,6 +1118,8 @@ def write_case(case: SyntheticCase, out_dir: Path, name: str) -> Path:
     _save_nifti(case.seg, case.affine, case_dir / f"{name}_seg.nii.gz")
     if case.brain_mask is not None:
         _save_nifti(case.brain_mask, case.affine, case_dir / f"{name}_{BRAIN_MASK_SUFFIX}.nii.gz")
+    if case.benign is not None:
+        _save_nifti(case.benign, case.affine, case_dir / f"{name}_{BENIGN_SUFFIX}.nii.gz")
     return case_dir
 
 
@@ -835,11 +1144,13 @@ def _generate_case(
     domain: Domain,
     heads: bool,
     tumour_site: str,
+    benign_findings: str,
 ) -> dict[str, Any]:
     """Synthesise and write case ``index``; its manifest entry."""
     name = case_name(index)
     case = synthesize_case(case_seed(seed, index), is_healthy_index(index, healthy_fraction),
-                           tumour_volume_ml=tumour_volume_ml, domain=domain, heads=heads, tumour_site=tumour_site)
+                           tumour_volume_ml=tumour_volume_ml, domain=domain, heads=heads, tumour_site=tumour_site,
+                           benign_findings=benign_findings)
     case = reslice_case(case, domain, index)
     case_dir = write_case(case, out_dir, name)
     _write_studies(case_dir, out_dir / STUDIES_DIR, name)
@@ -857,6 +1168,7 @@ def generate_cases(
     domain: Domain | str = TRAINING,
     heads: bool = False,
     tumour_site: str = "deep",
+    benign_findings: str = "basic",
 ) -> dict[str, Any]:
     """Generate synthetic BraTS-format cases and a MONAI Label studies folder.
 
@@ -877,11 +1189,14 @@ def generate_cases(
         heads: whole heads (``synthesize_case``): the images and studies hold the head, each case also gets
             ``<CASE>_brainmask.nii.gz`` and the manifest says ``"heads": true`` with the head's ranges.
         tumour_site: "deep" or "surface" (``synthesize_case``).
+        benign_findings: "basic" or "clinical" (``synthesize_case``); clinical: each case also gets
+            ``<CASE>_benign.nii.gz`` and the manifest lists the codes (``"benign_codes"``).
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
     """
     _validate_generation(n_cases, seed, healthy_fraction)
+    _check_benign_findings(benign_findings)
     if isinstance(domain, str):
         if domain not in DOMAINS:
             raise ValueError(f"unknown domain {domain!r}: expected one of {sorted(DOMAINS)}")
@@ -890,7 +1205,7 @@ def generate_cases(
     out_dir = Path(out_dir)
     generate = functools.partial(_generate_case, out_dir=out_dir, seed=seed, healthy_fraction=healthy_fraction,
                                  tumour_volume_ml=tumour_volume_ml, domain=domain, heads=heads,
-                                 tumour_site=tumour_site)
+                                 tumour_site=tumour_site, benign_findings=benign_findings)
     results = ordered_map(generate, range(n_cases), workers, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = list(results)
@@ -906,6 +1221,7 @@ def generate_cases(
         "labels": {"1": "necrotic / non-enhancing core", "2": "oedema", "4": "enhancing"},
         **({"heads": True, "head_shape": asdict(domain.head)} if heads else {}),
         **({"tumour_site": tumour_site} if tumour_site != "deep" else {}),
+        **({"benign_findings": benign_findings, "benign_codes": BENIGN_CODES} if benign_findings != "basic" else {}),
         "cases": cases,
     }
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))

@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from anofpdm.data.brats import CaseFiles, load_case
+from anofpdm.evaluation.benign_findings import findings_scores, load_findings
 from anofpdm.method.decisions import is_uncertain
 from anofpdm.evaluation.metrics import (
     lesion_wise_scores,
@@ -79,6 +80,7 @@ class EvaluationCase:
         truth_slices: N x S x S whole-tumour mask on the model grid.
         brain_slices: N x S x S brain pixels on the model grid.
         sub_regions: the truth's BraTS sub-regions on the input grid (``anofpdm.data.brats.SUB_REGIONS``).
+        benign: benign-findings map on the input grid (``anofpdm.evaluation.benign_findings``), None without one.
     """
 
     case_id: str
@@ -91,6 +93,7 @@ class EvaluationCase:
     truth_slices: np.ndarray
     brain_slices: np.ndarray
     sub_regions: np.ndarray
+    benign: np.ndarray | None = None
 
 
 def prepare_case(files: CaseFiles, config: NetworkConfig) -> EvaluationCase:
@@ -122,6 +125,7 @@ def prepare_case(files: CaseFiles, config: NetworkConfig) -> EvaluationCase:
         truth_slices=extra["truth"] >= TRUTH_LEVEL,
         brain_slices=brain_pixels(slices),
         sub_regions=volume.sub_regions,
+        benign=load_findings(files, truth.shape, volume.affine),
     )
 
 
@@ -140,7 +144,8 @@ def score_result(result: SegmentationResult, case: EvaluationCase, protocol: Sli
         {"slice": metrics.slice_protocol(...), "volume": metrics.volume_metrics(...), "lesion_wise":
         metrics.lesion_wise_scores(...) on the input grid's spacing, "reliability": metrics.verdict_reliability(...)
         of the reported unhealthy probabilities, None where there are none, "sub_region_recall":
-        metrics.sub_region_recall(...)}
+        metrics.sub_region_recall(...)}, and where the case has a benign-findings map "benign_findings":
+        benign_findings.findings_scores(...)
     """
     grid = result.model_grid
     if grid is None or tuple(grid.geometry.slices) != tuple(case.geometry.slices):
@@ -157,6 +162,8 @@ def score_result(result: SegmentationResult, case: EvaluationCase, protocol: Sli
     probability = result.report.get("slices", {}).get("unhealthy_probability")
     reliability = None if probability is None else verdict_reliability(
         probability, grid.unhealthy, case.truth_slices.any(axis=(1, 2)), is_uncertain(np.asarray(probability)))
+    findings = {} if case.benign is None else {
+        "benign_findings": findings_scores(mask, case.benign, case.truth, case.voxel_mm3)}
     return {"slice": slices, "volume": volume_metrics(mask, scores, case.truth, case.brain, case.voxel_mm3),
             "lesion_wise": lesion_wise_scores(mask, case.truth, case.spacing_mm), "reliability": reliability,
-            "sub_region_recall": sub_region_recall(mask, case.sub_regions, case.spacing_mm)}
+            "sub_region_recall": sub_region_recall(mask, case.sub_regions, case.spacing_mm), **findings}

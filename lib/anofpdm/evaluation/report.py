@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from anofpdm.evaluation.benign_findings import aggregate_findings, findings_table
 from anofpdm.evaluation.case_scoring import EvaluationCase
 from anofpdm.method.decisions import UNCERTAIN_PROBABILITY
 from anofpdm.evaluation.methods import METHODS
@@ -36,7 +37,10 @@ def _mean_of(per_case: Sequence[Mapping[str, Any]], key: str) -> float | None:
 
 
 def aggregate_methods(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
-    """Per method: the case metrics aggregated over the scored cases, its cost per case and verdict reliability."""
+    """Per method: the case metrics aggregated over the scored cases, its cost per case and verdict reliability.
+
+    Where cases carry a benign-findings map, also ``"benign_findings"``: ``benign_findings.aggregate_findings``.
+    """
     scored = [r for r in records if "error" not in r]
     summary = {}
     for method in methods:
@@ -50,6 +54,9 @@ def aggregate_methods(records: Sequence[dict[str, Any]], methods: Sequence[str])
             "verdict_reliability": aggregate_reliability(reliability) if reliability else None,
             "sub_region_recall": aggregate_sub_region_recall([c["sub_region_recall"] for c in per_case]),
         }
+        findings = aggregate_findings(per_case)
+        if findings is not None:
+            summary[method]["benign_findings"] = findings
     return summary
 
 
@@ -109,7 +116,7 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
                        f"score lies between {low} and {high}; accuracies in %; Brier score of the probability against "
                        "whether the slice holds tumour, beside that of a constant probability equal to the share of "
                        "tumour slices (lower is better).")]
-    return "\n".join(lines + notes + _sub_region_table(summary)) + "\n"
+    return "\n".join(lines + notes + _sub_region_table(summary)) + "\n" + findings_table(summary)
 
 
 def _sub_region_table(summary: Mapping[str, Any]) -> list[str]:
