@@ -13,6 +13,7 @@ sums and maxima, so memory does not grow with the number of steps:
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -313,11 +314,13 @@ def run_on_slices(
     schedule = NoiseSchedule.from_dict(model.schedule, device=model.device)
     map_channels = [model.config.sequences.index(s) for s in MAP_SEQUENCES]
     starts = list(range(0, len(slices), batch_size))
-    steps_done = itertools.count(1)  # visited steps of all chunks (next() is atomic under the GIL)
+    steps_done = itertools.count(1)  # visited steps of all chunks
+    reporting = threading.Lock()  # one call at a time, in order, whichever worker finished a step
 
     def report_step(done: int, total: int) -> None:
         if progress is not None:
-            progress(next(steps_done), len(starts) * len(config.visited_steps))
+            with reporting:
+                progress(next(steps_done), len(starts) * len(config.visited_steps))
 
     def run_chunk(begin: int) -> ForwardProcessResult:
         chunk_slices = slices[begin : begin + batch_size]
