@@ -20,9 +20,7 @@ END=${END:-570}            # seconds after start by which everything must be don
 TRAIN_MIN=${TRAIN_MIN:-5}  # minutes of training in this lease
 PY=${PY:-python3}
 left() { echo $(( END - SECONDS > 1 ? END - SECONDS : 1 )); }
-if compgen -G ".whl/*.whl" > /dev/null; then  # monai, nibabel, nilearn where the image lacks them
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-fi
+source scripts/lease_packages.sh  # monai, nibabel, nilearn, SimpleITK where the image lacks them
 export PYTHONPATH=$PWD/lib:/tmp/site PYTHONUNBUFFERED=1 MPLBACKEND=Agg TQDM_DISABLE=1
 export WORK=${WORK:-/tmp/demo} ANOFPDM="$PY -m anofpdm.cli" CASES=${CASES:-80} SHIFTED_CASES=${SHIFTED_CASES:-12}
 export PRESET=${PRESET:-cpu} ITERATIONS=${ITERATIONS:-15000} BATCH=${BATCH:-256} LR=${LR:-5e-4} EMA=${EMA:-0.999}

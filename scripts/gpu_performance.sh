@@ -42,19 +42,10 @@ PRECISIONS=${PRECISIONS:-fp32,bf16,fp32}
 BATCH=${BATCH:-volume}                 # slices per network batch; volume: all of a volume's slices in one
 FULL_STEPS=${FULL_STEPS:-}             # set: the full mode runs to this many steps, its network time extrapolated
 DEVICE=${DEVICE:-}                     # empty: cuda when there is one
-WHEELS=${WHEELS:-.whl}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 tee_pid=$!
-if compgen -G "$WHEELS/*.whl" > /dev/null || compgen -G "$WHEELS/*.tar.xz" > /dev/null; then
-    mkdir -p /tmp/site
-    if compgen -G "$WHEELS/*.whl" > /dev/null; then
-        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$WHEELS"/*.whl \
-            || exit 1
-    fi
-    for archive in "$WHEELS"/*.tar.xz; do [[ -f $archive ]] && { tar -C /tmp/site -xJf "$archive" || exit 1; }; done
-    export PYTHONPATH=/tmp/site
-fi
+source scripts/lease_packages.sh  # monai, nibabel, SimpleITK, deepbet where the image lacks them
 export PYTHONPATH=$PWD/lib${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 
 if command -v nvidia-smi > /dev/null; then
