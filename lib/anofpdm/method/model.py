@@ -17,10 +17,9 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field, fields
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -282,11 +281,10 @@ def _traced_network(config: NetworkConfig, state_dict: dict[str, torch.Tensor]) 
                "class_labels": torch.tensor([HEALTHY, NULL_LABEL])}
     with _quiet_torchscript():
         traced = torch.jit.trace(network, example_kwarg_inputs=example, check_trace=False)
-    try:  # a temporary file of this process's own, renamed: processes starting at once never mix their writes
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp, _quiet_torchscript():
-            torch.jit.save(traced, tmp.name)
-        os.replace(tmp.name, path)
+        with atomic_path(path) as tmp, _quiet_torchscript():  # processes starting at once each write their own
+            torch.jit.save(traced, str(tmp))
     except OSError as exc:
         warnings.warn(f"cannot cache the traced network at {path}: {exc}", stacklevel=3)
     return traced.eval()
