@@ -16,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from anofpdm.volumes.checks import AFFINE_TOLERANCE_MM
 from anofpdm.volumes.sequences import MSD_CHANNELS, SEQUENCES
 
 __all__ = [
@@ -35,7 +36,6 @@ BRATS21_NAMES = {"flair": "flair", "t1": "t1", "t1ce": "t1ce", "t2": "t2", SEG: 
 BRATS2023_NAMES = {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w", SEG: "seg"}
 FILE_SEPARATORS = ("_", "-")  # BraTS21 uses <case>_flair, BraTS 2023 <case>-t2f
 MSD_IMAGES, MSD_LABELS = "imagesTr", "labelsTr"
-AFFINE_TOLERANCE_MM = 1e-3
 LAYOUTS = {"brats21": BRATS21_NAMES, "brats2023": BRATS2023_NAMES}
 # The BraTS sub-regions as BraTS21 labels them (so do the synthetic cases, anofpdm.data.synth), and each layout's
 # label of them: BraTS 2023 labels enhancing tumour 3; MSD Task01 labels oedema 1, non-enhancing tumour 2,

@@ -20,11 +20,11 @@ from scipy import ndimage
 from anofpdm.data.brats import CaseFiles
 from anofpdm.data.synth import BENIGN_SUFFIX
 from anofpdm.evaluation.metrics import MM3_PER_ML, _mean_std
+from anofpdm.volumes.checks import AFFINE_TOLERANCE_MM
 
 __all__ = ["FINDINGS_DILATION", "load_findings", "findings_scores", "aggregate_findings", "findings_table"]
 
 FINDINGS_DILATION = np.ones((3, 3, 3), bool)  # "dilated by 1 voxel" (issue #41): all 26 neighbours
-AFFINE_TOLERANCE_MM = 1e-3
 CASE_GROUPS = ("healthy", "tumour")
 PERCENT = 100.0
 
