@@ -5,10 +5,10 @@ import pytest
 from scipy import ndimage
 
 from anofpdm.method.model import load_model, save_checkpoint
-from anofpdm.method.pipeline import InferenceOptions, finish_on_input_grid, segment_volume
+from anofpdm.method.pipeline import InferenceOptions, LesionEdges, finish_on_input_grid, segment_volume
 from anofpdm.method.decisions import VolumeRule
 from anofpdm.volumes.checks import InputError
-from anofpdm.volumes.slicing import brain_pixels, to_model_slices
+from anofpdm.volumes.slicing import brain_pixels, to_input_grid, to_model_slices
 
 from conftest import TINY, check_label_values, make_volume_pair, tiny_calibration
 
@@ -184,6 +184,30 @@ def test_a_lesion_is_filled_before_the_component_filter_so_its_core_counts_to_it
     assert not kept.any() and not lesions and removed == 1  # kept hollow, the wall alone is at the minimum
     with pytest.raises(InputError, match="lesion_holes"):
         InferenceOptions(lesion_holes="2d")
+
+
+
+def test_lesion_edges_are_redrawn_on_the_input_grid_at_half_the_flair_contrast():
+    images = make_volume_pair()  # a 40 x 40 x 20 mm FLAIR-bright block (voxels 15:25, 15:25, 4:8) in the brain
+    _, geometry, _ = to_model_slices(images, TINY.sequences, TINY.image_size, TINY.field_of_view_mm)
+    flair = np.asanyarray(images["flair"].dataobj)
+    block = np.zeros(flair.shape, dtype=bool)
+    block[15:25, 15:25, 4:8] = True
+    size, planes = TINY.image_size, len(geometry.slices)  # the model-grid pixels (15 mm) the block's voxels fall in
+    index = np.arange(size, dtype=np.float32)
+    pixel_x = to_input_grid(np.broadcast_to(index[:, None, None], (size, size, planes)).copy(), geometry)
+    pixel_y = to_input_grid(np.broadcast_to(index[None, :, None], (size, size, planes)).copy(), geometry)
+    coarse = np.zeros((size, size, planes), dtype=bool)
+    for i, j, k in np.argwhere(block):  # the input's axial planes are the model's slices here
+        coarse[int(round(pixel_x[i, j, k])), int(round(pixel_y[i, j, k])), geometry.slices.index(k)] = True
+    edges = LesionEdges(flair, flair > 0, max(geometry.spacing_mm[:2]))
+    assert InferenceOptions().lesion_boundary == "half-contrast"
+    _, resampled, _, _, _ = finish_on_input_grid(coarse.astype(np.float32), coarse, geometry, 0.0)
+    _, redrawn, _, lesions, _ = finish_on_input_grid(coarse.astype(np.float32), coarse, geometry, 0.0, edges=edges)
+    assert (resampled[~block] > 0).sum() > 100  # the blocky mask runs past the block
+    assert not redrawn[~block].any() and (redrawn > 0).sum() >= 0.8 * block.sum() and len(lesions) == 1
+    with pytest.raises(InputError, match="lesion_boundary"):
+        InferenceOptions(lesion_boundary="voxel")
 
 
 def test_the_volume_rule_is_the_default_and_masks_only_flair_bright_brain(model, tmp_path):

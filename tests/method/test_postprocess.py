@@ -11,6 +11,7 @@ from anofpdm.method.postprocess import (
     lesion_table,
     mark_uncertain_lesions,
     median_filter_3d,
+    refine_lesion_boundaries,
     remove_small_components,
 )
 
@@ -130,3 +131,47 @@ def test_a_synthetic_tumours_flair_dark_necrotic_core_is_the_hole_its_flair_brig
     filled = fill_lesion_holes(bright, "3d")
     assert (filled == (case.seg > 0)).all()  # exactly the BraTS whole tumour: the core, nothing else
     assert not fill_lesion_holes(bright, "keep")[core].any()
+
+
+def _soft_sphere(shape=(40, 40, 40), radius=9.0, edge_mm=1.5):
+    """A FLAIR-bright sphere whose brightness falls smoothly across its edge (half of it at ``radius``)."""
+    grid = np.indices(shape, dtype=np.float64) - (np.asarray(shape)[:, None, None, None] - 1) / 2.0
+    distance = np.sqrt((grid**2).sum(axis=0))
+    return 1.0 + 2.0 / (1.0 + np.exp((distance - radius) / edge_mm)), distance
+
+
+def test_a_lesion_edge_is_redrawn_where_its_flair_is_halfway_to_the_surroundings():
+    flair, distance = _soft_sphere()
+    truth = distance <= 9.0
+    brain = np.ones(flair.shape, dtype=bool)
+    too_large, too_small = distance <= 11.5, distance <= 6.5  # blocky masks from a coarse grid, past or short
+    for coarse in (too_large, too_small):  # Dice 0.66 and 0.52
+        redrawn = refine_lesion_boundaries(coarse, flair, brain, (1.0, 1.0, 1.0), reach_mm=3.75)
+        assert _dice(redrawn, truth) > max(0.9, _dice(coarse, truth) + 0.2)
+    scaled = refine_lesion_boundaries(too_large, 40.0 * flair + 7.0, brain, (1.0, 1.0, 1.0), reach_mm=3.75)
+    assert (scaled == refine_lesion_boundaries(too_large, flair, brain, (1.0, 1.0, 1.0), reach_mm=3.75)).all()
+
+
+def test_a_lesion_edge_moves_at_most_its_reach_and_stays_in_the_brain():
+    flair, distance = _soft_sphere(radius=14.0)
+    small = distance <= 5.0
+    brain = np.ones(flair.shape, dtype=bool)
+    brain[:, :, :18] = False
+    redrawn = refine_lesion_boundaries(small, flair, brain, (1.0, 1.0, 1.0), reach_mm=2.0)
+    assert redrawn.any() and not redrawn[distance > 7.01].any() and not redrawn[~brain].any()
+
+
+def test_a_lesion_no_brighter_than_its_surroundings_is_kept_as_it_was():
+    flair, distance = _soft_sphere()
+    mask = distance <= 6.0
+    dark = 4.0 - flair  # the lesion darker than the brain around it: no half-contrast edge
+    brain = np.ones(flair.shape, dtype=bool)
+    assert (refine_lesion_boundaries(mask, dark, brain, (1.0, 1.0, 1.0), reach_mm=3.75) == mask).all()
+    with pytest.raises(ValueError, match="differ in shape"):
+        refine_lesion_boundaries(mask, flair[1:], brain, (1.0, 1.0, 1.0), reach_mm=3.75)
+    with pytest.raises(ValueError, match="reach_mm"):
+        refine_lesion_boundaries(mask, flair, brain, (1.0, 1.0, 1.0), reach_mm=0.0)
+
+
+def _dice(a, b):
+    return 2.0 * (a & b).sum() / (a.sum() + b.sum())

@@ -77,7 +77,7 @@ from anofpdm.evaluation.store import run_key, source_digest, store_case, stored_
 from anofpdm.evaluation.metrics import MM3_PER_ML
 from anofpdm.method.model import LoadedModel, load_model
 from anofpdm.method.pipeline import ForwardOutputs, InferenceOptions, SegmentationResult
-from anofpdm.method.postprocess import LESION_HOLES
+from anofpdm.method.postprocess import LESION_BOUNDARIES, LESION_HOLES
 from anofpdm.progress import ProgressCallback, progress_bar
 
 __all__ = [
@@ -312,6 +312,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--lesion-holes", choices=LESION_HOLES, default=EvaluationSettings.lesion_holes,
                         help="every method: fill the holes a lesion encloses in 3-D, also within axial slices, or "
                         "keep them")
+    parser.add_argument("--lesion-boundary", choices=LESION_BOUNDARIES, default=EvaluationSettings.lesion_boundary,
+                        help="AnoFPDM: redraw each lesion's edge on the input grid at half its FLAIR contrast to the "
+                        "brain around it, or keep the network grid's mask resampled")
     parser.add_argument("--batch-size", type=int, help="slices per network batch")
     parser.add_argument("--min-brain-fraction", type=float, default=EvaluationSettings.min_brain_fraction,
                         help="AnoFPDM leaves out slices with less brain than this fraction of the largest slice's")
@@ -349,7 +352,7 @@ def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
         baseline_stride=args.baseline_stride, anoddpm_noise_level=args.anoddpm_noise_level,
         cfg_noise_level=args.cfg_noise_level, cfg_guidance=args.cfg_guidance, thresholds=thresholds,
         slice_protocol=SliceProtocol(min_area_px=args.slice_min_area_px), lesion_holes=args.lesion_holes,
-        overlay_cases=args.overlays,
+        lesion_boundary=args.lesion_boundary, overlay_cases=args.overlays,
     )
 
 

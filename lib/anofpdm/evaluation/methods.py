@@ -75,6 +75,8 @@ class EvaluationSettings:
             ``min_lesion_mm3``.
         slice_protocol: the 2-D post-processing of the slice protocol.
         lesion_holes: the holes a lesion encloses, filled or kept (every method; ``InferenceOptions.lesion_holes``).
+        lesion_boundary: where AnoFPDM draws a lesion's edge (``InferenceOptions.lesion_boundary``); the baselines
+            are as they are defined.
         overlay_cases: overlays are drawn for this many cases (the first in case-id order).
     """
 
@@ -90,6 +92,7 @@ class EvaluationSettings:
     baseline_min_lesion_mm3: dict[str, float] = field(default_factory=dict)
     slice_protocol: SliceProtocol = field(default_factory=SliceProtocol)
     lesion_holes: str = InferenceOptions.lesion_holes
+    lesion_boundary: str = InferenceOptions.lesion_boundary
     overlay_cases: int = DEFAULT_OVERLAY_CASES
 
     def __post_init__(self) -> None:
@@ -115,8 +118,8 @@ class EvaluationSettings:
     def inference_options(self, method: str) -> InferenceOptions:
         """The pipeline's ``InferenceOptions`` of one AnoFPDM variant."""
         return InferenceOptions(**ANOFPDM_VARIANTS[method], seed=self.seed, min_lesion_mm3=self.min_lesion_mm3,
-                                lesion_holes=self.lesion_holes, batch_size=self.batch_size,
-                                min_brain_fraction=self.min_brain_fraction)
+                                lesion_holes=self.lesion_holes, lesion_boundary=self.lesion_boundary,
+                                batch_size=self.batch_size, min_brain_fraction=self.min_brain_fraction)
 
 
 def run_method(

@@ -34,21 +34,23 @@ from anofpdm.method.forward_process import ForwardProcessConfig, SliceStatistics
 from anofpdm.method.model import MAP_SEQUENCES, LoadedModel
 from anofpdm.method.postprocess import (
     LABEL_NAMES,
+    LESION_BOUNDARIES,
     LESION_HOLES,
     TUMOUR,
     fill_lesion_holes,
     lesion_table,
     mark_uncertain_lesions,
     median_filter_3d,
+    refine_lesion_boundaries,
     remove_small_components,
 )
 from anofpdm.progress import StageProgressCallback
-from anofpdm.volumes.checks import InputError
+from anofpdm.volumes.checks import InputError, as_3d
 from anofpdm.volumes.slicing import VolumeGeometry, brain_pixels, slices_with_brain, to_input_grid, to_model_slices
 
 __all__ = ["InferenceOptions", "InputError", "ModelGridOutputs", "SegmentationResult", "ForwardOutputs", "run_forward",
-           "SliceDecisions", "decide_slices", "segment_volume", "resolve_options", "finish_on_input_grid", "image_like",
-           "default_median_kernel", "default_batch_size"]
+           "SliceDecisions", "decide_slices", "segment_volume", "resolve_options", "LesionEdges",
+           "finish_on_input_grid", "image_like", "default_median_kernel", "default_batch_size"]
 
 MAP_VARIANTS = ("mean", "end_step")
 DECISION_RULES = ("volume", "paper")  # the default first
@@ -69,6 +71,10 @@ class InferenceOptions:
         median_kernel: odd 3-D median kernel in voxels (None: the paper's 5 px at 128 px, scaled).
         lesion_holes: the holes a lesion encloses on the model grid, filled before the component filter ("3d",
             "axial") or kept ("keep"): ``anofpdm.method.postprocess.fill_lesion_holes``.
+        lesion_boundary: where each lesion's edge is drawn: "half-contrast" (on the input grid, halfway between its
+            FLAIR and the surrounding brain's, within one network pixel of the network grid's mask:
+            ``anofpdm.method.postprocess.refine_lesion_boundaries``) or "model-grid" (the network grid's mask
+            resampled).
         batch_size: slices per network batch (None: 8 on CPU, 64 on CUDA).
         bf16: run the network under bfloat16 autocast (fast on recent GPUs; calibrated in float32).
         map_variant: "mean" (docs/method.md section 4: mean error before t_e) or "end_step" (the paper's
@@ -98,6 +104,7 @@ class InferenceOptions:
     min_lesion_mm3: float = 500.0
     median_kernel: int | None = None
     lesion_holes: str = LESION_HOLES[0]
+    lesion_boundary: str = LESION_BOUNDARIES[0]
     batch_size: int | None = None
     bf16: bool = False
     map_variant: str = "mean"
@@ -112,7 +119,7 @@ class InferenceOptions:
     def __post_init__(self) -> None:
         for name, choices in (("registration", REGISTRATION_MODES), ("map_variant", MAP_VARIANTS),
                               ("decision_rule", DECISION_RULES), ("brain_extraction", BRAIN_EXTRACTION_MODES),
-                              ("lesion_holes", LESION_HOLES)):
+                              ("lesion_holes", LESION_HOLES), ("lesion_boundary", LESION_BOUNDARIES)):
             if getattr(self, name) not in choices:
                 raise InputError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.min_lesion_mm3 < 0:
@@ -223,6 +230,9 @@ class ForwardOutputs:
         alignment: what was done to each sequence besides the FLAIR to put it on the FLAIR grid.
         brain_extraction: what brain extraction did, and the brain mask on the FLAIR grid.
         visited: N booleans, the slices run through the network (``InferenceOptions.min_brain_fraction``); None: all.
+        flair: the FLAIR on its own (the output) grid as the network's input was made from it (brain only when
+            the brain was extracted), float32; None where not kept.
+        brain: the brain voxels on that grid (any of the model's sequences above zero); None where not kept.
     """
 
     slices: np.ndarray
@@ -235,6 +245,8 @@ class ForwardOutputs:
     alignment: dict[str, Alignment] = field(default_factory=dict)
     brain_extraction: BrainExtraction | None = None
     visited: np.ndarray | None = None
+    flair: np.ndarray | None = None
+    brain: np.ndarray | None = None
 
 
 def run_forward(
@@ -273,8 +285,12 @@ def run_forward(
                           slice_indices=np.flatnonzero(visited)).scattered(visited)
     timings = {"brain_extraction_s": extraction.time_s, "alignment_s": alignment_s, "preprocess_s": preprocess_s,
                "network_s": time.perf_counter() - start}
+    flair = as_3d(config.sequences[0], images[config.sequences[0]])
+    brain = np.zeros(flair.shape, dtype=bool)
+    for name in config.sequences:
+        brain |= as_3d(name, images[name]) > 0
     return ForwardOutputs(slices, geometry, forward, calibration, stats, warnings, timings, alignment, extraction,
-                          visited)
+                          visited, flair, brain)
 
 
 def segment_volume(
@@ -310,13 +326,19 @@ def segment_volume(
     start = time.perf_counter()
     decided = decide_slices(model, outputs, options, volume_rule)
     probability = outputs.calibration.unhealthy_probability(stats.scores)
-    mask_model, labels_input, map_input, lesions, removed = finish_on_input_grid(
+    edges = None
+    if options.lesion_boundary == "half-contrast":
+        if outputs.flair is None or outputs.brain is None:
+            raise ValueError("lesion_boundary 'half-contrast' needs the forward outputs' FLAIR and brain")
+        edges = LesionEdges(outputs.flair, outputs.brain, max(geometry.spacing_mm[:2]))
+    _, labels_input, map_input, lesions, removed = finish_on_input_grid(
         decided.filtered_map, decided.candidate, geometry, options.min_lesion_mm3, probability, options.mark_uncertain,
-        options.lesion_holes,
+        options.lesion_holes, edges,
     )
     unhealthy = decided.unhealthy
-    if options.decision_rule == "volume":  # its verdict: the slice holds a lesion that passed the component filter
-        unhealthy = torch.from_numpy(mask_model.any(axis=(0, 1)))
+    if options.decision_rule == "volume":  # its verdict: the slice's plane holds a lesion of the mask returned
+        planes = nib.orientations.apply_orientation(labels_input > 0, geometry.to_ras).any(axis=(0, 1))
+        unhealthy = torch.from_numpy(planes[list(geometry.slices)].copy())
     timings = {**outputs.timings, "postprocess_s": time.perf_counter() - start}
 
     mask_image = image_like(images[MAP_SEQUENCES[0]], labels_input, np.uint8)
@@ -388,6 +410,21 @@ def decide_slices(
     return SliceDecisions(unhealthy, thresholds, raw_map, filtered, candidate, kernel, stats.scores)
 
 
+@dataclass(frozen=True)
+class LesionEdges:
+    """What redraws the lesions' edges on the input grid (``anofpdm.method.postprocess.refine_lesion_boundaries``).
+
+    Attributes:
+        flair: the FLAIR on the input grid.
+        brain: brain voxels on the input grid.
+        reach_mm: how far an edge may move from the resampled mask: one network pixel.
+    """
+
+    flair: np.ndarray
+    brain: np.ndarray
+    reach_mm: float
+
+
 def finish_on_input_grid(
     filtered: np.ndarray,
     candidate: np.ndarray,
@@ -396,6 +433,7 @@ def finish_on_input_grid(
     unhealthy_probability: torch.Tensor | None = None,
     mark_uncertain: bool = False,
     lesion_holes: str = InferenceOptions.lesion_holes,
+    edges: LesionEdges | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]], int]:
     """Hole and component filters on the model grid, then label map and map onto the input grid, and the lesion
     table.
@@ -411,6 +449,8 @@ def finish_on_input_grid(
             ``UNCERTAIN_PROBABILITY[1]`` as ``UNCERTAIN_TUMOUR``.
         lesion_holes: how the holes a lesion encloses are filled, before the component filter so that a lesion's
             size counts its core (``anofpdm.method.postprocess.fill_lesion_holes``).
+        edges: when given, each lesion's edge is redrawn on the input grid, and the holes and the component filter
+            applied again there (None: the model grid's mask resampled).
 
     Returns:
         The filtered model-grid mask, the input-grid label map (uint8, ``TUMOUR`` or ``UNCERTAIN_TUMOUR``)
@@ -420,10 +460,17 @@ def finish_on_input_grid(
                                             min_lesion_mm3)
     # resampling can leave a kept component smaller (cut by the field of view) or split off pieces of it: the
     # lesions the user gets are held to the same minimum on the input grid
+    spacing_input = nib.affines.voxel_sizes(geometry.affine)
     mask_input, fragments = remove_small_components(
-        to_input_grid(mask.astype(np.float32), geometry) >= 0.5, nib.affines.voxel_sizes(geometry.affine),
-        min_lesion_mm3,
+        to_input_grid(mask.astype(np.float32), geometry) >= 0.5, spacing_input, min_lesion_mm3
     )
+    if edges is not None:
+        redrawn = refine_lesion_boundaries(mask_input, edges.flair, edges.brain, spacing_input, edges.reach_mm)
+        # holes filled in RAS order, so that "axial" fills axial planes whichever way the input is stored
+        ras = fill_lesion_holes(nib.orientations.apply_orientation(redrawn, geometry.to_ras), lesion_holes)
+        filled = nib.orientations.apply_orientation(ras, geometry.from_ras)
+        mask_input, dropped = remove_small_components(filled, spacing_input, min_lesion_mm3)
+        fragments += dropped
     map_input = to_input_grid(filtered, geometry)
     labels_input = mask_input.astype(np.uint8) * TUMOUR
     probability_input = None

@@ -2,7 +2,9 @@
 median of the slice-level evaluation protocol.
 
 The whole tumour as BraTS defines it holds the necrotic core, which is dark on FLAIR and often not anomalous to a
-FLAIR-driven map: a mask that rings it is filled (``fill_lesion_holes``).
+FLAIR-driven map: a mask that rings it is filled (``fill_lesion_holes``). A mask decided on the network's coarse grid
+gets each lesion's edge redrawn on the input grid where its FLAIR crosses half the contrast to the brain around it
+(``refine_lesion_boundaries``).
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = ["TUMOUR", "UNCERTAIN_TUMOUR", "BRAIN_LABEL", "LABEL_NAMES", "LESION_HOLES", "median_filter_2d",
-           "median_filter_3d", "lesion_components", "fill_lesion_holes",
-           "remove_small_components", "mark_uncertain_lesions", "lesion_table"]
+           "median_filter_3d", "lesion_components", "fill_lesion_holes", "LESION_BOUNDARIES",
+           "refine_lesion_boundaries", "remove_small_components", "mark_uncertain_lesions", "lesion_table"]
 
 MM3_PER_ML = 1000.0
 TUMOUR, UNCERTAIN_TUMOUR = 1, 2  # values of the returned label map
@@ -24,6 +26,13 @@ LABEL_NAMES = {"tumour": TUMOUR, "tumour (uncertain)": UNCERTAIN_TUMOUR}
 # within an axial slice (open above or below), "3d" the first only, "keep" none (docs/evaluation.md, "The whole
 # tumour as BraTS defines it": on the validation cases "axial" never did worse than the others)
 LESION_HOLES = ("axial", "3d", "keep")
+# where a lesion's edge is drawn, the default first: "half-contrast" redraws it on the input grid
+# (``refine_lesion_boundaries``), "model-grid" keeps the network grid's mask resampled (docs/evaluation.md, "Lesion
+# edges at the input's resolution")
+LESION_BOUNDARIES = ("half-contrast", "model-grid")
+EDGE_CONTRAST = 0.5  # the edge lies where the FLAIR is halfway from the surroundings' level to the lesion's
+LESION_LEVEL_QUANTILE = 0.75  # a lesion's FLAIR level: this quantile over its voxels (a dark necrotic core aside)
+SURROUNDINGS_MM = 5.0  # the surroundings' level: median FLAIR of the brain this far beyond the searched region
 
 
 def median_filter_2d(maps: np.ndarray, kernel_size: int) -> np.ndarray:
@@ -68,6 +77,61 @@ def fill_lesion_holes(mask: np.ndarray, holes: str) -> np.ndarray:
         for k in range(filled.shape[2]):
             filled[:, :, k] = ndimage.binary_fill_holes(filled[:, :, k])
     return filled
+
+
+def _ellipsoid(radius_mm: float, spacing_mm: Sequence[float]) -> np.ndarray:
+    """A structuring element: the voxels within ``radius_mm`` of the centre on a grid of ``spacing_mm``."""
+    radii = radius_mm / np.asarray(spacing_mm, dtype=np.float64)
+    grid = np.mgrid[tuple(slice(-int(r), int(r) + 1) for r in np.floor(radii))]
+    return sum((axis / r) ** 2 for axis, r in zip(grid, radii)) <= 1.0
+
+
+def refine_lesion_boundaries(
+    mask: np.ndarray, flair: np.ndarray, brain: np.ndarray, spacing_mm: Sequence[float], reach_mm: float
+) -> np.ndarray:
+    """Each lesion's edge redrawn at the grid's own resolution, where its FLAIR is halfway to its surroundings'.
+
+    The decisions are made on the network's grid (3.75 mm pixels at 64 px), so a mask resampled from it is blocky
+    and runs up to a pixel past or short of the lesion. For each lesion, the brain voxels within ``reach_mm`` of it
+    are searched; its FLAIR level is the ``LESION_LEVEL_QUANTILE`` of its own voxels, its surroundings' the median
+    of the brain within ``SURROUNDINGS_MM`` beyond the searched region; the lesion becomes the searched voxels at
+    least ``EDGE_CONTRAST`` of the way from the one to the other (the half-maximum edge), 3 x 3 x 3
+    median-filtered. A lesion no brighter than its surroundings has no such edge and is kept as it was.
+
+    Args:
+        mask: binary mask on the grid; its 26-connected components are the lesions.
+        flair: the FLAIR on the same grid (any linear scale: only differences of levels count).
+        brain: brain voxels on the same grid.
+        spacing_mm: voxel size along each axis.
+        reach_mm: how far beyond its resampled mask a lesion's edge may move (e.g. one network pixel).
+
+    Returns:
+        The redrawn mask (bool); lesions may shrink, grow within ``reach_mm`` of the mask, merge or split.
+    """
+    if not mask.shape == flair.shape == brain.shape:
+        raise ValueError(f"mask {mask.shape}, FLAIR {flair.shape} and brain {brain.shape} differ in shape")
+    if len(spacing_mm) != mask.ndim or min(spacing_mm) <= 0:
+        raise ValueError(f"spacing {tuple(spacing_mm)} does not fit a {mask.ndim}-D mask")
+    if not reach_mm > 0:
+        raise ValueError(f"reach_mm must be > 0, got {reach_mm}")
+    spacing = np.asarray(spacing_mm, dtype=np.float64)
+    searching, surrounding = _ellipsoid(reach_mm, spacing), _ellipsoid(SURROUNDINGS_MM, spacing)
+    margin = np.ceil((reach_mm + SURROUNDINGS_MM) / spacing).astype(int) + 2
+    redrawn = np.zeros(mask.shape, dtype=bool)
+    for region, inside in _lesions(mask):
+        box = tuple(slice(max(0, s.start - m), min(n, s.stop + m)) for s, m, n in zip(region, margin, mask.shape))
+        lesion = np.zeros([s.stop - s.start for s in box], dtype=bool)
+        lesion[tuple(slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, box))] = inside
+        in_brain, values = brain[box], flair[box]
+        searched = ndimage.binary_dilation(lesion, searching) & in_brain
+        around = ndimage.binary_dilation(searched, surrounding) & in_brain & ~searched
+        lesion_level = np.quantile(values[lesion], LESION_LEVEL_QUANTILE)
+        if not around.any() or not lesion_level > (around_level := np.median(values[around])):
+            redrawn[box] |= lesion
+            continue
+        edge = around_level + EDGE_CONTRAST * (lesion_level - around_level)
+        redrawn[box] |= ndimage.median_filter((searched & (values >= edge)).astype(np.uint8), size=3) > 0
+    return redrawn
 
 
 def _lesions(mask: np.ndarray) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
