@@ -33,8 +33,10 @@ from anofpdm.method.decisions import (
 from anofpdm.method.forward_process import ForwardProcessConfig, SliceStatistics, run_on_slices
 from anofpdm.method.model import MAP_SEQUENCES, LoadedModel
 from anofpdm.method.postprocess import (
+    EDGE_CONTRAST,
     LABEL_NAMES,
     LESION_BOUNDARIES,
+    LESION_LEVEL_QUANTILE,
     LESION_HOLES,
     TUMOUR,
     fill_lesion_holes,
@@ -418,11 +420,15 @@ class LesionEdges:
         flair: the FLAIR on the input grid.
         brain: brain voxels on the input grid.
         reach_mm: how far an edge may move from the resampled mask: one network pixel.
+        contrast, lesion_quantile: where the edge lies between the surroundings' and the lesion's FLAIR, and the
+            lesion's level (``refine_lesion_boundaries``'s).
     """
 
     flair: np.ndarray
     brain: np.ndarray
     reach_mm: float
+    contrast: float = EDGE_CONTRAST
+    lesion_quantile: float = LESION_LEVEL_QUANTILE
 
 
 def finish_on_input_grid(
@@ -465,7 +471,8 @@ def finish_on_input_grid(
         to_input_grid(mask.astype(np.float32), geometry) >= 0.5, spacing_input, min_lesion_mm3
     )
     if edges is not None:
-        redrawn = refine_lesion_boundaries(mask_input, edges.flair, edges.brain, spacing_input, edges.reach_mm)
+        redrawn = refine_lesion_boundaries(mask_input, edges.flair, edges.brain, spacing_input, edges.reach_mm,
+                                           edges.contrast, edges.lesion_quantile)
         # holes filled in RAS order, so that "axial" fills axial planes whichever way the input is stored
         ras = fill_lesion_holes(nib.orientations.apply_orientation(redrawn, geometry.to_ras), lesion_holes)
         filled = nib.orientations.apply_orientation(ras, geometry.from_ras)

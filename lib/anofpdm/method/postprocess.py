@@ -15,8 +15,9 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = ["TUMOUR", "UNCERTAIN_TUMOUR", "BRAIN_LABEL", "LABEL_NAMES", "LESION_HOLES", "median_filter_2d",
-           "median_filter_3d", "lesion_components", "fill_lesion_holes", "LESION_BOUNDARIES",
-           "refine_lesion_boundaries", "remove_small_components", "mark_uncertain_lesions", "lesion_table"]
+           "median_filter_3d", "lesion_components", "fill_lesion_holes", "LESION_BOUNDARIES", "EDGE_CONTRAST",
+           "LESION_LEVEL_QUANTILE", "refine_lesion_boundaries", "remove_small_components", "mark_uncertain_lesions",
+           "lesion_table"]
 
 MM3_PER_ML = 1000.0
 TUMOUR, UNCERTAIN_TUMOUR = 1, 2  # values of the returned label map
@@ -87,15 +88,21 @@ def _ellipsoid(radius_mm: float, spacing_mm: Sequence[float]) -> np.ndarray:
 
 
 def refine_lesion_boundaries(
-    mask: np.ndarray, flair: np.ndarray, brain: np.ndarray, spacing_mm: Sequence[float], reach_mm: float
+    mask: np.ndarray,
+    flair: np.ndarray,
+    brain: np.ndarray,
+    spacing_mm: Sequence[float],
+    reach_mm: float,
+    contrast: float = EDGE_CONTRAST,
+    lesion_quantile: float = LESION_LEVEL_QUANTILE,
 ) -> np.ndarray:
     """Each lesion's edge redrawn at the grid's own resolution, where its FLAIR is halfway to its surroundings'.
 
     The decisions are made on the network's grid (3.75 mm pixels at 64 px), so a mask resampled from it is blocky
     and runs up to a pixel past or short of the lesion. For each lesion, the brain voxels within ``reach_mm`` of it
-    are searched; its FLAIR level is the ``LESION_LEVEL_QUANTILE`` of its own voxels, its surroundings' the median
-    of the brain within ``SURROUNDINGS_MM`` beyond the searched region; the lesion becomes the searched voxels at
-    least ``EDGE_CONTRAST`` of the way from the one to the other (the half-maximum edge), 3 x 3 x 3
+    are searched; its FLAIR level is the ``lesion_quantile`` of its own voxels, its surroundings' the median of the
+    brain within ``SURROUNDINGS_MM`` beyond the searched region; the lesion becomes the searched voxels at least
+    ``contrast`` of the way from the one to the other (by default half: the half-maximum edge), 3 x 3 x 3
     median-filtered. A lesion no brighter than its surroundings has no such edge and is kept as it was.
 
     Args:
@@ -104,6 +111,8 @@ def refine_lesion_boundaries(
         brain: brain voxels on the same grid.
         spacing_mm: voxel size along each axis.
         reach_mm: how far beyond its resampled mask a lesion's edge may move (e.g. one network pixel).
+        contrast: where between the surroundings' level (0) and the lesion's (1) the edge lies.
+        lesion_quantile: the quantile of a lesion's FLAIR taken as its level.
 
     Returns:
         The redrawn mask (bool); lesions may shrink, grow within ``reach_mm`` of the mask, merge or split.
@@ -114,6 +123,9 @@ def refine_lesion_boundaries(
         raise ValueError(f"spacing {tuple(spacing_mm)} does not fit a {mask.ndim}-D mask")
     if not reach_mm > 0:
         raise ValueError(f"reach_mm must be > 0, got {reach_mm}")
+    if not (0.0 < contrast < 1.0 and 0.0 <= lesion_quantile <= 1.0):
+        raise ValueError(f"contrast must lie in (0, 1) and lesion_quantile in [0, 1], got {contrast} and "
+                         f"{lesion_quantile}")
     spacing = np.asarray(spacing_mm, dtype=np.float64)
     searching, surrounding = _ellipsoid(reach_mm, spacing), _ellipsoid(SURROUNDINGS_MM, spacing)
     margin = np.ceil((reach_mm + SURROUNDINGS_MM) / spacing).astype(int) + 2
@@ -125,11 +137,11 @@ def refine_lesion_boundaries(
         in_brain, values = brain[box], flair[box]
         searched = ndimage.binary_dilation(lesion, searching) & in_brain
         around = ndimage.binary_dilation(searched, surrounding) & in_brain & ~searched
-        lesion_level = np.quantile(values[lesion], LESION_LEVEL_QUANTILE)
+        lesion_level = np.quantile(values[lesion], lesion_quantile)
         if not around.any() or not lesion_level > (around_level := np.median(values[around])):
             redrawn[box] |= lesion
             continue
-        edge = around_level + EDGE_CONTRAST * (lesion_level - around_level)
+        edge = around_level + contrast * (lesion_level - around_level)
         redrawn[box] |= ndimage.median_filter((searched & (values >= edge)).astype(np.uint8), size=3) > 0
     return redrawn
 
