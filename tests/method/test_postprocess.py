@@ -161,6 +161,15 @@ def test_a_lesion_edge_moves_at_most_its_reach_and_stays_in_the_brain():
     assert redrawn.any() and not redrawn[distance > 7.01].any() and not redrawn[~brain].any()
 
 
+def test_a_flair_dark_core_deeper_than_the_reach_stays_in_the_lesion():
+    flair, distance = _soft_sphere(radius=12.0)
+    flair[distance <= 5.0] = 0.8  # a necrotic core darker than the brain around the lesion, open to one side
+    flair[(distance <= 12.5) & (np.indices(flair.shape)[0] > 26)] = 1.0
+    coarse = distance <= 13.5
+    redrawn = refine_lesion_boundaries(coarse, flair, np.ones(flair.shape, dtype=bool), (1.0, 1.0, 1.0), 3.75)
+    assert redrawn[distance <= 5.0].all() and not redrawn[distance > 13.5 + 3.75].any()
+
+
 def test_a_lesion_no_brighter_than_its_surroundings_is_kept_as_it_was():
     flair, distance = _soft_sphere()
     mask = distance <= 6.0

@@ -103,7 +103,9 @@ def refine_lesion_boundaries(
     are searched; its FLAIR level is the ``lesion_quantile`` of its own voxels, its surroundings' the median of the
     brain within ``SURROUNDINGS_MM`` beyond the searched region; the lesion becomes the searched voxels at least
     ``contrast`` of the way from the one to the other (by default half: the half-maximum edge), 3 x 3 x 3
-    median-filtered. A lesion no brighter than its surroundings has no such edge and is kept as it was.
+    median-filtered, together with its inside deeper than ``reach_mm`` (a FLAIR-dark necrotic core stays, whether
+    or not the bright tissue rings it). A lesion no brighter than its surroundings has no such edge and is kept as
+    it was.
 
     Args:
         mask: binary mask on the grid; its 26-connected components are the lesions.
@@ -115,7 +117,7 @@ def refine_lesion_boundaries(
         lesion_quantile: the quantile of a lesion's FLAIR taken as its level.
 
     Returns:
-        The redrawn mask (bool); lesions may shrink, grow within ``reach_mm`` of the mask, merge or split.
+        The redrawn mask (bool); a lesion's edge moves by at most ``reach_mm``; lesions may merge or split.
     """
     if not mask.shape == flair.shape == brain.shape:
         raise ValueError(f"mask {mask.shape}, FLAIR {flair.shape} and brain {brain.shape} differ in shape")
@@ -142,7 +144,8 @@ def refine_lesion_boundaries(
             redrawn[box] |= lesion
             continue
         edge = around_level + contrast * (lesion_level - around_level)
-        redrawn[box] |= ndimage.median_filter((searched & (values >= edge)).astype(np.uint8), size=3) > 0
+        bright = ndimage.median_filter((searched & (values >= edge)).astype(np.uint8), size=3) > 0
+        redrawn[box] |= bright | (ndimage.binary_erosion(lesion, searching) & in_brain)  # its inside, out of reach
     return redrawn
 
 
