@@ -130,14 +130,22 @@ def refine_lesion_boundaries(
                          f"{lesion_quantile}")
     spacing = np.asarray(spacing_mm, dtype=np.float64)
     searching, surrounding = _ellipsoid(reach_mm, spacing), _ellipsoid(SURROUNDINGS_MM, spacing)
-    margin = np.ceil((reach_mm + SURROUNDINGS_MM) / spacing).astype(int) + 2
+    margin = [int(m) for m in np.ceil((reach_mm + SURROUNDINGS_MM) / spacing) + 2]
     redrawn = np.zeros(mask.shape, dtype=bool)
-    for region, inside in _lesions(mask):
-        box = tuple(slice(max(0, s.start - m), min(n, s.stop + m)) for s, m, n in zip(region, margin, mask.shape))
-        lesion = np.zeros([s.stop - s.start for s in box], dtype=bool)
-        lesion[tuple(slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, box))] = inside
+    if not mask.any():
+        return redrawn
+    near = np.zeros(mask.shape, dtype=bool)  # every lesion's searched region, dilated within the lesions' box only
+    extent = _widened(ndimage.find_objects(mask.astype(np.uint8))[0], margin, mask.shape)
+    near[extent] = ndimage.binary_dilation(mask[extent], searching)
+    # lesions whose searched regions touch are redrawn together, at the levels of their union (and a mask of many
+    # specks costs a few groups, not one pass each)
+    for region, group in _lesions(near):
+        box = _widened(region, margin, mask.shape)
+        searched = np.zeros([s.stop - s.start for s in box], dtype=bool)
+        searched[tuple(slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, box))] = group
         in_brain, values = brain[box], flair[box]
-        searched = ndimage.binary_dilation(lesion, searching) & in_brain
+        lesion = mask[box] & searched
+        searched &= in_brain
         around = ndimage.binary_dilation(searched, surrounding) & in_brain & ~searched
         lesion_level = np.quantile(values[lesion], lesion_quantile)
         if not around.any() or not lesion_level > (around_level := np.median(values[around])):
@@ -147,6 +155,11 @@ def refine_lesion_boundaries(
         bright = ndimage.median_filter((searched & (values >= edge)).astype(np.uint8), size=3) > 0
         redrawn[box] |= bright | (ndimage.binary_erosion(lesion, searching) & in_brain)  # its inside, out of reach
     return redrawn
+
+
+def _widened(region: tuple[slice, ...], margin: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
+    """``region`` widened by ``margin`` voxels on each side, within a grid of ``shape``."""
+    return tuple(slice(max(0, s.start - m), min(n, s.stop + m)) for s, m, n in zip(region, margin, shape))
 
 
 def _lesions(mask: np.ndarray) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
