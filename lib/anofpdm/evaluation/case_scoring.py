@@ -29,7 +29,7 @@ from anofpdm.method.model import NetworkConfig
 from anofpdm.method.pipeline import PAPER_IMAGE_SIZE, SegmentationResult, default_median_kernel
 from anofpdm.method.postprocess import median_filter_2d, remove_small_components
 from anofpdm.volumes.brain_extraction import apply_brain, extract_brain
-from anofpdm.volumes.slicing import VolumeGeometry, brain_pixels, to_model_slices
+from anofpdm.volumes.slicing import VolumeGeometry, brain_pixels, brain_voxels, to_model_slices
 
 __all__ = ["SliceProtocol", "EvaluationCase", "prepare_case", "score_result"]
 
@@ -109,11 +109,7 @@ def prepare_case(files: CaseFiles, config: NetworkConfig) -> EvaluationCase:
     stripped, extraction = extract_brain(images, config.sequences)
     slices, geometry, extra = to_model_slices(apply_brain(stripped, extraction, config.sequences), config.sequences,
                                               config.image_size, config.field_of_view_mm, extra={"truth": truth})
-    brain = np.zeros(truth.shape, dtype=bool)
-    for array in volume.images.values():
-        brain |= array > 0
-    if extraction.extracted:
-        brain = extraction.mask
+    brain = extraction.mask if extraction.extracted else brain_voxels(volume.images.values())
     return EvaluationCase(
         case_id=files.case_id,
         images=images,

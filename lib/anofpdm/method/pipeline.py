@@ -48,7 +48,14 @@ from anofpdm.method.postprocess import (
 )
 from anofpdm.progress import StageProgressCallback
 from anofpdm.volumes.checks import InputError, as_3d
-from anofpdm.volumes.slicing import VolumeGeometry, brain_pixels, slices_with_brain, to_input_grid, to_model_slices
+from anofpdm.volumes.slicing import (
+    VolumeGeometry,
+    brain_pixels,
+    brain_voxels,
+    slices_with_brain,
+    to_input_grid,
+    to_model_slices,
+)
 
 __all__ = ["InferenceOptions", "InputError", "ModelGridOutputs", "SegmentationResult", "ForwardOutputs", "run_forward",
            "SliceDecisions", "decide_slices", "segment_volume", "resolve_options", "LesionEdges",
@@ -288,9 +295,7 @@ def run_forward(
     timings = {"brain_extraction_s": extraction.time_s, "alignment_s": alignment_s, "preprocess_s": preprocess_s,
                "network_s": time.perf_counter() - start}
     flair = as_3d(config.sequences[0], images[config.sequences[0]])
-    brain = np.zeros(flair.shape, dtype=bool)
-    for name in config.sequences:
-        brain |= as_3d(name, images[name]) > 0
+    brain = brain_voxels(as_3d(name, images[name]) for name in config.sequences)
     return ForwardOutputs(slices, geometry, forward, calibration, stats, warnings, timings, alignment, extraction,
                           visited, flair, brain)
 

@@ -10,7 +10,7 @@ module, so the network sees slices laid out the same way in both.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -30,6 +30,7 @@ __all__ = [
     "to_model_grid",
     "to_input_grid",
     "brain_pixels",
+    "brain_voxels",
 ]
 
 RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
@@ -152,9 +153,7 @@ def to_model_slices(
     arrays = check_inputs(images, sequences)
     to_ras = ras_transform(images[sequences[0]].affine)
     ras = {name: nib.orientations.apply_orientation(arrays[name], to_ras) for name in sequences}
-    brain = np.zeros(ras[sequences[0]].shape, dtype=bool)
-    for data in ras.values():
-        brain |= data > 0
+    brain = brain_voxels(ras.values())
     geometry = plan_geometry(images[sequences[0]], brain, image_size, field_of_view_mm)
     if not geometry.slices:
         raise InputError(f"no axial slice holds {MIN_BRAIN_AREA_MM2} mm^2 of brain: is this a brain MRI?")
@@ -190,6 +189,15 @@ def to_input_grid(model_volume: np.ndarray, geometry: VolumeGeometry) -> np.ndar
     sx, sy = slice(max(x0, 0), min(x0 + wx, ras.shape[0])), slice(max(y0, 0), min(y0 + wy, ras.shape[1]))
     ras[sx, sy, list(geometry.slices)] = planes[sx.start - x0 : sx.stop - x0, sy.start - y0 : sy.stop - y0]
     return nib.orientations.apply_orientation(ras, geometry.from_ras)
+
+
+def brain_voxels(volumes: Iterable[np.ndarray]) -> np.ndarray:
+    """The brain voxels of skull-stripped volumes on one grid: any of them above zero."""
+    volumes = iter(volumes)
+    brain = next(volumes) > 0
+    for volume in volumes:
+        brain |= volume > 0
+    return brain
 
 
 def brain_pixels(slices: np.ndarray) -> np.ndarray:
