@@ -8,6 +8,7 @@ network. The cache holds pickles made by this code for these scripts only: never
 
 from __future__ import annotations
 
+import argparse
 import pickle
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -65,3 +66,31 @@ def prepared_forward(
         return case, run_forward(model, case.images, options)
 
     return cached(cache, compute)
+
+
+def add_forward_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a benchmark that scores settings on one forward process per labelled case (``forward_cases``)."""
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="labelled cases (BraTS layout)")
+    parser.add_argument("--prepared", type=Path, help="prepared slices whose --split names the cases (default: all)")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--max-cases", type=int, help="the first N cases in case-id order (as evaluate's)")
+    parser.add_argument("--mode", default="fast")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--cache", type=Path, help="folder for each case's forward process")
+
+
+def forward_cases(
+    args: argparse.Namespace, model: LoadedModel, options: InferenceOptions
+) -> Iterator[tuple[EvaluationCase, ForwardOutputs]]:
+    """Each case ``add_forward_arguments``'s options name, with its forward process (kept in ``--cache``); an
+    unreadable or invalid case is reported and left out, as evaluate does."""
+    for files in select_cases(args.data, args.prepared, [args.split])[:args.max_cases]:
+        cache = None if args.cache is None else args.cache / f"{files.case_id}.{options.mode}.pkl"
+        try:
+            case, outputs = prepared_forward(files, model, options, cache)
+        except ValueError as exc:
+            print(f"{files.case_id} left out: {exc}", flush=True)
+            continue
+        yield case, outputs

@@ -1,7 +1,7 @@
 """Where the app draws a lesion's edge: the network grid's mask resampled, or redrawn at half the FLAIR contrast.
 
-Each case's forward process runs once (fast mode, cached with ``--cache``); the per-volume rule's decisions are then
-finished on the input grid with ``lesion_boundary`` "model-grid" and with the half-contrast edge
+Each case's forward process runs once (``--mode``, fast by default; cached with ``--cache``); the per-volume rule's
+decisions are then finished on the input grid with ``lesion_boundary`` "model-grid" and with the half-contrast edge
 (``anofpdm.method.postprocess.refine_lesion_boundaries``) at each ``--contrast`` and ``--lesion-quantile``, through
 the pipeline's own ``finish_on_input_grid``. Prints per setting the 3-D Dice, precision and recall over the tumour
 cases, the faint-edge recall (outer 2 mm) and the healthy volumes' false-positive mL. Choose on a validation split.
@@ -13,7 +13,6 @@ cases, the faint-edge recall (outer 2 mm) and the healthy volumes' false-positiv
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 
@@ -24,29 +23,21 @@ from anofpdm.method.pipeline import InferenceOptions, LesionEdges, decide_slices
 from anofpdm.method.postprocess import EDGE_CONTRAST, LESION_LEVEL_QUANTILE
 from anofpdm.runtime import default_device
 from anofpdm.volumes.overlap import overlap_scores
-from cases import prepared_forward, select_cases
+from cases import add_forward_arguments, forward_cases
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--data", type=Path, required=True, help="labelled cases (BraTS layout)")
-    parser.add_argument("--prepared", type=Path, help="prepared slices whose --split names the cases (default: all)")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--max-cases", type=int, help="the first N cases in case-id order (as evaluate's)")
+    add_forward_arguments(parser)
     parser.add_argument("--contrast", type=comma_floats, default=(EDGE_CONTRAST,))
     parser.add_argument("--lesion-quantile", type=comma_floats, default=(LESION_LEVEL_QUANTILE,))
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--cache", type=Path, help="folder for each case's forward process")
     args = parser.parse_args()
 
-    model = load_model(args.model, device=default_device())
-    options = InferenceOptions(batch_size=args.batch_size)
+    model = load_model(args.model, device=args.device or default_device())
+    options = InferenceOptions(mode=args.mode, batch_size=args.batch_size)
     settings = [None] + [(c, q) for c in args.contrast for q in args.lesion_quantile]
     rows: dict[tuple[float, float] | None, list[dict[str, float]]] = {setting: [] for setting in settings}
-    for files in select_cases(args.data, args.prepared, [args.split])[:args.max_cases]:
-        cached = None if args.cache is None else args.cache / f"{files.case_id}.fast.pkl"
-        case, outputs = prepared_forward(files, model, options, cached)
+    for case, outputs in forward_cases(args, model, options):
         decided = decide_slices(model, outputs, options)
         reach = max(outputs.geometry.spacing_mm[:2])
         for setting in settings:
@@ -59,7 +50,7 @@ def main() -> None:
             edge = sub_region_recall(mask, case.sub_regions, case.spacing_mm).get("faint_edge")
             rows[setting].append({**volume, "truth": float(case.truth.any()), "edge": np.nan if edge is None else edge,
                                   "predicted_ml": mask.sum() * case.voxel_mm3 / 1000.0})
-        print(f"{files.case_id} done", flush=True)
+        print(f"{case.case_id} done", flush=True)
 
     print("edge | contrast | lesion quantile | 3-D Dice | precision | recall | faint edge | healthy FP (mL) | "
           "per tumour case")

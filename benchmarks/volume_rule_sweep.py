@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,38 +32,23 @@ from anofpdm.method.forward_process import SliceStatistics
 from anofpdm.method.pipeline import ForwardOutputs, InferenceOptions, segment_volume
 from anofpdm.volumes.slicing import slices_with_brain
 from anofpdm.runtime import default_device
-from cases import prepared_forward, select_cases
+from cases import add_forward_arguments, forward_cases
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--data", type=Path, required=True, help="labelled cases (BraTS layout)")
-    parser.add_argument("--prepared", type=Path, help="prepared slices whose --split names the cases (default: all)")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--mode", default="fast")
+    add_forward_arguments(parser)
     parser.add_argument("--map-z", type=comma_floats, default=(VolumeRule.map_z,))
     parser.add_argument("--flair-quantile", type=comma_floats, default=(VolumeRule.flair_quantile,))
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--cache", type=Path, help="folder for each case's forward process")
-    parser.add_argument("--max-cases", type=int, help="the first N cases in case-id order (as evaluate's)")
     parser.add_argument("--min-brain-fraction", type=comma_floats, default=(InferenceOptions.min_brain_fraction,))
     args = parser.parse_args()
 
     model = load_model(args.model, device=args.device or default_device())
-    cases = select_cases(args.data, args.prepared, [args.split])[:args.max_cases]
     options = InferenceOptions(mode=args.mode, batch_size=args.batch_size, decision_rule="volume")
     rules = [(VolumeRule(map_z=z, flair_quantile=q), f)
              for z in args.map_z for q in args.flair_quantile for f in args.min_brain_fraction]
     rows: dict[tuple[VolumeRule, float], list[tuple[float, float, float, float | None]]] = {rule: [] for rule in rules}
-    for files in cases:
-        cached = None if args.cache is None else args.cache / f"{files.case_id}.{args.mode}.pkl"
-        try:
-            case, outputs = prepared_forward(files, model, options, cached)
-        except ValueError as exc:  # an unreadable or invalid case is reported and left out, as evaluate does
-            print(f"{files.case_id} left out: {exc}", flush=True)
-            continue
+    for case, outputs in forward_cases(args, model, options):
         for rule, fraction in rules:
             result = segment_volume(model, case.images, options, forward_outputs=left_out(outputs, fraction),
                                     volume_rule=rule)
@@ -72,7 +56,7 @@ def main() -> None:
             volume = scored["volume"]
             rows[rule, fraction].append((volume["truth_ml"], volume["dice"], volume["predicted_ml"],
                                scored["slice"]["slice_auroc"]))
-        print(f"{files.case_id} done", flush=True)
+        print(f"{case.case_id} done", flush=True)
 
     print("map_z | flair_quantile | min brain fraction | 3-D Dice | healthy FP (mL) | called healthy | slice AUROC "
           "| per tumour case")
