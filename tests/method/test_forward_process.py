@@ -235,18 +235,29 @@ def test_on_a_cpu_with_two_threads_two_chunks_run_at_once_with_the_same_results(
         assert chunk_workers(torch.device("cuda"), 4) == 1  # a GPU runs its chunks in turn
         progress, seen = [], set()
         bf16_seen = []
+        both_running = threading.Barrier(2, timeout=30)  # a worker's first network call waits for the other's
+        waited = threading.local()
+
+        def wait_for_the_other_worker(module, args) -> None:
+            if not getattr(waited, "done", False):
+                waited.done = True
+                both_running.wait()  # broken (and the run fails) unless two chunks are in the network at once
 
         def report(done: int, total: int) -> None:
             progress.append((done, total))
             seen.add(threading.get_ident())
             bf16_seen.append(torch.is_autocast_enabled('cpu'))
 
-        at_once = run_on_slices(model, slices, config, batch_size=2, progress=report)
+        hook = model.network.register_forward_pre_hook(wait_for_the_other_worker)
+        try:
+            at_once = run_on_slices(model, slices, config, batch_size=2, progress=report)
+        finally:
+            hook.remove()
         assert torch.get_num_threads() == 2  # restored after the workers' one thread each
         run_on_slices(model, slices, config, batch_size=2, progress=report, bf16=True)
     finally:
         torch.set_num_threads(threads)
-    assert len(seen) == 2  # two worker threads did the chunks
+    assert len(seen) == 2  # two worker threads did the chunks, at once (the barrier above)
     assert [done for done, _ in progress[:24]] == list(range(1, 25)) and progress[23][1] == 4 * 6  # 4 chunks x 6
     assert not any(bf16_seen[:24]) and all(bf16_seen[24:])  # autocast reaches the worker threads
     for name in ("scores", "anomaly_maps", "end_steps", "max_divergence"):
