@@ -223,6 +223,24 @@ def test_bf16_autocast_changes_precision_not_results(tiny_model_path):
     torch.testing.assert_close(bf16.scores, fp32.scores, rtol=0.02, atol=0.02)
 
 
+class FirstCallWaitsForAnotherThread(torch.nn.Module):
+    """A network whose first call on each thread waits (up to 30 s) for a first call on a second thread: a run
+    fails with ``BrokenBarrierError`` unless two threads are in the network at once (a wrapper, as a traced network
+    takes no hooks)."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.both_running = threading.Barrier(2, timeout=30)
+        self.called = threading.local()
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        if not getattr(self.called, "before", False):
+            self.called.before = True
+            self.both_running.wait()
+        return self.network(*args, **kwargs)
+
+
 def test_on_a_cpu_with_two_threads_two_chunks_run_at_once_with_the_same_results(tiny_model_path):
     model = load_model(tiny_model_path)
     slices = (torch.rand(7, 2, 16, 16) * 2 - 1) * torch.linspace(0.1, 1, 7)[:, None, None, None]
@@ -235,29 +253,19 @@ def test_on_a_cpu_with_two_threads_two_chunks_run_at_once_with_the_same_results(
         assert chunk_workers(torch.device("cuda"), 4) == 1  # a GPU runs its chunks in turn
         progress, seen = [], set()
         bf16_seen = []
-        both_running = threading.Barrier(2, timeout=30)  # a worker's first network call waits for the other's
-        waited = threading.local()
-
-        def wait_for_the_other_worker(module, args) -> None:
-            if not getattr(waited, "done", False):
-                waited.done = True
-                both_running.wait()  # broken (and the run fails) unless two chunks are in the network at once
-
         def report(done: int, total: int) -> None:
             progress.append((done, total))
             seen.add(threading.get_ident())
             bf16_seen.append(torch.is_autocast_enabled('cpu'))
 
-        hook = model.network.register_forward_pre_hook(wait_for_the_other_worker)
-        try:
-            at_once = run_on_slices(model, slices, config, batch_size=2, progress=report)
-        finally:
-            hook.remove()
+        waiting = replace(model, network=FirstCallWaitsForAnotherThread(model.network))
+        at_once = run_on_slices(waiting, slices, config, batch_size=2, progress=report)
+        workers_at_once = set(seen)  # the bf16 run's pool has threads of its own (their ids may be new or reused)
         assert torch.get_num_threads() == 2  # restored after the workers' one thread each
         run_on_slices(model, slices, config, batch_size=2, progress=report, bf16=True)
     finally:
         torch.set_num_threads(threads)
-    assert len(seen) == 2  # two worker threads did the chunks, at once (the barrier above)
+    assert len(workers_at_once) == 2  # two worker threads did the chunks, at once (FirstCallWaitsForAnotherThread)
     assert [done for done, _ in progress[:24]] == list(range(1, 25)) and progress[23][1] == 4 * 6  # 4 chunks x 6
     assert not any(bf16_seen[:24]) and all(bf16_seen[24:])  # autocast reaches the worker threads
     for name in ("scores", "anomaly_maps", "end_steps", "max_divergence"):
