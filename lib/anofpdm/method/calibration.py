@@ -22,17 +22,18 @@ from anofpdm.runtime import describe_device
 
 __all__ = ["MODES", "choose_cosine_threshold", "fit_unhealthy_frequency", "calibrate_mode", "choose_guidance"]
 
-# The serving modes: "full" is the paper's setting; "fast" visits every 30th step and stops 4 visited
-# steps after the divergence peak, the CPU default (benchmarks/quality_vs_cost.py measures its cost).
-# The "-ddpm" modes use the stochastic DDPM forward encoding; c* and Dmax depend on the encoding, so
-# each has its own calibration.
+# The serving modes: "full" is the paper's setting; "fast", the CPU default, visits every 120th step (5 steps) and
+# stops 1 visited step after the divergence peak: with the lesion edges redrawn on the input grid it segments as
+# well as every 30th step did, 4 times cheaper (docs/performance.md, "Five visited steps"). "fast-ddpm" keeps the
+# 20 steps it was calibrated at. The "-ddpm" modes use the stochastic DDPM forward encoding; c* and Dmax depend on
+# the encoding, so each has its own calibration.
 _FULL = ForwardProcessConfig(guidance=2.0, forward_steps=600, stride=1, encoding="ddim")
-_FAST = ForwardProcessConfig(guidance=2.0, forward_steps=600, stride=30, encoding="ddim", early_stop=4)
+_FAST = ForwardProcessConfig(guidance=2.0, forward_steps=600, stride=120, encoding="ddim", early_stop=1)
 MODES: dict[str, ForwardProcessConfig] = {
     "full": _FULL,
     "fast": _FAST,
     "full-ddpm": replace(_FULL, encoding="ddpm"),
-    "fast-ddpm": replace(_FAST, encoding="ddpm"),
+    "fast-ddpm": replace(_FAST, encoding="ddpm", stride=30, early_stop=4),
 }
 GUIDANCE_TOLERANCE = 0.99  # the paper keeps the largest w within 99 % of the best validation accuracy
 MIN_FREQUENCY_GROUP = 20  # validation slices behind each unhealthy fraction (fit_unhealthy_frequency)
