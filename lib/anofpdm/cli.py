@@ -199,7 +199,12 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
                              f"segmented (default {defaults.min_brain_fraction}; 0: every brain slice)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+HEAVY_OPTIONS = ("train", "evaluate")  # their options come from modules that import much (1.7 s on a 2-core CPU)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``anofpdm`` parser; with ``command``, the options of ``HEAVY_OPTIONS`` only for that command, so that
+    ``anofpdm segment`` does not import the training and evaluation code (None: every command's options)."""
     parser = argparse.ArgumentParser(prog="anofpdm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -246,9 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(run=_prepare)
 
     train = commands.add_parser("train", help="classifier-free-guidance training (torchrun for several GPUs)")
-    from anofpdm.training.trainer import add_train_arguments
+    if command in (None, "train"):
+        from anofpdm.training.trainer import add_train_arguments
 
-    add_train_arguments(train)
+        add_train_arguments(train)
     train.set_defaults(run=_train)
 
     calibrate = commands.add_parser("calibrate", help="store c* and Dmax per mode in the model file")
@@ -295,16 +301,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate", help="AnoFPDM variants and baselines on volume folders: metrics, tables, overlays")
-    from anofpdm.evaluation.evaluate import add_evaluate_arguments
+    if command in (None, "evaluate"):
+        from anofpdm.evaluation.evaluate import add_evaluate_arguments
 
-    add_evaluate_arguments(evaluate)
+        add_evaluate_arguments(evaluate)
     evaluate.set_defaults(run=_evaluate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``anofpdm`` console command, also under ``torchrun -m anofpdm.cli``."""
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(next((word for word in words if not word.startswith("-")), None)).parse_args(argv)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 reports progress
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(levelname)s %(message)s")
     from anofpdm.runtime import reuse_heap_memory

@@ -68,7 +68,7 @@ def test_other_weights_get_their_own_graph_and_a_broken_cache_is_traced_again(ti
     assert isinstance(model.network, torch.jit.ScriptModule) and cached.stat().st_size > 1000
 
 
-def test_segmenting_with_a_cached_graph_imports_no_monai(tiny_model_path, tmp_path):
+def test_segmenting_with_a_cached_graph_imports_no_monai_nor_training_or_evaluation_code(tiny_model_path, tmp_path):
     load_model(tiny_model_path)  # the graph is in the session's cache (ANOFPDM_CACHE_DIR, inherited below)
     for name, image in make_volume_pair().items():
         nib.save(image, tmp_path / f"{name}.nii.gz")
@@ -77,7 +77,8 @@ def test_segmenting_with_a_cached_graph_imports_no_monai(tiny_model_path, tmp_pa
         "from anofpdm.cli import main\n"
         f"code = main(['segment', '--model', {str(tiny_model_path)!r}, '--flair', {str(tmp_path / 'flair.nii.gz')!r},"
         f" '--t2', {str(tmp_path / 't2.nii.gz')!r}, '--out', {str(tmp_path / 'mask.nii.gz')!r}])\n"
-        "print(code, sorted(m for m in sys.modules if m.split('.')[0] == 'monai'))\n"
+        "print(code, sorted(m for m in sys.modules if m.split('.')[0] == 'monai'\n"
+        "                   or m.startswith(('anofpdm.training', 'anofpdm.evaluation', 'sklearn'))))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr
