@@ -40,7 +40,7 @@ SHAPE = (40, 44, 12)
 SHOW_LESIONS = {"median_kernel": 1, "min_lesion_mm3": 0, "decision_rule": "paper"}
 OPTIONS = {"device", "mode", "forward_steps", "stride", "guidance", "encoding", "min_lesion_mm3", "seed",
            "mark_uncertain", "decision_rule", "registration", "brain_extraction", "min_brain_fraction", "brain_segment",
-           "t2"}
+           "bias_correction", "t2"}
 
 
 @pytest.fixture(autouse=True)
@@ -194,6 +194,7 @@ def test_config_lists_the_options_slicer_shows(tiny_model_path):
     assert config["decision_rule"] == ["volume", "paper"]  # a drop-down, the per-volume rule first (the default)
     assert config["t2"] == ""  # a text cell in Slicer: the T2's path on the server
     assert config["brain_extraction"] == ["auto", "always", "never"]  # a drop-down, auto (the default) first
+    assert config["bias_correction"] == ["none", "n4"]  # a drop-down, off (the default) first
     assert config["brain_segment"] is False  # a checkbox, off: the label map holds the tumour only
 
 
@@ -210,8 +211,9 @@ def test_request_options_override_the_calibration(tmp_path, tiny_model_path, pai
     assert (full["settings"]["mode"], full["settings"]["forward_steps"], full["settings"]["stride"]) == ("full", 12, 1)
     assert full["settings"]["seed"] == 3 and full["settings"]["min_lesion_mm3"] == 100.5
     assert full["settings"]["decision_rule"] == "volume"
-    _, paper = task({**request, "decision_rule": "paper"})
-    assert paper["settings"]["decision_rule"] == "paper"
+    _, paper = task({**request, "decision_rule": "paper", "bias_correction": "n4"})
+    assert paper["settings"]["decision_rule"] == "paper" and paper["bias_correction"]["method"] == "n4"
+    assert fast["bias_correction"] == {"method": "none", "time_s": 0.0, "field_range": {}}
     _, custom = task({**request, "forward_steps": "20", "guidance": 1.5, "encoding": "ddpm"})
     settings = custom["settings"]
     assert (settings["forward_steps"], settings["guidance"], settings["encoding"]) == (20, 1.5, "ddpm")
@@ -225,6 +227,7 @@ def test_request_options_override_the_calibration(tmp_path, tiny_model_path, pai
                          ({"mode": "slow"}, "no calibration for mode 'slow'"),
                          ({"decision_rule": "both"}, "decision_rule must be one of"),
                          ({"min_brain_fraction": 1.5}, "min_brain_fraction must lie in"),
+                         ({"bias_correction": "n3"}, "bias_correction must be one of"),
                          ({"device": "abacus"}, "device 'abacus'"),
                          ({"result_extension": ".mha"}, "result_extension '.mha' is not supported"),
                          ({"mark_uncertain": "maybe"}, "mark_uncertain='maybe' is not a valid bool")):

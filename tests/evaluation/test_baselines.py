@@ -176,6 +176,26 @@ def test_flair_zscore_finds_the_bright_lesion_and_leaves_a_healthy_volume_empty(
     assert run_baseline(FLAIR_ZSCORE, model, images).report["settings"]["threshold_rule"]["quantile"] is None
 
 
+def test_flair_zscore_on_bias_corrected_sequences_leaves_a_brightened_healthy_side_alone():
+    """A healthy volume under a smooth field flat in its middle and rising at the +x edge (exp(0.8 u^3), u from -1 to
+    1 across the grid): the z-score as defined masks that edge; on N4-corrected sequences, as the app sees them,
+    nothing."""
+    model = _cpu_grid_model()
+    images = make_volume_pair(seed=1, lesion=False)
+    field = np.exp(0.8 * np.linspace(-1, 1, 40) ** 3)[:, None, None].astype(np.float32)
+    for name in ("flair", "t2"):
+        images[name] = nib.Nifti1Image(np.asanyarray(images[name].dataobj) * field, images[name].affine)
+    rule = FixedThreshold(quantile=None, value=3.0)
+    as_defined = run_baseline(FLAIR_ZSCORE, model, images, BaselineOptions(threshold=rule, min_lesion_mm3=0))
+    assert BaselineOptions().bias_correction == "none" and np.asanyarray(as_defined.mask.dataobj).sum() > 100
+    corrected = run_baseline(FLAIR_ZSCORE, model, images,
+                             BaselineOptions(threshold=rule, min_lesion_mm3=0, bias_correction="n4"))
+    assert np.asanyarray(corrected.mask.dataobj).sum() == 0
+    with pytest.raises(ValueError, match="bias_correction must be one of"):
+        BaselineOptions(bias_correction="n3")
+    assert EvaluationSettings(baseline_bias_correction="n4").baseline_options(FLAIR_ZSCORE).bias_correction == "n4"
+
+
 def _validation_case(root, case_id: str) -> None:
     """make_volume_pair's tumour (truth) with two bright regions beside it that are not tumour: a large one
     moderately bright (B: 5 robust SD above the brain's median on the input grid) and a small one as bright as the

@@ -5,8 +5,9 @@ import pytest
 from scipy import ndimage
 
 from anofpdm.method.model import load_model, save_checkpoint
-from anofpdm.method.pipeline import InferenceOptions, LesionEdges, finish_on_input_grid, segment_volume
+from anofpdm.method.pipeline import InferenceOptions, LesionEdges, finish_on_input_grid, run_forward, segment_volume
 from anofpdm.method.decisions import VolumeRule
+from anofpdm.volumes.bias_field import correct_bias_fields
 from anofpdm.volumes.checks import InputError
 from anofpdm.volumes.slicing import brain_pixels, to_input_grid, to_model_slices
 
@@ -266,3 +267,26 @@ def test_slices_with_little_brain_are_left_out_of_the_network(model):
     assert not any(flag for flag, visited in zip(slices["unhealthy_flag"], slices["visited_flag"]) if not visited)
     with pytest.raises(InputError, match="min_brain_fraction must lie in"):
         InferenceOptions(min_brain_fraction=1.0)
+
+
+def test_each_sequence_is_divided_by_its_bias_field_before_slicing_and_for_the_lesion_edges(model):
+    images = make_volume_pair()
+    field = np.exp(0.5 * np.linspace(-1, 1, 40))[:, None, None].astype(np.float32)  # brighter towards +x
+    for name in ("flair", "t2"):
+        images[name] = type(images[name])(np.asanyarray(images[name].dataobj) * field, images[name].affine)
+    corrected, _ = correct_bias_fields(images, ("flair", "t2"), "n4")
+    outputs = run_forward(model, images, InferenceOptions(bias_correction="n4"))
+    np.testing.assert_allclose(outputs.flair, np.asanyarray(corrected["flair"].dataobj), rtol=1e-5)
+    brain = outputs.brain
+    left, right = outputs.flair[:20][brain[:20]].mean(), outputs.flair[20:][brain[20:]].mean()
+    assert abs(right / left - 1) < 0.5 * (np.exp(0.5) - 1)  # the field's brightening mostly taken out
+    report = segment_volume(model, images, InferenceOptions(bias_correction="n4"), forward_outputs=outputs).report
+    assert report["bias_correction"]["method"] == "n4" and report["settings"]["bias_correction"] == "n4"
+    assert set(report["bias_correction"]["field_range"]) == {"flair", "t2"}
+    assert "bias_correction_s" in report["timings_s"]
+    assert InferenceOptions().bias_correction == "none"
+    unchanged = run_forward(model, images, InferenceOptions())
+    np.testing.assert_array_equal(unchanged.flair, np.asanyarray(images["flair"].dataobj))
+    assert unchanged.bias_correction.field_range == {}
+    with pytest.raises(InputError, match="bias_correction must be one of"):
+        InferenceOptions(bias_correction="n3")

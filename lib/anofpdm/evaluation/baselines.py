@@ -50,6 +50,7 @@ from anofpdm.method.pipeline import (
     image_like,
 )
 from anofpdm.method.postprocess import LESION_HOLES, median_filter_3d
+from anofpdm.volumes.bias_field import BIAS_CORRECTIONS, correct_bias_fields
 from anofpdm.volumes.brain_extraction import apply_brain, extract_brain
 from anofpdm.volumes.slicing import BACKGROUND, VolumeGeometry, brain_pixels, to_model_grid, to_model_slices
 
@@ -126,6 +127,8 @@ class BaselineOptions:
         median_kernel: odd 3-D median kernel in voxels (None: the paper's 5 px at 128 px, scaled).
         lesion_holes: the holes a lesion encloses, filled or kept as the pipeline's ``InferenceOptions.lesion_holes``.
         batch_size: slices per network batch.
+        bias_correction: each sequence divided by its N4 bias field first ("n4"), as the pipeline's
+            ``InferenceOptions.bias_correction``, or not ("none": the baselines as defined).
     """
 
     threshold: FixedThreshold = field(default_factory=FixedThreshold)
@@ -137,6 +140,7 @@ class BaselineOptions:
     median_kernel: int | None = None
     lesion_holes: str = InferenceOptions.lesion_holes
     batch_size: int = DEFAULT_BATCH_SIZE
+    bias_correction: str = BIAS_CORRECTIONS[0]
 
     def __post_init__(self) -> None:
         if self.noise_level is not None and self.noise_level < 1:
@@ -153,6 +157,8 @@ class BaselineOptions:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.lesion_holes not in LESION_HOLES:
             raise ValueError(f"lesion_holes must be one of {LESION_HOLES}, got {self.lesion_holes!r}")
+        if self.bias_correction not in BIAS_CORRECTIONS:
+            raise ValueError(f"bias_correction must be one of {BIAS_CORRECTIONS}, got {self.bias_correction!r}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
@@ -376,6 +382,7 @@ def baseline_maps(
     start = time.perf_counter()
     stripped, extraction = extract_brain(images, config.sequences, "auto", model.device)  # a head: its brain
     images = apply_brain(stripped, extraction, config.sequences)
+    images, _ = correct_bias_fields(images, config.sequences, options.bias_correction)
     slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm,
                                           landmarks=config.landmarks)
     preprocess_s = time.perf_counter() - start

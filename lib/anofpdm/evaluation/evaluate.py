@@ -79,6 +79,7 @@ from anofpdm.method.model import LoadedModel, load_model
 from anofpdm.method.pipeline import ForwardOutputs, InferenceOptions, SegmentationResult
 from anofpdm.method.postprocess import LESION_BOUNDARIES, LESION_HOLES
 from anofpdm.progress import ProgressCallback, progress_bar
+from anofpdm.volumes.bias_field import BIAS_CORRECTIONS
 
 __all__ = [
     "METHODS",
@@ -318,6 +319,11 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--batch-size", type=int, help="slices per network batch")
     parser.add_argument("--min-brain-fraction", type=float, default=EvaluationSettings.min_brain_fraction,
                         help="AnoFPDM leaves out slices with less brain than this fraction of the largest slice's")
+    parser.add_argument("--bias-correction", choices=BIAS_CORRECTIONS, default=EvaluationSettings.bias_correction,
+                        help="AnoFPDM: divide each sequence by its N4 bias field, or not")
+    parser.add_argument("--baseline-bias-correction", choices=BIAS_CORRECTIONS,
+                        default=EvaluationSettings.baseline_bias_correction,
+                        help="the baselines: as they are defined (none), or on N4-corrected sequences (n4)")
     parser.add_argument("--baseline-stride", type=int, default=DEFAULT_DECODING_STRIDE,
                         help="DDIM step of the network baselines")
     parser.add_argument("--anoddpm-noise-level", type=int, default=ANODDPM_NOISE_LEVEL)
@@ -348,7 +354,8 @@ def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
     thresholds[FLAIR_ZSCORE] = FixedThreshold(quantile=None, value=args.flair_z)
     return EvaluationSettings(
         seed=args.seed, min_lesion_mm3=args.min_lesion_mm3, batch_size=args.batch_size,
-        min_brain_fraction=args.min_brain_fraction,
+        min_brain_fraction=args.min_brain_fraction, bias_correction=args.bias_correction,
+        baseline_bias_correction=args.baseline_bias_correction,
         baseline_stride=args.baseline_stride, anoddpm_noise_level=args.anoddpm_noise_level,
         cfg_noise_level=args.cfg_noise_level, cfg_guidance=args.cfg_guidance, thresholds=thresholds,
         slice_protocol=SliceProtocol(min_area_px=args.slice_min_area_px), lesion_holes=args.lesion_holes,

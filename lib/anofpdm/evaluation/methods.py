@@ -66,6 +66,8 @@ class EvaluationSettings:
         min_lesion_mm3: 3-D components of at most this volume are removed (every method).
         batch_size: slices per network batch (None: the pipeline's default for AnoFPDM).
         min_brain_fraction: AnoFPDM leaves out slices with less brain than this fraction of the largest slice's.
+        bias_correction: AnoFPDM's bias-field correction (``InferenceOptions.bias_correction``).
+        baseline_bias_correction: the baselines' ("none": as they are defined).
         baseline_stride: DDIM step of the network baselines' encoding / decoding.
         anoddpm_noise_level: the fixed step t of the reconstruction baseline.
         cfg_noise_level: the encoding depth of the CFG baseline.
@@ -84,6 +86,8 @@ class EvaluationSettings:
     min_lesion_mm3: float = InferenceOptions.min_lesion_mm3
     batch_size: int | None = None
     min_brain_fraction: float = InferenceOptions.min_brain_fraction
+    bias_correction: str = InferenceOptions.bias_correction
+    baseline_bias_correction: str = BaselineOptions.bias_correction
     baseline_stride: int = DEFAULT_DECODING_STRIDE
     anoddpm_noise_level: int = ANODDPM_NOISE_LEVEL
     cfg_noise_level: int = CFG_NOISE_LEVEL
@@ -113,13 +117,15 @@ class EvaluationSettings:
         return BaselineOptions(threshold=self.thresholds[method], noise_level=noise_levels.get(method),
                                stride=self.baseline_stride, guidance=self.cfg_guidance, seed=self.seed,
                                min_lesion_mm3=self.baseline_min_lesion_mm3.get(method, self.min_lesion_mm3),
-                               lesion_holes=self.lesion_holes, batch_size=self.batch_size or DEFAULT_BATCH_SIZE)
+                               lesion_holes=self.lesion_holes, batch_size=self.batch_size or DEFAULT_BATCH_SIZE,
+                               bias_correction=self.baseline_bias_correction)
 
     def inference_options(self, method: str) -> InferenceOptions:
         """The pipeline's ``InferenceOptions`` of one AnoFPDM variant."""
         return InferenceOptions(**ANOFPDM_VARIANTS[method], seed=self.seed, min_lesion_mm3=self.min_lesion_mm3,
                                 lesion_holes=self.lesion_holes, lesion_boundary=self.lesion_boundary,
-                                batch_size=self.batch_size, min_brain_fraction=self.min_brain_fraction)
+                                batch_size=self.batch_size, min_brain_fraction=self.min_brain_fraction,
+                                bias_correction=self.bias_correction)
 
 
 def run_method(

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from anofpdm.volumes.alignment import REGISTRATION_MODES, Alignment, align_sequences
+from anofpdm.volumes.bias_field import BIAS_CORRECTIONS, BiasCorrection, correct_bias_fields
 from anofpdm.volumes.brain_extraction import BRAIN_EXTRACTION_MODES, BrainExtraction, apply_brain, extract_brain
 from anofpdm.method.decisions import (
     UNCERTAIN_PROBABILITY,
@@ -101,6 +102,8 @@ class InferenceOptions:
             "always" or "never" (``anofpdm.volumes.brain_extraction``).
         min_brain_fraction: slices whose brain area is below this fraction of the volume's largest slice's (the
             brain's top and bottom) are not run through the network: no mask there, a zero map; 0 visits all.
+        bias_correction: "none" (the default) or "n4": each sequence divided by its N4 bias field, fitted in the
+            brain (``anofpdm.volumes.bias_field``).
     """
 
     mode: str = "fast"
@@ -124,11 +127,13 @@ class InferenceOptions:
     # the top and bottom slices under a tenth of the largest slice's brain: 7 and 6 % of the test slices of the
     # in-domain and shifted sets, their 3-D Dice unchanged (docs/performance.md, "Visiting less")
     min_brain_fraction: float = 0.1
+    bias_correction: str = BIAS_CORRECTIONS[0]
 
     def __post_init__(self) -> None:
         for name, choices in (("registration", REGISTRATION_MODES), ("map_variant", MAP_VARIANTS),
                               ("decision_rule", DECISION_RULES), ("brain_extraction", BRAIN_EXTRACTION_MODES),
-                              ("lesion_holes", LESION_HOLES), ("lesion_boundary", LESION_BOUNDARIES)):
+                              ("lesion_holes", LESION_HOLES), ("lesion_boundary", LESION_BOUNDARIES),
+                              ("bias_correction", BIAS_CORRECTIONS)):
             if getattr(self, name) not in choices:
                 raise InputError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.min_lesion_mm3 < 0:
@@ -235,13 +240,14 @@ class ForwardOutputs:
         calibration: the mode's calibration.
         stats: the forward process's per-slice statistics.
         warnings: warnings about overridden settings and large alignment corrections.
-        timings: "brain_extraction_s", "alignment_s", "preprocess_s" and "network_s".
+        timings: "brain_extraction_s", "alignment_s", "bias_correction_s", "preprocess_s" and "network_s".
         alignment: what was done to each sequence besides the FLAIR to put it on the FLAIR grid.
         brain_extraction: what brain extraction did, and the brain mask on the FLAIR grid.
         visited: N booleans, the slices run through the network (``InferenceOptions.min_brain_fraction``); None: all.
         flair: the FLAIR on its own (the output) grid as the network's input was made from it (brain only when
             the brain was extracted), float32; None where not kept.
         brain: the brain voxels on that grid (any of the model's sequences above zero); None where not kept.
+        bias_correction: what the bias-field correction did; None where not kept.
     """
 
     slices: np.ndarray
@@ -256,6 +262,7 @@ class ForwardOutputs:
     visited: np.ndarray | None = None
     flair: np.ndarray | None = None
     brain: np.ndarray | None = None
+    bias_correction: BiasCorrection | None = None
 
 
 def run_forward(
@@ -280,6 +287,7 @@ def run_forward(
     images = apply_brain(images, extraction, config.sequences)
     warnings += extraction.warnings + [warning for record in alignment.values() for warning in record.warnings]
     alignment_s = time.perf_counter() - start
+    images, bias = correct_bias_fields(images, config.sequences, options.bias_correction)
     start = time.perf_counter()
     slices, geometry, _ = to_model_slices(images, config.sequences, config.image_size, config.field_of_view_mm,
                                           landmarks=config.landmarks)
@@ -292,12 +300,12 @@ def run_forward(
     # each visited slice keeps its noise (seeded by its index among all slices): its statistics are those of a full run
     stats = run_on_slices(model, slices[visited], forward, batch, report_step, bf16=options.bf16,
                           slice_indices=np.flatnonzero(visited)).scattered(visited)
-    timings = {"brain_extraction_s": extraction.time_s, "alignment_s": alignment_s, "preprocess_s": preprocess_s,
-               "network_s": time.perf_counter() - start}
+    timings = {"brain_extraction_s": extraction.time_s, "alignment_s": alignment_s, "bias_correction_s": bias.time_s,
+               "preprocess_s": preprocess_s, "network_s": time.perf_counter() - start}
     flair = as_3d(config.sequences[0], images[config.sequences[0]])
     brain = brain_voxels(as_3d(name, images[name]) for name in config.sequences)
     return ForwardOutputs(slices, geometry, forward, calibration, stats, warnings, timings, alignment, extraction,
-                          visited, flair, brain)
+                          visited, flair, brain, bias)
 
 
 def segment_volume(
@@ -564,6 +572,8 @@ def _report(
         "alignment": {name: record.to_dict() for name, record in outputs.alignment.items()},
         # whether the brain was extracted from a head, how, its volume and the time taken
         "brain_extraction": None if brain_extraction is None else brain_extraction.to_dict(),
+        # N4 or none, the bias field's range in the brain per sequence, the time taken
+        "bias_correction": None if outputs.bias_correction is None else outputs.bias_correction.to_dict(),
         "settings": {
             **asdict(forward),
             "mode": options.mode,
@@ -572,6 +582,7 @@ def _report(
             "mark_uncertain": options.mark_uncertain and probability is not None,
             "registration": options.registration,
             "brain_extraction": options.brain_extraction,
+            "bias_correction": options.bias_correction,
             "visited_steps": stats.visited_steps,
             "min_brain_fraction": options.min_brain_fraction,
             "min_lesion_mm3": options.min_lesion_mm3,

@@ -29,6 +29,7 @@ from anofpdm.method.pipeline import (
 from anofpdm.method.postprocess import BRAIN_LABEL
 from anofpdm.runtime import default_device
 from anofpdm.volumes.alignment import REGISTRATION_MODES
+from anofpdm.volumes.bias_field import BIAS_CORRECTIONS
 from anofpdm.volumes.brain_extraction import BRAIN_EXTRACTION_MODES
 from anofpdm.volumes.checks import InputError
 from lib.request_inputs import IMAGE_ID, ResolvedInputs, StudyLookup, resolve_inputs
@@ -66,6 +67,7 @@ OPTION_TYPES: dict[str, type] = {
     "decision_rule": str,
     "brain_extraction": str,
     "min_brain_fraction": float,
+    "bias_correction": str,
     "brain_segment": bool,  # the app's own: the extracted brain as label BRAIN_LABEL of the returned label map
 }
 APP_OPTIONS = ("brain_segment",)  # request options that are not InferenceOptions
@@ -215,6 +217,9 @@ class AnoFPDM(InferTask):
                                  *(m for m in BRAIN_EXTRACTION_MODES if m != defaults.brain_extraction)],
             # slices with less brain than this fraction of the largest slice's are not segmented (0: all are)
             "min_brain_fraction": float(defaults.min_brain_fraction),
+            # each sequence divided by its N4 bias field (the scanner's smooth brightening), or not
+            "bias_correction": [defaults.bias_correction,
+                                *(m for m in BIAS_CORRECTIONS if m != defaults.bias_correction)],
             "brain_segment": False,  # the brain as a segment of the label map
             **{name: "" for name in self._other_sequences()},
         }
