@@ -204,12 +204,10 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
                              "the default); n4 costs 1-7 s per sequence on a 2-core CPU")
 
 
-HEAVY_OPTIONS = ("train", "evaluate")  # their options come from modules that import much (1.7 s on a 2-core CPU)
-
-
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The ``anofpdm`` parser; with ``command``, the options of ``HEAVY_OPTIONS`` only for that command, so that
-    ``anofpdm segment`` does not import the training and evaluation code (None: every command's options)."""
+    """The ``anofpdm`` parser; with ``command``, train's and evaluate's options (from modules that import much: 1.7 s
+    on a 2-core CPU) only for that command, so that ``anofpdm segment`` does not import the training and evaluation
+    code (None: every command's options)."""
     parser = argparse.ArgumentParser(prog="anofpdm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -47,12 +47,11 @@ from anofpdm.method.pipeline import (
     SegmentationResult,
     default_median_kernel,
     finish_on_input_grid,
-    image_like,
 )
 from anofpdm.method.postprocess import LESION_HOLES, median_filter_3d
 from anofpdm.volumes.bias_field import BIAS_CORRECTIONS, correct_bias_fields
 from anofpdm.volumes.brain_extraction import apply_brain, extract_brain
-from anofpdm.volumes.slicing import BACKGROUND, VolumeGeometry, brain_pixels, to_model_grid, to_model_slices
+from anofpdm.volumes.slicing import BACKGROUND, VolumeGeometry, brain_pixels, image_like, to_model_grid, to_model_slices
 
 __all__ = [
     "BASELINES",

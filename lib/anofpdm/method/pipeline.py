@@ -53,6 +53,7 @@ from anofpdm.volumes.slicing import (
     VolumeGeometry,
     brain_pixels,
     brain_voxels,
+    image_like,
     slices_with_brain,
     to_input_grid,
     to_model_slices,
@@ -60,7 +61,7 @@ from anofpdm.volumes.slicing import (
 
 __all__ = ["InferenceOptions", "InputError", "ModelGridOutputs", "SegmentationResult", "ForwardOutputs", "run_forward",
            "SliceDecisions", "decide_slices", "segment_volume", "resolve_options", "LesionEdges",
-           "finish_on_input_grid", "image_like", "default_median_kernel", "default_batch_size"]
+           "finish_on_input_grid", "default_median_kernel", "default_batch_size"]
 
 MAP_VARIANTS = ("mean", "end_step")
 DECISION_RULES = ("volume", "paper")  # the default first
@@ -501,17 +502,6 @@ def finish_on_input_grid(
             labels_input = mark_uncertain_lesions(mask_input, probability_input, UNCERTAIN_PROBABILITY[1])
     lesions = lesion_table(labels_input, map_input, geometry.affine, probability_input)
     return mask, labels_input, map_input, lesions, removed + fragments
-
-
-def image_like(reference: nib.spatialimages.SpatialImage, data: np.ndarray, dtype: type) -> nib.Nifti1Image:
-    """A NIfTI image of ``data`` on exactly the reference's grid (affine and qform/sform codes)."""
-    header = nib.Nifti1Header()
-    if isinstance(reference, nib.Nifti1Image):
-        header = reference.header.copy()
-    image = nib.Nifti1Image(data.astype(dtype), reference.affine, header)
-    image.set_data_dtype(dtype)
-    image.header["scl_slope"], image.header["scl_inter"] = 1.0, 0.0
-    return image
 
 
 def default_batch_size(device: torch.device) -> int:

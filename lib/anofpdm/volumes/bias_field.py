@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from anofpdm.volumes.checks import check_inputs
-from anofpdm.volumes.slicing import brain_voxels
+from anofpdm.volumes.slicing import brain_voxels, image_like
 
 __all__ = ["BIAS_CORRECTIONS", "BiasCorrection", "bias_field", "correct_bias_fields"]
 
@@ -92,9 +92,5 @@ def correct_bias_fields(
         image = images[name]
         fitted = bias_field(data, nib.affines.voxel_sizes(image.affine), brain & (data > 0))
         ranges[name] = tuple(float(q) for q in np.quantile(fitted[brain], (0.01, 0.99)))
-        header = image.header.copy() if isinstance(image, nib.Nifti1Image) else None
-        out = nib.Nifti1Image(np.where(data > 0, data / fitted, 0.0).astype(np.float32), image.affine, header)
-        out.set_data_dtype(np.float32)
-        out.header["scl_slope"], out.header["scl_inter"] = 1.0, 0.0
-        corrected[name] = out
+        corrected[name] = image_like(image, np.where(data > 0, data / fitted, 0.0), np.float32)
     return corrected, BiasCorrection(method, ranges, time.perf_counter() - start)

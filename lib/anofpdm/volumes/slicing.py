@@ -31,6 +31,7 @@ __all__ = [
     "to_input_grid",
     "brain_pixels",
     "brain_voxels",
+    "image_like",
 ]
 
 RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
@@ -216,3 +217,14 @@ def slices_with_brain(slices: np.ndarray, min_fraction: float) -> np.ndarray:
         raise ValueError(f"min_fraction must lie in [0, 1), got {min_fraction}")
     area = brain_pixels(slices).sum(axis=(1, 2))
     return area >= min_fraction * area.max()
+
+
+def image_like(reference: nib.spatialimages.SpatialImage, data: np.ndarray, dtype: type) -> nib.Nifti1Image:
+    """A NIfTI image of ``data`` on exactly the reference's grid (affine and qform/sform codes)."""
+    header = nib.Nifti1Header()
+    if isinstance(reference, nib.Nifti1Image):
+        header = reference.header.copy()
+    image = nib.Nifti1Image(data.astype(dtype), reference.affine, header)
+    image.set_data_dtype(dtype)
+    image.header["scl_slope"], image.header["scl_inter"] = 1.0, 0.0
+    return image
