@@ -15,21 +15,30 @@ preset at batch 256 on 2 cores: 0.04 -> 0.09 iterations/s), in one heap for all 
 (glibc's arenas) the forward process's chunk workers each kept their own freed buffers, and a volume's peak resident
 memory rose from 0.89 to 1.09 GB at the same speed (demo study SYN_00000, 47.7 s either way). The process's entry
 points call it.
+
+A one-off pass over large buffers (brain extraction: deepbet's networks on a 256^3 volume) fragments that heap
+instead: its peak resident memory went 0.87-1.04 GB over runs of the same head. ``mapped_large_buffers`` serves
+allocations over 128 kB by their own mappings for such a pass (returned on free), then the heap again: 0.86-0.91 GB
+at the same speed (demo head SYN_00003, ``anofpdm segment``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
+from collections.abc import Iterator
 
 import torch
 
-__all__ = ["default_device", "describe_device", "release_free_memory", "reuse_heap_memory"]
+__all__ = ["default_device", "describe_device", "mapped_large_buffers", "release_free_memory", "reuse_heap_memory"]
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _KEEP_FREED_BYTES = 2**31 - 1  # the largest value mallopt takes: free space at the heap's top is kept up to 2 GB
+_GLIBC_MMAP_MAX = 65536  # glibc's default most mappings (M_MMAP_MAX)
+_heap_reuse = {"on": False}  # whether reuse_heap_memory took effect in this process
 
 
 @functools.cache
@@ -59,8 +68,25 @@ def reuse_heap_memory() -> bool:
     mallopt = _libc_function("mallopt")
     if mallopt is None:
         return False
-    return all(bool(mallopt(parameter, value)) for parameter, value in
-               ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES), (_M_ARENA_MAX, 1)))
+    _heap_reuse["on"] = all(bool(mallopt(parameter, value)) for parameter, value in
+                            ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES), (_M_ARENA_MAX, 1)))
+    return _heap_reuse["on"]
+
+
+@contextlib.contextmanager
+def mapped_large_buffers() -> Iterator[None]:
+    """Within the block, allocations over glibc's mmap threshold (128 kB) get mappings of their own, returned to the
+    system when freed, as without ``reuse_heap_memory``; after it, the heap again. Nothing changes where
+    ``reuse_heap_memory`` did not take effect. Process-wide while it lasts (other threads' allocations too)."""
+    mallopt = _libc_function("mallopt")
+    if not _heap_reuse["on"] or mallopt is None:
+        yield
+        return
+    mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_MAX, 0)
 
 
 def default_device() -> str:

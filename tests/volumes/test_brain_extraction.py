@@ -10,10 +10,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from anofpdm.data.synth import synthesize_case
 from anofpdm.volumes.alignment import align_sequences, nifti_to_itk
-from anofpdm.volumes.brain_extraction import apply_brain, extract_brain
+from anofpdm.volumes.brain_extraction import (
+    _deepbet_networks,
+    _first_block,
+    apply_brain,
+    brain_network_probability,
+    extract_brain,
+)
 from anofpdm.volumes.checks import MAX_BRAIN_ML, InputError, check_inputs
 from anofpdm.volumes.overlap import dice
 
@@ -115,3 +122,30 @@ def test_a_t1_given_as_the_flair_is_refused():
     stripped, _ = extract_brain(t1_as_flair, SEQUENCES)
     with pytest.raises(InputError, match=r"flair does not look like a FLAIR: its grey matter is 0\.\d+ times"):
         check_inputs(stripped, SEQUENCES)
+
+
+@pytest.mark.parametrize("shape", [(37, 40, 33), (64, 48, 70)])
+def test_the_chunked_first_block_equals_deepbets(shape):
+    """Chunk edges, the convolution's zero padding at both ends and the pooling's shared rows, at depths that are and
+    are not multiples of the chunk."""
+    network = _deepbet_networks("cpu")[1]
+    x = torch.randn(1, 1, *shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = network.init(getattr(network.conv, "2"), x)
+        got = _first_block(network.init, x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", [0, 1])  # the box network and the brain network: one architecture
+def test_the_networks_run_step_by_step_give_deepbets_probability(which):
+    network = _deepbet_networks("cpu")[which]
+    x = torch.randn(1, 1, 64, 96, 64, generator=torch.Generator().manual_seed(which))
+    with torch.no_grad():
+        expected = network(x)[0, 1]
+        got = brain_network_probability(network, x.clone())
+        consumed = x.clone()
+        again = brain_network_probability(network, consumed, consume=True)
+    torch.testing.assert_close(got, expected, rtol=0.0, atol=1e-4)
+    assert torch.equal(again, got)
+    assert consumed.untyped_storage().nbytes() == 0  # released once read

@@ -35,11 +35,15 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from anofpdm.runtime import mapped_large_buffers, release_free_memory
 from anofpdm.volumes.alignment import nifti_to_itk
 from anofpdm.volumes.checks import InputError, as_3d, same_grid, voxel_ml
 from anofpdm.volumes.reading import LPS_TO_RAS
 
-__all__ = ["BRAIN_EXTRACTION_MODES", "BrainExtraction", "extract_brain", "apply_brain", "brain_probability"]
+__all__ = [
+    "BRAIN_EXTRACTION_MODES", "BrainExtraction", "extract_brain", "apply_brain", "brain_probability",
+    "brain_network_probability",
+]
 
 BRAIN_EXTRACTION_MODES = ("auto", "always", "never")
 HEAD_MIN_NONZERO_ML = 2500.0  # no skull-stripped brain has this much nonzero volume (intracranial: ~1.1-1.9 L)
@@ -136,8 +140,11 @@ def _working_image(data: np.ndarray, affine: np.ndarray) -> tuple[sitk.Image, si
 
 
 def _standardise(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    x = ((x - low) / (high - low)).clamp(0.0, 1.0)
-    return IMAGENET_STD * (x - x.mean()) / x.std() + IMAGENET_MEAN
+    """deepbet's input: ``x`` windowed to [low, high] and standardised, in place (``x`` is a working copy of
+    256^3 floats: no temporaries of its size)."""
+    x.sub_(low).div_(high - low).clamp_(0.0, 1.0)
+    mean, std = x.mean(), x.std()
+    return x.sub_(mean).mul_(IMAGENET_STD / std).add_(IMAGENET_MEAN)
 
 
 def _box(probability: torch.Tensor, shape: Sequence[int]) -> tuple[slice, slice, slice]:
@@ -154,6 +161,84 @@ def _box(probability: torch.Tensor, shape: Sequence[int]) -> tuple[slice, slice,
                  for c, s, n in zip(centre, size, shape))
 
 
+CHUNK_SLICES = 2  # output slices per pass of the brain network's first and last layers
+# deepbet 1.0.2's brain network, first block (its scripted graph): a 7^3 convolution of stride 2 without bias,
+# instance norm, ReLU, 3^3 max pooling of stride 2 and padding 1; ``_first_block`` equals it (tested)
+FIRST_KERNEL, FIRST_STRIDE, INSTANCE_NORM_EPS = 7, 2, 1e-5
+
+
+def _first_block(block: torch.jit.ScriptModule, x: torch.Tensor) -> torch.Tensor:
+    """The brain network's first block on ``x`` (1 x 1 x D x H x W), ``CHUNK_SLICES`` pooled slices at a time.
+
+    The convolution's full output (16 x 128^3 for a 256^3 input, with its working copy 0.27 GB) never exists:
+    a first pass over chunks of it sums the instance norm's statistics, a second recomputes each chunk (with the
+    row the pooling windows share), normalises it, and pools it. The ReLU before the pooling makes every value
+    >= 0, so zero rows stand for the pooling's padding.
+    """
+    weight = getattr(block, "0").weight
+    pad, length = FIRST_KERNEL // 2, x.shape[2]
+    depth = (length + 2 * pad - FIRST_KERNEL) // FIRST_STRIDE + 1  # the convolution's output slices
+
+    def convolved(first: int, last: int) -> torch.Tensor:  # its output slices [first, last), 0 <= first < last <= depth
+        low, high = first * FIRST_STRIDE - pad, (last - 1) * FIRST_STRIDE - pad + FIRST_KERNEL
+        part = F.pad(x[:, :, max(0, low):min(length, high)], (0, 0, 0, 0, max(0, -low), max(0, high - length)))
+        return F.conv3d(part, weight, stride=FIRST_STRIDE, padding=(0, pad, pad))
+
+    total = squares = 0.0
+    for first in range(0, depth, CHUNK_SLICES):
+        rows = convolved(first, min(depth, first + CHUNK_SLICES)).double()
+        total, squares = total + rows.sum(dim=(0, 2, 3, 4)), squares + rows.square().sum(dim=(0, 2, 3, 4))
+    count = depth * rows.shape[3] * rows.shape[4]
+    mean = total / count
+    scale = 1.0 / torch.sqrt(squares / count - mean.square() + INSTANCE_NORM_EPS)
+    mean, scale = (value.to(x.dtype).view(1, -1, 1, 1, 1) for value in (mean, scale))
+    pooled_depth = (depth - 1) // 2 + 1  # kernel 3, stride 2, padding 1
+    out = None
+    for start in range(0, pooled_depth, CHUNK_SLICES):
+        stop = min(pooled_depth, start + CHUNK_SLICES)
+        first, last = 2 * start - 1, 2 * stop  # the convolution's slices the pooling windows read
+        rows = convolved(max(0, first), min(depth, last)).sub_(mean).mul_(scale).relu_()
+        rows = F.pad(rows, (0, 0, 0, 0, max(0, -first), max(0, last - depth)))
+        chunk = F.max_pool3d(rows, 3, stride=2, padding=(0, 1, 1))
+        if out is None:
+            out = chunk.new_empty((*chunk.shape[:2], pooled_depth, *chunk.shape[3:]))
+        out[:, :, start:stop] = chunk
+    return out
+
+
+def brain_network_probability(network: torch.jit.ScriptModule, x: torch.Tensor, consume: bool = False) -> torch.Tensor:
+    """deepbet's brain network (a 3-D LinkNet) on ``x`` (1 x 1 x D x H x W): its brain probability, D x H x W.
+
+    The network's own ``forward``, step by step (deepbet 1.0.2's scripted graph), but for its first block
+    (``_first_block``) and its output layer: a transposed convolution of kernel 2 and stride 2 (each output voxel
+    from one input voxel) and a softmax over its two channels, run on ``CHUNK_SLICES`` slices of the last feature
+    map at a time. Those two layers' full-size outputs and working buffers were most of a head's peak memory.
+    The result equals ``network(x)[0, 1]`` to float precision (tested). With ``consume``, ``x``'s storage is
+    released (resized to nothing) once the first block has read it, for a caller that has no more use for it.
+    """
+    relu = getattr(network.conv, "2")  # the graph passes one ReLU module to every block
+    first = _first_block(network.init, x)
+    if consume:
+        x.untyped_storage().resize_(0)
+    level1 = network.down0(relu, first)
+    level2 = network.down1(relu, level1)
+    level3 = network.down2(relu, level2)
+    up = network.up0(relu, network.down3(relu, level3)) + level3
+    up = network.up1(relu, up) + level2
+    up = network.up2(relu, up) + level1
+    up = network.up3(relu, up) + first
+    del first, level1, level2, level3
+    features = network.conv(network.tp_conv1(relu, up))
+    del up
+    depth = features.shape[2]
+    probability = torch.empty((2 * depth, *[2 * n for n in features.shape[3:]]), dtype=features.dtype,
+                              device=features.device)
+    for start in range(0, depth, CHUNK_SLICES):
+        logits = network.tp_conv2(features[:, :, start:start + CHUNK_SLICES])
+        probability[2 * start:2 * (start + CHUNK_SLICES)] = torch.softmax(logits, 1)[0, 1]
+    return probability
+
+
 @torch.no_grad()
 def brain_probability(data: np.ndarray, affine: np.ndarray, device: str = "cpu") -> np.ndarray:
     """deepbet's brain probability for a head volume, on the volume's own grid (float32 in [0, 1]).
@@ -166,17 +251,27 @@ def brain_probability(data: np.ndarray, affine: np.ndarray, device: str = "cpu")
     box_network, brain_network, _ = _deepbet_networks(str(device))
     image, working = _working_image(data, affine)
     x = torch.from_numpy(sitk.GetArrayFromImage(working).transpose(2, 1, 0).copy()).to(device)
+    geometry = working.GetSpacing(), working.GetOrigin(), working.GetDirection()
+    del working  # its voxels are in x; the networks' peak memory comes later
     small = F.interpolate(x[None, None], BOX_SHAPE, mode="nearest-exact")[0, 0]
     low, high = torch.quantile(small.flatten(), torch.tensor(INTENSITY_QUANTILES, device=device))
     if not high > low:
         raise InputError("brain extraction: the volume has no contrast (its intensities are one value)")
     box = _box(box_network(_standardise(small, low, high)[None, None])[0, 1], x.shape)
     inside = F.interpolate(x[box][None, None], BRAIN_SHAPE, mode="nearest-exact")
-    brain = brain_network(_standardise(inside, low, high))[0, 1]
-    probability = torch.zeros_like(x)
-    probability[box] = F.interpolate(brain[None, None], x[box].shape, mode="trilinear", align_corners=False)[0, 0]
-    working_probability = sitk.GetImageFromArray(probability.cpu().numpy().transpose(2, 1, 0).copy())
-    working_probability.CopyInformation(working)
+    shape, box_shape = x.shape, x[box].shape
+    del small, x
+    brain = brain_network_probability(brain_network, _standardise(inside, low, high), consume=True)
+    del inside
+    probability = np.zeros(shape[::-1], np.float32)  # ITK's axis order
+    inside_box = F.interpolate(brain[None, None], box_shape, mode="trilinear", align_corners=False)[0, 0]
+    probability[box[::-1]] = inside_box.permute(2, 1, 0).cpu().numpy()
+    del brain, inside_box
+    working_probability = sitk.GetImageFromArray(probability)
+    del probability
+    for set_value, value in zip((working_probability.SetSpacing, working_probability.SetOrigin,
+                                 working_probability.SetDirection), geometry):
+        set_value(value)
     back = sitk.Resample(working_probability, image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(back).transpose(2, 1, 0)
 
@@ -285,7 +380,11 @@ def extract_brain(
     done = {name: "used as it came" + (" (brain_extraction=never)" if mode == "never" else "") for name in present}
     method, warnings = None, []
     if reference in heads:
-        mask = _brain_mask(brain_probability(ref_data, ref_image.affine, str(device)), ref_image.affine, reference)
+        with mapped_large_buffers():  # its large buffers go back to the system when freed (anofpdm.runtime)
+            probability = brain_probability(ref_data, ref_image.affine, str(device))
+        mask = _brain_mask(probability, ref_image.affine, reference)
+        del probability
+        release_free_memory()  # the rest, before the method's own buffers
         warnings = field_of_view_warnings(mask, ref_image.affine, reference)
         method = _deepbet_networks(str(device))[2]
         out[reference] = _strip(ref_image, ref_data, mask)
