@@ -1,4 +1,5 @@
-"""How the per-volume decision rule's settings move the figures (#30): map_z and flair_quantile of ``VolumeRule``.
+"""How the per-volume decision rule's settings move the figures (#30): map_z, flair_quantile and t2_quantile
+of ``VolumeRule``.
 
 Each case's forward process runs once (fast mode unless ``--mode``); every rule setting is then decided and scored
 by the pipeline and the evaluation's own scoring (``segment_volume`` with the cached forward process,
@@ -40,13 +41,14 @@ def main() -> None:
     add_forward_arguments(parser)
     parser.add_argument("--map-z", type=comma_floats, default=(VolumeRule.map_z,))
     parser.add_argument("--flair-quantile", type=comma_floats, default=(VolumeRule.flair_quantile,))
+    parser.add_argument("--t2-quantile", type=comma_floats, default=(VolumeRule.t2_quantile,))
     parser.add_argument("--min-brain-fraction", type=comma_floats, default=(InferenceOptions.min_brain_fraction,))
     args = parser.parse_args()
 
     model = load_model(args.model, device=args.device or default_device())
     options = InferenceOptions(mode=args.mode, batch_size=args.batch_size, decision_rule="volume")
-    rules = [(VolumeRule(map_z=z, flair_quantile=q), f)
-             for z in args.map_z for q in args.flair_quantile for f in args.min_brain_fraction]
+    rules = [(VolumeRule(map_z=z, flair_quantile=q, t2_quantile=t), f) for z in args.map_z
+             for q in args.flair_quantile for t in args.t2_quantile for f in args.min_brain_fraction]
     rows: dict[tuple[VolumeRule, float], list[tuple[float, float, float, float | None]]] = {rule: [] for rule in rules}
     for case, outputs in forward_cases(args, model, options):
         for rule, fraction in rules:
@@ -58,13 +60,14 @@ def main() -> None:
                                scored["slice"]["slice_auroc"]))
         print(f"{case.case_id} done", flush=True)
 
-    print("map_z | flair_quantile | min brain fraction | 3-D Dice | healthy FP (mL) | called healthy | slice AUROC "
-          "| per tumour case")
+    print("map_z | flair_quantile | t2_quantile | min brain fraction | 3-D Dice | healthy FP (mL) | called healthy "
+          "| slice AUROC | per tumour case")
     for (rule, fraction), figures in rows.items():
         tumour = [f for f in figures if f[0] > 0]
         healthy = [f for f in figures if f[0] == 0]
         aurocs = [f[3] for f in tumour if f[3] is not None]
-        print(f"{rule.map_z:g} | {rule.flair_quantile:g} | {fraction:g} | {np.mean([f[1] for f in tumour]):.3f} | "
+        print(f"{rule.map_z:g} | {rule.flair_quantile:g} | {rule.t2_quantile:g} | {fraction:g} | "
+              f"{np.mean([f[1] for f in tumour]):.3f} | "
               f"{np.mean([f[2] for f in healthy]) if healthy else float('nan'):.2f} | "
               f"{sum(f[2] == 0 for f in healthy)} of {len(healthy)} | "
               f"{np.mean(aurocs) if aurocs else float('nan'):.3f} | " + " ".join(f"{f[1]:.2f}" for f in tumour))

@@ -123,3 +123,25 @@ def test_volume_rule_masks_what_stands_out_in_its_own_volume_and_is_flair_bright
         VolumeRule(map_z=float("nan"))
     with pytest.raises(ValueError, match="flair_quantile"):
         VolumeRule(flair_quantile=1.0)
+
+
+def test_volume_rule_keeps_only_lesions_hyperintense_on_t2():
+    """Two lesions that light the map and are FLAIR-bright: the one T2-bright as well (a tumour and its oedema) is
+    kept whole, the one whose T2 is below the brain's median (a bias field's FLAIR brightening) is dropped."""
+    from anofpdm.method.decisions import VolumeRule, decide_by_volume
+
+    size, slices = 12, 6
+    noise = torch.rand(size, size, slices, generator=torch.Generator().manual_seed(1))
+    maps, flair, t2 = 0.10 + 0.01 * noise, 0.5 + 0.1 * noise, 0.5 + 0.1 * noise
+    maps[2:5, 2:5, 2:4], flair[2:5, 2:5, 2:4], t2[2:5, 2:5, 2:4] = 1.0, 0.9, 0.9  # tumour-like
+    maps[8:10, 8:10, 1:3], flair[8:10, 8:10, 1:3], t2[8:10, 8:10, 1:3] = 1.0, 0.9, 0.5  # FLAIR-only
+    t2[3, 3, 2] = 0.0  # one dark pixel does not move a lesion's median
+    brain = torch.ones(size, size, slices, dtype=torch.bool)
+    tau = torch.zeros(slices)
+    decided = decide_by_volume(maps, brain, flair, tau, VolumeRule(t2_quantile=0.6), t2).candidate
+    assert decided[2:5, 2:5, 2:4].all() and decided.sum() == 18
+    for without in (decide_by_volume(maps, brain, flair, tau, VolumeRule(t2_quantile=0.6)),  # no T2 given
+                    decide_by_volume(maps, brain, flair, tau, VolumeRule(), t2)):  # the default: off
+        assert without.candidate.sum() == 18 + 8
+    with pytest.raises(ValueError, match="t2_quantile"):
+        VolumeRule(t2_quantile=1.0)

@@ -415,10 +415,10 @@ def decide_slices(
         if outputs.visited is not None:  # slices left out of the network are no part of the volume's reference
             brain &= outputs.visited[:, None, None]
         brain = brain.transpose(1, 2, 0)
-        flair = outputs.slices[:, model.config.sequences.index(MAP_SEQUENCES[0])].transpose(1, 2, 0)
-        volume = decide_by_volume(torch.from_numpy(filtered), torch.from_numpy(brain),
-                                  torch.from_numpy(np.ascontiguousarray(flair)), thresholds,
-                                  volume_rule or VolumeRule())
+        channel = {name: torch.from_numpy(np.ascontiguousarray(outputs.slices[:, index].transpose(1, 2, 0)))
+                   for index, name in enumerate(model.config.sequences)}  # S x S x N each
+        volume = decide_by_volume(torch.from_numpy(filtered), torch.from_numpy(brain), channel[MAP_SEQUENCES[0]],
+                                  thresholds, volume_rule or VolumeRule(), channel.get("t2"))
         candidate = volume.candidate.numpy()
         return SliceDecisions(torch.from_numpy(candidate.any(axis=(0, 1))), volume.thresholds, raw_map, filtered,
                               candidate, kernel, -volume.slice_z, volume.eligible.numpy())

@@ -1,0 +1,94 @@
+"""What tells a method's false lesions from its tumours: per lesion of its mask, the figures a lesion-level test
+could use.
+
+Runs the method on each case as ``anofpdm evaluate`` does and prints, per 26-connected component of its mask: its
+volume, the share of it inside the truth tumour and on benign findings (one voxel's reach, as ``evaluate`` counts
+them), its median FLAIR and T2 relative to the brain's medians, its anomaly map's median and 98th-percentile robust
+z-score against the brain (the returned map, on the input grid), and its contralateral contrast: the FLAIR at the
+mirror image of its voxels across the brain's midline (the FLAIR registered rigidly to its own left-right flip;
+voxels whose mirror falls in the lesion itself left out), as (75th percentile - brain median) over the lesion's own
+(the same). A finding that is bilateral has a mirror as bright as itself (about 1), a glioma not (about 0). Prints
+figures; asserts nothing. Example (docs/evaluation.md, "Lesion-level tests"):
+
+    PYTHONPATH=lib:benchmarks python benchmarks/lesion_features.py --model model/anofpdm.pt --data data/benign12_val
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from anofpdm.arguments import comma_list
+from anofpdm.evaluation.methods import EvaluationSettings, run_method
+from anofpdm.method.decisions import MAD_TO_SD
+from anofpdm.method.model import load_model
+from anofpdm.method.postprocess import lesion_components
+from anofpdm.volumes.alignment import RegistrationSettings, nifti_to_itk, register_rigid
+
+from cases import readable_cases, select_cases
+
+CONTRALATERAL_QUANTILE = 0.75
+MAP_PEAK_QUANTILE = 0.98
+
+
+def mirror_images(flair: np.ndarray, labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The FLAIR and the lesion labels at each voxel's mirror image across the brain's midline, on the FLAIR's grid."""
+    axis = int(np.argmax(np.abs(np.asarray(affine)[0, :3])))  # the voxel axis nearest to left-right
+    fixed = nifti_to_itk(flair.astype(np.float32), affine, "the FLAIR")
+    flipped = nifti_to_itk(np.flip(flair, axis).astype(np.float32).copy(), affine, "the flipped FLAIR")
+    transform = register_rigid(fixed, flipped, RegistrationSettings())
+    flipped_labels = nifti_to_itk(np.flip(labels, axis).astype(np.float32).copy(), affine, "the flipped lesions")
+    mirrored = [sitk.GetArrayFromImage(sitk.Resample(image, fixed, transform, interpolation, 0.0)).transpose(2, 1, 0)
+                for image, interpolation in ((flipped, sitk.sitkLinear), (flipped_labels, sitk.sitkNearestNeighbor))]
+    return mirrored[0], mirrored[1].astype(np.int64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", type=Path, required=True, help="labelled cases (BraTS layout, synth folders)")
+    parser.add_argument("--cases", type=comma_list, help="only these case ids")
+    parser.add_argument("--method", default="anofpdm-volume-fast")
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    model = load_model(args.model)
+    settings = EvaluationSettings(batch_size=args.batch_size)
+    print("| case | healthy | lesion | mL | in tumour | on findings | FLAIR / brain | T2 / brain | map z median | "
+          "map z peak | contralateral contrast |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for case in readable_cases(select_cases(args.data, case_ids=args.cases), model.config):
+        result = run_method(args.method, model, case, settings)
+        labels, count = lesion_components(np.asanyarray(result.mask.dataobj) > 0)
+        healthy = not case.truth.any()
+        if not count:
+            print(f"| {case.case_id} | {healthy} | none | 0 | | | | | | | |")
+            continue
+        flair = case.images["flair"].get_fdata(dtype=np.float32)
+        t2 = case.images["t2"].get_fdata(dtype=np.float32)
+        anomaly = np.asanyarray(result.anomaly_map.dataobj, dtype=np.float32)
+        flair_median, t2_median = np.median(flair[case.brain]), np.median(t2[case.brain])
+        map_median = np.median(anomaly[case.brain])
+        map_spread = MAD_TO_SD * np.median(np.abs(anomaly[case.brain] - map_median))
+        findings = None if case.benign is None else ndimage.binary_dilation(case.benign > 0,
+                                                                            np.ones((3, 3, 3), bool))
+        mirror, mirror_labels = mirror_images(flair, labels, case.images["flair"].affine)
+        for label in range(1, count + 1):
+            voxels = labels == label
+            other_side = voxels & (mirror_labels != label) & (mirror > 0)
+            own = np.quantile(flair[voxels], CONTRALATERAL_QUANTILE) - flair_median
+            contralateral = (np.quantile(mirror[other_side], CONTRALATERAL_QUANTILE) - flair_median) / own \
+                if other_side.any() and own > 0 else float("nan")
+            z = (anomaly[voxels] - map_median) / max(map_spread, 1e-12)
+            on_findings = "n/a" if findings is None else f"{(voxels & findings).mean() / voxels.mean():.2f}"
+            print(f"| {case.case_id} | {healthy} | {label} | {voxels.sum() * case.voxel_mm3 / 1000.0:.2f} | "
+                  f"{(voxels & case.truth).sum() / voxels.sum():.2f} | {on_findings} | "
+                  f"{np.median(flair[voxels]) / flair_median:.2f} | {np.median(t2[voxels]) / t2_median:.2f} | "
+                  f"{np.median(z):.1f} | {np.quantile(z, MAP_PEAK_QUANTILE):.1f} | {contralateral:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
