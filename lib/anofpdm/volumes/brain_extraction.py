@@ -380,6 +380,7 @@ def extract_brain(
     done = {name: "used as it came" + (" (brain_extraction=never)" if mode == "never" else "") for name in present}
     method, warnings = None, []
     if reference in heads:
+        release_free_memory()  # what earlier work left free in the heap: the extraction's buffers are not from it
         with mapped_large_buffers():  # its large buffers go back to the system when freed (anofpdm.runtime)
             probability = brain_probability(ref_data, ref_image.affine, str(device))
         mask = _brain_mask(probability, ref_image.affine, reference)
