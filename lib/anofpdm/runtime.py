@@ -17,9 +17,9 @@ memory rose from 0.89 to 1.09 GB at the same speed (demo study SYN_00000, 47.7 s
 points call it.
 
 A one-off pass over large buffers (brain extraction: deepbet's networks on a 256^3 volume) fragments that heap
-instead: its peak resident memory went 0.87-1.04 GB over runs of the same head. ``mapped_large_buffers`` serves
-allocations over 128 kB by their own mappings for such a pass (returned on free), then the heap again: 0.86-0.91 GB
-at the same speed (demo head SYN_00003, ``anofpdm segment``).
+instead: the same code's peak resident memory went 0.87-1.04 GB over runs of the demo head SYN_00003 (``anofpdm
+segment``). ``mapped_large_buffers`` serves allocations over 128 kB by their own mappings for such a pass (returned
+on free), then the heap again: 0.78-0.85 GB at the same speed (docs/performance.md, "A head in under 1 GB").
 """
 
 from __future__ import annotations
