@@ -1,4 +1,5 @@
-"""Plumbing the benchmarks share: which labelled cases a run takes, and a cache of each case's forward process.
+"""Plumbing the benchmarks share: which labelled cases a run takes, one method's results on them, and a cache of
+each case's forward process.
 
 Every benchmark that scores cases picks them the same way (a data folder, optionally the cases of named splits of
 a prepared data set, optionally listed ids) and, where it compares decision rules or settings on one forward
@@ -14,11 +15,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from anofpdm.arguments import comma_list
 from anofpdm.data.brats import CaseFiles, find_cases
 from anofpdm.evaluation.case_scoring import EvaluationCase, prepare_case
 from anofpdm.evaluation.evaluate import split_case_ids
-from anofpdm.method.model import LoadedModel, NetworkConfig
-from anofpdm.method.pipeline import ForwardOutputs, InferenceOptions, run_forward
+from anofpdm.evaluation.methods import EvaluationSettings, run_method
+from anofpdm.method.model import LoadedModel, NetworkConfig, load_model
+from anofpdm.method.pipeline import ForwardOutputs, InferenceOptions, SegmentationResult, run_forward
 
 T = TypeVar("T")
 
@@ -43,6 +46,24 @@ def readable_cases(cases: Sequence[CaseFiles], config: NetworkConfig) -> Iterato
             yield prepare_case(files, config)
         except ValueError as exc:
             print(f"{files.case_id} left out: {exc}", flush=True)
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a benchmark that looks at one method's masks on labelled cases (``method_results``)."""
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", type=Path, required=True, help="labelled cases (BraTS layout, synth folders)")
+    parser.add_argument("--cases", type=comma_list, help="only these case ids")
+    parser.add_argument("--method", default="anofpdm-volume-fast")
+    parser.add_argument("--batch-size", type=int, default=8)
+
+
+def method_results(args: argparse.Namespace) -> Iterator[tuple[EvaluationCase, SegmentationResult]]:
+    """Each readable case ``add_method_arguments``'s options name, with the method's result as ``anofpdm evaluate``
+    gets it."""
+    model = load_model(args.model)
+    settings = EvaluationSettings(batch_size=args.batch_size)
+    for case in readable_cases(select_cases(args.data, case_ids=args.cases), model.config):
+        yield case, run_method(args.method, model, case, settings)
 
 
 def cached(cache: Path | None, compute: Callable[[], T]) -> T:

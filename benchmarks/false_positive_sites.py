@@ -13,36 +13,25 @@ asserts nothing. Example (docs/evaluation.md, "Benign FLAIR-bright findings"):
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from anofpdm.arguments import comma_list
-from anofpdm.evaluation.methods import EvaluationSettings, run_method
-from anofpdm.method.model import load_model
 from anofpdm.method.postprocess import lesion_components
 
-from cases import readable_cases, select_cases
+from cases import add_method_arguments, method_results
 
 PERCENT = 100.0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", type=Path, required=True, help="labelled cases (BraTS layout, synth folders)")
-    parser.add_argument("--cases", type=comma_list, help="only these case ids")
-    parser.add_argument("--method", default="anofpdm-volume-fast")
-    parser.add_argument("--batch-size", type=int, default=8)
+    add_method_arguments(parser)
     args = parser.parse_args()
-    model = load_model(args.model)
-    settings = EvaluationSettings(batch_size=args.batch_size)
     print("| case | component | mL | depth (mm) | centroid - brain's (R, A, S mm) | FLAIR percentile | "
           "to nearest finding (mm) |")
     print("|---|---|---|---|---|---|---|")
-    for case in readable_cases(select_cases(args.data, case_ids=args.cases), model.config):
-        result = run_method(args.method, model, case, settings)
+    for case, result in method_results(args):
         false = (np.asanyarray(result.mask.dataobj) > 0) & ~case.truth
         components, count = lesion_components(false)
         if not count:

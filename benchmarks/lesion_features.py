@@ -16,20 +16,16 @@ figures; asserts nothing. Example (docs/evaluation.md, "Lesion-level tests"):
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from anofpdm.arguments import comma_list
-from anofpdm.evaluation.methods import EvaluationSettings, run_method
 from anofpdm.method.decisions import MAD_TO_SD
-from anofpdm.method.model import load_model
 from anofpdm.method.postprocess import lesion_components
 from anofpdm.volumes.alignment import RegistrationSettings, nifti_to_itk, register_rigid
 
-from cases import readable_cases, select_cases
+from cases import add_method_arguments, method_results
 
 CONTRALATERAL_QUANTILE = 0.75
 MAP_PEAK_QUANTILE = 0.98
@@ -49,19 +45,12 @@ def mirror_images(flair: np.ndarray, labels: np.ndarray, affine: np.ndarray) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", type=Path, required=True, help="labelled cases (BraTS layout, synth folders)")
-    parser.add_argument("--cases", type=comma_list, help="only these case ids")
-    parser.add_argument("--method", default="anofpdm-volume-fast")
-    parser.add_argument("--batch-size", type=int, default=8)
+    add_method_arguments(parser)
     args = parser.parse_args()
-    model = load_model(args.model)
-    settings = EvaluationSettings(batch_size=args.batch_size)
     print("| case | healthy | lesion | mL | in tumour | on findings | FLAIR / brain | T2 / brain | map z median | "
           "map z peak | contralateral contrast |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for case in readable_cases(select_cases(args.data, case_ids=args.cases), model.config):
-        result = run_method(args.method, model, case, settings)
+    for case, result in method_results(args):
         labels, count = lesion_components(np.asanyarray(result.mask.dataobj) > 0)
         healthy = not case.truth.any()
         if not count:

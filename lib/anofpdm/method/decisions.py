@@ -257,6 +257,11 @@ class VolumeDecisions:
     thresholds: torch.Tensor
 
 
+def _brain_quantile(values: torch.Tensor, brain: torch.Tensor, quantile: float) -> float:
+    """The ``quantile`` of ``values`` over the ``brain`` entries (numpy: ``torch.quantile`` refuses more than 2**24)."""
+    return float(np.quantile(values[brain].detach().double().cpu().numpy(), quantile))
+
+
 def _t2_hyperintense(candidate: torch.Tensor, t2: torch.Tensor, level: float) -> torch.Tensor:
     """The 26-connected pieces of ``candidate`` whose median T2 exceeds ``level``."""
     labels, count = lesion_components(candidate.cpu().numpy())
@@ -288,12 +293,10 @@ def decide_by_volume(
     if not bool(brain.any()):
         brain = torch.ones_like(brain)
     z, median, spread = robust_z_scores(filtered_map, brain)
-    flair_level = float(np.quantile(flair[brain].detach().double().cpu().numpy(), rule.flair_quantile))
-    eligible = brain & (flair.double() > flair_level)
+    eligible = brain & (flair.double() > _brain_quantile(flair, brain, rule.flair_quantile))
     candidate = eligible & (z >= rule.map_z) & (filtered_map >= thresholds)
     if t2 is not None and rule.t2_quantile > 0:
-        level = float(np.quantile(t2[brain].detach().double().cpu().numpy(), rule.t2_quantile))
-        candidate = _t2_hyperintense(candidate, t2, level)
+        candidate = _t2_hyperintense(candidate, t2, _brain_quantile(t2, brain, rule.t2_quantile))
     slice_z = torch.where(eligible, z, z.min()).amax(dim=(0, 1)).float()
     levels = thresholds.clamp_min(median + rule.map_z * spread)
     return VolumeDecisions(candidate, eligible, slice_z, levels)
