@@ -17,6 +17,7 @@ ANOFPDM=${ANOFPDM:-anofpdm}
 CASES=${CASES:-160}
 SYNTH_SEED=${SYNTH_SEED:-1000}
 TUMOUR_VOLUME_ML=${TUMOUR_VOLUME_ML:-}   # LOW,HIGH mL for anofpdm synth (default: its 8,250); other data cannot resume a run
+BENIGN_FINDINGS=${BENIGN_FINDINGS:-basic}   # anofpdm synth --benign-findings of the training cases: basic or clinical
 SIZE=${SIZE:-64}
 INTENSITY=${INTENSITY:-standardised}   # prepare --intensity: standardised (histogram landmarks) or percentile
 WORKERS=${WORKERS:-$(nproc)}
@@ -52,7 +53,8 @@ for name in ${STAGES//,/ }; do
 done
 
 if stage data && [[ ! -f $WORK/cases/manifest.json ]]; then
-    synth_args=(--out "$WORK/cases" --cases "$CASES" --seed "$SYNTH_SEED" --workers "$WORKERS")
+    synth_args=(--out "$WORK/cases" --cases "$CASES" --seed "$SYNTH_SEED" --workers "$WORKERS"
+                --benign-findings "$BENIGN_FINDINGS")
     [[ -n $TUMOUR_VOLUME_ML ]] && synth_args+=(--tumour-volume-ml "$TUMOUR_VOLUME_ML")
     run $ANOFPDM synth "${synth_args[@]}"
 fi

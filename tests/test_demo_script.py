@@ -32,7 +32,7 @@ def run_script(work: Path, **settings: str) -> subprocess.CompletedProcess:
 
 
 def test_demo_script_makes_a_calibrated_evaluated_model_and_resumes(tmp_path: Path) -> None:
-    first = run_script(tmp_path)
+    first = run_script(tmp_path, BENIGN_FINDINGS="clinical")
     assert first.returncode == 0, first.stderr[-3000:]
     model = load_model(tmp_path / "anofpdm.pt")
     assert model.training["iterations"] == 3 and model.config.image_size == 16
@@ -40,6 +40,8 @@ def test_demo_script_makes_a_calibrated_evaluated_model_and_resumes(tmp_path: Pa
     results = json.loads((tmp_path / "evaluation" / "results.json").read_text())
     assert set(results["summary"]) == set(METHODS) and len(results["cases"]) == 1
     assert (tmp_path / "evaluation" / "results.md").is_file()
+    # training cases with the clinical benign findings (labelled healthy), as BENIGN_FINDINGS asked
+    assert json.loads((tmp_path / "cases" / "manifest.json").read_text())["benign_findings"] == "clinical"
     # augmented training on histogram-standardised slices, the model carrying their landmarks
     assert model.training["augment"] is True and model.config.landmarks is not None
     # and the shifted domain's test case, on its own grid, beside the in-domain evaluation
