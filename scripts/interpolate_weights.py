@@ -13,10 +13,11 @@ root:
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
-from anofpdm.method.model import NetworkConfig, load_checkpoint, save_checkpoint, weights_fingerprint
+from anofpdm.method.model import (
+    NetworkConfig, load_checkpoint, network_differences, save_checkpoint, weights_fingerprint,
+)
 
 
 def main() -> int:
@@ -29,13 +30,14 @@ def main() -> int:
     if not 0.0 <= args.alpha <= 1.0:
         parser.error(f"--alpha must lie in [0, 1], got {args.alpha}")
     start, end = load_checkpoint(args.start), load_checkpoint(args.end)
-    start_config = replace(NetworkConfig.from_dict(start["network"]), intensity_landmarks=())
-    end_config = replace(NetworkConfig.from_dict(end["network"]), intensity_landmarks=())
-    if start_config != end_config or start["schedule"] != end["schedule"]:
-        parser.error(f"{args.start} and {args.end} are not the same network and noise schedule")
-    weights = {name: (1.0 - args.alpha) * start["state_dict"][name].double() + args.alpha * tensor.double()
-               for name, tensor in end["state_dict"].items()}
-    weights = {name: tensor.to(end["state_dict"][name].dtype) for name, tensor in weights.items()}
+    differ = network_differences(NetworkConfig.from_dict(start["network"]), NetworkConfig.from_dict(end["network"]))
+    if start["schedule"] != end["schedule"]:
+        differ["schedule"] = (start["schedule"], end["schedule"])
+    if differ:
+        parser.error(f"{args.start} and {args.end} are not the same network and noise schedule: "
+                     + ", ".join(f"{k} {a!r} in --start, {b!r} in --end" for k, (a, b) in differ.items()))
+    weights = {name: ((1.0 - args.alpha) * start["state_dict"][name].double() + args.alpha * tensor.double())
+               .to(tensor.dtype) for name, tensor in end["state_dict"].items()}
     training = {**end.get("training", {}), "interpolation": {
         "start": weights_fingerprint(start["state_dict"]), "end": weights_fingerprint(end["state_dict"]),
         "alpha": args.alpha}}

@@ -19,7 +19,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ __all__ = [
     "NetworkConfig",
     "LoadedModel",
     "build_network",
+    "network_differences",
     "save_checkpoint",
     "load_checkpoint",
     "load_model",
@@ -166,6 +167,13 @@ def build_network(config: NetworkConfig) -> DiffusionModelUNet:
         norm_num_groups=config.norm_num_groups,
         num_class_embeds=NUM_CLASS_EMBEDS,
     )
+
+
+def network_differences(first: NetworkConfig, second: NetworkConfig) -> dict[str, tuple[Any, Any]]:
+    """The settings in which two networks differ, as ``{name: (first's, second's)}``, intensity landmarks aside: where
+    it is empty, one's weights fit the other (fine-tuning and weight interpolation rely on it)."""
+    ours, theirs = (replace(config, intensity_landmarks=()).to_dict() for config in (first, second))
+    return {name: (value, theirs.get(name)) for name, value in ours.items() if theirs.get(name) != value}
 
 
 @dataclass

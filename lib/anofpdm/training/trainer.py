@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,9 @@ from anofpdm.method.diffusion import NoiseSchedule
 from anofpdm.distributed import Distributed, distributed_context
 from anofpdm.training.ema import EMA
 from anofpdm.training.loss_log import LossLog
-from anofpdm.method.model import PRESETS, NetworkConfig, build_network, load_checkpoint, save_checkpoint
+from anofpdm.method.model import (
+    PRESETS, NetworkConfig, build_network, load_checkpoint, network_differences, save_checkpoint,
+)
 from anofpdm.runtime import describe_device
 from anofpdm.seeds import derive_seed
 from anofpdm.training.stop_request import STOP_REQUESTED, STOP_TIME_LIMIT, StopRequest, TrainingInterrupted
@@ -186,10 +188,8 @@ def initial_weights(path: Path, network_config: NetworkConfig) -> dict[str, torc
     The intensity landmarks may differ: fine-tuning may move a model onto newly standardised slices.
     """
     payload = load_checkpoint(path)
-    theirs = replace(NetworkConfig.from_dict(payload["network"]), intensity_landmarks=())
-    ours = replace(network_config, intensity_landmarks=())
-    if theirs != ours:
-        differ = {k: (v, ours.to_dict().get(k)) for k, v in theirs.to_dict().items() if ours.to_dict().get(k) != v}
+    differ = network_differences(NetworkConfig.from_dict(payload["network"]), network_config)
+    if differ:
         raise ValueError(f"initial weights {path} are another network than the one trained: "
                          + ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in differ.items()))
     return payload["state_dict"]
