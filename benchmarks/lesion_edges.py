@@ -42,9 +42,9 @@ def main() -> None:
         reach = max(outputs.geometry.spacing_mm[:2])
         for setting in settings:
             edges = None if setting is None else LesionEdges(outputs.flair, outputs.brain, reach, *setting)
-            _, labels, _, _, _ = finish_on_input_grid(decided.filtered_map, decided.candidate,
-                                                              outputs.geometry, options.min_lesion_mm3,
-                                                              lesion_holes=options.lesion_holes, edges=edges)
+            labels = finish_on_input_grid(decided.filtered_map, decided.candidate, outputs.geometry,
+                                          options.min_lesion_mm3, lesion_holes=options.lesion_holes,
+                                          edges=edges).labels
             mask = labels > 0
             volume = {name: float(value) for name, value in overlap_scores(mask, case.truth).items()}
             edge = sub_region_recall(mask, case.sub_regions, case.spacing_mm).get("faint_edge")

@@ -71,8 +71,8 @@ def main() -> None:
             for text, kernel in kernels.items():
                 mask = gated if kernel is None else (
                     ndimage.median_filter(gated.astype(np.uint8), size=kernel, mode="nearest") > 0)
-                _, mask_input, _, _, _ = finish_on_input_grid(decided.filtered_map, mask, outputs.geometry,
-                                                              options.min_lesion_mm3)
+                mask_input = finish_on_input_grid(decided.filtered_map, mask, outputs.geometry,
+                                                  options.min_lesion_mm3).labels
                 row[text] = dice(mask_input, case.truth) if row["tumour"] else float(not mask_input.any())
             rows.append(row)
             print(f"  {split} {case_id}: " + ", ".join(f"{k} {row[k]:.3f}" for k in kernels), flush=True)

@@ -1,5 +1,5 @@
 """How the per-volume decision rule's settings move the figures (#30): map_z, flair_quantile and t2_quantile
-of ``VolumeRule``.
+of ``VolumeRule``, and the periventricular findings left out or kept (``InferenceOptions.periventricular_findings``).
 
 Each case's forward process runs once (fast mode unless ``--mode``); every rule setting is then decided and scored
 by the pipeline and the evaluation's own scoring (``segment_volume`` with the cached forward process,
@@ -25,7 +25,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from anofpdm.arguments import comma_floats
+from anofpdm.arguments import comma_floats, comma_list
 from anofpdm.evaluation.case_scoring import SliceProtocol, score_result
 from anofpdm.method.decisions import VolumeRule
 from anofpdm.method.model import load_model
@@ -43,30 +43,34 @@ def main() -> None:
     parser.add_argument("--flair-quantile", type=comma_floats, default=(VolumeRule.flair_quantile,))
     parser.add_argument("--t2-quantile", type=comma_floats, default=(VolumeRule.t2_quantile,))
     parser.add_argument("--min-brain-fraction", type=comma_floats, default=(InferenceOptions.min_brain_fraction,))
+    parser.add_argument("--periventricular-findings", type=comma_list,
+                        default=(InferenceOptions.periventricular_findings,))
     args = parser.parse_args()
 
     model = load_model(args.model, device=args.device or default_device())
     options = InferenceOptions(mode=args.mode, batch_size=args.batch_size, decision_rule="volume")
-    rules = [(VolumeRule(map_z=z, flair_quantile=q, t2_quantile=t), f) for z in args.map_z
-             for q in args.flair_quantile for t in args.t2_quantile for f in args.min_brain_fraction]
-    rows: dict[tuple[VolumeRule, float], list[tuple[float, float, float, float | None]]] = {rule: [] for rule in rules}
+    rules = [(VolumeRule(map_z=z, flair_quantile=q, t2_quantile=t), f, p) for z in args.map_z
+             for q in args.flair_quantile for t in args.t2_quantile for f in args.min_brain_fraction
+             for p in args.periventricular_findings]
+    rows: dict[tuple[VolumeRule, float, str], list[tuple[float, float, float, float | None]]] = {
+        rule: [] for rule in rules}
     for case, outputs in forward_cases(args, model, options):
-        for rule, fraction in rules:
-            result = segment_volume(model, case.images, options, forward_outputs=left_out(outputs, fraction),
-                                    volume_rule=rule)
+        for rule, fraction, periventricular in rules:
+            result = segment_volume(model, case.images, replace(options, periventricular_findings=periventricular),
+                                    forward_outputs=left_out(outputs, fraction), volume_rule=rule)
             scored = score_result(result, case, SliceProtocol())
             volume = scored["volume"]
-            rows[rule, fraction].append((volume["truth_ml"], volume["dice"], volume["predicted_ml"],
-                               scored["slice"]["slice_auroc"]))
+            rows[rule, fraction, periventricular].append((volume["truth_ml"], volume["dice"], volume["predicted_ml"],
+                                                          scored["slice"]["slice_auroc"]))
         print(f"{case.case_id} done", flush=True)
 
-    print("map_z | flair_quantile | t2_quantile | min brain fraction | 3-D Dice | healthy FP (mL) | called healthy "
-          "| slice AUROC | per tumour case")
-    for (rule, fraction), figures in rows.items():
+    print("map_z | flair_quantile | t2_quantile | min brain fraction | periventricular findings | 3-D Dice | healthy "
+          "FP (mL) | called healthy | slice AUROC | per tumour case")
+    for (rule, fraction, periventricular), figures in rows.items():
         tumour = [f for f in figures if f[0] > 0]
         healthy = [f for f in figures if f[0] == 0]
         aurocs = [f[3] for f in tumour if f[3] is not None]
-        print(f"{rule.map_z:g} | {rule.flair_quantile:g} | {rule.t2_quantile:g} | {fraction:g} | "
+        print(f"{rule.map_z:g} | {rule.flair_quantile:g} | {rule.t2_quantile:g} | {fraction:g} | {periventricular} | "
               f"{np.mean([f[1] for f in tumour]):.3f} | "
               f"{np.mean([f[2] for f in healthy]) if healthy else float('nan'):.2f} | "
               f"{sum(f[2] == 0 for f in healthy)} of {len(healthy)} | "

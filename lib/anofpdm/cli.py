@@ -101,7 +101,7 @@ def _segment(args: argparse.Namespace) -> int:
         median_kernel=args.median_kernel, batch_size=args.batch_size, bf16=args.bf16,
         mark_uncertain=args.mark_uncertain, decision_rule=args.decision_rule, registration=args.registration,
         brain_extraction=args.brain_extraction, min_brain_fraction=args.min_brain_fraction,
-        bias_correction=args.bias_correction,
+        bias_correction=args.bias_correction, periventricular_findings=args.periventricular_findings,
     )
     images = read_image(args.flair).images
     if args.t2 is not None:
@@ -161,6 +161,7 @@ def _to_dicom(args: argparse.Namespace) -> int:
 
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     from anofpdm.method.decisions import UNCERTAIN_PROBABILITY
+    from anofpdm.method.periventricular import PERIVENTRICULAR_FINDINGS
     from anofpdm.method.pipeline import DECISION_RULES, InferenceOptions
     from anofpdm.volumes.alignment import REGISTRATION_MODES
     from anofpdm.volumes.bias_field import BIAS_CORRECTIONS
@@ -202,6 +203,10 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bias-correction", choices=BIAS_CORRECTIONS, default=defaults.bias_correction,
                         help="divide each sequence by its N4 bias field, fitted in the brain (n4), or not (none, "
                              "the default); n4 costs 1-7 s per sequence on a 2-core CPU")
+    parser.add_argument("--periventricular-findings", choices=PERIVENTRICULAR_FINDINGS,
+                        default=defaults.periventricular_findings,
+                        help="thin lesions lining the ventricles (caps, halo): left out of the tumour mask and listed "
+                             "in the report (leave-out, the default), or kept")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -40,7 +40,7 @@ SHAPE = (40, 44, 12)
 SHOW_LESIONS = {"median_kernel": 1, "min_lesion_mm3": 0, "decision_rule": "paper"}
 OPTIONS = {"device", "mode", "forward_steps", "stride", "guidance", "encoding", "min_lesion_mm3", "seed",
            "mark_uncertain", "decision_rule", "registration", "brain_extraction", "min_brain_fraction", "brain_segment",
-           "bias_correction", "t2"}
+           "bias_correction", "periventricular_findings", "t2"}
 
 
 @pytest.fixture(autouse=True)
@@ -195,6 +195,7 @@ def test_config_lists_the_options_slicer_shows(tiny_model_path):
     assert config["t2"] == ""  # a text cell in Slicer: the T2's path on the server
     assert config["brain_extraction"] == ["auto", "always", "never"]  # a drop-down, auto (the default) first
     assert config["bias_correction"] == ["none", "n4"]  # a drop-down, off (the default) first
+    assert config["periventricular_findings"] == ["leave-out", "keep"]  # a drop-down, the default first
     assert config["brain_segment"] is False  # a checkbox, off: the label map holds the tumour only
 
 
@@ -211,8 +212,10 @@ def test_request_options_override_the_calibration(tmp_path, tiny_model_path, pai
     assert (full["settings"]["mode"], full["settings"]["forward_steps"], full["settings"]["stride"]) == ("full", 12, 1)
     assert full["settings"]["seed"] == 3 and full["settings"]["min_lesion_mm3"] == 100.5
     assert full["settings"]["decision_rule"] == "volume"
-    _, paper = task({**request, "decision_rule": "paper", "bias_correction": "n4"})
+    _, paper = task({**request, "decision_rule": "paper", "bias_correction": "n4", "periventricular_findings": "keep"})
     assert paper["settings"]["decision_rule"] == "paper" and paper["bias_correction"]["method"] == "n4"
+    assert paper["settings"]["periventricular_findings"] == "keep" and paper["periventricular_findings"] == []
+    assert fast["settings"]["periventricular_findings"] == "leave-out"
     assert fast["bias_correction"] == {"method": "none", "time_s": 0.0, "field_range": {}}
     _, custom = task({**request, "forward_steps": "20", "guidance": 1.5, "encoding": "ddpm"})
     settings = custom["settings"]

@@ -44,14 +44,26 @@ from anofpdm.method.forward_process import guided_and_null_noise
 from anofpdm.method.pipeline import (
     InferenceOptions,
     ModelGridOutputs,
+    PeriventricularFilter,
     SegmentationResult,
     default_median_kernel,
     finish_on_input_grid,
+    slices_holding,
 )
+from anofpdm.method.periventricular import PERIVENTRICULAR_FINDINGS
 from anofpdm.method.postprocess import LESION_HOLES, median_filter_3d
 from anofpdm.volumes.bias_field import BIAS_CORRECTIONS, correct_bias_fields
 from anofpdm.volumes.brain_extraction import apply_brain, extract_brain
-from anofpdm.volumes.slicing import BACKGROUND, VolumeGeometry, brain_pixels, image_like, to_model_grid, to_model_slices
+from anofpdm.volumes.checks import as_3d
+from anofpdm.volumes.slicing import (
+    BACKGROUND,
+    VolumeGeometry,
+    brain_pixels,
+    brain_voxels,
+    image_like,
+    to_model_grid,
+    to_model_slices,
+)
 
 __all__ = [
     "BASELINES",
@@ -128,6 +140,8 @@ class BaselineOptions:
         batch_size: slices per network batch.
         bias_correction: each sequence divided by its N4 bias field first ("n4"), as the pipeline's
             ``InferenceOptions.bias_correction``, or not ("none": the baselines as defined).
+        periventricular_findings: the periventricular findings left out of the mask or kept, as the pipeline's
+            ``InferenceOptions.periventricular_findings`` (the same filter for every method).
     """
 
     threshold: FixedThreshold = field(default_factory=FixedThreshold)
@@ -140,6 +154,7 @@ class BaselineOptions:
     lesion_holes: str = InferenceOptions.lesion_holes
     batch_size: int = DEFAULT_BATCH_SIZE
     bias_correction: str = BIAS_CORRECTIONS[0]
+    periventricular_findings: str = InferenceOptions.periventricular_findings
 
     def __post_init__(self) -> None:
         if self.noise_level is not None and self.noise_level < 1:
@@ -158,6 +173,9 @@ class BaselineOptions:
             raise ValueError(f"lesion_holes must be one of {LESION_HOLES}, got {self.lesion_holes!r}")
         if self.bias_correction not in BIAS_CORRECTIONS:
             raise ValueError(f"bias_correction must be one of {BIAS_CORRECTIONS}, got {self.bias_correction!r}")
+        if self.periventricular_findings not in PERIVENTRICULAR_FINDINGS:
+            raise ValueError(f"periventricular_findings must be one of {PERIVENTRICULAR_FINDINGS}, got "
+                             f"{self.periventricular_findings!r}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
@@ -403,10 +421,15 @@ def finish_baseline(
     threshold = options.threshold.resolve(maps.raw_map, brain_pixels(maps.slices))
     kernel = options.median_kernel or default_median_kernel(model.config.image_size)
     filtered = median_filter_3d(maps.raw_map.transpose(1, 2, 0), kernel)  # S x S x N
-    mask, mask_input, map_input, lesions, removed = finish_on_input_grid(
-        filtered, filtered >= threshold, geometry, options.min_lesion_mm3, lesion_holes=options.lesion_holes
-    )
-    unhealthy = mask.any(axis=(0, 1))
+    periventricular = None
+    if options.periventricular_findings == "leave-out":
+        sequences = model.config.sequences
+        periventricular = PeriventricularFilter(as_3d(MAP_SEQUENCES[0], images[MAP_SEQUENCES[0]]),
+                                                brain_voxels(as_3d(name, images[name]) for name in sequences))
+    finished = finish_on_input_grid(filtered, filtered >= threshold, geometry, options.min_lesion_mm3,
+                                    lesion_holes=options.lesion_holes, periventricular=periventricular)
+    mask_input, map_input, lesions = finished.labels, finished.anomaly_map, finished.lesions
+    unhealthy = slices_holding(mask_input, geometry)
     timings = {**maps.timings, "postprocess_s": time.perf_counter() - start}
 
     reference = images[MAP_SEQUENCES[0]]
@@ -417,12 +440,14 @@ def finish_baseline(
         "lesions": lesions,
         "lesion_count": len(lesions),
         "total_volume_ml": round(sum(row["volume_ml"] for row in lesions), 3),
-        "components_removed": removed,
+        "components_removed": finished.removed,
+        "periventricular_findings": finished.periventricular_findings,
         "network_evaluations": maps.network_evaluations,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "settings": {**maps.settings, "threshold_rule": asdict(options.threshold),
                      "min_lesion_mm3": options.min_lesion_mm3, "median_kernel": kernel,
-                     "lesion_holes": options.lesion_holes, "device": str(model.device)},
+                     "lesion_holes": options.lesion_holes,
+                     "periventricular_findings": options.periventricular_findings, "device": str(model.device)},
         "slices": {"segmented": len(geometry.slices), "unhealthy": int(unhealthy.sum())},
         "warnings": [],
     }

@@ -79,6 +79,7 @@ from anofpdm.method.model import LoadedModel, load_model
 from anofpdm.method.pipeline import ForwardOutputs, InferenceOptions, SegmentationResult
 from anofpdm.method.postprocess import LESION_BOUNDARIES, LESION_HOLES
 from anofpdm.progress import ProgressCallback, progress_bar
+from anofpdm.method.periventricular import PERIVENTRICULAR_FINDINGS
 from anofpdm.volumes.bias_field import BIAS_CORRECTIONS
 
 __all__ = [
@@ -316,6 +317,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--lesion-boundary", choices=LESION_BOUNDARIES, default=EvaluationSettings.lesion_boundary,
                         help="AnoFPDM: redraw each lesion's edge on the input grid at half its FLAIR contrast to the "
                         "brain around it, or keep the network grid's mask resampled")
+    parser.add_argument("--periventricular-findings", choices=PERIVENTRICULAR_FINDINGS,
+                        default=EvaluationSettings.periventricular_findings,
+                        help="every method: leave thin lesions lining the ventricles out of the mask, or keep them")
     parser.add_argument("--batch-size", type=int, help="slices per network batch")
     parser.add_argument("--min-brain-fraction", type=float, default=EvaluationSettings.min_brain_fraction,
                         help="AnoFPDM leaves out slices with less brain than this fraction of the largest slice's")
@@ -356,6 +360,7 @@ def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
         seed=args.seed, min_lesion_mm3=args.min_lesion_mm3, batch_size=args.batch_size,
         min_brain_fraction=args.min_brain_fraction, bias_correction=args.bias_correction,
         baseline_bias_correction=args.baseline_bias_correction,
+        periventricular_findings=args.periventricular_findings,
         baseline_stride=args.baseline_stride, anoddpm_noise_level=args.anoddpm_noise_level,
         cfg_noise_level=args.cfg_noise_level, cfg_guidance=args.cfg_guidance, thresholds=thresholds,
         slice_protocol=SliceProtocol(min_area_px=args.slice_min_area_px), lesion_holes=args.lesion_holes,

@@ -79,6 +79,8 @@ class EvaluationSettings:
         lesion_holes: the holes a lesion encloses, filled or kept (every method; ``InferenceOptions.lesion_holes``).
         lesion_boundary: where AnoFPDM draws a lesion's edge (``InferenceOptions.lesion_boundary``); the baselines
             are as they are defined.
+        periventricular_findings: the periventricular findings left out of the mask or kept (every method;
+            ``InferenceOptions.periventricular_findings``).
         overlay_cases: overlays are drawn for this many cases (the first in case-id order).
     """
 
@@ -97,6 +99,7 @@ class EvaluationSettings:
     slice_protocol: SliceProtocol = field(default_factory=SliceProtocol)
     lesion_holes: str = InferenceOptions.lesion_holes
     lesion_boundary: str = InferenceOptions.lesion_boundary
+    periventricular_findings: str = InferenceOptions.periventricular_findings
     overlay_cases: int = DEFAULT_OVERLAY_CASES
 
     def __post_init__(self) -> None:
@@ -118,14 +121,16 @@ class EvaluationSettings:
                                stride=self.baseline_stride, guidance=self.cfg_guidance, seed=self.seed,
                                min_lesion_mm3=self.baseline_min_lesion_mm3.get(method, self.min_lesion_mm3),
                                lesion_holes=self.lesion_holes, batch_size=self.batch_size or DEFAULT_BATCH_SIZE,
-                               bias_correction=self.baseline_bias_correction)
+                               bias_correction=self.baseline_bias_correction,
+                               periventricular_findings=self.periventricular_findings)
 
     def inference_options(self, method: str) -> InferenceOptions:
         """The pipeline's ``InferenceOptions`` of one AnoFPDM variant."""
         return InferenceOptions(**ANOFPDM_VARIANTS[method], seed=self.seed, min_lesion_mm3=self.min_lesion_mm3,
                                 lesion_holes=self.lesion_holes, lesion_boundary=self.lesion_boundary,
                                 batch_size=self.batch_size, min_brain_fraction=self.min_brain_fraction,
-                                bias_correction=self.bias_correction)
+                                bias_correction=self.bias_correction,
+                                periventricular_findings=self.periventricular_findings)
 
 
 def run_method(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -33,6 +33,7 @@ from anofpdm.method.decisions import (
 )
 from anofpdm.method.forward_process import ForwardProcessConfig, SliceStatistics, run_on_slices
 from anofpdm.method.model import MAP_SEQUENCES, LoadedModel
+from anofpdm.method.periventricular import PERIVENTRICULAR_FINDINGS, PeriventricularRule, periventricular_lesions
 from anofpdm.method.postprocess import (
     EDGE_CONTRAST,
     LABEL_NAMES,
@@ -61,7 +62,8 @@ from anofpdm.volumes.slicing import (
 
 __all__ = ["InferenceOptions", "InputError", "ModelGridOutputs", "SegmentationResult", "ForwardOutputs", "run_forward",
            "SliceDecisions", "decide_slices", "segment_volume", "resolve_options", "LesionEdges",
-           "finish_on_input_grid", "default_median_kernel", "default_batch_size"]
+           "PeriventricularFilter", "InputGridMask", "finish_on_input_grid", "slices_holding", "default_median_kernel",
+           "default_batch_size"]
 
 MAP_VARIANTS = ("mean", "end_step")
 DECISION_RULES = ("volume", "paper")  # the default first
@@ -105,6 +107,8 @@ class InferenceOptions:
             brain's top and bottom) are not run through the network: no mask there, a zero map; 0 visits all.
         bias_correction: "none" (the default) or "n4": each sequence divided by its N4 bias field, fitted in the
             brain (``anofpdm.volumes.bias_field``).
+        periventricular_findings: "leave-out" (the default: thin lesions lining the ventricles are reported as
+            periventricular findings, not as tumour: ``anofpdm.method.periventricular``) or "keep".
     """
 
     mode: str = "fast"
@@ -129,12 +133,14 @@ class InferenceOptions:
     # in-domain and shifted sets, their 3-D Dice unchanged (docs/performance.md, "Visiting less")
     min_brain_fraction: float = 0.1
     bias_correction: str = BIAS_CORRECTIONS[0]
+    periventricular_findings: str = PERIVENTRICULAR_FINDINGS[0]
 
     def __post_init__(self) -> None:
         for name, choices in (("registration", REGISTRATION_MODES), ("map_variant", MAP_VARIANTS),
                               ("decision_rule", DECISION_RULES), ("brain_extraction", BRAIN_EXTRACTION_MODES),
                               ("lesion_holes", LESION_HOLES), ("lesion_boundary", LESION_BOUNDARIES),
-                              ("bias_correction", BIAS_CORRECTIONS)):
+                              ("bias_correction", BIAS_CORRECTIONS),
+                              ("periventricular_findings", PERIVENTRICULAR_FINDINGS)):
             if getattr(self, name) not in choices:
                 raise InputError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.min_lesion_mm3 < 0:
@@ -342,24 +348,28 @@ def segment_volume(
     start = time.perf_counter()
     decided = decide_slices(model, outputs, options, volume_rule)
     probability = outputs.calibration.unhealthy_probability(stats.scores)
-    edges = None
-    if options.lesion_boundary == "half-contrast":
+    edges, periventricular = None, None
+    if options.lesion_boundary == "half-contrast" or options.periventricular_findings == "leave-out":
         if outputs.flair is None or outputs.brain is None:
-            raise ValueError("lesion_boundary 'half-contrast' needs the forward outputs' FLAIR and brain")
+            raise ValueError("the lesion edges and the periventricular findings need the forward outputs' FLAIR and "
+                             "brain")
+    if options.lesion_boundary == "half-contrast":
         edges = LesionEdges(outputs.flair, outputs.brain, max(geometry.spacing_mm[:2]))
-    _, labels_input, map_input, lesions, removed = finish_on_input_grid(
+    if options.periventricular_findings == "leave-out":
+        periventricular = PeriventricularFilter(outputs.flair, outputs.brain)
+    finished = finish_on_input_grid(
         decided.filtered_map, decided.candidate, geometry, options.min_lesion_mm3, probability, options.mark_uncertain,
-        options.lesion_holes, edges,
+        options.lesion_holes, edges, periventricular,
     )
+    labels_input, map_input = finished.labels, finished.anomaly_map
     unhealthy = decided.unhealthy
     if options.decision_rule == "volume":  # its verdict: the slice's plane holds a lesion of the mask returned
-        planes = nib.orientations.apply_orientation(labels_input > 0, geometry.to_ras).any(axis=(0, 1))
-        unhealthy = torch.from_numpy(planes[list(geometry.slices)].copy())
+        unhealthy = torch.from_numpy(slices_holding(labels_input, geometry))
     timings = {**outputs.timings, "postprocess_s": time.perf_counter() - start}
 
     mask_image = image_like(images[MAP_SEQUENCES[0]], labels_input, np.uint8)
     map_image = image_like(images[MAP_SEQUENCES[0]], map_input, np.float32)
-    report = _report(model, options, outputs, probability, unhealthy, decided.thresholds, lesions, removed,
+    report = _report(model, options, outputs, probability, unhealthy, decided.thresholds, finished,
                      decided.median_kernel, timings)
     eligible = None if decided.eligible is None else decided.eligible.transpose(2, 0, 1)
     model_grid = ModelGridOutputs(outputs.slices, decided.raw_map.transpose(2, 0, 1), decided.slice_scores.numpy(),
@@ -445,6 +455,48 @@ class LesionEdges:
     lesion_quantile: float = LESION_LEVEL_QUANTILE
 
 
+@dataclass(frozen=True)
+class PeriventricularFilter:
+    """What leaves the periventricular findings out of a mask on the input grid
+    (``anofpdm.method.periventricular.periventricular_lesions``).
+
+    Attributes:
+        flair: the FLAIR on the input grid.
+        brain: brain voxels on the input grid.
+        rule: the distance, share and thickness that make a finding.
+    """
+
+    flair: np.ndarray
+    brain: np.ndarray
+    rule: PeriventricularRule = PeriventricularRule()
+
+
+class InputGridMask(NamedTuple):
+    """A mask finished on the input grid (``finish_on_input_grid``).
+
+    Attributes:
+        mask: the filtered model-grid mask.
+        labels: the input-grid label map (uint8, ``TUMOUR`` or ``UNCERTAIN_TUMOUR``).
+        anomaly_map: the map on the input grid.
+        lesions: the lesion table of ``labels``.
+        removed: the number of components the size filters removed.
+        periventricular_findings: the lesion table of the periventricular findings left out of ``labels``.
+    """
+
+    mask: np.ndarray
+    labels: np.ndarray
+    anomaly_map: np.ndarray
+    lesions: list[dict[str, Any]]
+    removed: int
+    periventricular_findings: list[dict[str, Any]]
+
+
+def slices_holding(labels: np.ndarray, geometry: VolumeGeometry) -> np.ndarray:
+    """Per model-grid slice, whether its plane of the input-grid label map holds a lesion (N booleans)."""
+    planes = nib.orientations.apply_orientation(labels > 0, geometry.to_ras).any(axis=(0, 1))
+    return planes[list(geometry.slices)].copy()
+
+
 def finish_on_input_grid(
     filtered: np.ndarray,
     candidate: np.ndarray,
@@ -454,7 +506,8 @@ def finish_on_input_grid(
     mark_uncertain: bool = False,
     lesion_holes: str = InferenceOptions.lesion_holes,
     edges: LesionEdges | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]], int]:
+    periventricular: PeriventricularFilter | None = None,
+) -> InputGridMask:
     """Hole and component filters on the model grid, then label map and map onto the input grid, and the lesion
     table.
 
@@ -471,10 +524,7 @@ def finish_on_input_grid(
             size counts its core (``anofpdm.method.postprocess.fill_lesion_holes``).
         edges: when given, each lesion's edge is redrawn on the input grid, and the holes and the component filter
             applied again there (None: the model grid's mask resampled).
-
-    Returns:
-        The filtered model-grid mask, the input-grid label map (uint8, ``TUMOUR`` or ``UNCERTAIN_TUMOUR``)
-        and map, the lesion table, and the number of components removed.
+        periventricular: when given, the periventricular findings are left out of the mask, last (None: kept).
     """
     mask, removed = remove_small_components(fill_lesion_holes(candidate, lesion_holes), geometry.spacing_mm,
                                             min_lesion_mm3)
@@ -493,6 +543,12 @@ def finish_on_input_grid(
         mask_input, dropped = remove_small_components(filled, spacing_input, min_lesion_mm3)
         fragments += dropped
     map_input = to_input_grid(filtered, geometry)
+    findings = []
+    if periventricular is not None:
+        left_out = periventricular_lesions(mask_input, periventricular.flair, periventricular.brain, spacing_input,
+                                           periventricular.rule)
+        findings = lesion_table(left_out, map_input, geometry.affine)
+        mask_input &= ~left_out
     labels_input = mask_input.astype(np.uint8) * TUMOUR
     probability_input = None
     if unhealthy_probability is not None:  # constant per slice, so each input plane gets its slice's value
@@ -501,7 +557,7 @@ def finish_on_input_grid(
         if mark_uncertain:
             labels_input = mark_uncertain_lesions(mask_input, probability_input, UNCERTAIN_PROBABILITY[1])
     lesions = lesion_table(labels_input, map_input, geometry.affine, probability_input)
-    return mask, labels_input, map_input, lesions, removed + fragments
+    return InputGridMask(mask, labels_input, map_input, lesions, removed + fragments, findings)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -517,8 +573,7 @@ def _report(
     probability: torch.Tensor | None,
     unhealthy: torch.Tensor,
     thresholds: torch.Tensor,
-    lesions: list[dict[str, Any]],
-    removed: int,
+    finished: InputGridMask,
     kernel: int,
     timings: dict[str, float],
 ) -> dict[str, Any]:
@@ -526,6 +581,7 @@ def _report(
     forward, calibration, geometry, stats = outputs.forward, outputs.calibration, outputs.geometry, outputs.stats
     scores, brain_extraction = stats.scores, outputs.brain_extraction
     visited = np.ones(len(scores), bool) if outputs.visited is None else outputs.visited
+    lesions = finished.lesions
     total_ml = round(sum(row["volume_ml"] for row in lesions), 3)
     present = {row["label"] for row in lesions} or {TUMOUR}
     return {
@@ -555,7 +611,9 @@ def _report(
         "lesions": lesions,
         "lesion_count": len(lesions),
         "total_volume_ml": total_ml,
-        "components_removed": removed,
+        "components_removed": finished.removed,
+        # lesions left out of the mask as periventricular findings (thin, lining the ventricles), not tumour
+        "periventricular_findings": finished.periventricular_findings,
         "network_evaluations": stats.network_evaluations,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         # per sequence besides the FLAIR: used as is, resampled or registered onto the FLAIR grid, and how much
@@ -578,6 +636,7 @@ def _report(
             "min_lesion_mm3": options.min_lesion_mm3,
             "median_kernel": kernel,
             "lesion_holes": options.lesion_holes,
+            "periventricular_findings": options.periventricular_findings,
             "model_grid_spacing_mm": [round(s, 4) for s in geometry.spacing_mm],
             "device": str(model.device),
             "precision": "bf16 autocast" if options.bf16 else "fp32",

@@ -29,6 +29,7 @@ from anofpdm.method.pipeline import (
 from anofpdm.method.postprocess import BRAIN_LABEL
 from anofpdm.runtime import default_device
 from anofpdm.volumes.alignment import REGISTRATION_MODES
+from anofpdm.method.periventricular import PERIVENTRICULAR_FINDINGS
 from anofpdm.volumes.bias_field import BIAS_CORRECTIONS
 from anofpdm.volumes.brain_extraction import BRAIN_EXTRACTION_MODES
 from anofpdm.volumes.checks import InputError
@@ -68,6 +69,7 @@ OPTION_TYPES: dict[str, type] = {
     "brain_extraction": str,
     "min_brain_fraction": float,
     "bias_correction": str,
+    "periventricular_findings": str,
     "brain_segment": bool,  # the app's own: the extracted brain as label BRAIN_LABEL of the returned label map
 }
 APP_OPTIONS = ("brain_segment",)  # request options that are not InferenceOptions
@@ -220,6 +222,10 @@ class AnoFPDM(InferTask):
             # each sequence divided by its N4 bias field (the scanner's smooth brightening), or not
             "bias_correction": [defaults.bias_correction,
                                 *(m for m in BIAS_CORRECTIONS if m != defaults.bias_correction)],
+            # thin lesions lining the ventricles (caps, halo) reported as periventricular findings, not tumour
+            "periventricular_findings": [defaults.periventricular_findings,
+                                         *(m for m in PERIVENTRICULAR_FINDINGS
+                                           if m != defaults.periventricular_findings)],
             "brain_segment": False,  # the brain as a segment of the label map
             **{name: "" for name in self._other_sequences()},
         }
