@@ -30,7 +30,7 @@ APP_DIR = REPO / "apps" / "anofpdm"
 sys.path.insert(0, str(APP_DIR))  # the app's own package `lib`, as `monailabel start_server` imports it
 
 import lib.configs  # noqa: E402
-from lib.infers.anofpdm import ModelUnavailableError  # noqa: E402
+from lib.infers.anofpdm import FINDINGS_NAME, ModelUnavailableError, _with_segment  # noqa: E402
 from monailabel.interfaces.utils.app import app_instance  # noqa: E402
 
 # an oblique-free but permuted, flipped and shifted grid: the label must come back on exactly this grid
@@ -40,7 +40,7 @@ SHAPE = (40, 44, 12)
 SHOW_LESIONS = {"median_kernel": 1, "min_lesion_mm3": 0, "decision_rule": "paper"}
 OPTIONS = {"device", "mode", "forward_steps", "stride", "guidance", "encoding", "min_lesion_mm3", "seed",
            "mark_uncertain", "decision_rule", "registration", "brain_extraction", "min_brain_fraction", "brain_segment",
-           "bias_correction", "periventricular_findings", "t2"}
+           "bias_correction", "periventricular_findings", "findings_segment", "t2"}
 
 
 @pytest.fixture(autouse=True)
@@ -197,6 +197,22 @@ def test_config_lists_the_options_slicer_shows(tiny_model_path):
     assert config["bias_correction"] == ["none", "n4"]  # a drop-down, off (the default) first
     assert config["periventricular_findings"] == ["leave-out", "keep"]  # a drop-down, the default first
     assert config["brain_segment"] is False  # a checkbox, off: the label map holds the tumour only
+    assert config["findings_segment"] is True  # a checkbox, on: the findings left out of the tumour are shown
+
+
+def test_the_label_map_layers_tumour_over_findings_over_brain():
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    tumour = np.zeros((6, 6, 4), np.uint8)
+    tumour[1:3, 1:3, 1] = 1
+    tumour[4, 4, 2] = 2
+    findings, brain = np.zeros_like(tumour), np.ones_like(tumour)
+    findings[2:5, 2:5, 1] = 1  # overlaps the tumour at (2, 2, 1)
+    shown = _with_segment(nib.Nifti1Image(tumour, affine), nib.Nifti1Image(findings, affine), 4)
+    shown = np.asanyarray(_with_segment(shown, nib.Nifti1Image(brain, affine), 3).dataobj)
+    assert shown.dtype == np.uint8 and shown[2, 2, 1] == 1 and shown[4, 4, 2] == 2
+    assert set(np.unique(shown[findings.astype(bool) & (tumour == 0)])) == {4}
+    assert set(np.unique(shown[(findings == 0) & (tumour == 0)])) == {3}
+    assert "not tumour" in FINDINGS_NAME
 
 
 def test_request_options_override_the_calibration(tmp_path, tiny_model_path, pair):
@@ -231,6 +247,8 @@ def test_request_options_override_the_calibration(tmp_path, tiny_model_path, pai
                          ({"decision_rule": "both"}, "decision_rule must be one of"),
                          ({"min_brain_fraction": 1.5}, "min_brain_fraction must lie in"),
                          ({"bias_correction": "n3"}, "bias_correction must be one of"),
+                         ({"periventricular_findings": "drop"}, "periventricular_findings must be one of"),
+                         ({"findings_segment": "perhaps"}, "findings_segment='perhaps' is not a valid bool"),
                          ({"device": "abacus"}, "device 'abacus'"),
                          ({"result_extension": ".mha"}, "result_extension '.mha' is not supported"),
                          ({"mark_uncertain": "maybe"}, "mark_uncertain='maybe' is not a valid bool")):

@@ -243,7 +243,7 @@ def test_model_is_listed_and_t2_folder_is_not_an_image(served):
     assert set(model["config"]) == {"device", "mode", "forward_steps", "stride", "guidance", "encoding",
                                     "min_lesion_mm3", "seed", "mark_uncertain", "decision_rule", "registration",
                                     "brain_extraction", "min_brain_fraction", "brain_segment", "bias_correction",
-                                    "t2"}
+                                    "periventricular_findings", "findings_segment", "t2"}
     assert model["config"]["registration"] == ["auto", "always", "never"]  # Slicer offers the first as the default
     assert model["config"]["decision_rule"] == ["volume", "paper"]  # the per-volume rule is the default
     objects = MONAILabelClient(url).datastore()["objects"]

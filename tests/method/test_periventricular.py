@@ -103,8 +103,10 @@ def test_the_pipeline_leaves_the_findings_out_of_the_mask_and_lists_them(head):
     left_out = finish_on_input_grid(candidate.astype(np.float32), candidate, geometry, 500.0, edges=edges,
                                     periventricular=PeriventricularFilter(flair, brain))
     assert kept.labels[regions["halo"]].mean() > 0.8 and not kept.periventricular_findings
+    assert kept.periventricular_mask is None
     assert not left_out.labels[regions["halo"]].any() and left_out.labels[regions["tumour"]].mean() > 0.9
     assert len(left_out.lesions) == 1 and len(left_out.periventricular_findings) == 1
+    assert np.array_equal(left_out.periventricular_mask, (kept.labels > 0) & (left_out.labels == 0))
     halo_ml, ventricles_ml = (regions[name].sum() * np.prod(SPACING) / 1000.0 for name in ("halo", "ventricles"))
     # the finding as masked: the halo and the fluid it rings in the axial planes (filled as a lesion's holes are)
     assert halo_ml < left_out.periventricular_findings[0]["volume_ml"] < halo_ml + ventricles_ml / 2

@@ -179,13 +179,15 @@ class ModelGridOutputs:
 
 @dataclass
 class SegmentationResult:
-    """Mask, anomaly map and brain mask on the input grid, the JSON-ready report, and the model-grid outputs."""
+    """Mask, anomaly map and brain mask on the input grid, the JSON-ready report, the model-grid outputs, and the
+    periventricular findings left out of the mask (None: not looked for)."""
 
     mask: nib.Nifti1Image
     anomaly_map: nib.Nifti1Image
     report: dict[str, Any] = field(default_factory=dict)
     model_grid: ModelGridOutputs | None = None
     brain_mask: nib.Nifti1Image | None = None
+    periventricular_mask: nib.Nifti1Image | None = None
 
 
 def resolve_options(
@@ -376,8 +378,10 @@ def segment_volume(
                                   unhealthy.numpy(), decided.thresholds.numpy(), geometry, eligible)
     brain = outputs.brain_extraction
     brain_image = None if brain is None else image_like(images[MAP_SEQUENCES[0]], brain.mask, np.uint8)
+    findings = finished.periventricular_mask
+    findings_image = None if findings is None else image_like(images[MAP_SEQUENCES[0]], findings, np.uint8)
     return SegmentationResult(mask=mask_image, anomaly_map=map_image, report=report, model_grid=model_grid,
-                              brain_mask=brain_image)
+                              brain_mask=brain_image, periventricular_mask=findings_image)
 
 
 @dataclass
@@ -481,6 +485,7 @@ class InputGridMask(NamedTuple):
         lesions: the lesion table of ``labels``.
         removed: the number of components the size filters removed.
         periventricular_findings: the lesion table of the periventricular findings left out of ``labels``.
+        periventricular_mask: those findings on the input grid (None: not looked for).
     """
 
     mask: np.ndarray
@@ -489,6 +494,7 @@ class InputGridMask(NamedTuple):
     lesions: list[dict[str, Any]]
     removed: int
     periventricular_findings: list[dict[str, Any]]
+    periventricular_mask: np.ndarray | None
 
 
 def slices_holding(labels: np.ndarray, geometry: VolumeGeometry) -> np.ndarray:
@@ -543,7 +549,7 @@ def finish_on_input_grid(
         mask_input, dropped = remove_small_components(filled, spacing_input, min_lesion_mm3)
         fragments += dropped
     map_input = to_input_grid(filtered, geometry)
-    findings = []
+    findings, left_out = [], None
     if periventricular is not None:
         left_out = periventricular_lesions(mask_input, periventricular.flair, periventricular.brain, spacing_input,
                                            periventricular.rule)
@@ -557,7 +563,7 @@ def finish_on_input_grid(
         if mark_uncertain:
             labels_input = mark_uncertain_lesions(mask_input, probability_input, UNCERTAIN_PROBABILITY[1])
     lesions = lesion_table(labels_input, map_input, geometry.affine, probability_input)
-    return InputGridMask(mask, labels_input, map_input, lesions, removed + fragments, findings)
+    return InputGridMask(mask, labels_input, map_input, lesions, removed + fragments, findings, left_out)
 
 
 def default_batch_size(device: torch.device) -> int:

@@ -26,7 +26,7 @@ from anofpdm.method.pipeline import (
     resolve_options,
     segment_volume,
 )
-from anofpdm.method.postprocess import BRAIN_LABEL
+from anofpdm.method.postprocess import BRAIN_LABEL, FINDINGS_LABEL
 from anofpdm.runtime import default_device
 from anofpdm.volumes.alignment import REGISTRATION_MODES
 from anofpdm.method.periventricular import PERIVENTRICULAR_FINDINGS
@@ -71,8 +71,10 @@ OPTION_TYPES: dict[str, type] = {
     "bias_correction": str,
     "periventricular_findings": str,
     "brain_segment": bool,  # the app's own: the extracted brain as label BRAIN_LABEL of the returned label map
+    "findings_segment": bool,  # the app's own: the periventricular findings as label FINDINGS_LABEL
 }
-APP_OPTIONS = ("brain_segment",)  # request options that are not InferenceOptions
+APP_OPTIONS = ("brain_segment", "findings_segment")  # request options that are not InferenceOptions
+FINDINGS_NAME = "periventricular finding (not tumour)"
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -227,6 +229,7 @@ class AnoFPDM(InferTask):
                                          *(m for m in PERIVENTRICULAR_FINDINGS
                                            if m != defaults.periventricular_findings)],
             "brain_segment": False,  # the brain as a segment of the label map
+            "findings_segment": True,  # the periventricular findings left out of the tumour, as a segment
             **{name: "" for name in self._other_sequences()},
         }
 
@@ -244,6 +247,7 @@ class AnoFPDM(InferTask):
         model = self._model(self._device(request.get("device")))
         options = self._options(model, request)
         brain_segment = _parse_option("brain_segment", request.get("brain_segment"))  # refused before the work
+        findings_segment = _parse_option("findings_segment", request.get("findings_segment"))
         extension = request.get("result_extension") or RESULT_EXTENSIONS[0]
         if extension not in RESULT_EXTENSIONS:
             raise InputError(f"result_extension {extension!r} is not supported (use one of {RESULT_EXTENSIONS})")
@@ -255,8 +259,12 @@ class AnoFPDM(InferTask):
         write_start = time.perf_counter()
         report = result.report
         mask = result.mask
+        findings = result.periventricular_mask
+        if findings_segment is not False and findings is not None and np.asanyarray(findings.dataobj).any():
+            mask = _with_segment(mask, findings, FINDINGS_LABEL)
+            report["label_names"] = {**report["label_names"], FINDINGS_NAME: FINDINGS_LABEL}
         if brain_segment:
-            mask = _with_brain(mask, result.brain_mask)
+            mask = _with_segment(mask, result.brain_mask, BRAIN_LABEL)
             report["label_names"] = {**report["label_names"], "brain": BRAIN_LABEL}
         label_path, map_path = self._write(mask, result.anomaly_map, extension)
         brain_path = self._write_output(result.brain_mask, map_path.name[: -len(MAP_SUFFIX)], BRAIN_SUFFIX)
@@ -404,10 +412,10 @@ class AnoFPDM(InferTask):
         return path
 
 
-def _with_brain(mask: nib.Nifti1Image, brain: nib.Nifti1Image) -> nib.Nifti1Image:
-    """The label map with the brain's other voxels labelled ``BRAIN_LABEL`` (tumour labels kept)."""
+def _with_segment(mask: nib.Nifti1Image, segment: nib.Nifti1Image, label: int) -> nib.Nifti1Image:
+    """The label map with the segment's voxels not yet labelled labelled ``label`` (earlier labels kept)."""
     labels = np.asanyarray(mask.dataobj)
-    combined = np.where(labels > 0, labels, np.where(np.asanyarray(brain.dataobj) > 0, BRAIN_LABEL, 0))
+    combined = np.where(labels > 0, labels, np.where(np.asanyarray(segment.dataobj) > 0, label, 0))
     out = nib.Nifti1Image(combined.astype(labels.dtype), mask.affine, mask.header)
     out.set_data_dtype(labels.dtype)
     return out
