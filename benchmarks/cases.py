@@ -21,6 +21,7 @@ from anofpdm.evaluation.case_scoring import EvaluationCase, prepare_case
 from anofpdm.evaluation.evaluate import split_case_ids
 from anofpdm.evaluation.methods import EvaluationSettings, run_method
 from anofpdm.method.model import LoadedModel, NetworkConfig, load_model
+from anofpdm.method.periventricular import PERIVENTRICULAR_FINDINGS
 from anofpdm.method.pipeline import ForwardOutputs, InferenceOptions, SegmentationResult, run_forward
 
 T = TypeVar("T")
@@ -55,13 +56,16 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", type=comma_list, help="only these case ids")
     parser.add_argument("--method", default="anofpdm-volume-fast")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--periventricular-findings", choices=PERIVENTRICULAR_FINDINGS,
+                        default=EvaluationSettings.periventricular_findings,
+                        help="leave the periventricular findings out of the masks (the default) or keep them")
 
 
 def method_results(args: argparse.Namespace) -> Iterator[tuple[EvaluationCase, SegmentationResult]]:
     """Each readable case ``add_method_arguments``'s options name, with the method's result as ``anofpdm evaluate``
     gets it."""
     model = load_model(args.model)
-    settings = EvaluationSettings(batch_size=args.batch_size)
+    settings = EvaluationSettings(batch_size=args.batch_size, periventricular_findings=args.periventricular_findings)
     for case in readable_cases(select_cases(args.data, case_ids=args.cases), model.config):
         yield case, run_method(args.method, model, case, settings)
 

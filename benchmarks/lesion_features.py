@@ -7,10 +7,13 @@ them), its median FLAIR and T2 relative to the brain's medians, its anomaly map'
 z-score against the brain (the returned map, on the input grid), and its contralateral contrast: the FLAIR at the
 mirror image of its voxels across the brain's midline (the FLAIR registered rigidly to its own left-right flip;
 voxels whose mirror falls in the lesion itself left out), as (75th percentile - brain median) over the lesion's own
-(the same). A finding that is bilateral has a mirror as bright as itself (about 1), a glioma not (about 0). Prints
-figures; asserts nothing. Example (docs/evaluation.md, "Lesion-level tests"):
+(the same). A finding that is bilateral has a mirror as bright as itself (about 1), a glioma not (about 0). Last,
+the periventricular rule's own figures (``anofpdm.method.periventricular.lesion_figures``): the share of the lesion
+within 10 mm of the ventricles and its thickness. Prints figures; asserts nothing. Example (docs/evaluation.md,
+"Lesion-level tests" and "Periventricular findings"):
 
-    PYTHONPATH=lib:benchmarks python benchmarks/lesion_features.py --model model/anofpdm.pt --data data/benign12_val
+    PYTHONPATH=lib:benchmarks python benchmarks/lesion_features.py --model model/anofpdm.pt --data data/benign12_val \
+        --periventricular-findings keep
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from anofpdm.method.decisions import MAD_TO_SD
+from anofpdm.method.periventricular import PeriventricularRule, lesion_figures
 from anofpdm.method.postprocess import lesion_components
 from anofpdm.volumes.alignment import RegistrationSettings, nifti_to_itk, register_rigid
 
@@ -48,13 +52,13 @@ def main() -> None:
     add_method_arguments(parser)
     args = parser.parse_args()
     print("| case | healthy | lesion | mL | in tumour | on findings | FLAIR / brain | T2 / brain | map z median | "
-          "map z peak | contralateral contrast |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "map z peak | contralateral contrast | within 10 mm of the ventricles | thickness (mm) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for case, result in method_results(args):
         labels, count = lesion_components(np.asanyarray(result.mask.dataobj) > 0)
         healthy = not case.truth.any()
         if not count:
-            print(f"| {case.case_id} | {healthy} | none | 0 | | | | | | | |")
+            print(f"| {case.case_id} | {healthy} | none | 0 | | | | | | | | | |")
             continue
         flair = case.images["flair"].get_fdata(dtype=np.float32)
         t2 = case.images["t2"].get_fdata(dtype=np.float32)
@@ -65,6 +69,7 @@ def main() -> None:
         findings = None if case.benign is None else ndimage.binary_dilation(case.benign > 0,
                                                                             np.ones((3, 3, 3), bool))
         mirror, mirror_labels = mirror_images(flair, labels, case.images["flair"].affine)
+        shapes = lesion_figures(labels, flair, case.brain, case.spacing_mm, PeriventricularRule.reach_mm)
         for label in range(1, count + 1):
             voxels = labels == label
             other_side = voxels & (mirror_labels != label) & (mirror > 0)
@@ -76,7 +81,8 @@ def main() -> None:
             print(f"| {case.case_id} | {healthy} | {label} | {voxels.sum() * case.voxel_mm3 / 1000.0:.2f} | "
                   f"{(voxels & case.truth).sum() / voxels.sum():.2f} | {on_findings} | "
                   f"{np.median(flair[voxels]) / flair_median:.2f} | {np.median(t2[voxels]) / t2_median:.2f} | "
-                  f"{np.median(z):.1f} | {np.quantile(z, MAP_PEAK_QUANTILE):.1f} | {contralateral:.2f} |", flush=True)
+                  f"{np.median(z):.1f} | {np.quantile(z, MAP_PEAK_QUANTILE):.1f} | {contralateral:.2f} | "
+                  f"{shapes[label - 1][0]:.2f} | {shapes[label - 1][1]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ APP_DIR = REPO / "apps" / "anofpdm"
 sys.path.insert(0, str(APP_DIR))  # the app's own package `lib`, as `monailabel start_server` imports it
 
 import lib.configs  # noqa: E402
-from lib.infers.anofpdm import FINDINGS_NAME, ModelUnavailableError, _with_segment  # noqa: E402
+from lib.infers.anofpdm import SEGMENT_NAMES, ModelUnavailableError, _with_segment  # noqa: E402
 from monailabel.interfaces.utils.app import app_instance  # noqa: E402
 
 # an oblique-free but permuted, flipped and shifted grid: the label must come back on exactly this grid
@@ -212,7 +212,7 @@ def test_the_label_map_layers_tumour_over_findings_over_brain():
     assert shown.dtype == np.uint8 and shown[2, 2, 1] == 1 and shown[4, 4, 2] == 2
     assert set(np.unique(shown[findings.astype(bool) & (tumour == 0)])) == {4}
     assert set(np.unique(shown[(findings == 0) & (tumour == 0)])) == {3}
-    assert "not tumour" in FINDINGS_NAME
+    assert "not tumour" in SEGMENT_NAMES[4] and SEGMENT_NAMES[3] == "brain"
 
 
 def test_request_options_override_the_calibration(tmp_path, tiny_model_path, pair):

@@ -28,7 +28,7 @@ import numpy as np
 import pydicom_seg
 import requests
 from anofpdm.volumes.reading import named_sequences, read_volume
-from anofpdm.method.postprocess import LABEL_NAMES
+from anofpdm.method.postprocess import LABEL_NAMES, SHOWN_NAMES
 from anofpdm.volumes.checks import InputError
 from dicomweb_client import DICOMwebClient
 from dicomweb_client.ext.gcp.session_utils import create_session_from_gcp_credentials
@@ -103,11 +103,11 @@ def dicomweb_client(url: str) -> DICOMwebClient:
 def segment_descriptions(label_file: str, label_info: Any) -> list[dict[str, Any]]:
     """The segments to describe in a DICOM SEG, in the order MONAI Label's writer expects (one per label
     value present, ascending): the client's ``label_info`` entry with that ``idx`` when it sends one
-    (3D Slicer does), else the app's name for the value ("tumour", "tumour (uncertain)"). The SEG series is
-    described as ``SEG_SERIES_DESCRIPTION`` unless the client names a ``model_name``."""
+    (3D Slicer does), else the app's name for the value ("tumour", "tumour (uncertain)", "brain", ...). The SEG
+    series is described as ``SEG_SERIES_DESCRIPTION`` unless the client names a ``model_name``."""
     values = sorted(int(v) for v in np.unique(np.asanyarray(read_volume(Path(label_file), "label").dataobj)) if v)
     given = {int(info["idx"]): info for info in label_info or [] if isinstance(info, dict) and "idx" in info}
-    names = {value: name for name, value in LABEL_NAMES.items()}
+    names = {value: name for name, value in {**LABEL_NAMES, **SHOWN_NAMES}.items()}
     segments = [{"name": names.get(value, f"label {value}"), **given.get(value, {}), "idx": value} for value in values]
     if segments:
         segments[0].setdefault("model_name", SEG_SERIES_DESCRIPTION)

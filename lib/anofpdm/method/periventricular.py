@@ -24,7 +24,8 @@ from scipy import ndimage
 
 from anofpdm.method.postprocess import MM3_PER_ML, lesion_components
 
-__all__ = ["PERIVENTRICULAR_FINDINGS", "PeriventricularRule", "find_ventricles", "periventricular_lesions"]
+__all__ = ["PERIVENTRICULAR_FINDINGS", "PeriventricularRule", "find_ventricles", "lesion_figures",
+           "periventricular_lesions"]
 
 # what becomes of the periventricular findings, the default first: left out of the tumour mask (and listed in the
 # report) or kept in it as the map found them
@@ -93,13 +94,56 @@ def find_ventricles(flair: np.ndarray, brain: np.ndarray, spacing_mm: Sequence[f
     return relabel[labels], level
 
 
+def lesion_figures(
+    labels: np.ndarray, flair: np.ndarray, brain: np.ndarray, spacing_mm: Sequence[float], reach_mm: float
+) -> list[tuple[float, float]]:
+    """Per lesion (1..n of ``labels``), the share of its voxels within ``reach_mm`` of the ventricles (0 where none
+    is found) and its thickness in mm: twice the largest distance from one of its voxels to its outside, the
+    ventricular fluid it holds (a halo's filled hole) left out. A piece of fluid that lies almost whole
+    (``ENCLOSED_SHARE``) inside the lesion is its own (a cyst or necrotic core), not a ventricle.
+
+    Args:
+        labels: lesions labelled 1..n (``anofpdm.method.postprocess.lesion_components``).
+        flair: the FLAIR on the same grid.
+        brain: brain voxels on the same grid.
+        spacing_mm: voxel size along each axis.
+        reach_mm: the distance from the ventricles within which a voxel is periventricular.
+    """
+    if not labels.shape == flair.shape == brain.shape:
+        raise ValueError(f"lesions {labels.shape}, FLAIR {flair.shape} and brain {brain.shape} differ in shape")
+    regions = ndimage.find_objects(labels)
+    if not regions:
+        return []
+    ventricles, fluid_level = find_ventricles(flair, brain, spacing_mm)
+    strides = _search_strides(spacing_mm)
+    coarse_spacing = np.asarray(spacing_mm, dtype=np.float64) * strides
+    pieces = np.bincount(ventricles.ravel())
+    every_distance = ndimage.distance_transform_edt(ventricles == 0, sampling=coarse_spacing)
+    figures = []
+    for index, region in enumerate(regions, start=1):
+        inside = labels[region] == index
+        coarse = tuple((v + r.start) // s for v, r, s in zip(np.nonzero(inside), region, strides))
+        held = np.zeros(ventricles.shape, dtype=bool)
+        held[coarse] = True
+        enclosed = np.flatnonzero(np.bincount(ventricles[held], minlength=len(pieces)) >= ENCLOSED_SHARE * pieces)
+        around, distance = ventricles > 0, every_distance
+        if enclosed[enclosed > 0].size:  # the lesion's own fluid: the distance to the other pieces only
+            around &= ~np.isin(ventricles, enclosed)
+            distance = ndimage.distance_transform_edt(~around, sampling=coarse_spacing)
+        share = float(np.mean(distance[coarse] <= reach_mm)) if around.any() else 0.0
+        tissue = inside.copy()
+        tissue[inside] = ~(around[coarse] & (flair[region][inside] < fluid_level))
+        thickness = 2.0 * float(ndimage.distance_transform_edt(np.pad(tissue, 1), sampling=spacing_mm).max())
+        figures.append((share, thickness))
+    return figures
+
+
 def periventricular_lesions(
     mask: np.ndarray, flair: np.ndarray, brain: np.ndarray, spacing_mm: Sequence[float], rule: PeriventricularRule
 ) -> np.ndarray:
-    """The lesions of ``mask`` that are periventricular findings under ``rule`` (a boolean mask of them).
-
-    A lesion's thickness leaves out the ventricular fluid it holds (a halo's filled hole); a piece of fluid that
-    lies almost whole (``ENCLOSED_SHARE``) inside the lesion is its own (a cyst or necrotic core), not a ventricle.
+    """The lesions of ``mask`` that are periventricular findings under ``rule`` (a boolean mask of them): at least
+    ``rule.share`` within ``rule.reach_mm`` of the ventricles and at most ``rule.max_thickness_mm`` thick
+    (``lesion_figures``).
 
     Args:
         mask: binary mask whose 26-connected components are the lesions.
@@ -110,34 +154,7 @@ def periventricular_lesions(
     """
     if not mask.shape == flair.shape == brain.shape:
         raise ValueError(f"mask {mask.shape}, FLAIR {flair.shape} and brain {brain.shape} differ in shape")
-    findings = np.zeros(mask.shape, dtype=bool)
-    labels, count = lesion_components(mask.astype(bool))
-    if count == 0:
-        return findings
-    ventricles, fluid_level = find_ventricles(flair, brain, spacing_mm)
-    if not ventricles.any():
-        return findings
-    strides = _search_strides(spacing_mm)
-    coarse_spacing = np.asarray(spacing_mm, dtype=np.float64) * strides
-    pieces = np.bincount(ventricles.ravel())
-    every_distance = ndimage.distance_transform_edt(ventricles == 0, sampling=coarse_spacing)
-    for index, region in enumerate(ndimage.find_objects(labels), start=1):
-        inside = labels[region] == index
-        coarse = tuple((v + r.start) // s for v, r, s in zip(np.nonzero(inside), region, strides))
-        held = np.zeros(ventricles.shape, dtype=bool)
-        held[coarse] = True
-        enclosed = np.flatnonzero(np.bincount(ventricles[held], minlength=len(pieces)) >= ENCLOSED_SHARE * pieces)
-        around, distance = ventricles > 0, every_distance
-        if enclosed[enclosed > 0].size:  # the lesion's own fluid: the distance to the other pieces only
-            around &= ~np.isin(ventricles, enclosed)
-            if not around.any():
-                continue
-            distance = ndimage.distance_transform_edt(~around, sampling=coarse_spacing)
-        if np.mean(distance[coarse] <= rule.reach_mm) < rule.share:
-            continue
-        tissue = inside.copy()
-        tissue[inside] = ~(around[coarse] & (flair[region][inside] < fluid_level))
-        thickness = 2.0 * ndimage.distance_transform_edt(np.pad(tissue, 1), sampling=spacing_mm).max()
-        if thickness <= rule.max_thickness_mm:
-            findings[region] |= inside
-    return findings
+    labels, _ = lesion_components(mask.astype(bool))
+    figures = lesion_figures(labels, flair, brain, spacing_mm, rule.reach_mm)
+    found = [False] + [share >= rule.share and thickness <= rule.max_thickness_mm for share, thickness in figures]
+    return np.asarray(found)[labels]

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["TUMOUR", "UNCERTAIN_TUMOUR", "BRAIN_LABEL", "FINDINGS_LABEL", "LABEL_NAMES", "LESION_HOLES",
+__all__ = ["TUMOUR", "UNCERTAIN_TUMOUR", "BRAIN_LABEL", "FINDINGS_LABEL", "LABEL_NAMES", "SHOWN_NAMES", "LESION_HOLES",
            "median_filter_2d", "median_filter_3d", "lesion_components", "fill_lesion_holes", "LESION_BOUNDARIES",
            "EDGE_CONTRAST", "LESION_LEVEL_QUANTILE", "refine_lesion_boundaries", "remove_small_components",
            "mark_uncertain_lesions", "lesion_table"]
@@ -24,6 +24,7 @@ TUMOUR, UNCERTAIN_TUMOUR = 1, 2  # values of the returned label map
 BRAIN_LABEL = 3  # the app's label map may also show the extracted brain (its other voxels), on request
 FINDINGS_LABEL = 4  # ... and the periventricular findings left out of the tumour mask (anofpdm.method.periventricular)
 LABEL_NAMES = {"tumour": TUMOUR, "tumour (uncertain)": UNCERTAIN_TUMOUR}
+SHOWN_NAMES = {"brain": BRAIN_LABEL, "periventricular finding (not tumour)": FINDINGS_LABEL}  # what else it may show
 # what becomes of the holes a lesion encloses, the default first: "axial" fills those closed in 3-D and those closed
 # within an axial slice (open above or below), "3d" the first only, "keep" none (docs/evaluation.md, "The whole
 # tumour as BraTS defines it": on the validation cases "axial" never did worse than the others)

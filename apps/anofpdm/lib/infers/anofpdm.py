@@ -26,7 +26,7 @@ from anofpdm.method.pipeline import (
     resolve_options,
     segment_volume,
 )
-from anofpdm.method.postprocess import BRAIN_LABEL, FINDINGS_LABEL
+from anofpdm.method.postprocess import BRAIN_LABEL, FINDINGS_LABEL, SHOWN_NAMES
 from anofpdm.runtime import default_device
 from anofpdm.volumes.alignment import REGISTRATION_MODES
 from anofpdm.method.periventricular import PERIVENTRICULAR_FINDINGS
@@ -74,7 +74,7 @@ OPTION_TYPES: dict[str, type] = {
     "findings_segment": bool,  # the app's own: the periventricular findings as label FINDINGS_LABEL
 }
 APP_OPTIONS = ("brain_segment", "findings_segment")  # request options that are not InferenceOptions
-FINDINGS_NAME = "periventricular finding (not tumour)"
+SEGMENT_NAMES = {value: name for name, value in SHOWN_NAMES.items()}
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -262,10 +262,10 @@ class AnoFPDM(InferTask):
         findings = result.periventricular_mask
         if findings_segment is not False and findings is not None and np.asanyarray(findings.dataobj).any():
             mask = _with_segment(mask, findings, FINDINGS_LABEL)
-            report["label_names"] = {**report["label_names"], FINDINGS_NAME: FINDINGS_LABEL}
+            report["label_names"] = {**report["label_names"], SEGMENT_NAMES[FINDINGS_LABEL]: FINDINGS_LABEL}
         if brain_segment:
             mask = _with_segment(mask, result.brain_mask, BRAIN_LABEL)
-            report["label_names"] = {**report["label_names"], "brain": BRAIN_LABEL}
+            report["label_names"] = {**report["label_names"], SEGMENT_NAMES[BRAIN_LABEL]: BRAIN_LABEL}
         label_path, map_path = self._write(mask, result.anomaly_map, extension)
         brain_path = self._write_output(result.brain_mask, map_path.name[: -len(MAP_SUFFIX)], BRAIN_SUFFIX)
         report["timings_s"]["write_s"] = round(time.perf_counter() - write_start, 3)
