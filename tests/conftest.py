@@ -123,12 +123,14 @@ def make_volume_pair(shape=(40, 44, 12), affine=None, seed=0, lesion=True) -> di
 
 def check_label_values(labels: np.ndarray, report: dict) -> None:
     """The label map holds the values ``label_names`` names, no others (Slicer names its segments by it, in
-    value order), and a lesion is 2, "tumour (uncertain)", exactly when marking is on and its unhealthy
-    probability is below 0.8."""
+    value order), a lesion is 2, "tumour (uncertain)", exactly when marking is on and its unhealthy
+    probability is below 0.8, and 4 shows the periventricular findings the report lists."""
     present = set(np.unique(labels).tolist()) - {0}
-    names = {1: "tumour", 2: "tumour (uncertain)"}
-    assert report["label_names"] == {names[value]: value for value in sorted(present or {1})}
-    assert {row["label"] for row in report["lesions"]} == present
+    tumour = present - {4}  # 4: the periventricular findings left out of the tumour, shown apart
+    names = {1: "tumour", 2: "tumour (uncertain)", 4: "periventricular finding (not tumour)"}
+    assert report["label_names"] == {names[value]: value for value in [*sorted(tumour or {1}), *sorted(present & {4})]}
+    assert {row["label"] for row in report["lesions"]} == tumour
+    assert 4 not in present or report["periventricular_findings"]
     for row in report["lesions"]:
         uncertain = report["settings"]["mark_uncertain"] and row["unhealthy_probability"] < 0.8
         assert row["label"] == (2 if uncertain else 1), row

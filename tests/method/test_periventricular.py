@@ -40,12 +40,15 @@ def head():
     regions["halo"] = _ellipsoid(shape, (58, 80, 72), (8, 25, 12)) & ~ventricles & upper
     # a tumour (radius 14 mm) touching the right ventricle: within 10 mm of it in part, but a mass
     regions["tumour"] = _ellipsoid(shape, (101, 80, 72), (14, 14, 14)) & ~ventricles
+    # a lining of the right ventricle 4 mm from that tumour: beside a tumour, perhaps its spread
+    regions["spread"] = (_ellipsoid(shape, (82, 80, 72), (8, 25, 12)) & ~ventricles & upper
+                         & ~_ellipsoid(shape, (101, 80, 72), (18, 18, 18)))
     # a thin lesion against the sulcus's fluid, far from the ventricles
     regions["cortical"] = _ellipsoid(shape, (70, 18, 70), (12, 3, 12)) & brain & ~sulcus
     # a cystic tumour: a thin bright rim around its own fluid, away from the ventricles
     cyst = _ellipsoid(shape, (70, 132, 70), (9, 9, 9))
     regions["cystic"] = _ellipsoid(shape, (70, 132, 70), (13, 13, 13))
-    for name in ("halo", "tumour", "cortical", "cystic"):
+    for name in ("halo", "tumour", "spread", "cortical", "cystic"):
         flair[regions[name]] = BRIGHT
     flair[cyst] = FLUID
     return flair, brain, regions
@@ -68,9 +71,12 @@ def test_the_ventricles_are_the_deep_fluid_not_the_sulci(head):
 
 def test_thin_lesions_lining_the_ventricles_are_findings_and_masses_are_not(head):
     flair, brain, regions = head
-    mask = regions["halo"] | regions["tumour"] | regions["cortical"] | regions["cystic"]
+    mask = regions["halo"] | regions["tumour"] | regions["spread"] | regions["cortical"] | regions["cystic"]
     findings = periventricular_lesions(mask, flair, brain, SPACING, PeriventricularRule())
     assert (findings == regions["halo"]).all()
+    # the lining beside the tumour is a finding only when no margin is kept around tumours
+    apart = periventricular_lesions(mask, flair, brain, SPACING, PeriventricularRule(tumour_margin_mm=2))
+    assert (apart == (regions["halo"] | regions["spread"])).all()
     # the tumour reaches the ventricle: with a share it passes, the thickness test alone keeps it
     near = periventricular_lesions(mask, flair, brain, SPACING, PeriventricularRule(share=0.05))
     assert (near == regions["halo"]).all()
@@ -83,7 +89,7 @@ def test_thin_lesions_lining_the_ventricles_are_findings_and_masses_are_not(head
 
 def test_rule_and_inputs_are_checked(head):
     flair, brain, _ = head
-    for bad in ({"reach_mm": 0}, {"share": 0}, {"share": 1.5}, {"max_thickness_mm": -1}):
+    for bad in ({"reach_mm": 0}, {"share": 0}, {"share": 1.5}, {"max_thickness_mm": -1}, {"tumour_margin_mm": -1}):
         with pytest.raises(ValueError):
             PeriventricularRule(**bad)
     with pytest.raises(ValueError, match="differ in shape"):

@@ -163,8 +163,8 @@ def test_a_lesion_cut_by_the_field_of_view_is_held_to_the_minimum_on_the_input_g
     for pixel, kept in (((2, 2), False), ((3, 3), True)):  # (2, 2) lies mostly outside the input's field of view
         candidate = np.zeros((TINY.image_size, TINY.image_size, len(geometry.slices)), dtype=bool)
         candidate[pixel[0], pixel[1], 4] = True
-        mask, mask_input, _, lesions, removed, _ = finish_on_input_grid(candidate.astype(np.float32), candidate,
-                                                                        geometry, min_lesion_mm3=500)
+        mask, mask_input, _, lesions, removed, _, _ = finish_on_input_grid(candidate.astype(np.float32), candidate,
+                                                                           geometry, min_lesion_mm3=500)
         assert model_voxel_mm3 > 500 and mask.sum() == 1  # kept on the model grid
         assert bool(lesions) == kept and removed == (0 if kept else 1)
         assert mask_input.sum() * input_voxel_mm3 > 500 if kept else not mask_input.any()
@@ -180,8 +180,8 @@ def test_a_lesion_is_filled_before_the_component_filter_so_its_core_counts_to_it
     wall_mm3 = 26 * model_voxel_mm3
     kept = finish_on_input_grid(hollow.astype(np.float32), hollow, geometry, wall_mm3).mask
     assert kept.sum() == 27 and kept[7, 7, 4]  # the default fills it: 27 voxels, more than the minimum
-    kept, _, _, lesions, removed, _ = finish_on_input_grid(hollow.astype(np.float32), hollow, geometry, wall_mm3,
-                                                           lesion_holes="keep")
+    kept, _, _, lesions, removed, _, _ = finish_on_input_grid(hollow.astype(np.float32), hollow, geometry, wall_mm3,
+                                                              lesion_holes="keep")
     assert not kept.any() and not lesions and removed == 1  # kept hollow, the wall alone is at the minimum
     with pytest.raises(InputError, match="lesion_holes"):
         InferenceOptions(lesion_holes="2d")
@@ -204,7 +204,8 @@ def test_lesion_edges_are_redrawn_on_the_input_grid_at_half_the_flair_contrast()
     edges = LesionEdges(flair, flair > 0, max(geometry.spacing_mm[:2]))
     assert InferenceOptions().lesion_boundary == "half-contrast"
     resampled = finish_on_input_grid(coarse.astype(np.float32), coarse, geometry, 0.0).labels
-    _, redrawn, _, lesions, _, _ = finish_on_input_grid(coarse.astype(np.float32), coarse, geometry, 0.0, edges=edges)
+    finished = finish_on_input_grid(coarse.astype(np.float32), coarse, geometry, 0.0, edges=edges)
+    redrawn, lesions = finished.labels, finished.lesions
     assert (resampled[~block] > 0).sum() > 100  # the blocky mask runs past the block
     assert not redrawn[~block].any() and (redrawn > 0).sum() >= 0.8 * block.sum() and len(lesions) == 1
     with pytest.raises(InputError, match="lesion_boundary"):

@@ -45,17 +45,22 @@ class PeriventricularRule:
         reach_mm: a voxel within this distance of the ventricles' fluid is periventricular.
         share: a lesion is a finding when at least this share of its voxels is periventricular...
         max_thickness_mm: ...and it is nowhere thicker than this (twice the largest distance from a lesion voxel to
-            the lesion's outside).
+            the lesion's outside)...
+        tumour_margin_mm: ...and no lesion that stays in the tumour mask lies within this distance of it: beside a
+            tumour, signal along the ventricle wall may be the tumour's own spread (subependymal), or a piece of it.
     """
 
     reach_mm: float = 10.0
     share: float = 0.8
     max_thickness_mm: float = 10.0
+    tumour_margin_mm: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.reach_mm > 0 or not self.max_thickness_mm > 0:
             raise ValueError(f"reach_mm and max_thickness_mm must be > 0, got {self.reach_mm} and "
                              f"{self.max_thickness_mm}")
+        if not self.tumour_margin_mm >= 0:
+            raise ValueError(f"tumour_margin_mm must be >= 0, got {self.tumour_margin_mm}")
         if not 0.0 < self.share <= 1.0:
             raise ValueError(f"share must lie in (0, 1], got {self.share}")
 
@@ -142,19 +147,35 @@ def periventricular_lesions(
     mask: np.ndarray, flair: np.ndarray, brain: np.ndarray, spacing_mm: Sequence[float], rule: PeriventricularRule
 ) -> np.ndarray:
     """The lesions of ``mask`` that are periventricular findings under ``rule`` (a boolean mask of them): at least
-    ``rule.share`` within ``rule.reach_mm`` of the ventricles and at most ``rule.max_thickness_mm`` thick
-    (``lesion_figures``).
+    ``rule.share`` within ``rule.reach_mm`` of the ventricles, at most ``rule.max_thickness_mm`` thick
+    (``lesion_figures``), and farther than ``rule.tumour_margin_mm`` from every lesion that is not one.
 
     Args:
         mask: binary mask whose 26-connected components are the lesions.
         flair: the FLAIR on the same grid.
         brain: brain voxels on the same grid.
         spacing_mm: voxel size along each axis.
-        rule: the distance, share and thickness that make a finding.
+        rule: the distance, share, thickness and margin that make a finding.
     """
     if not mask.shape == flair.shape == brain.shape:
         raise ValueError(f"mask {mask.shape}, FLAIR {flair.shape} and brain {brain.shape} differ in shape")
     labels, _ = lesion_components(mask.astype(bool))
     figures = lesion_figures(labels, flair, brain, spacing_mm, rule.reach_mm)
-    found = [False] + [share >= rule.share and thickness <= rule.max_thickness_mm for share, thickness in figures]
-    return np.asarray(found)[labels]
+    candidate = np.asarray([False] + [share >= rule.share and thickness <= rule.max_thickness_mm
+                                      for share, thickness in figures])
+    findings = candidate[labels]
+    others = (labels > 0) & ~findings
+    if not others.any():
+        return findings
+    margin = [int(np.ceil(rule.tumour_margin_mm / s)) + 1 for s in spacing_mm]
+    regions = ndimage.find_objects(labels)
+    for index in np.flatnonzero(candidate):
+        box = tuple(slice(max(0, r.start - m), min(n, r.stop + m))
+                    for r, m, n in zip(regions[index - 1], margin, labels.shape))
+        if not others[box].any():
+            continue
+        lesion = labels[box] == index
+        distance = ndimage.distance_transform_edt(~others[box], sampling=spacing_mm)
+        if distance[lesion].min() <= rule.tumour_margin_mm:  # beside a tumour: perhaps its spread, or a piece of it
+            findings[box][lesion] = False
+    return findings
