@@ -7,8 +7,10 @@ them), its median FLAIR and T2 relative to the brain's medians, its anomaly map'
 z-score against the brain (the returned map, on the input grid), and its contralateral contrast: the FLAIR at the
 mirror image of its voxels across the brain's midline (the FLAIR registered rigidly to its own left-right flip;
 voxels whose mirror falls in the lesion itself left out), as (75th percentile - brain median) over the lesion's own
-(the same). A finding that is bilateral has a mirror as bright as itself (about 1), a glioma not (about 0). Last,
-the periventricular rule's own figures (``anofpdm.method.periventricular.lesion_figures``): the share of the lesion
+(the same). A finding that is bilateral has a mirror as bright as itself (about 1), a glioma not (about 0). Its
+local contrast: its FLAIR's 75th percentile over the median FLAIR of the brain tissue (fluid aside) 3-8 mm around
+it, which a smooth bias field does not raise. Last, the periventricular rule's own figures
+(``anofpdm.method.periventricular.lesion_figures``): the share of the lesion
 within 10 mm of the ventricles and its thickness. Prints figures; asserts nothing. Example (docs/evaluation.md,
 "Lesion-level tests" and "Periventricular findings"):
 
@@ -25,7 +27,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from anofpdm.method.decisions import MAD_TO_SD
-from anofpdm.method.periventricular import PeriventricularRule, lesion_figures
+from anofpdm.method.periventricular import FLUID_FLAIR_RATIO, PeriventricularRule, lesion_figures
 from anofpdm.method.postprocess import lesion_components
 from anofpdm.volumes.alignment import RegistrationSettings, nifti_to_itk, register_rigid
 
@@ -33,6 +35,18 @@ from cases import add_method_arguments, method_results
 
 CONTRALATERAL_QUANTILE = 0.75
 MAP_PEAK_QUANTILE = 0.98
+SURROUNDINGS_MM = (3.0, 8.0)  # the local contrast's ring of tissue around a lesion
+
+
+def local_contrast(flair: np.ndarray, voxels: np.ndarray, tissue: np.ndarray, spacing_mm) -> float:
+    """A lesion's FLAIR 75th percentile over the median FLAIR of ``tissue`` within ``SURROUNDINGS_MM`` of it."""
+    region = ndimage.find_objects(voxels.astype(np.uint8))[0]
+    margin = [int(np.ceil(SURROUNDINGS_MM[1] / s)) + 1 for s in spacing_mm]
+    box = tuple(slice(max(0, r.start - m), r.stop + m) for r, m in zip(region, margin))
+    distance = ndimage.distance_transform_edt(~voxels[box], sampling=spacing_mm)
+    ring = (distance > SURROUNDINGS_MM[0]) & (distance <= SURROUNDINGS_MM[1]) & tissue[box]
+    return float(np.quantile(flair[voxels], CONTRALATERAL_QUANTILE) / np.median(flair[box][ring])) \
+        if ring.any() else float("nan")
 
 
 def mirror_images(flair: np.ndarray, labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -52,13 +66,13 @@ def main() -> None:
     add_method_arguments(parser)
     args = parser.parse_args()
     print("| case | healthy | lesion | mL | in tumour | on findings | FLAIR / brain | T2 / brain | map z median | "
-          "map z peak | contralateral contrast | within 10 mm of the ventricles | thickness (mm) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "map z peak | contralateral contrast | local contrast | within 10 mm of the ventricles | thickness (mm) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for case, result in method_results(args):
         labels, count = lesion_components(np.asanyarray(result.mask.dataobj) > 0)
         healthy = not case.truth.any()
         if not count:
-            print(f"| {case.case_id} | {healthy} | none | 0 | | | | | | | | | |")
+            print(f"| {case.case_id} | {healthy} | none | 0 | | | | | | | | | | |")
             continue
         flair = case.images["flair"].get_fdata(dtype=np.float32)
         t2 = case.images["t2"].get_fdata(dtype=np.float32)
@@ -70,6 +84,7 @@ def main() -> None:
                                                                             np.ones((3, 3, 3), bool))
         mirror, mirror_labels = mirror_images(flair, labels, case.images["flair"].affine)
         shapes = lesion_figures(labels, flair, case.brain, case.spacing_mm, PeriventricularRule.reach_mm)
+        tissue = case.brain & (flair >= FLUID_FLAIR_RATIO * flair_median)
         for label in range(1, count + 1):
             voxels = labels == label
             other_side = voxels & (mirror_labels != label) & (mirror > 0)
@@ -82,7 +97,8 @@ def main() -> None:
                   f"{(voxels & case.truth).sum() / voxels.sum():.2f} | {on_findings} | "
                   f"{np.median(flair[voxels]) / flair_median:.2f} | {np.median(t2[voxels]) / t2_median:.2f} | "
                   f"{np.median(z):.1f} | {np.quantile(z, MAP_PEAK_QUANTILE):.1f} | {contralateral:.2f} | "
-                  f"{shapes[label - 1][0]:.2f} | {shapes[label - 1][1]:.1f} |", flush=True)
+                  f"{local_contrast(flair, voxels, tissue, case.spacing_mm):.2f} | {shapes[label - 1][0]:.2f} | "
+                  f"{shapes[label - 1][1]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
