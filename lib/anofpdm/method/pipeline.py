@@ -467,7 +467,7 @@ class PeriventricularFilter:
     Attributes:
         flair: the FLAIR on the input grid.
         brain: brain voxels on the input grid.
-        rule: the distance, share and thickness that make a finding.
+        rule: the distance, share, thickness and tumour margin that make a finding.
     """
 
     flair: np.ndarray
@@ -479,7 +479,7 @@ class InputGridMask(NamedTuple):
     """A mask finished on the input grid (``finish_on_input_grid``).
 
     Attributes:
-        mask: the filtered model-grid mask.
+        mask: the filtered model-grid mask (the periventricular findings, judged on the input grid, still in it).
         labels: the input-grid label map (uint8, ``TUMOUR`` or ``UNCERTAIN_TUMOUR``).
         anomaly_map: the map on the input grid.
         lesions: the lesion table of ``labels``.

@@ -26,10 +26,10 @@ from anofpdm.method.pipeline import (
     resolve_options,
     segment_volume,
 )
+from anofpdm.method.periventricular import PERIVENTRICULAR_FINDINGS
 from anofpdm.method.postprocess import BRAIN_LABEL, FINDINGS_LABEL, SHOWN_NAMES
 from anofpdm.runtime import default_device
 from anofpdm.volumes.alignment import REGISTRATION_MODES
-from anofpdm.method.periventricular import PERIVENTRICULAR_FINDINGS
 from anofpdm.volumes.bias_field import BIAS_CORRECTIONS
 from anofpdm.volumes.brain_extraction import BRAIN_EXTRACTION_MODES
 from anofpdm.volumes.checks import InputError
@@ -260,7 +260,8 @@ class AnoFPDM(InferTask):
         report = result.report
         mask = result.mask
         findings = result.periventricular_mask
-        if findings_segment is not False and findings is not None and np.asanyarray(findings.dataobj).any():
+        shown = findings_segment is not False  # unset: on
+        if shown and findings is not None and np.asanyarray(findings.dataobj).any():
             mask = _with_segment(mask, findings, FINDINGS_LABEL)
             report["label_names"] = {**report["label_names"], SEGMENT_NAMES[FINDINGS_LABEL]: FINDINGS_LABEL}
         if brain_segment:
