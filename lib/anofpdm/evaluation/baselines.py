@@ -48,18 +48,17 @@ from anofpdm.method.pipeline import (
     SegmentationResult,
     default_median_kernel,
     finish_on_input_grid,
+    input_anatomy,
     slices_holding,
 )
 from anofpdm.method.periventricular import PERIVENTRICULAR_FINDINGS
 from anofpdm.method.postprocess import LESION_HOLES, median_filter_3d
 from anofpdm.volumes.bias_field import BIAS_CORRECTIONS, correct_bias_fields
 from anofpdm.volumes.brain_extraction import apply_brain, extract_brain
-from anofpdm.volumes.checks import as_3d
 from anofpdm.volumes.slicing import (
     BACKGROUND,
     VolumeGeometry,
     brain_pixels,
-    brain_voxels,
     image_like,
     to_model_grid,
     to_model_slices,
@@ -423,9 +422,7 @@ def finish_baseline(
     filtered = median_filter_3d(maps.raw_map.transpose(1, 2, 0), kernel)  # S x S x N
     periventricular = None
     if options.periventricular_findings == "leave-out":
-        sequences = model.config.sequences
-        periventricular = PeriventricularFilter(as_3d(MAP_SEQUENCES[0], images[MAP_SEQUENCES[0]]),
-                                                brain_voxels(as_3d(name, images[name]) for name in sequences))
+        periventricular = PeriventricularFilter(*input_anatomy(images, model.config.sequences))
     finished = finish_on_input_grid(filtered, filtered >= threshold, geometry, options.min_lesion_mm3,
                                     lesion_holes=options.lesion_holes, periventricular=periventricular)
     mask_input, map_input, lesions = finished.labels, finished.anomaly_map, finished.lesions

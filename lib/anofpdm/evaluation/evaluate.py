@@ -76,10 +76,10 @@ from anofpdm.evaluation.report import aggregate_methods, markdown_table, overlay
 from anofpdm.evaluation.store import run_key, source_digest, store_case, stored_case
 from anofpdm.evaluation.metrics import MM3_PER_ML
 from anofpdm.method.model import LoadedModel, load_model
+from anofpdm.method.periventricular import PERIVENTRICULAR_FINDINGS
 from anofpdm.method.pipeline import ForwardOutputs, InferenceOptions, SegmentationResult
 from anofpdm.method.postprocess import LESION_BOUNDARIES, LESION_HOLES
 from anofpdm.progress import ProgressCallback, progress_bar
-from anofpdm.method.periventricular import PERIVENTRICULAR_FINDINGS
 from anofpdm.volumes.bias_field import BIAS_CORRECTIONS
 
 __all__ = [

@@ -10,7 +10,7 @@ connected-component filters (``postprocess``), and the inverse mapping onto the 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
@@ -62,8 +62,8 @@ from anofpdm.volumes.slicing import (
 
 __all__ = ["InferenceOptions", "InputError", "ModelGridOutputs", "SegmentationResult", "ForwardOutputs", "run_forward",
            "SliceDecisions", "decide_slices", "segment_volume", "resolve_options", "LesionEdges",
-           "PeriventricularFilter", "InputGridMask", "finish_on_input_grid", "slices_holding", "default_median_kernel",
-           "default_batch_size"]
+           "PeriventricularFilter", "InputGridMask", "finish_on_input_grid", "slices_holding", "input_anatomy",
+           "default_median_kernel", "default_batch_size"]
 
 MAP_VARIANTS = ("mean", "end_step")
 DECISION_RULES = ("volume", "paper")  # the default first
@@ -311,10 +311,17 @@ def run_forward(
                           slice_indices=np.flatnonzero(visited)).scattered(visited)
     timings = {"brain_extraction_s": extraction.time_s, "alignment_s": alignment_s, "bias_correction_s": bias.time_s,
                "preprocess_s": preprocess_s, "network_s": time.perf_counter() - start}
-    flair = as_3d(config.sequences[0], images[config.sequences[0]])
-    brain = brain_voxels(as_3d(name, images[name]) for name in config.sequences)
+    flair, brain = input_anatomy(images, config.sequences)
     return ForwardOutputs(slices, geometry, forward, calibration, stats, warnings, timings, alignment, extraction,
                           visited, flair, brain, bias)
+
+
+def input_anatomy(
+    images: Mapping[str, nib.spatialimages.SpatialImage], sequences: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The FLAIR (``sequences[0]``) and the brain voxels (any sequence above zero) on the input grid, as the lesion
+    edges and the periventricular findings read them."""
+    return as_3d(sequences[0], images[sequences[0]]), brain_voxels(as_3d(name, images[name]) for name in sequences)
 
 
 def segment_volume(
@@ -553,8 +560,9 @@ def finish_on_input_grid(
     if periventricular is not None:
         left_out = periventricular_lesions(mask_input, periventricular.flair, periventricular.brain, spacing_input,
                                            periventricular.rule)
-        findings = lesion_table(left_out, map_input, geometry.affine)
-        mask_input &= ~left_out
+        if left_out.any():
+            findings = lesion_table(left_out, map_input, geometry.affine)
+            mask_input &= ~left_out
     labels_input = mask_input.astype(np.uint8) * TUMOUR
     probability_input = None
     if unhealthy_probability is not None:  # constant per slice, so each input plane gets its slice's value
