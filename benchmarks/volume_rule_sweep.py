@@ -1,5 +1,7 @@
 """How the per-volume decision rule's settings move the figures (#30): map_z, flair_quantile and t2_quantile
-of ``VolumeRule``, and the periventricular findings left out or kept (``InferenceOptions.periventricular_findings``).
+of ``VolumeRule``, the periventricular findings left out or kept (``InferenceOptions.periventricular_findings``)
+and the rule's FLAIR gate reading the FLAIR after N4 (``--gate-bias-correction n4``; an experiment, not an option
+of the app: docs/evaluation.md, "The rule's FLAIR gate after N4").
 
 Each case's forward process runs once (fast mode unless ``--mode``); every rule setting is then decided and scored
 by the pipeline and the evaluation's own scoring (``segment_volume`` with the cached forward process,
@@ -21,19 +23,23 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
 from anofpdm.arguments import comma_floats, comma_list
-from anofpdm.evaluation.case_scoring import SliceProtocol, score_result
+from anofpdm.evaluation.case_scoring import EvaluationCase, SliceProtocol, score_result
 from anofpdm.method.decisions import VolumeRule
-from anofpdm.method.model import load_model
+from anofpdm.method.model import LoadedModel, load_model
 from anofpdm.method.forward_process import SliceStatistics
 from anofpdm.method.pipeline import ForwardOutputs, InferenceOptions, segment_volume
-from anofpdm.volumes.slicing import slices_with_brain
+from anofpdm.volumes.bias_field import correct_bias_fields
+from anofpdm.volumes.checks import as_3d
+from anofpdm.volumes.slicing import image_like, slices_with_brain, to_model_slices
 from anofpdm.runtime import default_device
-from cases import add_forward_arguments, forward_cases
+from cases import add_forward_arguments, cached, forward_cases
 
 
 def main() -> None:
@@ -45,36 +51,64 @@ def main() -> None:
     parser.add_argument("--min-brain-fraction", type=comma_floats, default=(InferenceOptions.min_brain_fraction,))
     parser.add_argument("--periventricular-findings", type=comma_list,
                         default=(InferenceOptions.periventricular_findings,))
+    parser.add_argument("--gate-bias-correction", type=comma_list, default=("none",),
+                        help="none and/or n4: the rule's FLAIR gate reads the FLAIR divided by its N4 bias field")
     args = parser.parse_args()
 
     model = load_model(args.model, device=args.device or default_device())
     options = InferenceOptions(mode=args.mode, batch_size=args.batch_size, decision_rule="volume")
-    rules = [(VolumeRule(map_z=z, flair_quantile=q, t2_quantile=t), f, p) for z in args.map_z
+    rules = [(VolumeRule(map_z=z, flair_quantile=q, t2_quantile=t), f, p, b) for z in args.map_z
              for q in args.flair_quantile for t in args.t2_quantile for f in args.min_brain_fraction
-             for p in args.periventricular_findings]
-    rows: dict[tuple[VolumeRule, float, str], list[tuple[float, float, float, float | None]]] = {
+             for p in args.periventricular_findings for b in args.gate_bias_correction]
+    rows: dict[tuple[VolumeRule, float, str, str], list[tuple[float, float, float, float | None]]] = {
         rule: [] for rule in rules}
     for case, outputs in forward_cases(args, model, options):
-        for rule, fraction, periventricular in rules:
+        read = {b: gate_corrected(model, case, outputs, b, args.cache) for b in args.gate_bias_correction}
+        for rule, fraction, periventricular, bias in rules:
             result = segment_volume(model, case.images, replace(options, periventricular_findings=periventricular),
-                                    forward_outputs=left_out(outputs, fraction), volume_rule=rule)
+                                    forward_outputs=left_out(read[bias], fraction), volume_rule=rule)
             scored = score_result(result, case, SliceProtocol())
             volume = scored["volume"]
-            rows[rule, fraction, periventricular].append((volume["truth_ml"], volume["dice"], volume["predicted_ml"],
-                                                          scored["slice"]["slice_auroc"]))
+            rows[rule, fraction, periventricular, bias].append((volume["truth_ml"], volume["dice"],
+                                                                volume["predicted_ml"], scored["slice"]["slice_auroc"]))
         print(f"{case.case_id} done", flush=True)
 
-    print("map_z | flair_quantile | t2_quantile | min brain fraction | periventricular findings | 3-D Dice | healthy "
-          "FP (mL) | called healthy | slice AUROC | per tumour case")
-    for (rule, fraction, periventricular), figures in rows.items():
+    print("map_z | flair_quantile | t2_quantile | min brain fraction | periventricular findings | gate bias "
+          "correction | 3-D Dice | healthy FP (mL) | called healthy | slice AUROC | per tumour case")
+    for (rule, fraction, periventricular, bias), figures in rows.items():
         tumour = [f for f in figures if f[0] > 0]
         healthy = [f for f in figures if f[0] == 0]
         aurocs = [f[3] for f in tumour if f[3] is not None]
         print(f"{rule.map_z:g} | {rule.flair_quantile:g} | {rule.t2_quantile:g} | {fraction:g} | {periventricular} | "
+              f"{bias} | "
               f"{np.mean([f[1] for f in tumour]):.3f} | "
               f"{np.mean([f[2] for f in healthy]) if healthy else float('nan'):.2f} | "
               f"{sum(f[2] == 0 for f in healthy)} of {len(healthy)} | "
               f"{np.mean(aurocs) if aurocs else float('nan'):.3f} | " + " ".join(f"{f[1]:.2f}" for f in tumour))
+
+
+def gate_corrected(model: LoadedModel, case: EvaluationCase, outputs: ForwardOutputs, gate_bias_correction: str,
+                   cache: Path | None) -> ForwardOutputs:
+    """``outputs`` with the rule's FLAIR gate reading the FLAIR as it came ("none") or divided by its N4 bias field
+    ("n4"), the forward process (the network's input and maps) unchanged: only the gate reads the slices of
+    ``ForwardOutputs`` once the maps exist (the corrected FLAIR kept in ``cache``)."""
+    if gate_bias_correction == "none":
+        return outputs
+    if gate_bias_correction != "n4":
+        raise ValueError(f"--gate-bias-correction takes none and n4, got {gate_bias_correction!r}")
+    flair_name = model.config.sequences[0]
+    # the sequences as the forward process had them: the brain it found (a head's extracted brain) and nothing else
+    brain_only = {name: image_like(image, np.where(outputs.brain, as_3d(name, image), 0), np.float32)
+                  for name, image in case.images.items()}
+
+    def corrected_flair() -> nib.Nifti1Image:
+        return correct_bias_fields(brain_only, (flair_name,), "n4")[0][flair_name]
+
+    flair = cached(None if cache is None else cache / f"{case.case_id}.n4-flair.pkl", corrected_flair)
+    config = model.config
+    slices, _, _ = to_model_slices({**brain_only, flair_name: flair}, config.sequences, config.image_size,
+                                   config.field_of_view_mm, landmarks=config.landmarks)
+    return replace(outputs, slices=slices)
 
 
 def left_out(outputs: ForwardOutputs, min_brain_fraction: float) -> ForwardOutputs:
