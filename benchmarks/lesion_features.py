@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from anofpdm.method.decisions import MAD_TO_SD
 from anofpdm.method.periventricular import FLUID_FLAIR_RATIO, PeriventricularRule, lesion_figures
-from anofpdm.method.postprocess import LESION_LEVEL_QUANTILE, lesion_components
+from anofpdm.method.postprocess import LESION_LEVEL_QUANTILE, lesion_components, widened_box
 from anofpdm.volumes.alignment import RegistrationSettings, nifti_to_itk, register_rigid
 
 from cases import add_method_arguments, method_results
@@ -43,7 +43,7 @@ def local_contrast(flair: np.ndarray, voxels: np.ndarray, tissue: np.ndarray, sp
     ``tissue`` within ``SURROUNDINGS_MM`` of it."""
     region = ndimage.find_objects(voxels.astype(np.uint8))[0]
     margin = [int(np.ceil(SURROUNDINGS_MM[1] / s)) + 1 for s in spacing_mm]
-    box = tuple(slice(max(0, r.start - m), r.stop + m) for r, m in zip(region, margin))
+    box = widened_box(region, margin, voxels.shape)
     distance = ndimage.distance_transform_edt(~voxels[box], sampling=spacing_mm)
     ring = (distance > SURROUNDINGS_MM[0]) & (distance <= SURROUNDINGS_MM[1]) & tissue[box]
     return float(np.quantile(flair[voxels], LESION_LEVEL_QUANTILE) / np.median(flair[box][ring])) \

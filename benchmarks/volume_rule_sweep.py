@@ -41,6 +41,8 @@ from anofpdm.volumes.slicing import image_like, slices_with_brain, to_model_slic
 from anofpdm.runtime import default_device
 from cases import add_forward_arguments, cached, forward_cases
 
+GATE_BIAS_CORRECTIONS = ("none", "n4")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,6 +56,8 @@ def main() -> None:
     parser.add_argument("--gate-bias-correction", type=comma_list, default=("none",),
                         help="none and/or n4: the rule's FLAIR gate reads the FLAIR divided by its N4 bias field")
     args = parser.parse_args()
+    if unknown := set(args.gate_bias_correction) - set(GATE_BIAS_CORRECTIONS):
+        parser.error(f"--gate-bias-correction takes {', '.join(GATE_BIAS_CORRECTIONS)}, got {', '.join(unknown)}")
 
     model = load_model(args.model, device=args.device or default_device())
     options = InferenceOptions(mode=args.mode, batch_size=args.batch_size, decision_rule="volume")
@@ -94,10 +98,8 @@ def gate_corrected(model: LoadedModel, case: EvaluationCase, outputs: ForwardOut
     ``ForwardOutputs`` once the maps exist (the corrected FLAIR kept in ``cache``)."""
     if gate_bias_correction == "none":
         return outputs
-    if gate_bias_correction != "n4":
-        raise ValueError(f"--gate-bias-correction takes none and n4, got {gate_bias_correction!r}")
     flair_name = model.config.sequences[0]
-    # the sequences as the forward process had them: the brain it found (a head's extracted brain) and nothing else
+    # the FLAIR as the forward process had it: the brain it found (a head's extracted brain) and nothing else
     brain_only = {name: image_like(image, np.where(outputs.brain, as_3d(name, image), 0), np.float32)
                   for name, image in case.images.items()}
 
@@ -108,6 +110,7 @@ def gate_corrected(model: LoadedModel, case: EvaluationCase, outputs: ForwardOut
     config = model.config
     slices, _, _ = to_model_slices({**brain_only, flair_name: flair}, config.sequences, config.image_size,
                                    config.field_of_view_mm, landmarks=config.landmarks)
+    slices[:, 1:] = outputs.slices[:, 1:]  # the other sequences exactly as the network saw them (a registered T2)
     return replace(outputs, slices=slices)
 
 

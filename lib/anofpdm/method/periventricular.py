@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from anofpdm.method.postprocess import MM3_PER_ML, lesion_components
+from anofpdm.method.postprocess import MM3_PER_ML, lesion_components, widened_box
 
 __all__ = ["PERIVENTRICULAR_FINDINGS", "PeriventricularRule", "find_ventricles", "lesion_figures",
            "periventricular_lesions"]
@@ -170,8 +170,7 @@ def periventricular_lesions(
     margin = [int(np.ceil(rule.tumour_margin_mm / s)) + 1 for s in spacing_mm]
     regions = ndimage.find_objects(labels)
     for index in np.flatnonzero(candidate):
-        box = tuple(slice(max(0, r.start - m), min(n, r.stop + m))
-                    for r, m, n in zip(regions[index - 1], margin, labels.shape))
+        box = widened_box(regions[index - 1], margin, labels.shape)
         if not others[box].any():
             continue
         lesion = labels[box] == index

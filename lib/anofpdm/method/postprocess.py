@@ -16,8 +16,8 @@ from scipy import ndimage
 
 __all__ = ["TUMOUR", "UNCERTAIN_TUMOUR", "BRAIN_LABEL", "FINDINGS_LABEL", "LABEL_NAMES", "SHOWN_NAMES", "LESION_HOLES",
            "median_filter_2d", "median_filter_3d", "lesion_components", "fill_lesion_holes", "LESION_BOUNDARIES",
-           "EDGE_CONTRAST", "LESION_LEVEL_QUANTILE", "refine_lesion_boundaries", "remove_small_components",
-           "mark_uncertain_lesions", "lesion_table"]
+           "EDGE_CONTRAST", "LESION_LEVEL_QUANTILE", "refine_lesion_boundaries", "widened_box",
+           "remove_small_components", "mark_uncertain_lesions", "lesion_table"]
 
 MM3_PER_ML = 1000.0
 TUMOUR, UNCERTAIN_TUMOUR = 1, 2  # values of the returned label map
@@ -137,12 +137,12 @@ def refine_lesion_boundaries(
     if not mask.any():
         return redrawn
     near = np.zeros(mask.shape, dtype=bool)  # every lesion's searched region, dilated within the lesions' box only
-    extent = _widened(ndimage.find_objects(mask.astype(np.uint8))[0], margin, mask.shape)
+    extent = widened_box(ndimage.find_objects(mask.astype(np.uint8))[0], margin, mask.shape)
     near[extent] = ndimage.binary_dilation(mask[extent], searching)
     # lesions whose searched regions touch are redrawn together, at the levels of their union (and a mask of many
     # specks costs a few groups, not one pass each)
     for region, group in _lesions(near):
-        box = _widened(region, margin, mask.shape)
+        box = widened_box(region, margin, mask.shape)
         searched = np.zeros([s.stop - s.start for s in box], dtype=bool)
         searched[tuple(slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, box))] = group
         in_brain, values = brain[box], flair[box]
@@ -159,7 +159,7 @@ def refine_lesion_boundaries(
     return redrawn
 
 
-def _widened(region: tuple[slice, ...], margin: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
+def widened_box(region: tuple[slice, ...], margin: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
     """``region`` widened by ``margin`` voxels on each side, within a grid of ``shape``."""
     return tuple(slice(max(0, s.start - m), min(n, s.stop + m)) for s, m, n in zip(region, margin, shape))
 
